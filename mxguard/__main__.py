@@ -1,0 +1,3 @@
+from mxguard.cli import main
+
+main()

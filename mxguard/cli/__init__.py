@@ -1,0 +1,48 @@
+"""The ``mxguard`` command line (typer).
+
+Every command calls the same service functions the web console uses. Errors an
+operator can fix are printed as one line and the exit status is non-zero; no
+stack trace reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mxguard.cli import common
+from mxguard.cli.core import register as register_core
+from mxguard.cli.demo import register as register_demo
+from mxguard.cli.domain import domain_app
+from mxguard.cli.sink import register as register_sink
+
+app = typer.Typer(
+    name="mxguard",
+    help="Inbound email protection gateway: STARTTLS front door, in-line proxy to your mail server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    data_dir: str = typer.Option(None, "--data-dir", metavar="DIR",
+                                 help="Data directory (default: $MXGUARD_DATA_DIR, else ./mxguard-data)"),
+) -> None:
+    common.state.data_dir_option = data_dir
+
+
+register_core(app)
+app.add_typer(domain_app, name="domain")
+register_demo(app)
+register_sink(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

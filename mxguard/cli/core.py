@@ -1,0 +1,73 @@
+"""``init``, ``serve`` and ``log``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
+from mxguard.gateway import Gateway
+from mxguard.services.setup import initialize
+from mxguard.storage.messagelog import entry_as_dict, recent
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("serve")(serve)
+    app.command("log")(log_command)
+
+
+@handle_errors
+def init(
+    hostname: str = typer.Option(None, "--hostname", metavar="NAME",
+                                 help="Gateway host name (greeting, Received, certificate) (default: this host's FQDN)"),
+    database_url: str = typer.Option(None, "--database-url", metavar="URL",
+                                     help="postgresql+asyncpg://user:pass@host/db (default: SQLite in the data dir)"),
+) -> None:
+    """Create the data dir: settings, self-signed certificate, sealing key, database schema."""
+    s, created = run(initialize(state.data_dir, hostname=hostname, database_url=database_url))
+    if created:
+        console.print(f"Initialised [bold]{state.data_dir}[/bold] for [bold]{s.hostname}[/bold]")
+        console.print(f"  settings     {state.data_dir / 'mxguard.toml'}")
+        console.print(f"  certificate  {s.path(s.tls.cert_file)} (self-signed ECDSA P-256; replace with a CA-signed one)")
+        console.print(f"  sealing key  {s.path(s.sealing_key_file)}")
+        console.print(f"  database     {s.effective_database_url.split('@')[-1]}")
+        console.print("Next: mxguard domain add example.com --server mail.example.com:25")
+    else:
+        console.print(f"{state.data_dir} is already initialised; database schema is up to date.")
+
+
+@handle_errors
+def serve(
+    smtp: list[str] = typer.Option(None, "--smtp", metavar="HOST:PORT",
+                                   help="Inbound SMTP listener(s) (default: smtp.listen in mxguard.toml)"),
+) -> None:
+    """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers."""
+    s = settings()
+    run(Gateway(s, smtp_listen=smtp or None).run_forever())
+
+
+@handle_errors
+def log_command(
+    last: int = typer.Option(20, "--last", min=1, max=100000, metavar="N", help="How many transactions"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per transaction, one per line"),
+) -> None:
+    """Show the newest transactions of the message log."""
+    rows = run(with_store(lambda store: recent(store, last)))
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(entry_as_dict(row), default=str))
+        return
+    table = Table(title=f"Message log (last {len(rows)})", show_lines=False)
+    for col in ("time", "client", "TLS in", "from", "to", "downstream", "TLS out", "disposition", "reply", "ms"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        tls_out = "-" if r.downstream_tls is None else (
+            f"{r.downstream_tls_version}{' ✓' if r.downstream_verified else ''}" if r.downstream_tls else "none")
+        table.add_row(
+            r.ts.strftime("%Y-%m-%d %H:%M:%S"), r.client_ip, r.tls_version or "none", r.mail_from or "<>",
+            r.rcpt_to.replace(" ", "\n"), r.downstream_host or "-", tls_out, r.disposition, r.final_reply,
+            f"{r.total_ms:.1f}" if r.total_ms is not None else "")
+    console.print(table)

@@ -1,0 +1,100 @@
+"""``mxguard domain add|list|show|set|remove``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from mxguard.cli.common import console, handle_errors, run, with_store
+from mxguard.services import domains as svc
+
+domain_app = typer.Typer(help="Served domains, their downstream servers and TLS policy.", no_args_is_help=True)
+
+SERVER_HELP = "Downstream server HOST[:PORT] (port 25 by default); repeat for failover, in order"
+DOWNSTREAM_HELP = "TLS to the downstream server: off | opportunistic | required | verify (default: opportunistic)"
+INBOUND_HELP = "TLS from senders: optional | required (530 5.7.0 without STARTTLS) (default: optional)"
+
+
+def _print_domain(view: svc.DomainView) -> None:
+    for key, value in view.as_dict().items():
+        if isinstance(value, list):
+            value = ", ".join(value)
+        console.print(f"[bold]{key:>16}[/bold]  {value if value is not None else '-'}", highlight=False)
+
+
+@domain_app.command("add")
+@handle_errors
+def add(
+    domain: str = typer.Argument(..., help="The domain, e.g. example.com"),
+    server: list[str] = typer.Option(..., "--server", metavar="HOST[:PORT]", help=SERVER_HELP),
+    downstream_tls: str = typer.Option(None, "--downstream-tls", metavar="MODE", help=DOWNSTREAM_HELP),
+    inbound_tls: str = typer.Option(None, "--inbound-tls", metavar="MODE", help=INBOUND_HELP),
+    tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
+    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
+    tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
+) -> None:
+    """Serve a domain: accept its mail and relay it to its downstream server(s)."""
+    view = run(with_store(lambda store: svc.add_domain(
+        store, domain, server, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
+        tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version)))
+    console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
+                  f"inbound TLS {view.inbound_tls})", highlight=False)
+
+
+@domain_app.command("set")
+@handle_errors
+def set_(
+    domain: str = typer.Argument(...),
+    server: list[str] = typer.Option(None, "--server", metavar="HOST[:PORT]", help=SERVER_HELP + " (replaces the list)"),
+    downstream_tls: str = typer.Option(None, "--downstream-tls", metavar="MODE", help=DOWNSTREAM_HELP),
+    inbound_tls: str = typer.Option(None, "--inbound-tls", metavar="MODE", help=INBOUND_HELP),
+    tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
+    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
+    tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3"),
+) -> None:
+    """Change a domain's settings; running gateways apply it to the next transaction."""
+    changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
+                   tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version)
+    before, after = run(with_store(lambda store: svc.update_domain(store, domain, **changes)))
+    changed = {k: (v, after.as_dict()[k]) for k, v in before.as_dict().items() if after.as_dict()[k] != v}
+    if not changed:
+        console.print(f"{after.name}: nothing changed")
+    for key, (old, new) in changed.items():
+        console.print(f"{after.name}: {key}: {old} → {new}", highlight=False)
+
+
+@domain_app.command("list")
+@handle_errors
+def list_(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """List served domains."""
+    views = run(with_store(svc.list_domains))
+    if as_json:
+        typer.echo(json.dumps([v.as_dict() for v in views], indent=2))
+        return
+    table = Table(title="Served domains")
+    for col in ("domain", "downstream servers", "downstream TLS", "inbound TLS"):
+        table.add_column(col)
+    for v in views:
+        table.add_row(v.name, "\n".join(v.servers), v.downstream_tls, v.inbound_tls)
+    console.print(table)
+
+
+@domain_app.command("show")
+@handle_errors
+def show(domain: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one domain's settings."""
+    view = run(with_store(lambda store: svc.get_domain(store, domain)))
+    if as_json:
+        typer.echo(json.dumps(view.as_dict(), indent=2))
+    else:
+        _print_domain(view)
+
+
+@domain_app.command("remove")
+@handle_errors
+def remove(domain: str = typer.Argument(...)) -> None:
+    """Stop serving a domain (its mail is refused with 550 5.7.1 from the next transaction)."""
+    view = run(with_store(lambda store: svc.remove_domain(store, domain)))
+    console.print(f"Removed {view.name}")

@@ -1,0 +1,238 @@
+"""Bootstrap settings: ``mxguard.toml`` in the data dir, overridable by environment.
+
+Everything an operator changes at run time (domains, routes, TLS policy per
+domain) lives in the database. This file only holds what the process needs
+before it can reach the database: where the database is, the gateway's
+hostname, its certificate, its listeners and its protocol limits.
+
+Environment overrides use ``MXGUARD_<KEY>`` for top-level keys and
+``MXGUARD_<SECTION>__<KEY>`` for keys inside a section, for example
+``MXGUARD_DATABASE_URL`` or ``MXGUARD_SMTP__LISTEN=0.0.0.0:2525``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mxguard.errors import ConfigError
+from mxguard.netaddr import parse_host_port
+
+CONFIG_FILE_NAME = "mxguard.toml"
+DEFAULT_DATA_DIR = "./mxguard-data"
+
+
+class _Section(BaseModel):
+    # A misspelt key must stop start-up, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SmtpSettings(_Section):
+    """Inbound listener and its RFC 5321 limits."""
+
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
+    #: Largest message accepted, in bytes (advertised as SIZE, RFC 1870).
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    #: Recipients per transaction; RFC 5321 4.5.3.1.8 asks for at least 100.
+    max_recipients: int = Field(default=100, ge=1, le=10000)
+    #: Idle time allowed between commands, seconds (RFC 5321 4.5.3.2.7: 5 min).
+    command_timeout: float = Field(default=300.0, gt=0)
+    #: Greeting banner text after the hostname.
+    banner: str = "ESMTP mxguard"
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_endpoints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item, default_port=25, allow_zero=True)
+        return value
+
+
+class TlsSettings(_Section):
+    """The gateway's own certificate, used for inbound STARTTLS and HTTPS."""
+
+    #: PEM certificate, chain allowed (leaf first). Relative to the data dir.
+    cert_file: str = "tls/cert.pem"
+    #: PEM private key. Relative to the data dir.
+    key_file: str = "tls/key.pem"
+    #: Lowest protocol offered inbound; "1.2" or "1.3" (RFC 8996 retires 1.0/1.1).
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class DownstreamSettings(_Section):
+    """How mxguard talks to the organizations' own mail servers."""
+
+    #: TCP connect + greeting timeout per server, seconds.
+    connect_timeout: float = Field(default=10.0, gt=0)
+    #: Timeout for each command reply, seconds (RFC 5321 4.5.3.2 suggests minutes).
+    command_timeout: float = Field(default=120.0, gt=0)
+    #: Timeout for the final reply after the message data, seconds.
+    data_timeout: float = Field(default=600.0, gt=0)
+
+
+class LogSettings(_Section):
+    """Process log (structlog) and message log batching."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+    #: Message-log records are written in batches at most this often, seconds.
+    flush_interval: float = Field(default=0.2, gt=0, le=10)
+
+
+class Settings(_Section):
+    """All bootstrap settings; see the module docstring for the override rules."""
+
+    hostname: str = "localhost"
+    database_url: str = ""
+    #: File holding the 256-bit sealing keys (AES-256-GCM), relative to the data dir.
+    sealing_key_file: str = "keys/sealing.keys"
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    downstream: DownstreamSettings = Field(default_factory=DownstreamSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    #: Where the settings were read from; not a setting itself.
+    data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        if not value or any(c.isspace() for c in value) or len(value) > 253:
+            raise ValueError("must be a host name such as mx.example.com")
+        return value
+
+    def path(self, relative: str) -> Path:
+        """Resolve a data-dir relative path (absolute paths are kept)."""
+        p = Path(relative)
+        return p if p.is_absolute() else self.data_dir / p
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL; the embedded SQLite file when none is set."""
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'mxguard.db').resolve()}"
+
+
+def resolve_data_dir(option: str | os.PathLike[str] | None) -> Path:
+    """``--data-dir`` if given, else ``$MXGUARD_DATA_DIR``, else ``./mxguard-data``."""
+    return Path(option or os.environ.get("MXGUARD_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("MXGUARD_") or name == "MXGUARD_DATA_DIR":
+            continue
+        parts = name[len("MXGUARD_"):].lower().split("__")
+        target = overrides
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line per invalid setting, naming its key."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(root)"
+        lines.append(f"{source}: setting '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(data_dir: Path, environ: dict[str, str] | None = None, *, require_file: bool = True) -> Settings:
+    """Read ``mxguard.toml`` from ``data_dir`` and apply environment overrides.
+
+    Args:
+        data_dir: the gateway's data directory.
+        environ: environment mapping (defaults to ``os.environ``).
+        require_file: raise if the data dir has not been initialised.
+
+    Raises:
+        ConfigError: the file is missing (when required), is not valid TOML,
+            or a value is invalid; the message names the key.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = data_dir / CONFIG_FILE_NAME
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif require_file:
+        raise ConfigError(f"{data_dir} is not an initialised data dir (no {CONFIG_FILE_NAME}); run 'mxguard init' first")
+    merged = _merge(raw, _env_overrides(environ))
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(path))) from None
+    settings.data_dir = data_dir
+    return settings
+
+
+def render_settings_file(settings: Settings) -> str:
+    """The TOML text ``init`` writes: every setting, with its default and meaning."""
+    s = settings
+    listen = ", ".join(f'"{item}"' for item in s.smtp.listen)
+    return f"""# mxguard bootstrap settings. Domains, routes and TLS policy live in the database
+# (mxguard domain ...). Environment overrides: MXGUARD_<KEY>, MXGUARD_<SECTION>__<KEY>.
+
+# Name in the SMTP greeting, EHLO, Received headers and the generated certificate.
+hostname = "{s.hostname}"
+# Empty: the embedded SQLite file mxguard.db in this directory.
+# Several nodes: postgresql+asyncpg://user:password@host/dbname
+database_url = "{s.database_url}"
+# AES-256-GCM keys that seal spooled and quarantined messages (mode 0600).
+sealing_key_file = "{s.sealing_key_file}"
+
+[smtp]
+# Inbound listeners, HOST:PORT ([::1]:25 for IPv6).
+listen = [{listen}]
+# Largest message in bytes, advertised as SIZE (RFC 1870).
+max_message_size = {s.smtp.max_message_size}
+# Recipients per transaction (RFC 5321 4.5.3.1.8: at least 100).
+max_recipients = {s.smtp.max_recipients}
+# Idle seconds allowed between commands (RFC 5321 4.5.3.2.7).
+command_timeout = {s.smtp.command_timeout}
+banner = "{s.smtp.banner}"
+
+[tls]
+# The gateway's certificate (PEM, chain allowed) and key, for STARTTLS and HTTPS.
+cert_file = "{s.tls.cert_file}"
+key_file = "{s.tls.key_file}"
+# Lowest inbound protocol version: "1.2" or "1.3" (RFC 8996).
+min_version = "{s.tls.min_version}"
+
+[downstream]
+# Seconds: TCP connect and greeting, each command reply, the final reply after DATA.
+connect_timeout = {s.downstream.connect_timeout}
+command_timeout = {s.downstream.command_timeout}
+data_timeout = {s.downstream.data_timeout}
+
+[log]
+# debug | info | warning | error; console | json
+level = "{s.log.level}"
+format = "{s.log.format}"
+# Message-log batch interval in seconds.
+flush_interval = {s.log.flush_interval}
+"""

@@ -1,0 +1,339 @@
+"""``mxguard demo``: the gateway's main job on real input, with no set-up and no network.
+
+It makes a throwaway data dir, starts two downstream mail servers on loopback
+(the package's own sink: one with STARTTLS and a certificate from a private
+CA, one without STARTTLS), configures three domains with different downstream
+TLS policies, starts the gateway, sends mail through it over STARTTLS with
+Python's smtplib, and prints what happened to every recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import smtplib
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mxguard.config import load_settings
+from mxguard.gateway import Gateway
+from mxguard.logsetup import configure as configure_logging
+from mxguard.services import domains as domain_service
+from mxguard.services.setup import initialize
+from mxguard.sink import DownstreamSink
+from mxguard.storage.messagelog import LogRecord
+from mxguard.tls.certs import make_private_ca, write_private
+from mxguard.tls.contexts import server_context
+
+DEMO_HOSTNAME = "mx.demo.test"
+SENDER = "newsletter@sender.test"
+
+
+@dataclass
+class DemoMessage:
+    """One message the demo sends: what, to whom, over which session."""
+
+    label: str
+    recipients: list[str]
+    content: bytes
+    starttls: bool = True
+    sender: str = SENDER
+
+
+@dataclass
+class SendResult:
+    """What the sending client saw."""
+
+    message: DemoMessage
+    rcpt_replies: dict[str, tuple[int, str]] = field(default_factory=dict)
+    final: tuple[int, str] | None = None
+    tls: str | None = None
+    error: str | None = None
+    record: LogRecord | None = None
+
+
+def _text_message() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Alice Sender <alice@sender.test>"
+    msg["To"] = "alice@example.com"
+    msg["Subject"] = "Quarterly report"
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain="sender.test")
+    msg.set_content("Hello Alice,\n\nthe quarterly report is attached to the next mail.\n\n-- \nBob\n")
+    return msg.as_bytes()
+
+
+def _html_with_attachment() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Carol <carol@sender.test>"
+    msg["To"] = "bob@example.net, alice@example.com"
+    msg["Subject"] = "Invoice 2026-11 (HTML with PDF)"
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain="sender.test")
+    msg.set_content("Your invoice is attached.")
+    msg.add_alternative("<html><body><p>Your <b>invoice</b> is attached.</p></body></html>", subtype="html")
+    pdf = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="invoice-2026-11.pdf")
+    return msg.as_bytes()
+
+
+def _simple(to: str, subject: str, body: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "Dave <dave@sender.test>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain="sender.test")
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+def default_messages() -> list[DemoMessage]:
+    """The messages the demo builds itself; each shows one behaviour."""
+    return [
+        DemoMessage("plain text", ["alice@example.com"], _text_message()),
+        DemoMessage("HTML + PDF, two routes", ["bob@example.net", "alice@example.com"], _html_with_attachment()),
+        DemoMessage("unknown recipient", ["nobody@example.com"], _simple("nobody@example.com", "Hello?", "Anyone?")),
+        DemoMessage("downstream lacks TLS", ["carol@legacy.example.org"],
+                    _simple("carol@legacy.example.org", "Legacy", "This domain requires TLS downstream.")),
+        DemoMessage("relay attempt", ["victim@elsewhere.test"], _simple("victim@elsewhere.test", "Relay", "Open relay?")),
+        DemoMessage("sender without STARTTLS", ["alice@example.com"],
+                    _simple("alice@example.com", "No TLS", "Sent in clear to the gateway."), starttls=False),
+    ]
+
+
+def corpus_messages(corpus: Path) -> list[DemoMessage]:
+    """Every file under ``corpus`` (any depth, sorted) as a message to alice@example.com."""
+    files = sorted(p for p in corpus.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [DemoMessage(str(p.relative_to(corpus)), ["alice@example.com"], p.read_bytes()) for p in files]
+
+
+def normalize_line_ends(data: bytes) -> bytes:
+    """What an SMTP client puts on the wire for ``data``: CRLF line ends, final CRLF."""
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+ADDED_FIELDS = ("received", "authentication-results", "x-mxguard-verdict", "x-spam-flag", "x-spam-score")
+
+
+def identical_apart_from_added_headers(original: bytes, received: bytes) -> bool:
+    """True when ``received`` is ``original`` (as sent on the wire) with only mxguard's fields prepended."""
+    expected = normalize_line_ends(original)
+    if not received.endswith(expected):
+        return False
+    prefix = received[: len(received) - len(expected)]
+    for line in prefix.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            continue
+        if line.split(b":", 1)[0].strip().lower().decode("ascii", "replace") not in ADDED_FIELDS:
+            return False
+    return True
+
+
+class DemoEnvironment:
+    """A throwaway data dir, two downstream sinks and a running gateway, all on loopback.
+
+    Args:
+        data_dir: where to put the data dir (a new temporary one when ``None``).
+    """
+
+    def __init__(self, data_dir: Path | None = None):
+        self.own_dir = data_dir is None
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="mxguard-demo-"))
+        self.records: list[LogRecord] = []
+
+    async def __aenter__(self) -> "DemoEnvironment":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        configure_logging(os.environ.get("MXGUARD_DEMO_LOG", "warning"))
+        await initialize(self.data_dir, hostname=DEMO_HOSTNAME, smtp_listen=["127.0.0.1:0"])
+        self.settings = load_settings(self.data_dir)
+        # The organization's own mail server: a certificate from its private CA.
+        ca_pem, issue = make_private_ca("Example Corp internal CA")
+        issued = issue(["mail.example.com", "127.0.0.1"])
+        labdir = self.data_dir / "demo-downstream"
+        self.ca_file = labdir / "ca.pem"
+        write_private(self.ca_file, ca_pem)
+        write_private(labdir / "cert.pem", issued.cert_pem)
+        write_private(labdir / "key.pem", issued.key_pem)
+        self.sink_tls = await DownstreamSink(tls_context=server_context(labdir / "cert.pem", labdir / "key.pem"),
+                                             hostname="mail.example.com").start()
+        self.sink_plain = await DownstreamSink(hostname="legacy-mail.example.org").start()
+        self.gateway = Gateway(self.settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append])
+        await self.gateway.start()
+        store = self.gateway.store
+        await domain_service.add_domain(store, "example.com", [f"127.0.0.1:{self.sink_tls.port}"],
+                                        downstream_tls="verify", tls_ca_file=str(self.ca_file))
+        await domain_service.add_domain(store, "example.net", [f"127.0.0.1:{self.sink_tls.port}"],
+                                        downstream_tls="opportunistic")
+        await domain_service.add_domain(store, "legacy.example.org", [f"127.0.0.1:{self.sink_plain.port}"],
+                                        downstream_tls="required")
+        await self.gateway.directory.refresh_if_changed()
+
+    async def stop(self) -> None:
+        await self.gateway.stop()
+        await self.sink_tls.stop()
+        await self.sink_plain.stop()
+        if self.own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def client_tls_context(self) -> ssl.SSLContext:
+        """Trust exactly the gateway's own (self-signed) certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.settings.path(self.settings.tls.cert_file)))
+        ctx.check_hostname = False  # we connect to 127.0.0.1; the certificate names mx.demo.test
+        return ctx
+
+    def _send_blocking(self, message: DemoMessage) -> SendResult:
+        result = SendResult(message)
+        try:
+            with smtplib.SMTP("127.0.0.1", self.gateway.smtp_port, local_hostname="client.sender.test",
+                              timeout=60) as client:
+                client.ehlo()
+                if message.starttls:
+                    client.starttls(context=self.client_tls_context())
+                    client.ehlo()
+                    result.tls = client.sock.version()
+                body = "8BITMIME" if any(b > 127 for b in message.content) else None
+                code, text = client.mail(message.sender, ["BODY=8BITMIME"] if body else [])
+                if code != 250:
+                    result.error = f"MAIL: {code} {text.decode(errors='replace')}"
+                    return result
+                accepted = 0
+                for rcpt in message.recipients:
+                    code, text = client.rcpt(rcpt)
+                    result.rcpt_replies[rcpt] = (code, text.decode(errors="replace"))
+                    accepted += code in (250, 251)
+                if accepted:
+                    # smtplib sends bytes as given; put them on the wire as an MTA would.
+                    code, text = client.data(normalize_line_ends(message.content))
+                    result.final = (code, text.decode(errors="replace"))
+                else:
+                    client.rset()
+        except (smtplib.SMTPException, OSError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        return result
+
+    async def send(self, message: DemoMessage) -> SendResult:
+        """Send one message through the gateway and wait for its message-log record."""
+        before = len(self.records)
+        result = await asyncio.to_thread(self._send_blocking, message)
+        deadline = time.monotonic() + 5
+        while len(self.records) == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        result.record = self.records[-1] if len(self.records) > before else None
+        return result
+
+
+def _downstream_tls(record: LogRecord | None, route: str | None) -> str:
+    if record is None or not route:
+        return "-"
+    for item in record.downstream:
+        if item.get("route") == route:
+            if "failure" in item:
+                return "not used"
+            if not item.get("tls"):
+                return "none"
+            return f"{item['tls_version']}" + (" verified" if item.get("verified") else "")
+    return "-"
+
+
+def results_table(results: list[SendResult], title: str) -> Table:
+    """A table with one row per recipient."""
+    table = Table(title=title, show_lines=False)
+    for col in ("message", "recipient", "inbound TLS", "downstream TLS", "reply to sender", "disposition", "ms"):
+        table.add_column(col, overflow="fold")
+    for res in results:
+        by_rcpt = {r["rcpt"]: r for r in (res.record.results if res.record else [])}
+        for rcpt in res.message.recipients:
+            r = by_rcpt.get(rcpt)
+            code, text = res.rcpt_replies.get(rcpt, (0, res.error or ""))
+            if code in (250, 251) and res.final:
+                code, text = res.final
+            reply = f"{code} {text}" if code else (res.error or "")
+            table.add_row(res.message.label, rcpt, res.tls or "none", _downstream_tls(res.record, r and r["route"]),
+                          reply[:90], r["disposition"] if r else "-",
+                          f"{res.record.total_ms:.1f}" if res.record and res.record.total_ms else "")
+    return table
+
+
+async def run_demo(corpus: Path | None = None, keep_running: bool = False, console: Console | None = None) -> int:
+    """Run the demo; return the exit status (0 when everything behaved as expected).
+
+    Args:
+        corpus: send every file under this directory instead of the built-in messages,
+            and check each arrived at the downstream server byte-for-byte over TLS.
+        keep_running: after sending, keep the gateway up until Ctrl-C.
+    """
+    console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 150)
+    async with DemoEnvironment() as env:
+        console.print(f"[bold]mxguard demo[/bold]: gateway {DEMO_HOSTNAME} on 127.0.0.1:{env.gateway.smtp_port}; "
+                      f"downstream with STARTTLS on :{env.sink_tls.port}, without on :{env.sink_plain.port}",
+                      highlight=False)
+        messages = corpus_messages(corpus) if corpus else default_messages()
+        results = [await env.send(m) for m in messages]
+        await env.gateway.message_log.flush()
+        console.print(results_table(results, "Corpus through the gateway" if corpus else "What happened to each recipient"))
+        status = _report(console, env, results, corpus is not None)
+        if keep_running:
+            _print_running(console, env)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        return status
+
+
+def _report(console: Console, env: DemoEnvironment, results: list[SendResult], corpus: bool) -> int:
+    delivered = [r for r in results if r.record and r.record.disposition in ("delivered", "partial")]
+    if corpus:
+        arrived = list(env.sink_tls.messages)
+        ok = 0
+        problems = []
+        for res in results:
+            if not (res.record and res.record.disposition == "delivered"):
+                problems.append(f"{res.message.label}: {res.record.disposition if res.record else res.error}")
+                continue
+            got = arrived.pop(0) if arrived else None
+            if got and got.tls and identical_apart_from_added_headers(res.message.content, got.data):
+                ok += 1
+            else:
+                problems.append(f"{res.message.label}: arrived {'altered' if got else 'not at all'}"
+                                f"{'' if not got or got.tls else ' (without TLS)'}")
+        console.print(f"{ok} of {len(results)} messages arrived at the downstream server over TLS, "
+                      "byte-for-byte apart from the added headers.", highlight=False)
+        for p in problems:
+            console.print(f"  [yellow]{p}[/yellow]", highlight=False)
+        return 0 if ok == len(results) else 1
+    n = len(env.sink_tls.messages) + len(env.sink_plain.messages)
+    with_tls = sum(1 for m in env.sink_tls.messages + env.sink_plain.messages if m.tls)
+    console.print(f"{len(delivered)} of {len(results)} transactions delivered; the downstream servers received "
+                  f"{n} messages, {with_tls} of them over TLS. Message log: {env.gateway.message_log.written} records.",
+                  highlight=False)
+    return 0
+
+
+def _print_running(console: Console, env: DemoEnvironment) -> None:
+    console.print(f"\nThe gateway keeps running (Ctrl-C stops it and removes {env.data_dir}).", highlight=False)
+    console.print(f"  SMTP      127.0.0.1:{env.gateway.smtp_port}  (try: swaks -s 127.0.0.1 -p "
+                  f"{env.gateway.smtp_port} -tls -t alice@example.com)", highlight=False)
+    console.print(f"  data dir  {env.data_dir}  (MXGUARD_DATA_DIR={env.data_dir} mxguard log)", highlight=False)

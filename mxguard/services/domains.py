@@ -1,0 +1,237 @@
+"""Served domains: add, change, remove, list — with validation and change tracking."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from mxguard.errors import AlreadyExists, NotFound, ValidationFailed
+from mxguard.netaddr import format_host_port, parse_host_port
+from mxguard.storage.db import Store
+from mxguard.storage.models import ConfigGeneration, Domain, utcnow
+from mxguard.tls.certs import normalize_fingerprint
+from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
+
+#: Fields an operator may set, with their defaults for a new domain.
+DOMAIN_DEFAULTS: dict[str, Any] = {
+    "inbound_tls": InboundTls.OPTIONAL.value,
+    "downstream_tls": DownstreamTls.OPPORTUNISTIC.value,
+    "tls_ca_file": None,
+    "tls_fingerprint": None,
+    "tls_min_version": TlsVersion.V1_2.value,
+}
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """A read-only snapshot of one domain's settings."""
+
+    name: str
+    servers: tuple[str, ...]
+    inbound_tls: str
+    downstream_tls: str
+    tls_ca_file: str | None = None
+    tls_fingerprint: str | None = None
+    tls_min_version: str = "1.2"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["servers"] = list(self.servers)
+        return data
+
+
+def _view(row: Domain) -> DomainView:
+    values = {f.name: getattr(row, f.name) for f in fields(DomainView)}
+    values["servers"] = tuple(values["servers"])
+    return DomainView(**values)
+
+
+def normalize_domain_name(name: str) -> str:
+    """Lower-case ASCII (IDNA) form of a domain name.
+
+    Raises:
+        ValidationFailed: not a syntactically valid domain name (RFC 1035, RFC 5890).
+    """
+    value = (name or "").strip().rstrip(".").lower()
+    try:
+        value = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValidationFailed("domain", f"{name!r} is not a valid domain name") from None
+    labels = value.split(".")
+    if len(value) > 253 or len(labels) < 2 or not all(
+            0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-"
+            and all(c.isalnum() or c == "-" for c in label) for label in labels):
+        raise ValidationFailed("domain", f"{name!r} is not a valid domain name")
+    return value
+
+
+def normalize_servers(servers: list[str] | tuple[str, ...]) -> list[str]:
+    """Validate ``host[:port]`` entries; return them as ``host:port`` in the given order.
+
+    Raises:
+        ValidationFailed: empty list, a bad entry, or a duplicate.
+    """
+    if not servers:
+        raise ValidationFailed("servers", "at least one downstream server is needed")
+    out: list[str] = []
+    for item in servers:
+        try:
+            host, port = parse_host_port(item, default_port=25)
+        except ValueError as exc:
+            raise ValidationFailed("servers", str(exc)) from None
+        entry = format_host_port(host, port)
+        if entry in out:
+            raise ValidationFailed("servers", f"{entry} is listed twice")
+        out.append(entry)
+    return out
+
+
+def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    out = dict(fields)
+    if "servers" in out:
+        out["servers"] = normalize_servers(out["servers"])
+    for key, enum in (("inbound_tls", InboundTls), ("downstream_tls", DownstreamTls), ("tls_min_version", TlsVersion)):
+        if key in out:
+            try:
+                out[key] = enum(str(out[key]).lower()).value
+            except ValueError:
+                allowed = ", ".join(e.value for e in enum)
+                raise ValidationFailed(key, f"{out[key]!r} is not one of: {allowed}") from None
+    if out.get("tls_fingerprint"):
+        try:
+            out["tls_fingerprint"] = normalize_fingerprint(out["tls_fingerprint"])
+        except ValueError as exc:
+            raise ValidationFailed("tls_fingerprint", str(exc)) from None
+    elif "tls_fingerprint" in out:
+        out["tls_fingerprint"] = None
+    if out.get("tls_ca_file"):
+        path = os.path.abspath(out["tls_ca_file"])
+        if not os.path.isfile(path):
+            raise ValidationFailed("tls_ca_file", f"{path} does not exist")
+        out["tls_ca_file"] = path
+    elif "tls_ca_file" in out:
+        out["tls_ca_file"] = None
+    return out
+
+
+def _check_consistent(values: dict[str, Any]) -> None:
+    mode = values["downstream_tls"]
+    if values.get("tls_fingerprint") and mode != DownstreamTls.VERIFY:
+        raise ValidationFailed("tls_fingerprint", "a pinned fingerprint is only used with downstream TLS 'verify'")
+    if values.get("tls_ca_file") and mode != DownstreamTls.VERIFY:
+        raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify'")
+
+
+async def bump_generation(session) -> None:
+    """Mark configuration as changed so running gateways reload (same transaction)."""
+    await session.execute(update(ConfigGeneration).where(ConfigGeneration.id == 1)
+                          .values(value=ConfigGeneration.value + 1))
+
+
+async def current_generation(store: Store) -> int:
+    async with store.session() as session:
+        return (await session.execute(select(ConfigGeneration.value).where(ConfigGeneration.id == 1))).scalar_one()
+
+
+async def add_domain(store: Store, name: str, servers: list[str], **fields: Any) -> DomainView:
+    """Create a served domain.
+
+    Args:
+        store: the database.
+        name: the domain (``example.com``); IDNA names are stored in ASCII form.
+        servers: downstream servers in failover order, ``host[:port]`` (port 25 by default).
+        **fields: any of ``inbound_tls``, ``downstream_tls``, ``tls_ca_file``,
+            ``tls_fingerprint``, ``tls_min_version`` (see ``DOMAIN_DEFAULTS``);
+            ``None`` values take the default.
+
+    Raises:
+        ValidationFailed: a value is invalid (the exception names the field).
+        AlreadyExists: the domain is configured already.
+    """
+    domain = normalize_domain_name(name)
+    values = {**DOMAIN_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
+    unknown = set(values) - set(DOMAIN_DEFAULTS)
+    if unknown:
+        raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
+    values["servers"] = servers
+    values = _validate_fields(values)
+    _check_consistent(values)
+    async with store.session() as session:
+        row = Domain(name=domain, **values)
+        session.add(row)
+        await bump_generation(session)
+        try:
+            await session.commit()
+        except IntegrityError:
+            raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
+        return _view(row)
+
+
+async def update_domain(store: Store, name: str, **changes: Any) -> tuple[DomainView, DomainView]:
+    """Change settings of a domain; ``None`` values mean "leave as is".
+
+    Returns:
+        ``(before, after)`` snapshots (for the audit log).
+
+    Raises:
+        NotFound: no such domain.
+        ValidationFailed: a value is invalid.
+    """
+    domain = normalize_domain_name(name)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    unknown = set(changes) - set(DOMAIN_DEFAULTS) - {"servers"}
+    if unknown:
+        raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
+    changes = _validate_fields(changes)
+    async with store.session() as session:
+        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"domain {domain} is not configured")
+        before = _view(row)
+        merged = {**before.as_dict(), **changes}
+        _check_consistent(merged)
+        for key, value in changes.items():
+            setattr(row, key, value)
+        row.updated_at = utcnow()
+        await bump_generation(session)
+        await session.commit()
+        return before, _view(row)
+
+
+async def remove_domain(store: Store, name: str) -> DomainView:
+    """Delete a domain; mail for it is refused from the next transaction on.
+
+    Raises:
+        NotFound: no such domain.
+    """
+    domain = normalize_domain_name(name)
+    async with store.session() as session:
+        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"domain {domain} is not configured")
+        view = _view(row)
+        await session.delete(row)
+        await bump_generation(session)
+        await session.commit()
+        return view
+
+
+async def get_domain(store: Store, name: str) -> DomainView:
+    """One domain's settings. Raises NotFound."""
+    domain = normalize_domain_name(name)
+    async with store.session() as session:
+        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"domain {domain} is not configured")
+        return _view(row)
+
+
+async def list_domains(store: Store) -> list[DomainView]:
+    """Every domain, sorted by name."""
+    async with store.session() as session:
+        rows = (await session.execute(select(Domain).order_by(Domain.name))).scalars().all()
+        return [_view(r) for r in rows]

@@ -1,0 +1,72 @@
+"""``mxguard init``: create a data dir with settings, a certificate, sealing keys and the schema."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from mxguard.config import (CONFIG_FILE_NAME, Settings, describe_validation_error, load_settings,
+                            render_settings_file)
+from mxguard.errors import ConfigError
+from mxguard.storage.db import Store
+from mxguard.storage.sealing import create_key_file
+from mxguard.tls.certs import generate_self_signed, write_private
+
+
+def default_hostname() -> str:
+    """This machine's FQDN, or ``localhost`` when it has none."""
+    name = socket.getfqdn()
+    return name if name and "." in name else "localhost"
+
+
+async def initialize(data_dir: Path, *, hostname: str | None = None, database_url: str | None = None,
+                     smtp_listen: list[str] | None = None) -> tuple[Settings, bool]:
+    """Create (or bring up to date) a data dir.
+
+    A new data dir gets ``mxguard.toml``, a self-signed ECDSA P-256 certificate
+    for ``hostname``, a 256-bit sealing key (files mode 0600) and the database
+    schema. An existing one keeps its files; only its schema is migrated.
+
+    Returns:
+        ``(settings, created)``.
+
+    Raises:
+        ConfigError: the directory cannot be written, a value is invalid, or
+            the database cannot be reached.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    config_path = data_dir / CONFIG_FILE_NAME
+    created = not config_path.exists()
+    if created:
+        fields: dict = {"hostname": hostname or default_hostname(), "database_url": database_url or ""}
+        if smtp_listen:
+            fields["smtp"] = {"listen": smtp_listen}
+        try:
+            settings = Settings.model_validate(fields)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "init")) from None
+        settings.data_dir = data_dir
+        config_path.write_text(render_settings_file(settings), encoding="utf-8")
+    else:
+        settings = load_settings(data_dir)
+        if hostname and hostname != settings.hostname:
+            raise ConfigError(f"{config_path} exists with hostname {settings.hostname}; edit the file to change it")
+        if database_url and database_url != settings.database_url:
+            raise ConfigError(f"{config_path} exists with another database_url; edit the file to change it")
+    cert, key = settings.path(settings.tls.cert_file), settings.path(settings.tls.key_file)
+    if not cert.exists() and not key.exists():
+        cert_pem, key_pem = generate_self_signed(settings.hostname)
+        write_private(key, key_pem)
+        write_private(cert, cert_pem)
+    sealing = settings.path(settings.sealing_key_file)
+    if not sealing.exists():
+        create_key_file(sealing)
+    store = Store(settings.effective_database_url)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+    return settings, created

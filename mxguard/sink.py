@@ -1,0 +1,198 @@
+"""A small downstream mail server for the demo and the tests.
+
+It plays the organization's own mail server: it accepts mail on loopback,
+optionally offers (or requires) STARTTLS, refuses chosen recipients the way a
+real server with recipient validation does, and records what it received and
+how (TLS version and cipher), so a test can check what the downstream side
+really saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class ReceivedMessage:
+    """One message as the sink received it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls_version: str | None
+    cipher: str | None
+    peer: str
+    helo: str
+    mail_options: list[str] = field(default_factory=list)
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_version is not None
+
+    def meta(self) -> dict:
+        d = asdict(self)
+        d.pop("data")
+        d["size"] = len(self.data)
+        return d
+
+
+class _SinkHandler:
+    def __init__(self, sink: "DownstreamSink"):
+        self.sink = sink
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options):
+        reply = self.sink.rcpt_replies.get(address.lower())
+        if reply is None:
+            local = address.split("@")[0].lower()
+            if local.startswith("unknown") or local.startswith("nobody"):
+                reply = "550 5.1.1 <%s>: Recipient address rejected: User unknown" % address
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope):
+        if self.sink.data_reply:
+            return self.sink.data_reply
+        sslobj = server.transport.get_extra_info("ssl_object") if server.transport else None
+        cipher = sslobj.cipher() if sslobj else None
+        msg = ReceivedMessage(
+            mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos), data=envelope.original_content,
+            tls_version=sslobj.version() if sslobj else None, cipher=cipher[0] if cipher else None,
+            peer=str(session.peer[0]) if session.peer else "", helo=session.host_name or "",
+            mail_options=list(envelope.mail_options))
+        self.sink._store(msg)
+        return f"250 2.0.0 Ok: queued as S{len(self.sink.messages):05d}"
+
+
+class DownstreamSink:
+    """An SMTP server that records what it receives.
+
+    Args:
+        host: listen address (loopback).
+        port: listen port, 0 for a free one (read ``port`` after start).
+        tls_context: offer STARTTLS with this server context; ``None`` offers none.
+        require_tls: refuse MAIL before STARTTLS (``530``).
+        outdir: also write each message as ``NNNNN.eml`` plus ``NNNNN.json``.
+        hostname: name in the greeting.
+
+    Attributes:
+        messages: received messages, in order.
+        rcpt_replies: ``{address: reply}`` to refuse chosen recipients.
+        data_reply: if set, every DATA gets this reply (e.g. ``"451 4.3.0 busy"``).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls_context: ssl.SSLContext | None = None,
+                 require_tls: bool = False, outdir: Path | None = None, hostname: str = "downstream.test"):
+        self.host = host
+        self.port = port
+        self.tls_context = tls_context
+        self.require_tls = require_tls
+        self.outdir = outdir
+        self.hostname = hostname
+        self.messages: list[ReceivedMessage] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_reply: str | None = None
+        self.connections = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._lock = threading.Condition()
+
+    def _store(self, msg: ReceivedMessage) -> None:
+        with self._lock:
+            self.messages.append(msg)
+            n = len(self.messages)
+            self._lock.notify_all()
+        if self.outdir:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            (self.outdir / f"{n:05d}.eml").write_bytes(msg.data)
+            (self.outdir / f"{n:05d}.json").write_text(json.dumps(msg.meta()))
+
+    def _factory(self) -> SMTP:
+        self.connections += 1
+        return SMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
+                    require_starttls=self.require_tls and self.tls_context is not None,
+                    enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
+                    loop=asyncio.get_running_loop())
+
+    async def start(self) -> "DownstreamSink":
+        """Listen in the running event loop."""
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory, host=self.host, port=self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening and drop open connections."""
+        if self._server is not None:
+            self._server.close()
+            if hasattr(self._server, "close_clients"):
+                self._server.close_clients()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 3)
+            except asyncio.TimeoutError:
+                pass
+            self._server = None
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until ``count`` messages arrived (thread-safe); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class ThreadedSink:
+    """Runs a :class:`DownstreamSink` in its own thread and event loop (for blocking callers).
+
+    Usage::
+
+        with ThreadedSink(tls_context=ctx) as sink:
+            ...  # sink.port, sink.messages
+    """
+
+    def __init__(self, **kwargs):
+        self.sink = DownstreamSink(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="downstream-sink", daemon=True)
+
+    def start(self) -> DownstreamSink:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sink.start(), self._loop).result(10)
+        return self.sink
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.sink.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def pause(self) -> None:
+        """Stop listening but keep the recorded messages (downstream "down")."""
+        asyncio.run_coroutine_threadsafe(self.sink.stop(), self._loop).result(10)
+
+    def resume(self) -> None:
+        """Listen again on the same port."""
+        asyncio.run_coroutine_threadsafe(self.sink.start(), self._loop).result(10)
+
+    def __enter__(self) -> DownstreamSink:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,388 @@
+"""Downstream delivery: one SMTP client connection to a route, with the route's TLS policy.
+
+Used by the in-line proxy (one connection per route per inbound session) and by
+the spool worker (one connection per attempt). The rules:
+
+* Servers of a route are tried in order (failover); a server that refuses the
+  connection, times out, greets with 4xx/5xx, or cannot give the TLS the
+  policy demands, is skipped for the next one.
+* ``off``: never STARTTLS. ``opportunistic``: STARTTLS when offered; if it is
+  not offered or the handshake fails, plain SMTP on a fresh connection
+  (RFC 3207 section 4.1; Postfix ``may``). ``required``: STARTTLS or the
+  server is skipped — nothing is sent in clear. ``verify``: ``required`` plus
+  chain and host name verification, or a pinned SHA-256 fingerprint.
+* After STARTTLS, EHLO is sent again and what was learnt before is forgotten
+  (RFC 3207 section 4.2); bytes a server sends between its 220 and the
+  handshake are discarded (aiosmtplib does this: STARTTLS injection defence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiosmtplib
+import structlog
+from aiosmtplib import errors as smtperr
+
+from mxguard.config import DownstreamSettings
+from mxguard.smtp.replies import Reply
+from mxguard.smtp.routing import Route
+from mxguard.tls.certs import describe_der
+from mxguard.tls.contexts import client_context
+from mxguard.tls.policy import DownstreamTls
+
+log = structlog.get_logger("mxguard.delivery")
+
+
+@dataclass
+class ConnectionInfo:
+    """What happened when connecting to a downstream server; goes to the message log."""
+
+    host: str
+    port: int
+    tls: bool = False
+    tls_version: str | None = None
+    cipher: str | None = None
+    bits: int | None = None
+    #: True when the chain and name verified, or the pinned fingerprint matched.
+    verified: bool = False
+    cert_sha256: str | None = None
+    cert_subject: str | None = None
+    starttls_offered: bool = False
+    #: opportunistic only: the handshake failed and mail went in clear.
+    tls_fallback: str | None = None
+    connect_ms: float = 0.0
+    tls_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe_tls(self) -> str:
+        if not self.tls:
+            return "none" + (f" ({self.tls_fallback})" if self.tls_fallback else "")
+        return f"{self.tls_version} {self.cipher}" + (" verified" if self.verified else "")
+
+
+@dataclass
+class RouteFailure(Exception):
+    """No server of the route could be used.
+
+    Attributes:
+        reply: what the sender is told (``451 4.4.1`` unreachable, ``451 4.7.5``
+            TLS not obtainable under the policy).
+        tls_related: True when at least one server was reachable but TLS
+            policy could not be met (nothing was sent in clear).
+        attempts: one line per server tried, for the log.
+    """
+
+    reply: Reply
+    tls_related: bool = False
+    attempts: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.reply.one_line()} [{'; '.join(self.attempts)}]"
+
+
+class DownstreamLost(Exception):
+    """The downstream connection broke or timed out in the middle of a dialogue."""
+
+
+class _ServerSkipped(Exception):
+    def __init__(self, note: str, tls_related: bool = False):
+        super().__init__(note)
+        self.note = note
+        self.tls_related = tls_related
+
+
+def _ssl_object(client: aiosmtplib.SMTP) -> ssl.SSLObject | None:
+    try:
+        return client.get_transport_info("ssl_object")
+    except smtperr.SMTPServerDisconnected:
+        return None
+
+
+class DownstreamConnection:
+    """An open SMTP client connection to one server of a route.
+
+    Args:
+        route: the route to deliver to.
+        settings: timeouts.
+        local_hostname: the name mxguard gives in EHLO (the gateway's hostname).
+
+    Call :meth:`open` first; it raises :class:`RouteFailure`. The dialogue
+    methods return :class:`Reply` objects (a refusal is a reply, not an
+    exception) and raise :class:`DownstreamLost` when the connection breaks.
+    """
+
+    def __init__(self, route: Route, settings: DownstreamSettings, local_hostname: str):
+        self.route = route
+        self.settings = settings
+        self.local_hostname = local_hostname
+        self.client: aiosmtplib.SMTP | None = None
+        self.info: ConnectionInfo | None = None
+        self.in_transaction = False
+        self.used = 0  # transactions completed on this connection
+
+    # -- connecting -----------------------------------------------------------------
+
+    async def open(self) -> ConnectionInfo:
+        """Connect to the first usable server of the route under its TLS policy.
+
+        Raises:
+            RouteFailure: no server could be used.
+        """
+        attempts: list[str] = []
+        tls_related = False
+        for host, port in self.route.servers:
+            try:
+                self.info = await self._open_one(host, port)
+                if attempts:
+                    log.info("downstream failover", route=self.route.describe(), used=f"{host}:{port}", skipped=attempts)
+                return self.info
+            except _ServerSkipped as skip:
+                attempts.append(f"{host}:{port}: {skip.note}")
+                tls_related = tls_related or skip.tls_related
+                await self._discard()
+        if tls_related:
+            reply = Reply(451, "4.7.5", "TLS to the downstream server is required by policy but could not "
+                                        "be established; nothing was sent, try again later")
+        else:
+            reply = Reply(451, "4.4.1", "Downstream server unreachable, try again later")
+        raise RouteFailure(reply, tls_related, attempts)
+
+    async def _open_one(self, host: str, port: int) -> ConnectionInfo:
+        mode = self.route.tls
+        info = ConnectionInfo(host=host, port=port)
+        await self._connect_and_ehlo(host, port, info)
+        if mode is DownstreamTls.OFF:
+            return info
+        info.starttls_offered = self.client.supports_extension("starttls")
+        if not info.starttls_offered:
+            if mode.mandatory:
+                raise _ServerSkipped("STARTTLS not offered", tls_related=True)
+            return info
+        started = time.perf_counter()
+        try:
+            await self._starttls(host, info)
+        except _ServerSkipped as skip:
+            if mode.mandatory:
+                raise
+            # Opportunistic: the handshake failed; deliver in clear on a new connection.
+            log.warning("opportunistic TLS failed; delivering in clear", server=f"{host}:{port}", reason=skip.note)
+            await self._discard()
+            fallback = ConnectionInfo(host=host, port=port, starttls_offered=True, tls_fallback=skip.note)
+            await self._connect_and_ehlo(host, port, fallback)
+            return fallback
+        info.tls_ms = (time.perf_counter() - started) * 1000
+        return info
+
+    async def _connect_and_ehlo(self, host: str, port: int, info: ConnectionInfo) -> None:
+        started = time.perf_counter()
+        self.client = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self.local_hostname,
+                                      timeout=self.settings.command_timeout, start_tls=False, use_tls=False)
+        try:
+            await self.client.connect(timeout=self.settings.connect_timeout)
+        except smtperr.SMTPConnectResponseError as exc:
+            raise _ServerSkipped(f"greeting {exc.code} {exc.message[:80]}") from None
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise _ServerSkipped(f"connect failed: {_reason(exc)}") from None
+        await self._ehlo()
+        info.connect_ms = (time.perf_counter() - started) * 1000
+
+    async def _ehlo(self) -> None:
+        try:
+            try:
+                await self.client.ehlo()
+            except smtperr.SMTPHeloError:
+                await self.client.helo()
+        except smtperr.SMTPResponseException as exc:
+            raise _ServerSkipped(f"EHLO/HELO refused: {exc.code}") from None
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise _ServerSkipped(f"EHLO failed: {_reason(exc)}") from None
+
+    async def _starttls(self, host: str, info: ConnectionInfo) -> None:
+        route = self.route
+        pinned = bool(route.fingerprint) and route.tls is DownstreamTls.VERIFY
+        ctx = client_context(route.tls, route.ca_file, route.min_version, pinned)
+        try:
+            await self.client.starttls(server_hostname=host, tls_context=ctx,
+                                       timeout=self.settings.connect_timeout)
+        except smtperr.SMTPResponseException as exc:
+            raise _ServerSkipped(f"STARTTLS refused: {exc.code} {exc.message[:80]}", tls_related=True) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise _ServerSkipped(f"certificate not verified: {exc.verify_message}", tls_related=True) from None
+        except (ssl.SSLError, smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise _ServerSkipped(f"TLS handshake failed: {_reason(exc)}", tls_related=True) from None
+        sslobj = _ssl_object(self.client)
+        if sslobj is None:
+            raise _ServerSkipped("connection lost after STARTTLS", tls_related=True)
+        der = sslobj.getpeercert(binary_form=True)
+        cert = describe_der(der) if der else None
+        info.tls = True
+        info.tls_version = sslobj.version()
+        cipher = sslobj.cipher()
+        info.cipher, info.bits = (cipher[0], cipher[2]) if cipher else (None, None)
+        info.cert_sha256 = cert.sha256 if cert else None
+        info.cert_subject = cert.subject if cert else None
+        if route.tls is DownstreamTls.VERIFY:
+            if pinned:
+                if not cert or cert.sha256 != route.fingerprint:
+                    raise _ServerSkipped("certificate fingerprint does not match the pinned one", tls_related=True)
+            info.verified = True
+        await self._ehlo()  # RFC 3207 4.2: forget what was learnt in clear
+
+    async def _discard(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # -- the dialogue ---------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    def supports(self, extension: str) -> bool:
+        return self.client is not None and self.client.supports_extension(extension)
+
+    async def _command(self, *args: bytes, timeout: float | None = None) -> Reply:
+        if self.client is None:
+            raise DownstreamLost("not connected")
+        try:
+            response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
+        except smtperr.SMTPResponseException as exc:  # malformed reply
+            await self._discard()
+            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            await self._discard()
+            raise DownstreamLost(_reason(exc)) from None
+        return Reply.from_downstream(response.code, response.message)
+
+    async def mail(self, sender: str, *, size: int | None = None, body: str | None = None,
+                   smtputf8: bool = False) -> Reply:
+        """Send ``MAIL FROM``; ESMTP parameters only where the server offers them.
+
+        Args:
+            sender: envelope sender, ``""`` for the null reverse-path.
+            size: message size in bytes (RFC 1870), if known.
+            body: ``"8BITMIME"`` or ``"7BIT"`` (RFC 6152).
+            smtputf8: the transaction needs SMTPUTF8 (RFC 6531).
+
+        Raises:
+            DownstreamLost: the connection broke.
+        """
+        if smtputf8 and not self.supports("smtputf8"):
+            return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531)")
+        args = [b"FROM:<" + sender.encode("utf-8", "surrogateescape") + b">"]
+        if size and self.supports("size"):
+            args.append(b"SIZE=%d" % size)
+        if body == "8BITMIME" and self.supports("8bitmime"):
+            args.append(b"BODY=8BITMIME")
+        if smtputf8:
+            args.append(b"SMTPUTF8")
+        reply = await self._command(b"MAIL", *args)
+        self.in_transaction = reply.is_positive
+        return reply
+
+    async def rcpt(self, recipient: str) -> Reply:
+        """Send ``RCPT TO``. Raises DownstreamLost."""
+        return await self._command(b"RCPT", b"TO:<" + recipient.encode("utf-8", "surrogateescape") + b">")
+
+    async def data(self, message: bytes) -> Reply:
+        """Send ``DATA`` and the message; return the final reply.
+
+        aiosmtplib converts lone CR/LF to CRLF and dot-stuffs (RFC 5321 4.5.2),
+        so what leaves is canonical whatever came in.
+
+        Raises:
+            DownstreamLost: the connection broke or timed out; the message may
+                or may not have been taken (the caller treats it as not taken).
+        """
+        if self.client is None:
+            raise DownstreamLost("not connected")
+        try:
+            response = await self.client.data(message, timeout=self.settings.data_timeout)
+            reply = Reply.from_downstream(response.code, response.message)
+        except smtperr.SMTPDataError as exc:
+            reply = Reply.from_downstream(exc.code, exc.message)
+        except smtperr.SMTPResponseException as exc:
+            await self._discard()
+            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            await self._discard()
+            raise DownstreamLost(_reason(exc)) from None
+        finally:
+            self.in_transaction = False
+        self.used += 1
+        return reply
+
+    async def rset(self) -> None:
+        """Abort the open transaction, if any (errors close the connection)."""
+        if not self.in_transaction or self.client is None:
+            return
+        self.in_transaction = False
+        try:
+            reply = await self._command(b"RSET")
+        except DownstreamLost:
+            return
+        if not reply.is_positive:
+            await self._discard()
+
+    async def close(self) -> None:
+        """Say QUIT (briefly) and close."""
+        client, self.client = self.client, None
+        if client is None or not client.is_connected:
+            return
+        try:
+            await client.execute_command(b"QUIT", timeout=2.0)
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            client.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:160]
+
+
+async def deliver_once(route: Route, settings: DownstreamSettings, local_hostname: str, sender: str,
+                       recipients: list[str], message: bytes, *, body: str | None = None,
+                       smtputf8: bool = False) -> tuple[ConnectionInfo, dict[str, Reply]]:
+    """Open a connection, send one transaction, close. Used by the spool and notifications.
+
+    Returns:
+        ``(connection info, {recipient: reply})``; a recipient refused at RCPT
+        has its RCPT reply, the others share the final reply (or the MAIL reply
+        if MAIL was refused).
+
+    Raises:
+        RouteFailure: no server of the route could be used under its TLS policy.
+        DownstreamLost: the connection broke mid-transaction.
+    """
+    conn = DownstreamConnection(route, settings, local_hostname)
+    info = await conn.open()
+    try:
+        mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8)
+        if not mail.is_positive:
+            return info, {r: mail for r in recipients}
+        results: dict[str, Reply] = {}
+        accepted = []
+        for rcpt in recipients:
+            reply = await conn.rcpt(rcpt)
+            results[rcpt] = reply
+            if reply.is_positive:
+                accepted.append(rcpt)
+        if not accepted:
+            await conn.rset()
+            return info, results
+        final = await conn.data(message)
+        for rcpt in accepted:
+            results[rcpt] = final
+        return info, results
+    finally:
+        await conn.close()

@@ -1,0 +1,378 @@
+"""The in-line proxy: one inbound SMTP session, its downstream connections, its transactions.
+
+Two SMTP connections, one transaction. For each recipient the sender gives,
+the proxy opens (or reuses, within the inbound session) a connection to the
+recipient domain's route, relays ``MAIL``/``RCPT`` and hands the downstream
+server's own reply back (real-time recipient validation). At the end of DATA
+the message goes to each route that accepted recipients, and the sender gets
+the downstream server's final reply.
+
+A message is only written down when it cannot go straight through; that is
+the spool's job, reached through :class:`ProxyContext` hooks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from mxguard.config import Settings
+from mxguard.services.domains import DomainView
+from mxguard.smtp import headers
+from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure
+from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
+from mxguard.smtp.routing import DomainDirectory, Route
+from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
+from mxguard.tls.policy import InboundTls
+
+log = structlog.get_logger("mxguard.proxy")
+
+
+def new_txn_id() -> str:
+    """A short unique transaction id (appears in Received, replies and the log)."""
+    return secrets.token_hex(8).upper()
+
+
+@dataclass
+class ClientInfo:
+    """The inbound side of a transaction, fixed when MAIL is given."""
+
+    ip: str
+    port: int
+    helo: str
+    tls_version: str | None = None
+    cipher: str | None = None
+    bits: int | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_version is not None
+
+
+@dataclass
+class ProxyContext:
+    """What every proxy session of a gateway shares.
+
+    Attributes:
+        settings: bootstrap settings (hostname, timeouts).
+        directory: served domains and their routes.
+        message_log: where finished transaction records go.
+    """
+
+    settings: Settings
+    directory: DomainDirectory
+    message_log: MessageLogWriter
+    #: Called for each record before it is queued (metrics, tests).
+    observers: list[Callable[[LogRecord], None]] = field(default_factory=list)
+    #: Optional hook that takes over recipients whose route failed after others
+    #: were accepted (the spool); returns the per-recipient results.
+    on_leg_failure: Callable[..., Awaitable[list[RecipientResult] | None]] | None = None
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+
+@dataclass
+class RouteLeg:
+    """One route's part of a transaction."""
+
+    route: Route
+    domain: DomainView
+    conn: DownstreamConnection | None = None
+    reused: bool = False
+    failure: RouteFailure | None = None
+    mail_reply: Reply | None = None
+    accepted: list[str] = field(default_factory=list)
+    lost: str | None = None
+
+
+@dataclass
+class Transaction:
+    """The state between MAIL and the end of DATA (or RSET)."""
+
+    txn_id: str
+    client: ClientInfo
+    mail_from: str
+    body: str | None
+    smtputf8: bool
+    size_hint: int | None
+    started: float = field(default_factory=time.perf_counter)
+    started_wall: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    legs: dict[Route, RouteLeg] = field(default_factory=dict)
+    results: list[RecipientResult] = field(default_factory=list)
+    attempts: int = 0
+    connect_ms: float = 0.0
+    tls_ms: float = 0.0
+
+
+def _disposition_for(reply: Reply) -> str:
+    if reply.is_positive:
+        return "delivered"
+    return "deferred" if reply.is_transient else "rejected"
+
+
+class ProxySession:
+    """Per inbound connection: downstream connections by route, and the open transaction.
+
+    Args:
+        ctx: shared gateway context.
+    """
+
+    def __init__(self, ctx: ProxyContext):
+        self.ctx = ctx
+        self.conns: dict[Route, DownstreamConnection] = {}
+        self.tx: Transaction | None = None
+        self.transactions = 0
+
+    # -- transaction life cycle ------------------------------------------------------
+
+    def begin(self, client: ClientInfo, mail_from: str, options: list[str]) -> None:
+        """Start a transaction after MAIL FROM was accepted by syntax checks.
+
+        Args:
+            client: who is sending (fixed for the transaction).
+            mail_from: envelope sender, ``""`` for the null reverse-path.
+            options: ESMTP MAIL parameters, upper-cased (``SIZE=n``, ``BODY=8BITMIME``, ``SMTPUTF8``).
+        """
+        body = None
+        size = None
+        smtputf8 = False
+        for opt in options:
+            key, _, value = opt.partition("=")
+            if key == "BODY":
+                body = value
+            elif key == "SIZE" and value.isdigit():
+                size = int(value)
+            elif key == "SMTPUTF8":
+                smtputf8 = True
+        self.tx = Transaction(new_txn_id(), client, mail_from, body, smtputf8, size)
+
+    async def add_recipient(self, address: str) -> Reply:
+        """Decide one RCPT: relay check, inbound TLS policy, then the downstream's own answer.
+
+        Returns:
+            the reply for the sender (``250``: accepted by the downstream server).
+        """
+        tx = self.tx
+        assert tx is not None
+        tx.attempts += 1
+        found = self.ctx.directory.lookup(address)
+        if found is None:
+            log.info("relay denied", txn=tx.txn_id, rcpt=address, client=tx.client.ip)
+            return self._refused(address, RELAY_DENIED, None)
+        domain, route = found
+        if domain.inbound_tls == InboundTls.REQUIRED and not tx.client.tls:
+            log.info("inbound TLS required", txn=tx.txn_id, rcpt=address, client=tx.client.ip)
+            return self._refused(address, TLS_REQUIRED_INBOUND, route)
+        leg = tx.legs.get(route)
+        if leg is None:
+            leg = RouteLeg(route, domain)
+            tx.legs[route] = leg
+            await self._start_leg(tx, leg)
+        if leg.failure is not None:
+            return self._refused(address, leg.failure.reply, route)
+        if leg.mail_reply is not None and not leg.mail_reply.is_positive:
+            return self._refused(address, leg.mail_reply, route)
+        try:
+            reply = await leg.conn.rcpt(address)
+        except DownstreamLost as exc:
+            leg.lost = str(exc)
+            leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
+                                       attempts=[f"lost at RCPT: {exc}"])
+            self.conns.pop(route, None)
+            return self._refused(address, leg.failure.reply, route)
+        if reply.is_positive:
+            leg.accepted.append(address)
+        else:
+            self._refused(address, reply, route)
+        log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
+        return reply
+
+    def _refused(self, address: str, reply: Reply, route: Route | None) -> Reply:
+        assert self.tx is not None
+        self.tx.results.append(RecipientResult(address, reply.code, reply.enhanced, reply.text,
+                                               _disposition_for(reply), route.describe() if route else None))
+        return reply
+
+    async def _start_leg(self, tx: Transaction, leg: RouteLeg) -> None:
+        """Get a connection for the leg's route and send MAIL FROM on it."""
+        for attempt in (1, 2):
+            conn = self.conns.get(leg.route)
+            if conn is not None and not conn.is_connected:
+                self.conns.pop(leg.route, None)
+                conn = None
+            leg.reused = conn is not None
+            if conn is None:
+                conn = DownstreamConnection(leg.route, self.ctx.settings.downstream, self.ctx.hostname)
+                try:
+                    info = await conn.open()
+                except RouteFailure as failure:
+                    leg.failure = failure
+                    log.warning("route unavailable", txn=tx.txn_id, route=leg.route.describe(), reason=str(failure))
+                    return
+                tx.connect_ms += info.connect_ms
+                tx.tls_ms += info.tls_ms
+                self.conns[leg.route] = conn
+                log.debug("downstream connected", txn=tx.txn_id, server=f"{info.host}:{info.port}",
+                          tls=info.describe_tls())
+            leg.conn = conn
+            try:
+                leg.mail_reply = await conn.mail(tx.mail_from, size=tx.size_hint, body=tx.body, smtputf8=tx.smtputf8)
+                return
+            except DownstreamLost as exc:
+                self.conns.pop(leg.route, None)
+                if leg.reused and attempt == 1:
+                    continue  # the idle connection timed out downstream; open a fresh one
+                leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
+                                           attempts=[f"lost at MAIL: {exc}"])
+                return
+
+    async def finish(self, content: bytes) -> Reply:
+        """End of DATA: send the message to every leg and give the sender one reply.
+
+        Args:
+            content: the message as received (dot-unstuffed, CRLF line ends).
+
+        Returns:
+            the downstream server's final reply when every leg took the message;
+            the refusal when no leg did; ``250`` when some did and the rest were
+            taken over by ``on_leg_failure`` (the spool).
+        """
+        tx = self.tx
+        assert tx is not None
+        self.tx = None
+        received_at = time.perf_counter()
+        subject, message_id = headers.summarize(content)
+        legs = [leg for leg in tx.legs.values() if leg.accepted]
+        outcomes: list[tuple[RouteLeg, Reply]] = []
+        relay_started = time.perf_counter()
+        for leg in legs:
+            outcomes.append((leg, await self._send_leg(tx, leg, content)))
+        relay_ms = (time.perf_counter() - relay_started) * 1000
+        final = await self._combine(tx, outcomes, content)
+        self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
+                     accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
+        self.transactions += 1
+        return final
+
+    async def _send_leg(self, tx: Transaction, leg: RouteLeg, content: bytes) -> Reply:
+        client = tx.client
+        received = headers.received_field(
+            helo=client.helo, client_ip=client.ip, hostname=self.ctx.hostname, txn_id=tx.txn_id,
+            tls_version=client.tls_version, cipher=client.cipher, bits=client.bits, smtputf8=tx.smtputf8,
+            recipient=leg.accepted[0] if len(leg.accepted) == 1 else None)
+        message = headers.prepend_fields(content, [received])
+        try:
+            return await leg.conn.data(message)
+        except DownstreamLost as exc:
+            leg.lost = str(exc)
+            self.conns.pop(leg.route, None)
+            log.warning("downstream lost during DATA", txn=tx.txn_id, route=leg.route.describe(), error=str(exc))
+            return Reply(451, "4.4.1", "Downstream connection lost during DATA, try again later")
+
+    async def _combine(self, tx: Transaction, outcomes: list[tuple[RouteLeg, Reply]], content: bytes) -> Reply:
+        positive = [(leg, r) for leg, r in outcomes if r.is_positive]
+        negative = [(leg, r) for leg, r in outcomes if not r.is_positive]
+        for leg, reply in positive:
+            for rcpt in leg.accepted:
+                tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, "delivered",
+                                                  leg.route.describe()))
+        if not negative:
+            return positive[0][1]
+        if not positive:
+            # Nothing was taken anywhere: the sender keeps responsibility. A
+            # temporary failure wins so that the sender retries everything.
+            transient = [r for _, r in negative if r.is_transient]
+            final = transient[0] if transient else negative[0][1]
+            for leg, reply in negative:
+                for rcpt in leg.accepted:
+                    tx.results.append(RecipientResult(rcpt, final.code, final.enhanced, final.text,
+                                                      _disposition_for(final), leg.route.describe()))
+            return final
+        # Some legs took the message and others did not: we now own the rest.
+        for leg, reply in negative:
+            taken = None
+            if self.ctx.on_leg_failure is not None:
+                taken = await self.ctx.on_leg_failure(tx=tx, leg=leg, reply=reply, content=content)
+            if taken is None:
+                log.error("partial delivery: recipients of a failed route were not taken over",
+                          txn=tx.txn_id, route=leg.route.describe(), reply=reply.one_line(), rcpts=leg.accepted)
+                taken = [RecipientResult(r, reply.code, reply.enhanced, reply.text, _disposition_for(reply),
+                                         leg.route.describe()) for r in leg.accepted]
+            tx.results.extend(taken)
+        return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} (delivered to part of the recipients, "
+                                   "the rest is held for delivery)")
+
+    async def abort(self, reason: str) -> None:
+        """End the open transaction without DATA (RSET, EHLO, QUIT, disconnect)."""
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return
+        for leg in tx.legs.values():
+            if leg.conn is not None and leg.conn.in_transaction:
+                await leg.conn.rset()
+                if not leg.conn.is_connected:
+                    self.conns.pop(leg.route, None)
+        if tx.results or any(leg.accepted for leg in tx.legs.values()):
+            for leg in tx.legs.values():
+                for rcpt in leg.accepted:
+                    tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
+                                                      "aborted", leg.route.describe()))
+            self._record(tx, None, abort_reason=reason)
+
+    async def close(self) -> None:
+        """The inbound connection is gone: abort and close every downstream connection."""
+        await self.abort("disconnect")
+        conns, self.conns = self.conns, {}
+        for conn in conns.values():
+            await conn.close()
+
+    # -- the record -------------------------------------------------------------------
+
+    def _record(self, tx: Transaction, final: Reply | None, *, size: int = 0, subject: str = "",
+                message_id: str = "", accept_ms: float | None = None, relay_ms: float | None = None,
+                abort_reason: str | None = None) -> None:
+        infos: list[dict[str, Any]] = []
+        first: ConnectionInfo | None = None
+        for leg in tx.legs.values():
+            item: dict[str, Any] = {"route": leg.route.describe(), "reused": leg.reused}
+            if leg.conn is not None and leg.conn.info is not None and leg.failure is None:
+                item.update(leg.conn.info.as_dict())
+                first = first or leg.conn.info
+            if leg.failure is not None:
+                item["failure"] = str(leg.failure)
+            if leg.lost:
+                item["lost"] = leg.lost
+            infos.append(item)
+        disposition = "aborted" if abort_reason and not any(
+            r.disposition != "aborted" for r in tx.results) else overall_disposition(tx.results)
+        client = tx.client
+        record = LogRecord(
+            txn_id=tx.txn_id, ts=tx.started_wall, node=self.ctx.hostname, client_ip=client.ip,
+            client_port=client.port, helo=client.helo, inbound_tls=client.tls, tls_version=client.tls_version,
+            tls_cipher=client.cipher, tls_bits=client.bits, mail_from=tx.mail_from,
+            rcpt_to=" ".join(r.rcpt for r in tx.results), size=size, subject=subject, message_id=message_id,
+            downstream_host=f"{first.host}:{first.port}" if first else None,
+            downstream_tls=first.tls if first else None,
+            downstream_tls_version=first.tls_version if first else None,
+            downstream_cipher=first.cipher if first else None,
+            downstream_verified=first.verified if first else None,
+            downstream=infos, results=[r.__dict__ for r in tx.results], disposition=disposition,
+            final_code=final.code if final else None,
+            final_reply=final.one_line() if final else f"(ended by {abort_reason})",
+            accept_ms=accept_ms, connect_ms=tx.connect_ms or None, tls_ms=tx.tls_ms or None,
+            relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
+        )
+        for observer in self.ctx.observers:
+            observer(record)
+        self.ctx.message_log.submit(record)
+        log.info("transaction", txn=tx.txn_id, client=client.ip, tls=client.tls_version or "none",
+                 sender=tx.mail_from or "<>", rcpts=len(tx.results), disposition=disposition,
+                 reply=record.final_reply, ms=round(record.total_ms or 0, 1))

@@ -1,0 +1,129 @@
+"""Which downstream route a recipient's mail takes, from an in-memory copy of the domain table.
+
+The directory is loaded at start-up and reloaded when the database's
+configuration generation moves (polled about once a second, and at once for
+changes made inside this process), so each RCPT costs a dictionary lookup,
+not a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from mxguard.netaddr import parse_host_port
+from mxguard.services.domains import DomainView, current_generation, list_domains
+from mxguard.storage.db import SQLAlchemyError, Store
+from mxguard.tls.policy import DownstreamTls
+
+log = structlog.get_logger("mxguard.routing")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where and how mail for a domain is delivered.
+
+    Two domains with the same servers and the same TLS policy share a route,
+    and so share one downstream connection within a session.
+
+    Attributes:
+        servers: ``(host, port)`` pairs in failover order.
+        tls: downstream TLS mode.
+        ca_file: CA bundle for ``verify`` (``None``: system trust store).
+        fingerprint: pinned SHA-256 of the server certificate for ``verify``.
+        min_version: lowest TLS version, ``"1.2"`` or ``"1.3"``.
+    """
+
+    servers: tuple[tuple[str, int], ...]
+    tls: DownstreamTls
+    ca_file: str | None = None
+    fingerprint: str | None = None
+    min_version: str = "1.2"
+
+    @classmethod
+    def for_domain(cls, domain: DomainView) -> "Route":
+        return cls(
+            servers=tuple(parse_host_port(s, default_port=25) for s in domain.servers),
+            tls=DownstreamTls(domain.downstream_tls),
+            ca_file=domain.tls_ca_file,
+            fingerprint=domain.tls_fingerprint,
+            min_version=domain.tls_min_version,
+        )
+
+    def describe(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={self.tls.value}"
+
+
+class DomainDirectory:
+    """In-memory map of served domains, kept in step with the database.
+
+    Args:
+        store: the database.
+        poll_interval: seconds between generation checks.
+    """
+
+    def __init__(self, store: Store, poll_interval: float = 1.0):
+        self.store = store
+        self.poll_interval = poll_interval
+        self._domains: dict[str, DomainView] = {}
+        self._routes: dict[str, Route] = {}
+        self._generation: int | None = None
+        self._task: asyncio.Task | None = None
+        self.loaded_at = 0.0
+
+    async def load(self) -> None:
+        """Read every domain now (raises SQLAlchemyError if the database is down)."""
+        generation = await current_generation(self.store)
+        domains = await list_domains(self.store)
+        self._domains = {d.name: d for d in domains}
+        self._routes = {d.name: Route.for_domain(d) for d in domains}
+        self._generation = generation
+        self.loaded_at = time.monotonic()
+        log.debug("domains loaded", count=len(domains), generation=generation)
+
+    async def refresh_if_changed(self) -> bool:
+        """Reload when the configuration generation moved; True if it did."""
+        generation = await current_generation(self.store)
+        if generation != self._generation:
+            await self.load()
+            return True
+        return False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._poll(), name="domain-directory-poll")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.refresh_if_changed()
+            except (SQLAlchemyError, OSError) as exc:
+                # Keep serving with the last known configuration.
+                log.warning("cannot refresh domains; using the last loaded set", error=str(exc).splitlines()[0])
+
+    def lookup(self, address: str) -> tuple[DomainView, Route] | None:
+        """The domain and route for a recipient address, or ``None`` if not served."""
+        _, _, domain = address.rpartition("@")
+        domain = domain.rstrip(".").lower()
+        if domain.startswith("[") or not domain:
+            return None  # address literals are never served
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+        view = self._domains.get(domain)
+        return (view, self._routes[domain]) if view else None
+
+    def domains(self) -> list[DomainView]:
+        return list(self._domains.values())

@@ -1,0 +1,132 @@
+"""The database engine: embedded SQLite by default, PostgreSQL (asyncpg) for several nodes.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` so that a committed spool
+record survives power loss; PostgreSQL commits are durable by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from mxguard.errors import ConfigError
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def make_engine(url: str) -> AsyncEngine:
+    """Create the async engine for ``url``.
+
+    Accepts ``sqlite+aiosqlite:///PATH`` and ``postgresql+asyncpg://...``
+    (``postgresql://`` is taken to mean asyncpg).
+
+    Raises:
+        ConfigError: the URL does not parse or names an unsupported driver.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database_url: cannot parse {url!r}: {exc}") from None
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+        engine = create_async_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    elif backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        raise ConfigError(f"database_url: unsupported database {backend!r}; use sqlite+aiosqlite or postgresql+asyncpg")
+    return engine
+
+
+def _alembic_config(connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """Owns the engine and hands out sessions.
+
+    Usage::
+
+        store = Store(url)
+        await store.migrate()
+        async with store.session() as s: ...
+        await store.close()
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent).
+
+        Raises:
+            ConfigError: the database cannot be reached.
+        """
+        def upgrade(connection) -> None:
+            command.upgrade(_alembic_config(connection), "head")
+
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(upgrade)
+        except (OperationalError, OSError, asyncio.TimeoutError) as exc:
+            raise ConfigError(f"database_url: cannot reach the database: {_short(exc)}") from None
+
+    async def schema_is_current(self) -> bool:
+        """True when the database is at the newest migration."""
+        def check(connection) -> bool:
+            head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
+            return MigrationContext.configure(connection).get_current_revision() == head
+
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(check)
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``. Raises SQLAlchemyError when the database is down."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _short(exc: BaseException) -> str:
+    text_ = str(getattr(exc, "orig", None) or exc)
+    return text_.splitlines()[0] if text_ else type(exc).__name__
+
+
+__all__ = ["Store", "make_engine", "AsyncSession", "SQLAlchemyError"]

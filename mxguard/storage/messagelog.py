@@ -1,0 +1,219 @@
+"""The message log: one record per SMTP transaction, written in batches off the reply path.
+
+The SMTP session hands a finished record to :class:`MessageLogWriter`, which
+returns at once; a background task inserts queued records every
+``flush_interval`` seconds in one transaction. If the database is unavailable
+the records wait in memory (bounded) and are written when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy import insert, or_, select
+
+from mxguard.storage.db import SQLAlchemyError, Store
+from mxguard.storage.models import MessageLogEntry
+
+log = structlog.get_logger("mxguard.messagelog")
+
+
+@dataclass
+class RecipientResult:
+    """One envelope recipient's outcome."""
+
+    rcpt: str
+    code: int
+    enhanced: str
+    text: str
+    #: delivered | rejected | deferred | quarantined | spooled | discarded
+    disposition: str
+    route: str | None = None
+
+
+@dataclass
+class LogRecord:
+    """A transaction's record; field meanings match :class:`MessageLogEntry`."""
+
+    txn_id: str
+    ts: dt.datetime
+    client_ip: str
+    client_port: int = 0
+    node: str = ""
+    helo: str = ""
+    inbound_tls: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    tls_bits: int | None = None
+    mail_from: str = ""
+    rcpt_to: str = ""
+    size: int = 0
+    subject: str = ""
+    message_id: str = ""
+    downstream_host: str | None = None
+    downstream_tls: bool | None = None
+    downstream_tls_version: str | None = None
+    downstream_cipher: str | None = None
+    downstream_verified: bool | None = None
+    downstream: list[dict[str, Any]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    verdict: dict[str, Any] = field(default_factory=dict)
+    disposition: str = "aborted"
+    final_code: int | None = None
+    final_reply: str = ""
+    accept_ms: float | None = None
+    connect_ms: float | None = None
+    tls_ms: float | None = None
+    filter_ms: float | None = None
+    relay_ms: float | None = None
+    total_ms: float | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["subject"] = row["subject"][:500]
+        row["message_id"] = row["message_id"][:500]
+        row["mail_from"] = row["mail_from"][:500]
+        row["helo"] = row["helo"][:250]
+        return row
+
+
+def overall_disposition(results: list[RecipientResult]) -> str:
+    """The transaction's disposition: the recipients' common one, else ``partial``."""
+    kinds = {r.disposition for r in results}
+    if not kinds:
+        return "aborted"
+    return kinds.pop() if len(kinds) == 1 else "partial"
+
+
+class MessageLogWriter:
+    """Batches message-log inserts.
+
+    Args:
+        store: the database.
+        flush_interval: seconds between batch writes.
+        max_pending: records kept in memory while the database is down; beyond
+            it the oldest are dropped (and a warning says how many).
+    """
+
+    def __init__(self, store: Store, flush_interval: float = 0.2, max_pending: int = 200_000):
+        self.store = store
+        self.flush_interval = flush_interval
+        self.pending: collections.deque[LogRecord] = collections.deque()
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.written = 0
+        self._task: asyncio.Task | None = None
+        self._flush_lock = asyncio.Lock()
+
+    def submit(self, record: LogRecord) -> None:
+        """Queue a record (never blocks, never raises)."""
+        if len(self.pending) >= self.max_pending:
+            self.pending.popleft()
+            self.dropped += 1
+        self.pending.append(record)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="message-log-writer")
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.flush_interval if not failures else min(5.0, 0.5 * 2 ** failures))
+            try:
+                await self.flush()
+                failures = 0
+            except (SQLAlchemyError, OSError) as exc:
+                failures = min(failures + 1, 4)
+                log.warning("message log write failed; will retry", pending=len(self.pending),
+                            error=str(exc).splitlines()[0][:200])
+
+    async def flush(self) -> int:
+        """Write everything queued now; returns the number written.
+
+        Raises:
+            SQLAlchemyError: the database refused; the records stay queued.
+        """
+        async with self._flush_lock:
+            written = 0
+            while self.pending:
+                batch = [self.pending[i] for i in range(min(1000, len(self.pending)))]
+                async with self.store.session() as session:
+                    await session.execute(insert(MessageLogEntry), [r.as_row() for r in batch])
+                    await session.commit()
+                for _ in batch:
+                    self.pending.popleft()
+                written += len(batch)
+            self.written += written
+            if self.dropped:
+                log.error("message log records dropped while the database was unavailable", count=self.dropped)
+                self.dropped = 0
+            return written
+
+    async def stop(self) -> None:
+        """Stop the background task and write what is left (best effort)."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self.flush()
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("message log records lost at shutdown", count=len(self.pending), error=str(exc)[:200])
+
+
+def entry_as_dict(entry: MessageLogEntry) -> dict[str, Any]:
+    """A message-log row as plain data (for JSON output and the API)."""
+    data = {c.name: getattr(entry, c.name) for c in MessageLogEntry.__table__.columns}
+    data["ts"] = entry.ts.isoformat() if entry.ts else None
+    return data
+
+
+async def recent(store: Store, last: int = 20) -> list[MessageLogEntry]:
+    """The newest ``last`` records, oldest first."""
+    async with store.session() as session:
+        rows = (await session.execute(
+            select(MessageLogEntry).order_by(MessageLogEntry.id.desc()).limit(last))).scalars().all()
+    return list(reversed(rows))
+
+
+async def search(store: Store, *, sender: str | None = None, recipient: str | None = None,
+                 subject: str | None = None, client_ip: str | None = None, disposition: str | None = None,
+                 tls: bool | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None,
+                 txn_id: str | None = None, limit: int = 100, offset: int = 0) -> list[MessageLogEntry]:
+    """Search the message log; text filters match substrings (case-insensitive). Newest first.
+
+    All values are bound parameters, never spliced into SQL.
+    """
+    q = select(MessageLogEntry)
+    if sender:
+        q = q.where(MessageLogEntry.mail_from.ilike(f"%{_escape_like(sender)}%", escape="\\"))
+    if recipient:
+        q = q.where(MessageLogEntry.rcpt_to.ilike(f"%{_escape_like(recipient)}%", escape="\\"))
+    if subject:
+        q = q.where(MessageLogEntry.subject.ilike(f"%{_escape_like(subject)}%", escape="\\"))
+    if client_ip:
+        q = q.where(MessageLogEntry.client_ip == client_ip)
+    if disposition:
+        q = q.where(MessageLogEntry.disposition == disposition)
+    if tls is not None:
+        q = q.where(MessageLogEntry.inbound_tls.is_(tls))
+    if since:
+        q = q.where(MessageLogEntry.ts >= since)
+    if until:
+        q = q.where(MessageLogEntry.ts <= until)
+    if txn_id:
+        q = q.where(or_(MessageLogEntry.txn_id == txn_id))
+    q = q.order_by(MessageLogEntry.id.desc()).limit(max(1, min(limit, 1000))).offset(max(0, offset))
+    async with store.session() as session:
+        return list((await session.execute(q)).scalars().all())
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -1,0 +1,103 @@
+"""Database tables. Alembic migrations in ``migrations/versions`` create them.
+
+Every table works on SQLite (embedded, one node) and PostgreSQL (several nodes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Domain(Base):
+    """A served domain: where its mail goes and under which TLS policy."""
+
+    __tablename__ = "domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    #: Downstream servers in failover order, each "host:port".
+    servers: Mapped[list[Any]] = mapped_column(JSON)
+    inbound_tls: Mapped[str] = mapped_column(String(16), default="optional")
+    downstream_tls: Mapped[str] = mapped_column(String(16), default="opportunistic")
+    tls_ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tls_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tls_min_version: Mapped[str] = mapped_column(String(4), default="1.2")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class ConfigGeneration(Base):
+    """One row whose counter goes up on every configuration change.
+
+    Gateway processes poll it and reload their domain directory when it moves,
+    so a change made by the CLI or the console applies to the next transaction.
+    """
+
+    __tablename__ = "config_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MessageLogEntry(Base):
+    """One SMTP transaction, as an administrator searches for it."""
+
+    __tablename__ = "message_log"
+    __table_args__ = (
+        Index("ix_message_log_ts", "ts"),
+        Index("ix_message_log_mail_from", "mail_from"),
+        Index("ix_message_log_client_ip", "client_ip"),
+        Index("ix_message_log_disposition", "disposition"),
+        Index("ix_message_log_txn_id", "txn_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    txn_id: Mapped[str] = mapped_column(String(32))
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    node: Mapped[str] = mapped_column(String(253), default="")
+    client_ip: Mapped[str] = mapped_column(String(64))
+    client_port: Mapped[int] = mapped_column(Integer, default=0)
+    helo: Mapped[str] = mapped_column(String(255), default="")
+    inbound_tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    tls_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    tls_cipher: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    tls_bits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    mail_from: Mapped[str] = mapped_column(String(512), default="")
+    #: Envelope recipients, space separated (for search); details in ``results``.
+    rcpt_to: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    subject: Mapped[str] = mapped_column(String(512), default="")
+    message_id: Mapped[str] = mapped_column(String(512), default="")
+    downstream_host: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    downstream_tls: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    downstream_tls_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    downstream_cipher: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    downstream_verified: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    #: Per route: host, port, tls, version, cipher, verified, cert, connect/tls ms.
+    downstream: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: Per recipient: rcpt, code, enhanced, text, disposition, route.
+    results: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: Filter verdict details (scores, matched rules), when filtering ran.
+    verdict: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: delivered | rejected | deferred | quarantined | spooled | partial | aborted
+    disposition: Mapped[str] = mapped_column(String(16))
+    final_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    final_reply: Mapped[str] = mapped_column(Text, default="")
+    accept_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    connect_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tls_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    filter_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    relay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    total_ms: Mapped[float | None] = mapped_column(Float, nullable=True)

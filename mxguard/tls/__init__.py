@@ -1,0 +1,1 @@
+"""TLS for both hops: certificates, SSLContext factories and the per-domain policy words."""

@@ -1,0 +1,105 @@
+"""SSLContext factories for the two hops.
+
+Inbound (server) contexts: TLS 1.2 minimum, forward-secret AEAD suites only
+(ECDHE with AES-GCM or ChaCha20-Poly1305; TLS 1.3 suites are all AEAD and
+forward secret), no compression, no renegotiation, session tickets on.
+SSLv2/SSLv3/TLS 1.0/TLS 1.1 are never offered (RFC 7568, RFC 8996).
+
+Downstream (client) contexts are made per (mode, CA file, minimum version) and
+cached, since building one with the system trust store costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from pathlib import Path
+
+from mxguard.errors import ConfigError
+from mxguard.tls.policy import DownstreamTls
+
+#: TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
+FORWARD_SECRET_AEAD_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+#: Downstream: the organization's own server may be older, so CBC suites are
+#: allowed, but only with forward secrecy and never the broken ones.
+CLIENT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!kRSA:!3DES:!RC4:!MD5:!EXPORT"
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str, ciphers: str) -> None:
+    ctx.minimum_version = _VERSIONS[min_version]
+    ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.set_ciphers(ciphers)
+
+
+def server_context(cert_file: Path, key_file: Path, *, min_version: str = "1.2") -> ssl.SSLContext:
+    """Context for inbound STARTTLS and the HTTPS console.
+
+    Args:
+        cert_file: PEM certificate chain (leaf first).
+        key_file: PEM private key.
+        min_version: ``"1.2"`` or ``"1.3"``.
+
+    Raises:
+        ConfigError: the files cannot be loaded into OpenSSL.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, min_version, FORWARD_SECRET_AEAD_TLS12)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.verify_mode = ssl.CERT_NONE  # senders do not present client certificates to an MX
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls.cert_file/tls.key_file: cannot load {cert_file} / {key_file}: {exc}") from None
+    return ctx
+
+
+def add_certificate(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Load a second certificate (for example RSA beside ECDSA) into a server context.
+
+    OpenSSL keeps one certificate per key type and picks the one the client's
+    signature algorithms allow.
+    """
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load extra certificate {cert_file}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version: str = "1.2",
+                   pinned: bool = False) -> ssl.SSLContext:
+    """Context for STARTTLS to a downstream server.
+
+    Args:
+        mode: the domain's downstream TLS mode (``off`` is not valid here).
+        ca_file: PEM bundle to verify against in ``verify`` mode; ``None`` uses
+            the system trust store.
+        min_version: lowest protocol version accepted.
+        pinned: ``verify`` by a pinned fingerprint: the chain is not checked
+            here; the caller compares the leaf's SHA-256 after the handshake.
+
+    Raises:
+        ConfigError: the CA file cannot be read.
+        ValueError: ``mode`` is ``off``.
+    """
+    if mode is DownstreamTls.OFF:
+        raise ValueError("no TLS context for mode 'off'")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx, min_version, CLIENT_CIPHERS)
+    if mode is DownstreamTls.VERIFY and not pinned:
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            if ca_file:
+                ctx.load_verify_locations(cafile=ca_file)
+            else:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls_ca_file: cannot load {ca_file}: {exc}") from None
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,40 @@
+"""The TLS policy vocabulary stored per domain.
+
+Downstream modes follow Postfix's ``smtp_tls_security_level`` words, mapped to
+what a gateway administrator picks per domain:
+
+* ``off`` – plain SMTP, STARTTLS never attempted.
+* ``opportunistic`` – STARTTLS when offered; if it is not offered, or the
+  handshake fails, deliver in clear (Postfix ``may``; RFC 3207 section 4.1).
+* ``required`` – STARTTLS or nothing; the certificate is not checked
+  (Postfix ``encrypt``). Nothing is ever sent in clear.
+* ``verify`` – ``required`` plus a chain that verifies against the system
+  trust store or the domain's CA file, and a matching name; or a pinned
+  SHA-256 certificate fingerprint (Postfix ``secure`` / ``fingerprint``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class DownstreamTls(StrEnum):
+    OFF = "off"
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+    VERIFY = "verify"
+
+    @property
+    def mandatory(self) -> bool:
+        """True when the message must not travel without TLS."""
+        return self in (DownstreamTls.REQUIRED, DownstreamTls.VERIFY)
+
+
+class InboundTls(StrEnum):
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class TlsVersion(StrEnum):
+    V1_2 = "1.2"
+    V1_3 = "1.3"
