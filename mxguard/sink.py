@@ -14,6 +14,7 @@ import json
 import ssl
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class DownstreamSink:
         self.rcpt_replies: dict[str, str] = {}
         self.data_reply: str | None = None
         self.connections = 0
+        self._protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._server: asyncio.base_events.Server | None = None
         self._lock = threading.Condition()
 
@@ -118,13 +120,31 @@ class DownstreamSink:
 
     def _factory(self) -> SMTP:
         self.connections += 1
-        return SMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
-                    require_starttls=self.require_tls and self.tls_context is not None,
-                    enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
-                    loop=asyncio.get_running_loop())
+        protocol = SMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
+                        require_starttls=self.require_tls and self.tls_context is not None,
+                        enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
+                        loop=asyncio.get_running_loop())
+        self._protocols.add(protocol)
+        return protocol
+
+    def drop_connections(self) -> None:
+        """Close every open client connection (as a server's idle timeout would); thread-safe."""
+        def drop() -> None:
+            for protocol in list(self._protocols):
+                if protocol.transport is not None:
+                    protocol.transport.close()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            drop()
+        else:
+            self._loop.call_soon_threadsafe(drop)
 
     async def start(self) -> "DownstreamSink":
         """Listen in the running event loop."""
+        self._loop = asyncio.get_running_loop()
         self._server = await asyncio.get_running_loop().create_server(
             self._factory, host=self.host, port=self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]

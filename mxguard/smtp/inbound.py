@@ -143,6 +143,12 @@ class InboundHandler:
             return str(TOO_MANY_RECIPIENTS)
         if not tx.smtputf8 and not address.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
+        if "@" not in address:
+            # RFC 5321 4.1.1.3 allows a bare <Postmaster>, but a gateway for many
+            # domains cannot tell whose; anything else without a domain is bad syntax.
+            if address.lower() == "postmaster":
+                return "550 5.1.1 Use postmaster@<domain>: this gateway serves several domains"
+            return "501 5.1.3 Bad recipient address syntax: a domain is required"
         try:
             reply = await server.proxy.add_recipient(address)
         except Exception:  # noqa: BLE001 - the sender gets a 4xx, the log gets the trace

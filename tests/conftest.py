@@ -1,0 +1,161 @@
+"""Shared fixtures: data dirs, a running gateway, downstream sinks with and without STARTTLS, PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mxguard.services import domains as domain_service
+from mxguard.sink import ThreadedSink
+from mxguard.storage.db import Store
+from tests.support.gateway import ThreadedGateway, init_data_dir
+from tests.support.postgres import PostgresCluster
+
+CORPUS = Path(os.environ.get("MXGUARD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The shared corpus of real messages (read-only)."""
+    if not CORPUS.is_dir():
+        pytest.fail(f"corpus not found at {CORPUS}; set MXGUARD_CORPUS")
+    return CORPUS
+
+
+# -- TLS material ------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """The organization's private CA, which signs the downstream server's certificate."""
+    return trustme.CA(organization_name="Example Corp test CA")
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def _server_ctx(cert: trustme.LeafCert) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def downstream_cert(ca: trustme.CA) -> trustme.LeafCert:
+    """A valid certificate for the downstream server (names mail.example.com and 127.0.0.1)."""
+    return ca.issue_cert("mail.example.com", "127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def wrong_name_cert(ca: trustme.CA) -> trustme.LeafCert:
+    """Signed by the right CA but for another name."""
+    return ca.issue_cert("other.example.net")
+
+
+# -- sinks (the downstream mail server) -------------------------------------------------
+
+@pytest.fixture
+def tls_sink(downstream_cert):
+    """A downstream server offering STARTTLS with a CA-signed certificate for 127.0.0.1."""
+    with ThreadedSink(tls_context=_server_ctx(downstream_cert), hostname="mail.example.com") as sink:
+        yield sink
+
+
+@pytest.fixture
+def plain_sink():
+    """A downstream server that does not offer STARTTLS."""
+    with ThreadedSink(hostname="legacy.example.org") as sink:
+        yield sink
+
+
+@pytest.fixture
+def self_signed_sink(tmp_path):
+    """A downstream server whose certificate is self-signed."""
+    from mxguard.tls.certs import generate_self_signed, write_private
+    from mxguard.tls.contexts import server_context
+    cert, key = generate_self_signed("selfsigned.example.com", extra_names=["127.0.0.1"])
+    write_private(tmp_path / "ss.pem", cert)
+    write_private(tmp_path / "ss.key", key)
+    with ThreadedSink(tls_context=server_context(tmp_path / "ss.pem", tmp_path / "ss.key")) as sink:
+        sink.cert_pem = cert
+        yield sink
+
+
+@pytest.fixture
+def wrong_name_sink(wrong_name_cert):
+    with ThreadedSink(tls_context=_server_ctx(wrong_name_cert)) as sink:
+        yield sink
+
+
+# -- the gateway ------------------------------------------------------------------------
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    path = tmp_path / "data"
+    init_data_dir(path)
+    return path
+
+
+@pytest.fixture
+def gateway(data_dir):
+    """A running gateway (SQLite) on a free loopback port."""
+    from mxguard.config import load_settings
+    gw = ThreadedGateway(load_settings(data_dir, environ={})).start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def add_domain(gateway):
+    """``add_domain(name, servers, **fields)`` on the running gateway, applied at once."""
+    def _add(name: str, servers: list[str], **fields):
+        view = gateway.run(domain_service.add_domain(gateway.store, name, servers, **fields))
+        gateway.reload()
+        return view
+    return _add
+
+
+@pytest.fixture
+def gateway_client_ctx(data_dir) -> ssl.SSLContext:
+    """A client context that trusts the gateway's self-signed certificate (and nothing else)."""
+    ctx = ssl.create_default_context(cafile=str(data_dir / "tls" / "cert.pem"))
+    ctx.check_hostname = False
+    return ctx
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster for the whole run (started here; never skipped)."""
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="mxguard-pg-"))).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """A fresh, empty PostgreSQL database for one test."""
+    return postgres.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request, tmp_path):
+    """A migrated store on SQLite and, in a second run of the test, on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = Store(url)
+    await s.migrate()
+    yield s
+    await s.close()
