@@ -163,11 +163,12 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
     async with store.session() as session:
         row = Domain(name=domain, **values)
         session.add(row)
-        await bump_generation(session)
         try:
-            await session.commit()
+            await session.flush()
         except IntegrityError:
             raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
+        await bump_generation(session)
+        await session.commit()
         return _view(row)
 
 
