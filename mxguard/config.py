@@ -79,6 +79,45 @@ class DownstreamSettings(_Section):
     data_timeout: float = Field(default=600.0, gt=0)
 
 
+class SpoolSettings(_Section):
+    """The spool: mail held while a route is unreachable, retried with back-off."""
+
+    #: Seconds before the first retry.
+    first_retry: float = Field(default=60.0, gt=0)
+    #: Longest wait between retries, seconds (exponential back-off is capped here).
+    max_retry: float = Field(default=3600.0, gt=0)
+    #: Back-off multiplier per failed attempt.
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    #: +/- fraction of random jitter on each wait, so retries do not come in waves.
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+    #: Age after which a held message expires and its sender gets a DSN, seconds (5 days).
+    max_age: float = Field(default=5 * 86400.0, gt=0)
+    #: Simultaneous deliveries per route, so a server that comes back is not flooded.
+    route_concurrency: int = Field(default=4, ge=1, le=100)
+    #: Seconds a worker owns a claimed entry; a dead worker's entries are retried after it.
+    lease: float = Field(default=300.0, gt=0)
+    #: How often the worker looks for due entries, seconds.
+    poll_interval: float = Field(default=1.0, gt=0)
+    #: Entries claimed per poll.
+    batch: int = Field(default=100, ge=1, le=10000)
+
+
+class DsnSettings(_Section):
+    """Delivery status notifications (RFC 3464) to senders of mail that could not be delivered."""
+
+    #: Send DSNs through this relay (HOST:PORT); empty: to the sender domain's MX hosts, port 25.
+    relay: str = ""
+    #: Send DSNs at all (only ever to senders that passed SPF or DKIM alignment).
+    enabled: bool = True
+
+    @field_validator("relay")
+    @classmethod
+    def _valid_relay(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, default_port=25)
+        return value
+
+
 class LogSettings(_Section):
     """Process log (structlog) and message log batching."""
 
@@ -98,6 +137,8 @@ class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     downstream: DownstreamSettings = Field(default_factory=DownstreamSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    dsn: DsnSettings = Field(default_factory=DsnSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     #: Where the settings were read from; not a setting itself.
@@ -228,6 +269,26 @@ min_version = "{s.tls.min_version}"
 connect_timeout = {s.downstream.connect_timeout}
 command_timeout = {s.downstream.command_timeout}
 data_timeout = {s.downstream.data_timeout}
+
+[spool]
+# Held mail (every server of a route unreachable): seconds to the first retry, the longest
+# wait between retries, back-off factor and jitter, expiry age (then a DSN), deliveries
+# per route at a time, worker lease, poll interval and batch size.
+first_retry = {s.spool.first_retry}
+max_retry = {s.spool.max_retry}
+backoff_factor = {s.spool.backoff_factor}
+jitter = {s.spool.jitter}
+max_age = {s.spool.max_age}
+route_concurrency = {s.spool.route_concurrency}
+lease = {s.spool.lease}
+poll_interval = {s.spool.poll_interval}
+batch = {s.spool.batch}
+
+[dsn]
+# Delivery status notifications (RFC 3464), only to senders that passed SPF or DKIM
+# alignment. relay = "HOST:PORT" sends them through a relay; empty: the sender's MX, port 25.
+enabled = {str(s.dsn.enabled).lower()}
+relay = "{s.dsn.relay}"
 
 [log]
 # debug | info | warning | error; console | json

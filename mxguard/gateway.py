@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import structlog
@@ -15,7 +17,10 @@ from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
+from mxguard.spool.accept import StoreSpooler
+from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
+from mxguard.storage.sealing import KeyRing
 from mxguard.tls.certs import load_chain
 from mxguard.tls.contexts import server_context
 
@@ -43,6 +48,10 @@ class Gateway:
     store: Store | None = None
     listeners: list[Listener] = field(default_factory=list)
     observers: list = field(default_factory=list)
+    #: Seconds a transaction in progress may take to finish at shutdown.
+    shutdown_grace: float = 10.0
+    #: Run the spool delivery worker in this process (on SQLite only one process per data dir does).
+    spool_worker: bool = True
 
     async def start(self) -> None:
         """Open the database (migrating it), load TLS and domains, and listen.
@@ -61,9 +70,16 @@ class Gateway:
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
         self.message_log.start()
+        self.keyring = KeyRing(s.path(s.sealing_key_file))
+        self.spooler = StoreSpooler(self.store, self.keyring, s)
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
-                                      observers=self.observers)
+                                      observers=self.observers, spooler=self.spooler)
+        self.worker: SpoolWorker | None = None
+        if self.spool_worker and self._claim_worker_lock():
+            self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log)
+            self.worker.start()
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
+        self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
         for endpoint in self.smtp_listen or s.smtp.listen:
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
             listener = Listener(host, port)
@@ -78,9 +94,23 @@ class Gateway:
             self.listeners.append(listener)
             log.info("listening", smtp=f"{host}:{listener.port}", hostname=s.hostname)
 
+    def _claim_worker_lock(self) -> bool:
+        """On SQLite only one process per data dir runs the spool worker (an flock decides)."""
+        if not self.store.is_sqlite:
+            return True  # PostgreSQL: row leases with SKIP LOCKED let every node work
+        import fcntl
+        self._worker_lock = open(self.settings.data_dir / "spool-worker.lock", "a")
+        try:
+            fcntl.flock(self._worker_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("another process runs the spool worker for this data dir")
+            self._worker_lock.close()
+            return False
+        return True
+
     def _protocol_factory(self) -> InboundSMTP:
         s = self.settings
-        return InboundSMTP(
+        protocol = InboundSMTP(
             self.handler, self.proxy_ctx,
             hostname=s.hostname,
             ident=s.smtp.banner,
@@ -92,6 +122,8 @@ class Gateway:
             timeout=s.smtp.command_timeout,
             loop=asyncio.get_running_loop(),
         )
+        self.sessions.add(protocol)
+        return protocol
 
     @property
     def smtp_port(self) -> int:
@@ -110,6 +142,11 @@ class Gateway:
                 except asyncio.TimeoutError:
                     pass
         self.listeners.clear()
+        await self._close_sessions()
+        if getattr(self, "worker", None):
+            await self.worker.stop()
+        if getattr(self, "_worker_lock", None) and not self._worker_lock.closed:
+            self._worker_lock.close()
         if getattr(self, "directory", None):
             await self.directory.stop()
         if getattr(self, "message_log", None):
@@ -117,6 +154,20 @@ class Gateway:
         if self.store is not None:
             await self.store.close()
             self.store = None
+
+    async def _close_sessions(self) -> None:
+        """Let transactions in progress finish (up to ``shutdown_grace``), then close every session."""
+        sessions = list(getattr(self, "sessions", ()))
+        deadline = time.monotonic() + self.shutdown_grace
+        while any(p.busy for p in sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for protocol in sessions:
+            await protocol.shutdown()
+        ctx = getattr(self, "proxy_ctx", None)
+        for _ in range(3):  # closing a session may schedule its downstream clean-up
+            await asyncio.sleep(0)
+            if ctx is not None and ctx.closing:
+                await asyncio.wait(list(ctx.closing), timeout=5)
 
     async def run_forever(self) -> None:
         """``start``, then wait for SIGTERM/SIGINT, then ``stop``."""

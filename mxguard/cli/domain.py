@@ -15,6 +15,7 @@ domain_app = typer.Typer(help="Served domains, their downstream servers and TLS 
 SERVER_HELP = "Downstream server HOST[:PORT] (port 25 by default); repeat for failover, in order"
 DOWNSTREAM_HELP = "TLS to the downstream server: off | opportunistic | required | verify (default: opportunistic)"
 INBOUND_HELP = "TLS from senders: optional | required (530 5.7.0 without STARTTLS) (default: optional)"
+UNREACHABLE_HELP = "Every server down: spool (accept, hold sealed, deliver later) | defer (451 4.4.1) (default: spool)"
 
 
 def _print_domain(view: svc.DomainView) -> None:
@@ -34,11 +35,13 @@ def add(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
 ) -> None:
     """Serve a domain: accept its mail and relay it to its downstream server(s)."""
     view = run(with_store(lambda store: svc.add_domain(
         store, domain, server, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
-        tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version)))
+        tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
+        on_unreachable=on_unreachable)))
     console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
                   f"inbound TLS {view.inbound_tls})", highlight=False)
 
@@ -53,10 +56,12 @@ def set_(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
 ) -> None:
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
-                   tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version)
+                   tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
+                   on_unreachable=on_unreachable)
     before, after = run(with_store(lambda store: svc.update_domain(store, domain, **changes)))
     changed = {k: (v, after.as_dict()[k]) for k, v in before.as_dict().items() if after.as_dict()[k] != v}
     if not changed:

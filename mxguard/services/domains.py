@@ -23,6 +23,7 @@ DOMAIN_DEFAULTS: dict[str, Any] = {
     "tls_ca_file": None,
     "tls_fingerprint": None,
     "tls_min_version": TlsVersion.V1_2.value,
+    "on_unreachable": "spool",
 }
 
 
@@ -37,6 +38,8 @@ class DomainView:
     tls_ca_file: str | None = None
     tls_fingerprint: str | None = None
     tls_min_version: str = "1.2"
+    #: ``spool`` (accept and hold when every server is down) or ``defer`` (``451 4.4.1``).
+    on_unreachable: str = "spool"
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -101,6 +104,8 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
             except ValueError:
                 allowed = ", ".join(e.value for e in enum)
                 raise ValidationFailed(key, f"{out[key]!r} is not one of: {allowed}") from None
+    if "on_unreachable" in out and out["on_unreachable"] not in ("spool", "defer"):
+        raise ValidationFailed("on_unreachable", f"{out['on_unreachable']!r} is not one of: spool, defer")
     if out.get("tls_fingerprint"):
         try:
             out["tls_fingerprint"] = normalize_fingerprint(out["tls_fingerprint"])
@@ -145,7 +150,7 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
         name: the domain (``example.com``); IDNA names are stored in ASCII form.
         servers: downstream servers in failover order, ``host[:port]`` (port 25 by default).
         **fields: any of ``inbound_tls``, ``downstream_tls``, ``tls_ca_file``,
-            ``tls_fingerprint``, ``tls_min_version`` (see ``DOMAIN_DEFAULTS``);
+            ``tls_fingerprint``, ``tls_min_version``, ``on_unreachable`` (see ``DOMAIN_DEFAULTS``);
             ``None`` values take the default.
 
     Raises:

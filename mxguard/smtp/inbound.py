@@ -84,7 +84,26 @@ class InboundSMTP(SMTP):
         super().connection_lost(error)
         if not self._proxy_closed:
             self._proxy_closed = True
-            self.loop.create_task(self.proxy.close())
+            task = self.loop.create_task(self.proxy.close())
+            closing = self.proxy.ctx.closing
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    @property
+    def busy(self) -> bool:
+        """True while a transaction is open (between MAIL and its end)."""
+        return self.proxy.tx is not None
+
+    async def shutdown(self) -> None:
+        """Tell an idle client the service is going away (RFC 5321 3.8) and close."""
+        if self.transport is None:
+            return
+        try:
+            await asyncio.wait_for(self.push("421 4.3.2 Service shutting down, try again later"), 1)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        if self.transport is not None:
+            self.transport.close()
 
     def client_info(self) -> ClientInfo:
         """Who is connected, and with which TLS, right now."""

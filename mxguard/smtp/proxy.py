@@ -16,7 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Protocol
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,16 @@ from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientRes
 from mxguard.tls.policy import InboundTls
 
 log = structlog.get_logger("mxguard.proxy")
+
+
+class Spooler(Protocol):
+    """Where the proxy hands mail it cannot deliver now (see :mod:`mxguard.spool.accept`)."""
+
+    async def hold(self, entries: list) -> None:
+        """Store entries durably; raise (SQLAlchemyError, OSError) if nothing could be stored."""
+
+    def dsn(self, tx: "Transaction", failed: list[tuple[str, "Reply", str | None]], message: bytes) -> object | None:
+        """A DSN entry for permanently failed recipients, or ``None`` when none may be sent."""
 
 
 def new_txn_id() -> str:
@@ -70,9 +81,10 @@ class ProxyContext:
     message_log: MessageLogWriter
     #: Called for each record before it is queued (metrics, tests).
     observers: list[Callable[[LogRecord], None]] = field(default_factory=list)
-    #: Optional hook that takes over recipients whose route failed after others
-    #: were accepted (the spool); returns the per-recipient results.
-    on_leg_failure: Callable[..., Awaitable[list[RecipientResult] | None]] | None = None
+    #: Takes over mail whose route is unreachable (the spool); ``None`` disables spooling.
+    spooler: "Spooler | None" = None
+    #: Clean-up tasks of closed sessions, awaited at shutdown.
+    closing: set = field(default_factory=set)
 
     @property
     def hostname(self) -> str:
@@ -91,6 +103,17 @@ class RouteLeg:
     mail_reply: Reply | None = None
     accepted: list[str] = field(default_factory=list)
     lost: str | None = None
+    #: Every server of the route was unreachable: accepted recipients go to the spool.
+    spool: bool = False
+
+
+@dataclass(eq=False)
+class LegOutcome:
+    """What happened to one leg at the end of DATA (``reply`` is ``None`` when it went straight to the spool)."""
+
+    leg: RouteLeg
+    message: bytes
+    reply: Reply | None
 
 
 @dataclass
@@ -110,6 +133,14 @@ class Transaction:
     attempts: int = 0
     connect_ms: float = 0.0
     tls_ms: float = 0.0
+    #: The filter verdict, when filtering ran (its ``auth.sender_aligned`` gates DSNs).
+    verdict: Any = None
+
+
+def sender_aligned(tx: Transaction) -> bool:
+    """True when the filter verdict says the sender passed SPF or DKIM alignment (gates DSNs)."""
+    auth = getattr(tx.verdict, "auth", None)
+    return bool(getattr(auth, "sender_aligned", False))
 
 
 def _disposition_for(reply: Reply) -> str:
@@ -176,6 +207,8 @@ class ProxySession:
             leg = RouteLeg(route, domain)
             tx.legs[route] = leg
             await self._start_leg(tx, leg)
+        if leg.failure is not None and self._may_spool(leg):
+            return self._accept_for_spool(leg, address)
         if leg.failure is not None:
             return self._refused(address, leg.failure.reply, route)
         if leg.mail_reply is not None and not leg.mail_reply.is_positive:
@@ -187,6 +220,8 @@ class ProxySession:
             leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
                                        attempts=[f"lost at RCPT: {exc}"])
             self.conns.pop(route, None)
+            if self._may_spool(leg):
+                return self._accept_for_spool(leg, address)
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
             leg.accepted.append(address)
@@ -194,6 +229,19 @@ class ProxySession:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
         return reply
+
+    def _may_spool(self, leg: RouteLeg) -> bool:
+        """Unreachable (not a TLS policy failure) and the domain chose to spool."""
+        return (self.ctx.spooler is not None and leg.failure is not None and not leg.failure.tls_related
+                and leg.domain.on_unreachable == "spool")
+
+    def _accept_for_spool(self, leg: RouteLeg, address: str) -> Reply:
+        if not leg.spool:
+            leg.spool = True
+            log.info("route unreachable; accepting for the spool", txn=self.tx.txn_id, route=leg.route.describe())
+        leg.accepted.append(address)
+        return Reply(250, "2.1.5", "Recipient ok; the downstream server is unavailable, "
+                                   "the message will be held and delivered later")
 
     def _refused(self, address: str, reply: Reply, route: Route | None) -> Reply:
         assert self.tx is not None
@@ -241,34 +289,39 @@ class ProxySession:
             content: the message as received (dot-unstuffed, CRLF line ends).
 
         Returns:
-            the downstream server's final reply when every leg took the message;
-            the refusal when no leg did; ``250`` when some did and the rest were
-            taken over by ``on_leg_failure`` (the spool).
+            the downstream server's own final reply when every leg took the
+            message; the refusal when nothing was taken anywhere; otherwise
+            ``250`` once the rest is durably in the spool (``451 4.3.0`` if the
+            spool could not store it).
         """
         tx = self.tx
         assert tx is not None
         self.tx = None
         received_at = time.perf_counter()
         subject, message_id = headers.summarize(content)
-        legs = [leg for leg in tx.legs.values() if leg.accepted]
-        outcomes: list[tuple[RouteLeg, Reply]] = []
+        outcomes: list[LegOutcome] = []
         relay_started = time.perf_counter()
-        for leg in legs:
-            outcomes.append((leg, await self._send_leg(tx, leg, content)))
+        for leg in (leg for leg in tx.legs.values() if leg.accepted):
+            message = self._copy_for(tx, leg, content)
+            reply = None if leg.spool else await self._send_leg(tx, leg, message)
+            outcomes.append(LegOutcome(leg, message, reply))
         relay_ms = (time.perf_counter() - relay_started) * 1000
-        final = await self._combine(tx, outcomes, content)
+        final = await self._combine(tx, outcomes, subject)
         self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
                      accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
         self.transactions += 1
         return final
 
-    async def _send_leg(self, tx: Transaction, leg: RouteLeg, content: bytes) -> Reply:
+    def _copy_for(self, tx: Transaction, leg: RouteLeg, content: bytes) -> bytes:
+        """The bytes that go to one leg: the message with our Received field in front."""
         client = tx.client
         received = headers.received_field(
             helo=client.helo, client_ip=client.ip, hostname=self.ctx.hostname, txn_id=tx.txn_id,
             tls_version=client.tls_version, cipher=client.cipher, bits=client.bits, smtputf8=tx.smtputf8,
             recipient=leg.accepted[0] if len(leg.accepted) == 1 else None)
-        message = headers.prepend_fields(content, [received])
+        return headers.prepend_fields(content, [received])
+
+    async def _send_leg(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
         try:
             return await leg.conn.data(message)
         except DownstreamLost as exc:
@@ -277,38 +330,81 @@ class ProxySession:
             log.warning("downstream lost during DATA", txn=tx.txn_id, route=leg.route.describe(), error=str(exc))
             return Reply(451, "4.4.1", "Downstream connection lost during DATA, try again later")
 
-    async def _combine(self, tx: Transaction, outcomes: list[tuple[RouteLeg, Reply]], content: bytes) -> Reply:
-        positive = [(leg, r) for leg, r in outcomes if r.is_positive]
-        negative = [(leg, r) for leg, r in outcomes if not r.is_positive]
-        for leg, reply in positive:
-            for rcpt in leg.accepted:
-                tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, "delivered",
-                                                  leg.route.describe()))
-        if not negative:
-            return positive[0][1]
-        if not positive:
-            # Nothing was taken anywhere: the sender keeps responsibility. A
-            # temporary failure wins so that the sender retries everything.
-            transient = [r for _, r in negative if r.is_transient]
-            final = transient[0] if transient else negative[0][1]
-            for leg, reply in negative:
-                for rcpt in leg.accepted:
-                    tx.results.append(RecipientResult(rcpt, final.code, final.enhanced, final.text,
-                                                      _disposition_for(final), leg.route.describe()))
+    async def _combine(self, tx: Transaction, outcomes: list["LegOutcome"], subject: str) -> Reply:
+        """Turn the legs' outcomes into one reply, spooling what must be held.
+
+        Rules: nothing taken anywhere → the sender keeps the message (a
+        temporary refusal wins, so it retries everything). Anything taken
+        (delivered or spooled) → every temporary failure is spooled too (a
+        partial 4xx is not possible after DATA), and permanent failures get a
+        DSN (RFC 3464) when the sender is authenticated.
+        """
+        delivered = [o for o in outcomes if o.reply is not None and o.reply.is_positive]
+        spool_wanted = [o for o in outcomes if o.reply is None
+                        or (o.reply.is_transient and self._spoolable_after_data(o.leg))]
+        transient = [o for o in outcomes if o.reply is not None and o.reply.is_transient and o not in spool_wanted]
+        permanent = [o for o in outcomes if o.reply is not None and o.reply.is_permanent]
+
+        if not delivered and not spool_wanted:
+            replies = [o.reply for o in transient] or [o.reply for o in permanent]
+            final = replies[0]
+            for o in outcomes:
+                self._results(tx, o.leg, final, _disposition_for(final))
             return final
-        # Some legs took the message and others did not: we now own the rest.
-        for leg, reply in negative:
-            taken = None
-            if self.ctx.on_leg_failure is not None:
-                taken = await self.ctx.on_leg_failure(tx=tx, leg=leg, reply=reply, content=content)
-            if taken is None:
-                log.error("partial delivery: recipients of a failed route were not taken over",
-                          txn=tx.txn_id, route=leg.route.describe(), reply=reply.one_line(), rcpts=leg.accepted)
-                taken = [RecipientResult(r, reply.code, reply.enhanced, reply.text, _disposition_for(reply),
-                                         leg.route.describe()) for r in leg.accepted]
-            tx.results.extend(taken)
-        return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} (delivered to part of the recipients, "
-                                   "the rest is held for delivery)")
+
+        if self.ctx.spooler is not None:
+            spool_wanted += transient  # a partial 4xx cannot be given after DATA
+            transient = []
+        entries = [self._spool_entry(tx, o, subject) for o in spool_wanted]
+        dsn = None
+        if permanent and self.ctx.spooler is not None:
+            failed = [(rcpt, o.reply, o.leg.conn.info.host if o.leg.conn and o.leg.conn.info else None)
+                      for o in permanent for rcpt in o.leg.accepted]
+            dsn = self.ctx.spooler.dsn(tx, failed, permanent[0].message)
+        if entries or dsn is not None:
+            try:
+                await self.ctx.spooler.hold(entries + ([dsn] if dsn is not None else []))
+            except Exception as exc:  # noqa: BLE001 - any storage failure: the sender must keep the message
+                log.error("spool write failed; the sender is told to retry", txn=tx.txn_id, error=repr(exc)[:300],
+                          delivered_legs=len(delivered))
+                final = Reply(451, "4.3.0", "Temporary local problem: the message could not be stored, "
+                                            "try again later")
+                for o in outcomes:
+                    disposition = "delivered" if o in delivered else "deferred"
+                    self._results(tx, o.leg, o.reply if o in delivered else final, disposition)
+                return final
+        for o in delivered:
+            self._results(tx, o.leg, o.reply, "delivered")
+        for o in spool_wanted:
+            reason = o.reply or o.leg.failure.reply
+            self._results(tx, o.leg, reason, "spooled")
+            log.info("spooled", txn=tx.txn_id, route=o.leg.route.describe(), rcpts=o.leg.accepted,
+                     reason=reason.one_line())
+        for o in permanent:
+            self._results(tx, o.leg, o.reply, "rejected")
+        for o in transient:  # only without a spooler: nothing else can be done
+            log.error("recipients lost: no spool configured", txn=tx.txn_id, rcpts=o.leg.accepted)
+            self._results(tx, o.leg, o.reply, "deferred")
+        if delivered and not spool_wanted and not permanent and not transient:
+            return delivered[0].reply
+        what = "held for delivery" if spool_wanted else "delivered"
+        return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} ({what})")
+
+    def _spoolable_after_data(self, leg: RouteLeg) -> bool:
+        return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool"
+
+    def _spool_entry(self, tx: Transaction, o: "LegOutcome", subject: str):
+        from mxguard.spool.queue import NewSpoolEntry
+        reply = o.reply or (o.leg.failure.reply if o.leg.failure else None)
+        return NewSpoolEntry(
+            txn_id=tx.txn_id, domain=o.leg.domain.name, mail_from=tx.mail_from, recipients=list(o.leg.accepted),
+            message=o.message, subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8,
+            sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")
+
+    def _results(self, tx: Transaction, leg: RouteLeg, reply: Reply, disposition: str) -> None:
+        for rcpt in leg.accepted:
+            tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition,
+                                              leg.route.describe()))
 
     async def abort(self, reason: str) -> None:
         """End the open transaction without DATA (RSET, EHLO, QUIT, disconnect)."""
