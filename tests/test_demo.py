@@ -21,6 +21,9 @@ async def test_demo_shows_every_behaviour():
     assert "550 5.1.1" in text and "550 5.7.1 Relay access denied" in text
     assert "451 4.7.5" in text
     assert "TLSv1.3 verified" in text
+    # The branch server was down: held in the spool, then delivered over TLS when it came back.
+    assert "branch server down (spool)" in text and "held for delivery" in text
+    assert "#1 delivered" in text and "The branch server received the spooled message over TLSv1.3" in text
 
 
 async def test_corpus_arrives_byte_for_byte_over_tls(corpus_dir):
