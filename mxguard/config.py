@@ -43,6 +43,27 @@ class SmtpSettings(_Section):
     command_timeout: float = Field(default=300.0, gt=0)
     #: Greeting banner text after the hostname.
     banner: str = "ESMTP mxguard"
+    #: Concurrent inbound connections in all; more get ``421 4.7.0`` at connect.
+    max_connections: int = Field(default=1000, ge=1)
+    #: Concurrent connections from one client address (Postfix anvil default: 50).
+    max_connections_per_client: int = Field(default=50, ge=1)
+    #: Transactions per connection; then ``421 4.7.0`` and the client reconnects.
+    max_messages_per_connection: int = Field(default=1000, ge=1)
+    #: Longest a connection may last in all, seconds (slow senders cannot hold slots forever).
+    max_session_time: float = Field(default=1800.0, gt=0)
+    #: Commands outside a transaction (NOOP, RSET, EHLO, HELP, VRFY ...) before ``421`` (Postfix junk limit).
+    junk_command_limit: int = Field(default=100, ge=1)
+    #: Error replies in a row before the connection is closed (Postfix smtpd_hard_error_limit).
+    hard_error_limit: int = Field(default=20, ge=1)
+    #: Largest header block of a message, bytes.
+    max_header_size: int = Field(default=256 * 1024, ge=1024)
+    #: Most header fields in one message.
+    max_header_fields: int = Field(default=1000, ge=10)
+    #: More Received fields than this means a mail loop (RFC 5321 section 6.3): ``554 5.4.6``.
+    max_received_headers: int = Field(default=50, ge=5)
+    #: A bare CR or LF in message data (RFC 5321 2.3.8 forbids them; SMTP smuggling uses them):
+    #: ``reject`` (554 5.6.0) or ``normalize`` (to CRLF, before filtering and relaying).
+    bare_line_endings: Literal["reject", "normalize"] = "reject"
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -256,6 +277,20 @@ max_recipients = {s.smtp.max_recipients}
 # Idle seconds allowed between commands (RFC 5321 4.5.3.2.7).
 command_timeout = {s.smtp.command_timeout}
 banner = "{s.smtp.banner}"
+# Connections in all and per client address; transactions per connection; seconds a
+# connection may last; commands outside a transaction; error replies in a row.
+max_connections = {s.smtp.max_connections}
+max_connections_per_client = {s.smtp.max_connections_per_client}
+max_messages_per_connection = {s.smtp.max_messages_per_connection}
+max_session_time = {s.smtp.max_session_time}
+junk_command_limit = {s.smtp.junk_command_limit}
+hard_error_limit = {s.smtp.hard_error_limit}
+# Header block size (bytes) and field count; Received fields before a loop is declared.
+max_header_size = {s.smtp.max_header_size}
+max_header_fields = {s.smtp.max_header_fields}
+max_received_headers = {s.smtp.max_received_headers}
+# A bare CR or LF in message data (SMTP smuggling): "reject" or "normalize" to CRLF.
+bare_line_endings = "{s.smtp.bare_line_endings}"
 
 [tls]
 # The gateway's certificate (PEM, chain allowed) and key, for STARTTLS and HTTPS.

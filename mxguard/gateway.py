@@ -14,6 +14,7 @@ from mxguard.config import Settings
 from mxguard.errors import ConfigError
 from mxguard.netaddr import parse_host_port
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
+from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
@@ -80,6 +81,7 @@ class Gateway:
             self.worker.start()
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+        self.connections = ConnectionCounter(s.smtp)
         for endpoint in self.smtp_listen or s.smtp.listen:
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
             listener = Listener(host, port)
@@ -111,7 +113,7 @@ class Gateway:
     def _protocol_factory(self) -> InboundSMTP:
         s = self.settings
         protocol = InboundSMTP(
-            self.handler, self.proxy_ctx,
+            self.handler, self.proxy_ctx, s.smtp, self.connections,
             hostname=s.hostname,
             ident=s.smtp.banner,
             tls_context=self.tls_context,

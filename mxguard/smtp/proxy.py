@@ -406,6 +406,19 @@ class ProxySession:
             tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition,
                                               leg.route.describe()))
 
+    async def refuse(self, reply: Reply, content: bytes) -> Reply:
+        """End of DATA with a message the front door refuses (limits, bare line ends): record and RSET."""
+        tx = self.tx
+        assert tx is not None
+        self.tx = None
+        for leg in tx.legs.values():
+            if leg.conn is not None and leg.conn.in_transaction:
+                await leg.conn.rset()
+            self._results(tx, leg, reply, _disposition_for(reply))
+        subject, message_id = headers.summarize(content)
+        self._record(tx, reply, size=len(content), subject=subject, message_id=message_id)
+        return reply
+
     async def abort(self, reason: str) -> None:
         """End the open transaction without DATA (RSET, EHLO, QUIT, disconnect)."""
         tx, self.tx = self.tx, None
