@@ -64,6 +64,10 @@ class _SinkHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope):
         if self.sink.data_reply:
             return self.sink.data_reply
+        if self.sink.die_at_data:
+            # A server that dies after receiving the data, before its reply: nothing is kept.
+            server.transport.close()
+            return "421 4.3.0 going away"
         if self.sink.reject_marker and self.sink.reject_marker in envelope.original_content:
             return "554 5.7.1 Message refused by the downstream content policy"
         sslobj = server.transport.get_extra_info("ssl_object") if server.transport else None
@@ -97,6 +101,7 @@ class DownstreamSink:
         data_reply: if set, every DATA gets this reply (e.g. ``"451 4.3.0 busy"``).
         reject_marker: a message containing these bytes gets ``554 5.7.1``.
         data_delay: seconds to wait between taking a message and replying 250.
+        die_at_data: drop the connection at the end of DATA without keeping the message.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls_context: ssl.SSLContext | None = None,
@@ -112,6 +117,7 @@ class DownstreamSink:
         self.data_reply: str | None = None
         self.reject_marker: bytes | None = None
         self.data_delay: float = 0.0
+        self.die_at_data = False
         self.connections = 0
         self._protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._server: asyncio.base_events.Server | None = None
