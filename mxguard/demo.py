@@ -324,8 +324,9 @@ async def _spool_round_trip(env: DemoEnvironment, console: Console) -> SendResul
                                                 "This message waited in the gateway's spool, sealed.")))
     await asyncio.sleep(0.9)  # a retry fails while the server is still down
     await env.sink_branch.start()
+    from mxguard.spool import queue
     deadline = time.monotonic() + 10
-    while not env.sink_branch.messages and time.monotonic() < deadline:
+    while await queue.list_entries(env.gateway.store) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return result
 
