@@ -199,11 +199,11 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         org_id = await _org_for_actor(session, org, actor)
         row = Domain(name=domain, org_id=org_id, **values)
         session.add(row)
-        await bump_generation(session)
         try:
             await session.flush()
         except IntegrityError:
             raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
+        await bump_generation(session)
         row = (await session.execute(select(Domain).where(Domain.name == domain))).unique().scalar_one()
         view = _view(row)
         audit.record(session, actor, "domain.add", domain, org_id=org_id, after=view.as_dict())

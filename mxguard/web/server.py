@@ -90,15 +90,26 @@ class WebServer:
             await asyncio.sleep(0.01)
         log.info("console listening", url=self.url)
 
-    async def stop(self) -> None:
-        """Stop accepting, finish open requests (at most a few seconds), close."""
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop accepting, give open requests ``grace`` seconds, then drop what is left and close.
+
+        Idle keep-alive TLS connections would otherwise hold shutdown until the
+        client answers the close_notify.
+        """
         if self._server is None or self._task is None:
             return
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), 8)
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
         except asyncio.TimeoutError:
-            self._server.force_exit = True
-            await asyncio.wait_for(self._task, 5)
+            for connection in list(self._server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except asyncio.TimeoutError:
+                self._server.force_exit = True
+                await asyncio.wait_for(self._task, 5)
         self._server = None
         self._task = None
