@@ -27,8 +27,9 @@ _BASE = dict(background="white", plot_background="white", foreground="#333", for
 
 
 def _config(**extra):
-    base = dict(js=[], disable_xml_declaration=False, width=720, height=300, explicit_size=True,
-                legend_at_bottom=True, legend_at_bottom_columns=4, margin=12)
+    base = dict(js=[], disable_xml_declaration=False, width=720, height=320, explicit_size=True,
+                legend_at_bottom=True, legend_at_bottom_columns=4, truncate_legend=-1, margin=16,
+                margin_bottom=24)
     return {**base, **extra}
 
 
@@ -67,7 +68,7 @@ def tls_shares(share: TlsShare, title: str = "TLS share, last 24 hours") -> byte
     chart = pygal.HorizontalBar(style=style, **_config(title=title, range=(0, 100), print_values=True,
                                                        value_formatter=lambda v: f"{v:.1f} %",
                                                        no_data_text="No transactions in the last 24 hours",
-                                                       height=220))
+                                                       height=300, legend_at_bottom_columns=1))
     if share.transactions:
         chart.add(f"Inbound sessions with TLS ({share.inbound_tls}/{share.transactions})", [share.inbound_pct or 0])
     if share.downstream:
