@@ -235,3 +235,44 @@ def test_plain_http_only_when_asked(data_dir):
         assert not plain_worked
     finally:
         gw.stop()
+
+
+def test_one_time_password_must_be_replaced_at_first_login(web):
+    from mxguard.services.users import add_user
+    _, one_time = web.run(add_user(web.gw.store, "new@gw.test", "admin"))
+    client, reply = web.login("new@gw.test", one_time)
+    assert reply.status_code == 303
+    assert client.get("/domains").headers["location"] == "/account/password"
+    page = client.get("/account/password")
+    assert "Choose your password" in page.text
+    token = csrf_token(page.text)
+    assert client.post("/account/password", data={"current_password": one_time, "new_password": "x",
+                                                   "confirm_password": "x"}).status_code == 403
+    short = client.post("/account/password", data={"csrf_token": token, "current_password": one_time,
+                                                   "new_password": "short", "confirm_password": "short"})
+    assert short.status_code == 422 and "new_password: must be at least 12 characters" in short.text
+    wrong = client.post("/account/password", data={"csrf_token": token, "current_password": "guess",
+                                                   "new_password": "my own good password",
+                                                   "confirm_password": "my own good password"})
+    assert wrong.status_code == 422 and "current_password: is not your current password" in wrong.text
+    ok = client.post("/account/password", data={"csrf_token": token, "current_password": one_time,
+                                                "new_password": "my own good password",
+                                                "confirm_password": "my own good password"})
+    assert ok.status_code == 303 and client.get("/domains").status_code == 200
+    assert web.login("new@gw.test", one_time)[1].status_code == 401
+    assert web.login("new@gw.test", "my own good password")[1].status_code == 303
+
+
+async def test_demo_keep_running_offers_the_console_with_a_one_time_admin_password(tmp_path):
+    from mxguard.demo import DemoEnvironment
+    async with DemoEnvironment(tmp_path / "demo", web=True, web_listen="127.0.0.1:0") as env:
+        url = env.gateway.web_url
+        assert url.startswith("https://127.0.0.1:") and env.admin_password
+        ctx = ssl.create_default_context(cafile=str(env.settings.path(env.settings.tls.cert_file)))
+        ctx.check_hostname = False
+        async with httpx.AsyncClient(base_url=url, verify=ctx) as client:
+            page = await client.get("/login")
+            reply = await client.post("/login", data={"email": env.admin_email, "password": env.admin_password,
+                                                      "csrf_token": csrf_token(page.text), "next": "/domains"})
+            assert reply.status_code == 303 and reply.headers["location"] == "/domains"
+            assert (await client.get("/domains")).headers["location"] == "/account/password"

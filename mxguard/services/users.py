@@ -45,6 +45,8 @@ class UserView:
     locked_until: dt.datetime | None
     last_login_at: dt.datetime | None
     created_at: dt.datetime
+    #: The password is a generated one-time password; the console asks for a new one.
+    must_change_password: bool = False
 
     def actor(self, via: str = "user") -> Actor:
         """The :class:`Actor` for calls this user makes (``via`` is ``user`` or ``apikey:<prefix>``)."""
@@ -54,7 +56,8 @@ class UserView:
 
 def _view(row: User) -> UserView:
     return UserView(row.id, row.email, row.role, row.org.name if row.org else None, row.org_id,
-                    as_utc(row.locked_until), as_utc(row.last_login_at), as_utc(row.created_at))
+                    as_utc(row.locked_until), as_utc(row.last_login_at), as_utc(row.created_at),
+                    bool(row.must_change_password))
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ async def add_user(store: Store, email: str, role: str, *, org: str | None = Non
         org_id = await org_id_for(session, org) if org else None
         if not actor.is_admin and (role == Role.ADMIN or org_id != actor.org_id):
             raise PermissionDenied("an org-admin may only add org-admins and users of their own organization")
-        row = User(email=email, password_hash=_hasher.hash(password), role=role, org_id=org_id, failed_logins=0)
+        row = User(email=email, password_hash=_hasher.hash(password), role=role, org_id=org_id, failed_logins=0,
+                   must_change_password=generated is not None)
         session.add(row)
         try:
             await session.flush()
@@ -178,12 +182,45 @@ async def set_password(store: Store, email: str, password: str | None = None, *,
         if row is None or not (actor.may_see_org(row.org_id) or actor.user_id == row.id):
             raise NotFound(f"user {email} does not exist")
         row.password_hash = _hasher.hash(password)
+        row.must_change_password = generated is not None
         row.failed_logins = 0
         row.locked_until = None
         await session.execute(delete(WebSession).where(WebSession.user_id == row.id))
         audit.record(session, actor, "user.password", email, org_id=row.org_id)
         await session.commit()
     return generated
+
+
+async def change_own_password(store: Store, user_id: int, current: str, new: str, *,
+                              keep_session_token: str | None = None) -> None:
+    """A signed-in user replaces their password (after a one-time password, or at will).
+
+    Other sessions of the user end; the one named by ``keep_session_token`` stays.
+
+    Raises:
+        ValidationFailed: ``current_password`` is wrong, or ``new_password`` is too short
+            or the same as the current one.
+    """
+    async with store.session() as session:
+        row = await session.get(User, user_id)
+        if row is None:
+            raise NotFound("user does not exist")
+        if not _verify(row.password_hash, current):
+            raise ValidationFailed("current_password", "is not your current password")
+        try:
+            check_password(new)
+        except ValidationFailed as exc:
+            raise ValidationFailed("new_password", exc.message) from None
+        if new == current:
+            raise ValidationFailed("new_password", "must differ from the current password")
+        row.password_hash = _hasher.hash(new)
+        row.must_change_password = False
+        keep = _token_hash(keep_session_token) if keep_session_token else ""
+        await session.execute(delete(WebSession).where(WebSession.user_id == row.id,
+                                                       WebSession.token_hash != keep))
+        audit.record(session, Actor(f"user:{row.email}", row.role, row.org_id), "user.password", row.email,
+                     org_id=row.org_id)
+        await session.commit()
 
 
 async def list_users(store: Store, *, actor: Actor = SYSTEM) -> list[UserView]:
@@ -326,5 +363,5 @@ async def end_session(store: Store, token: str | None) -> None:
 
 
 __all__ = ["UserView", "LoginPolicy", "LoginRefused", "SessionInfo", "add_user", "set_password", "list_users",
-           "get_user", "authenticate", "create_session", "session_for", "end_session", "normalize_email",
+           "get_user", "change_own_password", "authenticate", "create_session", "session_for", "end_session", "normalize_email",
            "NotFound"]

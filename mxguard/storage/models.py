@@ -134,6 +134,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
     org: Mapped["Organization | None"] = relationship(lazy="joined")
+    #: Set for generated one-time passwords: the console asks for a new one at first login.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Consecutive failed logins since the last success.
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

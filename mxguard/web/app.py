@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mxguard import __version__
 from mxguard.errors import AlreadyExists, ConfigError, NotFound, PermissionDenied, ValidationFailed
 from mxguard.web.context import WebContext
-from mxguard.web.deps import ConsoleForbidden, LoginRequired
+from mxguard.web.deps import ConsoleForbidden, LoginRequired, PasswordChangeRequired
 from mxguard.web.security import SecurityHeaders
 from mxguard.web.templating import make_templates
 
@@ -43,7 +43,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     Args:
         ctx: settings, store, metrics and the gateway hooks.
     """
-    from mxguard.web.routes import audit, auth, dashboard, domains, messagelog, system, tls
+    from mxguard.web.routes import account, audit, auth, dashboard, domains, messagelog, system, tls
     from mxguard.web.routes.api_v1 import router as api_router
 
     app = FastAPI(
@@ -58,13 +58,17 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.add_middleware(SecurityHeaders, hsts=not ctx.settings.web.plain_http)
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
     # One router per resource; the spool page's router joins this list when it lands.
-    for module in (auth, dashboard, domains, tls, messagelog, audit, system):
+    for module in (auth, account, dashboard, domains, tls, messagelog, audit, system):
         app.include_router(module.router)
     app.include_router(api_router, prefix=API_PREFIX)
 
     @app.exception_handler(LoginRequired)
     async def _login_required(request: Request, exc: LoginRequired):
         return RedirectResponse(f"/login?next={quote(exc.next_path, safe='/')}", status_code=303)
+
+    @app.exception_handler(PasswordChangeRequired)
+    async def _password_change(request: Request, exc: PasswordChangeRequired):
+        return RedirectResponse("/account/password", status_code=303)
 
     @app.exception_handler(ConsoleForbidden)
     async def _forbidden_role(request: Request, exc: ConsoleForbidden):

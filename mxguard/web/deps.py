@@ -29,6 +29,10 @@ class LoginRequired(Exception):
         self.next_path = next_path
 
 
+class PasswordChangeRequired(Exception):
+    """Signed in with a one-time password: the console asks for a new one first."""
+
+
 class ConsoleForbidden(Exception):
     """Signed in, but the role may not use the Administration Console (a ``user``)."""
 
@@ -55,8 +59,17 @@ async def console_user(request: Request, current: ConsoleUser | None = Depends(o
     if current is None:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(path)
+    if current.user.must_change_password:
+        raise PasswordChangeRequired()
     if current.user.role not in (Role.ADMIN, Role.ORG_ADMIN):
         raise ConsoleForbidden()
+    return current
+
+
+async def signed_in(request: Request, current: ConsoleUser | None = Depends(optional_session)) -> ConsoleUser:
+    """Any signed-in user, whatever the role (the account page)."""
+    if current is None:
+        raise LoginRequired(request.url.path)
     return current
 
 

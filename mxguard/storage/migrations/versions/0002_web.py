@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("password_hash", sa.String(255), nullable=False),
         sa.Column("role", sa.String(16), nullable=False),
         sa.Column("org_id", sa.Integer, sa.ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True),
+        sa.Column("must_change_password", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("failed_logins", sa.Integer, nullable=False, server_default="0"),
         sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_login_at", sa.DateTime(timezone=True), nullable=True),
