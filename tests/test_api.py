@@ -302,3 +302,31 @@ def test_audit_records_who_what_before_after_and_is_scoped(web):
     assert mine and all(e["target"] != "example.com" for e in mine)
     assert any(e["action"] == "domain.add" and e["target"] == "acme.test" for e in mine)
     assert [e["target"] for e in admin.get("/audit", params={"action": "domain.update"}).json()] == ["example.com"]
+
+
+def test_console_and_api_on_postgresql(tmp_path, pg_url, tls_sink):
+    """The same endpoints with the gateway on PostgreSQL (several-node set-up)."""
+    from tests.support.gateway import ThreadedGateway, init_data_dir
+    from tests.support.web import WebGateway
+    settings = init_data_dir(tmp_path / "pgdata", database_url=pg_url)
+    gw = ThreadedGateway(settings, web_listen="127.0.0.1:0").start()
+    w = WebGateway(gw, tmp_path / "pgdata" / "tls" / "cert.pem")
+    try:
+        acme = w.tenant("Acme", "ops@acme.test")
+        a = w.api(acme.key)
+        assert a.post("/domains", json={"name": "acme.test", "servers": [f"127.0.0.1:{tls_sink.port}"]}).status_code == 201
+        assert send(gw.port, ["bob@acme.test"], message(subject="On PostgreSQL", to="bob@acme.test")).data[0] == 250
+        gw.wait_records(1)
+        gw.flush_log()
+        rows = a.get("/messages", params={"subject": "postgresql"}).json()
+        assert [r["subject"] for r in rows] == ["On PostgreSQL"]
+        dash = a.get("/dashboard").json()
+        assert dash["messages_per_hour"]["delivered"][-1] == 1 and dash["tls_24h"]["inbound_tls"] == 1
+        assert a.get("/tls/domains").json()[0]["last_24h"]["downstream_pct"] == 100.0
+        assert any(e["action"] == "domain.add" for e in a.get("/audit").json())
+        client, reply = w.login("ops@acme.test")
+        assert reply.status_code == 303 and "On PostgreSQL" in client.get("/log").text
+        assert client.get("/healthz").json()["status"] == "ok"
+    finally:
+        w.close()
+        gw.stop()

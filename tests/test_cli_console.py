@@ -12,15 +12,16 @@ import sys
 import time
 
 import httpx
-from typer.testing import CliRunner
 
-from mxguard.cli import app
 from tests.support.web import gateway_tls_context
 
 
-def _cli(data_dir, *args, input=None):
-    result = CliRunner().invoke(app, ["--data-dir", str(data_dir), *args], input=input)
-    return result.exit_code, result.output
+def _cli(data_dir, *args):
+    """Run ``mxguard`` as a real process (stdin not a terminal: passwords are generated)."""
+    proc = subprocess.run([sys.executable, "-m", "mxguard", "--data-dir", str(data_dir), *args],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, COLUMNS="200"))
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_tenancy_commands_and_audit_actor(data_dir):

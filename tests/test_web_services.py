@@ -9,7 +9,7 @@ import pytest
 
 from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
 from mxguard.services import apikeys, audit, domains, orgs, stats, users
-from mxguard.services.access import Actor, Role
+from mxguard.services.access import Actor
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter
 
 PW = "a sufficiently long password"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
+from starlette.datastructures import UploadFile
 
 from mxguard.errors import ConfigError, ValidationFailed
 from mxguard.services import certificates, stats
@@ -31,13 +32,13 @@ async def tls_page(request: Request, saved: int = 0, me: ConsoleUser = Depends(c
     return await _render(request, me, ctx, saved=bool(saved))
 
 
-async def _read(upload, field: str) -> bytes:
-    if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
-        if isinstance(upload, str) and upload.strip():
-            return upload.encode()
-        raise ValidationFailed(field, "no file was chosen")
-    data = await upload.read(certificates.MAX_PEM_BYTES + 1)
-    return data
+async def _read(upload: UploadFile | str | None, field: str) -> bytes:
+    """The uploaded file's bytes (at most one byte over the limit, so the service can refuse it)."""
+    if isinstance(upload, UploadFile):
+        return await upload.read(certificates.MAX_PEM_BYTES + 1)
+    if isinstance(upload, str) and upload.strip():
+        return upload.encode()  # pasted PEM text
+    raise ValidationFailed(field, "no file was chosen")
 
 
 @router.post("/tls/certificate")
