@@ -1,4 +1,4 @@
-""""Test connection": connect to each downstream server of a domain now and report what TLS it gives.
+"""The console's "Test connection": connect to each downstream server of a domain now, report its TLS.
 
 For each server, in failover order:
 
@@ -225,5 +225,3 @@ async def probe_domain(domain: DomainView, settings: DownstreamSettings, local_h
         probe.elapsed_ms = round((asyncio.get_running_loop().time() - started) * 1000, 1)
         result.servers.append(probe)
     return result
-
-

@@ -22,6 +22,7 @@ def _page(request: Request, me: ConsoleUser, *, error: str | None = None, status
 
 @router.get("/account/password")
 async def password_form(request: Request, me: ConsoleUser = Depends(signed_in)):
+    """The password form (forced after a one-time password)."""
     return _page(request, me)
 
 
@@ -29,6 +30,7 @@ async def password_form(request: Request, me: ConsoleUser = Depends(signed_in)):
 async def change_password(request: Request, current_password: str = Form(""), new_password: str = Form(""),
                           confirm_password: str = Form(""), csrf_token: str = Form(""),
                           me: ConsoleUser = Depends(signed_in), ctx: WebContext = Depends(get_ctx)):
+    """Replace the signed-in user's password."""
     if not tokens_match(me.csrf_token, csrf_token):
         raise HTTPException(403, "CSRF token missing or wrong; reload the page and try again")
     try:

@@ -15,6 +15,7 @@ PAGE = 100
 @router.get("/audit")
 async def audit_page(request: Request, page: int = Query(1, ge=1, le=100000), me: ConsoleUser = Depends(console_user),
                      ctx: WebContext = Depends(get_ctx)):
+    """The audit log, newest first, 100 per page."""
     entries = await audit_service.list_entries(ctx.store, me.actor, limit=PAGE + 1, offset=(page - 1) * PAGE)
     return request.app.state.templates.TemplateResponse(request, "audit.html", {
         "me": me, "entries": entries[:PAGE], "page": page, "more": len(entries) > PAGE})

@@ -31,6 +31,7 @@ def _login_page(request: Request, *, next_path: str, error: str | None = None, s
 
 @router.get("/login")
 async def login_form(request: Request, next: str = "/", current: ConsoleUser | None = Depends(optional_session)):
+    """The login page (signed-in users go straight to ``next``)."""
     if current is not None:
         return RedirectResponse(safe_next(next), status_code=303)
     return _login_page(request, next_path=safe_next(next))
@@ -39,6 +40,7 @@ async def login_form(request: Request, next: str = "/", current: ConsoleUser | N
 @router.post("/login")
 async def login(request: Request, email: str = Form(""), password: str = Form(""), csrf_token: str = Form(""),
                 next: str = Form("/"), ctx: WebContext = Depends(get_ctx)):
+    """Check the login form; start a new session and follow ``next`` (same-site paths only)."""
     if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token):
         raise HTTPException(403, "CSRF token missing or wrong; reload the login page and try again")
     target = safe_next(next)
@@ -63,6 +65,7 @@ async def login(request: Request, email: str = Form(""), password: str = Form(""
 @router.post("/logout")
 async def logout(request: Request, csrf_token: str = Form(""), ctx: WebContext = Depends(get_ctx),
                  current: ConsoleUser | None = Depends(optional_session)):
+    """End the session on the server and in the browser."""
     if current is not None and not tokens_match(current.csrf_token, csrf_token):
         raise HTTPException(403, "CSRF token missing or wrong")
     await users.end_session(ctx.store, request.cookies.get(SESSION_COOKIE))

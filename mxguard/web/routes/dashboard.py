@@ -15,6 +15,7 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/")
 async def dashboard(request: Request, me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """Messages and TLS shares of the last 24 h, spool depth and engine health."""
     labels, series = await stats.hourly_dispositions(ctx.store, me.actor)
     totals = {name: sum(values) for name, values in series.items()}
     share = await stats.overall_tls(ctx.store, me.actor)
@@ -30,10 +31,12 @@ def _svg(body: bytes) -> Response:
 
 @router.get("/charts/messages.svg")
 async def messages_chart(me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """SVG: messages per hour by disposition."""
     labels, series = await stats.hourly_dispositions(ctx.store, me.actor)
     return _svg(charts.messages_per_hour(labels, series))
 
 
 @router.get("/charts/tls.svg")
 async def tls_chart(me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """SVG: inbound, downstream and verified TLS shares."""
     return _svg(charts.tls_shares(await stats.overall_tls(ctx.store, me.actor)))

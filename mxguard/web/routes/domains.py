@@ -48,18 +48,21 @@ async def _render_form(request: Request, me: ConsoleUser, ctx: WebContext, *, do
 
 @router.get("/domains")
 async def list_page(request: Request, me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """The domains the user may see."""
     views = await domain_service.list_domains(ctx.store, actor=me.actor)
     return request.app.state.templates.TemplateResponse(request, "domains.html", {"me": me, "domains": views})
 
 
 @router.get("/domains/new")
 async def new_form(request: Request, me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """An empty domain form with the defaults."""
     blank = {"name": "", "servers": [], **domain_service.DOMAIN_DEFAULTS, "org": me.actor.org or ""}
     return await _render_form(request, me, ctx, domain=blank, is_new=True)
 
 
 @router.post("/domains/new")
 async def create(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """Add a domain from the form; errors re-show the form naming the field."""
     form = await request.form()
     values = _form_values(form)
     name = str(form.get("name", "")).strip()
@@ -77,6 +80,7 @@ async def create(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx:
 @router.get("/domains/{name}")
 async def edit_form(request: Request, name: str, saved: int = 0, me: ConsoleUser = Depends(console_user),
                     ctx: WebContext = Depends(get_ctx)):
+    """One domain's settings."""
     view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
     return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, saved=bool(saved))
 
@@ -84,6 +88,7 @@ async def edit_form(request: Request, name: str, saved: int = 0, me: ConsoleUser
 @router.post("/domains/{name}")
 async def update(request: Request, name: str, me: ConsoleUser = Depends(csrf_checked),
                  ctx: WebContext = Depends(get_ctx)):
+    """Save a domain's settings; the next SMTP transaction uses them."""
     current = await domain_service.get_domain(ctx.store, name, actor=me.actor)
     values = _form_values(await request.form())
     org = values.pop("org")
@@ -101,6 +106,7 @@ async def update(request: Request, name: str, me: ConsoleUser = Depends(csrf_che
 
 @router.post("/domains/{name}/delete")
 async def delete(name: str, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """Remove a domain."""
     await domain_service.remove_domain(ctx.store, name, actor=me.actor)
     await ctx.config_changed()
     return RedirectResponse("/domains", status_code=303)
@@ -109,6 +115,7 @@ async def delete(name: str, me: ConsoleUser = Depends(csrf_checked), ctx: WebCon
 @router.post("/domains/{name}/test")
 async def test_connection(request: Request, name: str, me: ConsoleUser = Depends(csrf_checked),
                           ctx: WebContext = Depends(get_ctx)):
+    """Probe each downstream server now and show the result under the form."""
     view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
     probe = await probe_domain(view, ctx.settings.downstream, ctx.settings.hostname)
     return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, probe=probe)

@@ -44,6 +44,7 @@ async def search(request: Request, sender: str = Query("", max_length=300), reci
                  disposition: str = Query(""), tls: str = Query(""), since: str = Query(""), until: str = Query(""),
                  page: int = Query(1, ge=1, le=100000),
                  me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """Search the message log (each filter optional); 100 per page, newest first."""
     if disposition and disposition not in messages.DISPOSITIONS:
         raise ValidationFailed("disposition", f"must be one of {', '.join(messages.DISPOSITIONS)}")
     rows = await messages.search_messages(
@@ -60,6 +61,7 @@ async def search(request: Request, sender: str = Query("", max_length=300), reci
 @router.get("/log/{entry_id}")
 async def detail(request: Request, entry_id: int, me: ConsoleUser = Depends(console_user),
                  ctx: WebContext = Depends(get_ctx)):
+    """Every field the log keeps for one transaction (404 when not visible)."""
     entry = await messages.get_message(ctx.store, me.actor, entry_id)
     return request.app.state.templates.TemplateResponse(request, "message.html", {
         "me": me, "entry": entry, "fields": messages.as_dict(entry)})

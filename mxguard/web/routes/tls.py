@@ -29,6 +29,7 @@ async def _render(request: Request, me: ConsoleUser, ctx: WebContext, *, error: 
 @router.get("/tls")
 async def tls_page(request: Request, saved: int = 0, me: ConsoleUser = Depends(console_user),
                    ctx: WebContext = Depends(get_ctx)):
+    """The gateway certificate, the upload form (admins) and TLS shares per domain."""
     return await _render(request, me, ctx, saved=bool(saved))
 
 
@@ -43,6 +44,7 @@ async def _read(upload: UploadFile | str | None, field: str) -> bytes:
 
 @router.post("/tls/certificate")
 async def upload(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """Validate and install an uploaded chain and key, then hot-reload it."""
     form = await request.form()
     try:
         cert_pem = await _read(form.get("certificate"), "certificate")
