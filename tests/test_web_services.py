@@ -173,3 +173,19 @@ async def test_hourly_and_tls_statistics(store):
     assert share.inbound_pct == 50.0 and share.verified_pct == 50.0
     month = await stats.tls_share(store, now - dt.timedelta(days=30), domains=["acme.test"])
     assert month.transactions == 3 and month.downstream_pct == pytest.approx(66.7)
+
+
+async def test_only_admins_point_at_a_ca_file_on_the_gateway(store, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not used here\n")
+    acme = await _tenant(store, "Acme", "ops@acme.test")
+    with pytest.raises(PermissionDenied):
+        await domains.add_domain(store, "acme.test", ["mx.acme.test"], actor=acme, downstream_tls="verify",
+                                 tls_ca_file=str(ca))
+    await domains.add_domain(store, "acme.test", ["mx.acme.test"], actor=acme)
+    with pytest.raises(PermissionDenied):
+        await domains.update_domain(store, "acme.test", actor=acme, downstream_tls="verify", tls_ca_file="/etc/passwd")
+    await domains.update_domain(store, "acme.test", downstream_tls="verify", tls_ca_file=str(ca))  # admin
+    # The org-admin saving the form unchanged keeps the administrator's CA file.
+    _, after = await domains.update_domain(store, "acme.test", actor=acme, tls_ca_file=str(ca), inbound_tls="required")
+    assert after.tls_ca_file == str(ca) and after.inbound_tls == "required"

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from mxguard.errors import AlreadyExists, NotFound, ValidationFailed
+from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
 from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
@@ -167,6 +167,13 @@ async def _org_for_actor(session, org: str | None, actor: Actor) -> int | None:
     return actor.org_id
 
 
+def _check_ca_file_allowed(actor: Actor, new: str | None, current: str | None = None) -> None:
+    # A CA file is a path on the gateway host: only administrators may point at files there.
+    if new and new != current and not actor.is_admin:
+        raise PermissionDenied("only an administrator sets tls_ca_file (a path on the gateway); "
+                               "use tls_fingerprint to pin a certificate")
+
+
 async def add_domain(store: Store, name: str, servers: list[str], *, actor: Actor = SYSTEM, org: str | None = None,
                      **fields: Any) -> DomainView:
     """Create a served domain.
@@ -195,6 +202,7 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
     values["servers"] = servers
     values = _validate_fields(values)
     _check_consistent(values)
+    _check_ca_file_allowed(actor, values.get("tls_ca_file"))
     async with store.session() as session:
         org_id = await _org_for_actor(session, org, actor)
         row = Domain(name=domain, org_id=org_id, **values)
@@ -235,6 +243,7 @@ async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **cha
         before = _view(row)
         merged = {**before.as_dict(), **changes}
         _check_consistent(merged)
+        _check_ca_file_allowed(actor, changes.get("tls_ca_file"), before.tls_ca_file)
         for key, value in changes.items():
             setattr(row, key, value)
         if org is not None and (org or None) != before.org:

@@ -83,7 +83,11 @@ class WebServer:
         config.ssl = self.tls_context
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="web-console")
+        deadline = asyncio.get_running_loop().time() + 30
         while not self._server.started:
+            if asyncio.get_running_loop().time() > deadline:
+                await self.stop()
+                raise ConfigError(f"web.listen: the console did not start on {self.listen} within 30 s")
             if self._task.done():
                 self._task.result()
                 raise ConfigError(f"web.listen: the console did not start on {self.listen}")
