@@ -36,8 +36,17 @@ def test_tenancy_commands_and_audit_actor(data_dir):
     assert code == 2 and "org: a user needs an organization" in out
     code, out = _cli(data_dir, "apikey", "create", "--user", "ops@acme.test", "--name", "ci")
     assert code == 0 and out.strip().splitlines()[-1].startswith("mxg_")
+    prefix = out.strip().splitlines()[-1].split("_")[1]
+    code, out = _cli(data_dir, "apikey", "list")
+    assert code == 0 and prefix in out and "ops@acme.test" in out
+    code, out = _cli(data_dir, "apikey", "revoke", prefix)
+    assert code == 0 and f"Revoked {prefix}" in out
     code, out = _cli(data_dir, "apikey", "create", "--user", "ghost@acme.test")
     assert code == 1 and "ghost@acme.test does not exist" in out
+    code, out = _cli(data_dir, "user", "passwd", "ops@acme.test")
+    assert code == 0 and "One-time password: " in out and password not in out
+    code, out = _cli(data_dir, "user", "list", "--json")
+    assert json.loads(out) == [{"email": "ops@acme.test", "role": "org-admin", "org": "Acme Corp"}]
     code, out = _cli(data_dir, "domain", "add", "acme.test", "--server", "mx.acme.test", "--org", "Acme Corp")
     assert code == 0
     code, out = _cli(data_dir, "domain", "show", "acme.test", "--json")
@@ -62,6 +71,7 @@ def test_tenancy_commands_and_audit_actor(data_dir):
     got = asyncio.run(entries())
     assert {e.actor for e in got} == {f"cli:{getpass.getuser()}"}
     assert [e.action for e in got][:2] == ["domain.update", "domain.add"]
+    assert {"org.add", "user.add", "apikey.create", "apikey.revoke", "user.password"} <= {e.action for e in got}
 
 
 def test_domain_test_command(data_dir, tls_sink, ca_file):

@@ -276,3 +276,31 @@ async def test_demo_keep_running_offers_the_console_with_a_one_time_admin_passwo
                                                       "csrf_token": csrf_token(page.text), "next": "/domains"})
             assert reply.status_code == 303 and reply.headers["location"] == "/domains"
             assert (await client.get("/domains")).headers["location"] == "/account/password"
+
+
+def test_engine_health_and_spool_providers_feed_the_dashboard_and_metrics(web):
+    """The hooks the filtering and spool features register with; with none, the page says so (tested above)."""
+    from mxguard.services import status
+    calls = []
+
+    async def spool():
+        calls.append("spool")
+        return {"example.com": 3, "example.net": 1}
+
+    status.register_engine_health(lambda: [status.EngineHealth("clamd", True, "ClamAV 1.4.6"),
+                                           status.EngineHealth("rspamd", False, "connection refused", errors=2)])
+    status.register_spool_depth(spool)
+    try:
+        client, _ = web.login("admin@gw.test")
+        page = client.get("/").text
+        assert 'id="spool-depth">4<' in page and "example.com: 3" in page
+        assert "<td>clamd</td><td class=\"ok\">ok</td><td>ClamAV 1.4.6</td>" in page
+        assert "<td>rspamd</td><td class=\"bad\">failing</td><td>connection refused</td><td>2</td>" in page
+        metrics = client.get("/metrics").text
+        assert 'mxguard_spool_depth{domain="example.com"} 3.0' in metrics
+        dash = web.api(web.admin_key).get("/dashboard").json()
+        assert dash["spool_depth"] == {"example.com": 3, "example.net": 1}
+        assert [e["name"] for e in dash["engines"]] == ["clamd", "rspamd"] and dash["engines"][1]["errors"] == 2
+        assert calls
+    finally:
+        status.clear_providers()

@@ -11,6 +11,7 @@ row's key, so a copy of the database does not give working sessions.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 import secrets
@@ -29,8 +30,14 @@ from mxguard.storage.db import Store
 from mxguard.storage.models import LoginAttempt, User, WebSession, utcnow
 
 _hasher = PasswordHasher()
-# Verified against for unknown e-mail addresses, so that the answer takes as long.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Verified against for unknown e-mail addresses, so that the answer takes as long.
+    return _hasher.hash(secrets.token_urlsafe(16))
+
+
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}$")
 MIN_PASSWORD_LENGTH = 12
 
@@ -267,7 +274,7 @@ async def authenticate(store: Store, email: str, password: str, client_ip: str,
         row = await _user_row(session, email)
         refused: LoginRefused | None = None
         if row is None:
-            _verify(_DUMMY_HASH, password)
+            _verify(_dummy_hash(), password)
             refused = LoginRefused("invalid")
         elif row.locked_until is not None and as_utc(row.locked_until) > now:
             refused = LoginRefused("locked", int((as_utc(row.locked_until) - now).total_seconds()) + 1)
