@@ -148,6 +148,35 @@ class LogSettings(_Section):
     flush_interval: float = Field(default=0.2, gt=0, le=10)
 
 
+class WebSettings(_Section):
+    """The Administration Console and REST API (served inside ``mxguard serve``)."""
+
+    #: Serve the console at all (``mxguard serve --no-web`` also turns it off).
+    enabled: bool = True
+    #: HOST:PORT of the HTTPS listener.
+    listen: str = "127.0.0.1:8443"
+    #: Serve plain HTTP instead of HTTPS: only behind a TLS-terminating proxy.
+    plain_http: bool = False
+    #: A console session ends this many seconds after login (default 12 h)...
+    session_lifetime: float = Field(default=12 * 3600, gt=60)
+    #: ...or after this many seconds without a request (default 1 h).
+    session_idle_timeout: float = Field(default=3600, gt=60)
+    #: Consecutive wrong passwords before an account locks (OWASP ASVS 2.2.1).
+    login_max_failures: int = Field(default=5, ge=1, le=100)
+    #: How long a locked account stays locked, seconds.
+    lockout_seconds: float = Field(default=900, ge=1)
+    #: Failed logins one client address may make per window before it is refused (429).
+    login_ip_max_failures: int = Field(default=20, ge=1)
+    #: That window, seconds.
+    login_ip_window: float = Field(default=300, ge=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        parse_host_port(value, default_port=8443, allow_zero=True)
+        return value
+
+
 class Settings(_Section):
     """All bootstrap settings; see the module docstring for the override rules."""
 
@@ -161,6 +190,7 @@ class Settings(_Section):
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     dsn: DsnSettings = Field(default_factory=DsnSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -331,4 +361,21 @@ level = "{s.log.level}"
 format = "{s.log.format}"
 # Message-log batch interval in seconds.
 flush_interval = {s.log.flush_interval}
+
+[web]
+# Administration Console and REST API, inside 'mxguard serve' (--web, --no-web).
+enabled = {str(s.web.enabled).lower()}
+# HTTPS with the certificate above; HOST:PORT.
+listen = "{s.web.listen}"
+# true only behind a TLS-terminating proxy: the console then speaks plain HTTP.
+plain_http = {str(s.web.plain_http).lower()}
+# Seconds: a session's lifetime after login, and its idle timeout.
+session_lifetime = {s.web.session_lifetime}
+session_idle_timeout = {s.web.session_idle_timeout}
+# Lockout after this many consecutive wrong passwords, for lockout_seconds.
+login_max_failures = {s.web.login_max_failures}
+lockout_seconds = {s.web.lockout_seconds}
+# A client address is refused (429) after this many failed logins per window (seconds).
+login_ip_max_failures = {s.web.login_ip_max_failures}
+login_ip_window = {s.web.login_ip_window}
 """

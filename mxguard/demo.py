@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import tempfile
 import time
@@ -30,6 +31,7 @@ from mxguard.config import load_settings
 from mxguard.gateway import Gateway
 from mxguard.logsetup import configure as configure_logging
 from mxguard.services import domains as domain_service
+from mxguard.services import users as user_service
 from mxguard.services.setup import initialize
 from mxguard.sink import DownstreamSink
 from mxguard.storage.messagelog import LogRecord
@@ -37,6 +39,19 @@ from mxguard.tls.certs import make_private_ca, write_private
 from mxguard.tls.contexts import server_context
 
 DEMO_HOSTNAME = "mx.demo.test"
+DEMO_ADMIN = "admin@demo.test"
+#: The console's usual address; the demo takes a free port when it is busy.
+CONSOLE_LISTEN = ("127.0.0.1", 8443)
+
+
+def _console_listen() -> str:
+    host, port = CONSOLE_LISTEN
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            port = 0
+    return f"{host}:{port}"
 SENDER = "newsletter@sender.test"
 
 
@@ -147,12 +162,19 @@ class DemoEnvironment:
 
     Args:
         data_dir: where to put the data dir (a new temporary one when ``None``).
+        web: also serve the Administration Console (HTTPS on 127.0.0.1:8443, or a
+            free port when that is taken) and create an admin with a one-time password.
+        web_listen: the console's HOST:PORT instead (``127.0.0.1:0``: a free port).
     """
 
-    def __init__(self, data_dir: Path | None = None):
+    def __init__(self, data_dir: Path | None = None, *, web: bool = False, web_listen: str | None = None):
         self.own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="mxguard-demo-"))
         self.records: list[LogRecord] = []
+        self.web = web
+        self.web_listen = web_listen
+        self.admin_email = DEMO_ADMIN
+        self.admin_password: str | None = None
 
     async def __aenter__(self) -> "DemoEnvironment":
         await self.start()
@@ -182,9 +204,12 @@ class DemoEnvironment:
         self.settings.spool.first_retry = 0.3
         self.settings.spool.max_retry = 1.0
         self.settings.spool.poll_interval = 0.2
-        self.gateway = Gateway(self.settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append])
+        self.gateway = Gateway(self.settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append],
+                               web_listen=(self.web_listen or _console_listen()) if self.web else None)
         await self.gateway.start()
         store = self.gateway.store
+        if self.web:
+            _, self.admin_password = await user_service.add_user(store, DEMO_ADMIN, "admin")
         await domain_service.add_domain(store, "example.com", [f"127.0.0.1:{self.sink_tls.port}"],
                                         downstream_tls="verify", tls_ca_file=str(self.ca_file))
         await domain_service.add_domain(store, "example.net", [f"127.0.0.1:{self.sink_tls.port}"],
@@ -293,7 +318,7 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 150)
-    async with DemoEnvironment() as env:
+    async with DemoEnvironment(web=keep_running) as env:
         console.print(f"[bold]mxguard demo[/bold]: gateway {DEMO_HOSTNAME} on 127.0.0.1:{env.gateway.smtp_port}; "
                       f"downstream with STARTTLS on :{env.sink_tls.port}, without on :{env.sink_plain.port}",
                       highlight=False)
@@ -385,3 +410,7 @@ def _print_running(console: Console, env: DemoEnvironment) -> None:
     console.print(f"  SMTP      127.0.0.1:{env.gateway.smtp_port}  (try: swaks -s 127.0.0.1 -p "
                   f"{env.gateway.smtp_port} -tls -t alice@example.com)", highlight=False)
     console.print(f"  data dir  {env.data_dir}  (MXGUARD_DATA_DIR={env.data_dir} mxguard log)", highlight=False)
+    if env.gateway.web_url:
+        console.print(f"  console   {env.gateway.web_url}  (self-signed certificate for {DEMO_HOSTNAME}: "
+                      "accept it in the browser)", highlight=False)
+        console.print(f"  log in    {env.admin_email}  one-time password: {env.admin_password}", highlight=False)

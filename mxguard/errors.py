@@ -28,3 +28,7 @@ class NotFound(MxguardError):
 
 class AlreadyExists(MxguardError):
     """An object with this name exists already."""
+
+
+class PermissionDenied(MxguardError):
+    """The actor's role does not allow this action (HTTP 403)."""

@@ -12,6 +12,7 @@ import structlog
 
 from mxguard.config import Settings
 from mxguard.errors import ConfigError
+from mxguard.metrics import GatewayMetrics
 from mxguard.netaddr import parse_host_port
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
@@ -23,7 +24,7 @@ from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
 from mxguard.storage.sealing import KeyRing
 from mxguard.tls.certs import load_chain
-from mxguard.tls.contexts import server_context
+from mxguard.tls.contexts import ReloadableServerContext
 
 log = structlog.get_logger("mxguard.gateway")
 
@@ -42,6 +43,9 @@ class Gateway:
     Args:
         settings: bootstrap settings (see :mod:`mxguard.config`).
         smtp_listen: overrides ``settings.smtp.listen`` (``["127.0.0.1:0"]`` picks a free port).
+        web_listen: ``HOST:PORT`` of the Administration Console and REST API;
+            ``None`` runs no console (``mxguard serve`` passes ``web.listen``).
+        web_plain_http: serve the console over plain HTTP (behind a TLS-terminating proxy only).
     """
 
     settings: Settings
@@ -53,6 +57,9 @@ class Gateway:
     shutdown_grace: float = 10.0
     #: Run the spool delivery worker in this process (on SQLite only one process per data dir does).
     spool_worker: bool = True
+    web_listen: str | None = None
+    web_plain_http: bool = False
+    web: object | None = None
 
     async def start(self) -> None:
         """Open the database (migrating it), load TLS and domains, and listen.
@@ -62,8 +69,11 @@ class Gateway:
         """
         s = self.settings
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
-        self.tls_context = server_context(s.path(s.tls.cert_file), s.path(s.tls.key_file),
-                                          min_version=s.tls.min_version)
+        self.tls = ReloadableServerContext(s.path(s.tls.cert_file), s.path(s.tls.key_file),
+                                           min_version=s.tls.min_version)
+        self.tls_context = self.tls.context
+        self.metrics = GatewayMetrics()
+        self.observers.append(self.metrics.observe)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
         self.directory = DomainDirectory(self.store)
@@ -95,6 +105,41 @@ class Gateway:
             listener.port = sock.getsockname()[1]
             self.listeners.append(listener)
             log.info("listening", smtp=f"{host}:{listener.port}", hostname=s.hostname)
+        if self.web_listen:
+            try:
+                await self._start_web()
+            except ConfigError:
+                await self.stop()
+                raise
+
+    async def _start_web(self) -> None:
+        from mxguard.web.app import create_app
+        from mxguard.web.context import WebContext
+        from mxguard.web.server import WebServer
+
+        ctx = WebContext(settings=self.settings, store=self.store, metrics=self.metrics,
+                         refresh_directory=self.directory.refresh_if_changed,
+                         reload_certificate=self.reload_certificate)
+        self.web = WebServer(create_app(ctx), self.web_listen, None if self.web_plain_http else self.tls_context)
+        await self.web.start()
+
+    def reload_certificate(self) -> None:
+        """Use the certificate and key now in ``tls.cert_file``/``tls.key_file`` for new handshakes
+        (STARTTLS and HTTPS); sessions already open keep theirs.
+
+        Raises:
+            ConfigError: the files are unusable; the old certificate stays in use.
+        """
+        s = self.settings
+        cert, key = s.path(s.tls.cert_file), s.path(s.tls.key_file)
+        load_chain(cert, key)
+        self.tls.reload(cert, key)
+        log.info("certificate reloaded", cert=str(cert))
+
+    @property
+    def web_url(self) -> str | None:
+        """The console's URL, when it runs."""
+        return self.web.url if self.web is not None else None
 
     def _claim_worker_lock(self) -> bool:
         """On SQLite only one process per data dir runs the spool worker (an flock decides)."""
@@ -134,6 +179,9 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop listening, close sessions' downstream connections, flush the log, close the database."""
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()

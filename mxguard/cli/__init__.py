@@ -17,6 +17,7 @@ from mxguard.cli.demo import register as register_demo
 from mxguard.cli.domain import domain_app
 from mxguard.cli.sink import register as register_sink
 from mxguard.cli.spool import keys_app, spool_app
+from mxguard.cli.tenancy import apikey_app, org_app, user_app
 
 app = typer.Typer(
     name="mxguard",
@@ -39,6 +40,9 @@ register_core(app)
 app.add_typer(domain_app, name="domain")
 app.add_typer(spool_app, name="spool")
 app.add_typer(keys_app, name="keys")
+app.add_typer(org_app, name="org")
+app.add_typer(user_app, name="user")
+app.add_typer(apikey_app, name="apikey")
 register_demo(app)
 register_sink(app)
 

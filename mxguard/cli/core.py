@@ -8,7 +8,9 @@ import typer
 from rich.table import Table
 
 from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
+from mxguard.errors import ConfigError
 from mxguard.gateway import Gateway
+from mxguard.netaddr import parse_host_port
 from mxguard.services.setup import initialize
 from mxguard.storage.messagelog import entry_as_dict, recent
 
@@ -43,10 +45,24 @@ def init(
 def serve(
     smtp: list[str] = typer.Option(None, "--smtp", metavar="HOST:PORT",
                                    help="Inbound SMTP listener(s) (default: smtp.listen in mxguard.toml)"),
+    web: str = typer.Option(None, "--web", metavar="HOST:PORT",
+                            help="Administration Console and REST API over HTTPS (default: web.listen, 127.0.0.1:8443)"),
+    web_plain_http: bool = typer.Option(None, "--web-plain-http",
+                                        help="Serve the console over plain HTTP: only behind a TLS-terminating proxy"),
+    no_web: bool = typer.Option(False, "--no-web", help="Do not serve the console and API"),
 ) -> None:
-    """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers."""
+    """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers, and the console."""
     s = settings()
-    run(Gateway(s, smtp_listen=smtp or None).run_forever())
+    web_listen = None if no_web or (not s.web.enabled and not web) else (web or s.web.listen)
+    if web_listen:
+        try:
+            parse_host_port(web_listen, default_port=8443, allow_zero=True)
+        except ValueError as exc:
+            raise ConfigError(f"--web: {exc}") from None
+    plain = s.web.plain_http if web_plain_http is None else web_plain_http
+    if plain:
+        s.web.plain_http = True
+    run(Gateway(s, smtp_listen=smtp or None, web_listen=web_listen, web_plain_http=plain).run_forever())
 
 
 @handle_errors

@@ -1,4 +1,12 @@
-"""Served domains: add, change, remove, list — with validation and change tracking."""
+"""Served domains: add, change, remove, list — with validation, tenancy and the audit log.
+
+Every function takes the acting :class:`~mxguard.services.access.Actor`
+(default: the internal ``system`` actor). An org-admin sees and changes only
+the domains of their organization; any other domain is ``NotFound``, the same
+as a domain that does not exist. Each change writes an audit entry (before →
+after) in the same transaction and bumps the configuration generation, so
+running gateways apply it to the next SMTP transaction.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from mxguard.errors import AlreadyExists, NotFound, ValidationFailed
+from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
 from mxguard.netaddr import format_host_port, parse_host_port
+from mxguard.services import audit
+from mxguard.services.access import SYSTEM, Actor
+from mxguard.services.orgs import org_id_for
 from mxguard.storage.db import Store
 from mxguard.storage.models import ConfigGeneration, Domain, utcnow
 from mxguard.tls.certs import normalize_fingerprint
@@ -40,6 +51,8 @@ class DomainView:
     tls_min_version: str = "1.2"
     #: ``spool`` (accept and hold when every server is down) or ``defer`` (``451 4.4.1``).
     on_unreachable: str = "spool"
+    #: Owning organization's name (``None``: administrators only).
+    org: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -48,9 +61,9 @@ class DomainView:
 
 
 def _view(row: Domain) -> DomainView:
-    values = {f.name: getattr(row, f.name) for f in fields(DomainView)}
+    values = {f.name: getattr(row, f.name) for f in fields(DomainView) if f.name != "org"}
     values["servers"] = tuple(values["servers"])
-    return DomainView(**values)
+    return DomainView(**values, org=row.org.name if row.org else None)
 
 
 def normalize_domain_name(name: str) -> str:
@@ -142,13 +155,40 @@ async def current_generation(store: Store) -> int:
         return (await session.execute(select(ConfigGeneration.value).where(ConfigGeneration.id == 1))).scalar_one()
 
 
-async def add_domain(store: Store, name: str, servers: list[str], **fields: Any) -> DomainView:
+async def _scoped_row(session, domain: str, actor: Actor) -> Domain:
+    actor.require_console()
+    row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
+    if row is None or not actor.may_see_org(row.org_id):
+        raise NotFound(f"domain {domain} is not configured")
+    return row
+
+
+async def _org_for_actor(session, org: str | None, actor: Actor) -> int | None:
+    """The org id a new or moved domain gets; org-admins can only use their own."""
+    if actor.is_admin:
+        return await org_id_for(session, org) if org else None
+    if org and org.strip() != actor.org:
+        raise ValidationFailed("org", f"no organization called {org.strip()!r}")
+    return actor.org_id
+
+
+def _check_ca_file_allowed(actor: Actor, new: str | None, current: str | None = None) -> None:
+    # A CA file is a path on the gateway host: only administrators may point at files there.
+    if new and new != current and not actor.is_admin:
+        raise PermissionDenied("only an administrator sets tls_ca_file (a path on the gateway); "
+                               "use tls_fingerprint to pin a certificate")
+
+
+async def add_domain(store: Store, name: str, servers: list[str], *, actor: Actor = SYSTEM, org: str | None = None,
+                     **fields: Any) -> DomainView:
     """Create a served domain.
 
     Args:
         store: the database.
         name: the domain (``example.com``); IDNA names are stored in ASCII form.
         servers: downstream servers in failover order, ``host[:port]`` (port 25 by default).
+        actor: who asks (audit log, tenancy); an org-admin's domain joins their organization.
+        org: owning organization's name (admins only; ``None``: no organization).
         **fields: any of ``inbound_tls``, ``downstream_tls``, ``tls_ca_file``,
             ``tls_fingerprint``, ``tls_min_version``, ``on_unreachable`` (see ``DOMAIN_DEFAULTS``);
             ``None`` values take the default.
@@ -156,7 +196,9 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
     Raises:
         ValidationFailed: a value is invalid (the exception names the field).
         AlreadyExists: the domain is configured already.
+        PermissionDenied: the actor is a plain user.
     """
+    actor.require_console()
     domain = normalize_domain_name(name)
     values = {**DOMAIN_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
     unknown = set(values) - set(DOMAIN_DEFAULTS)
@@ -165,79 +207,95 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
     values["servers"] = servers
     values = _validate_fields(values)
     _check_consistent(values)
+    _check_ca_file_allowed(actor, values.get("tls_ca_file"))
     async with store.session() as session:
-        row = Domain(name=domain, **values)
+        org_id = await _org_for_actor(session, org, actor)
+        row = Domain(name=domain, org_id=org_id, **values)
         session.add(row)
         try:
             await session.flush()
         except IntegrityError:
             raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
         await bump_generation(session)
+        row = (await session.execute(select(Domain).where(Domain.name == domain))).unique().scalar_one()
+        view = _view(row)
+        audit.record(session, actor, "domain.add", domain, org_id=org_id, after=view.as_dict())
         await session.commit()
-        return _view(row)
+        return view
 
 
-async def update_domain(store: Store, name: str, **changes: Any) -> tuple[DomainView, DomainView]:
+async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **changes: Any) -> tuple[DomainView, DomainView]:
     """Change settings of a domain; ``None`` values mean "leave as is".
 
+    ``org`` (admins only) moves the domain to another organization; ``""`` removes it from any.
+
     Returns:
-        ``(before, after)`` snapshots (for the audit log).
+        ``(before, after)`` snapshots.
 
     Raises:
-        NotFound: no such domain.
+        NotFound: no such domain, or not the actor's.
         ValidationFailed: a value is invalid.
     """
     domain = normalize_domain_name(name)
+    org = changes.pop("org", None)
     changes = {k: v for k, v in changes.items() if v is not None}
     unknown = set(changes) - set(DOMAIN_DEFAULTS) - {"servers"}
     if unknown:
         raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
     changes = _validate_fields(changes)
     async with store.session() as session:
-        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
-        if row is None:
-            raise NotFound(f"domain {domain} is not configured")
+        row = await _scoped_row(session, domain, actor)
         before = _view(row)
         merged = {**before.as_dict(), **changes}
         _check_consistent(merged)
+        _check_ca_file_allowed(actor, changes.get("tls_ca_file"), before.tls_ca_file)
         for key, value in changes.items():
             setattr(row, key, value)
+        if org is not None and (org or None) != before.org:
+            actor.require_admin()
+            row.org_id = await org_id_for(session, org) if org else None
         row.updated_at = utcnow()
         await bump_generation(session)
+        await session.flush()
+        await session.refresh(row, ["org"])
+        after = _view(row)
+        if after != before:
+            audit.record(session, actor, "domain.update", domain, org_id=row.org_id,
+                         before=before.as_dict(), after=after.as_dict())
         await session.commit()
-        return before, _view(row)
+        return before, after
 
 
-async def remove_domain(store: Store, name: str) -> DomainView:
+async def remove_domain(store: Store, name: str, *, actor: Actor = SYSTEM) -> DomainView:
     """Delete a domain; mail for it is refused from the next transaction on.
 
     Raises:
-        NotFound: no such domain.
+        NotFound: no such domain, or not the actor's.
     """
     domain = normalize_domain_name(name)
     async with store.session() as session:
-        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
-        if row is None:
-            raise NotFound(f"domain {domain} is not configured")
+        row = await _scoped_row(session, domain, actor)
         view = _view(row)
+        audit.record(session, actor, "domain.remove", domain, org_id=row.org_id, before=view.as_dict())
         await session.delete(row)
         await bump_generation(session)
         await session.commit()
         return view
 
 
-async def get_domain(store: Store, name: str) -> DomainView:
-    """One domain's settings. Raises NotFound."""
+async def get_domain(store: Store, name: str, *, actor: Actor = SYSTEM) -> DomainView:
+    """One domain's settings. Raises NotFound (also for another organization's domain)."""
     domain = normalize_domain_name(name)
     async with store.session() as session:
-        row = (await session.execute(select(Domain).where(Domain.name == domain))).scalar_one_or_none()
-        if row is None:
-            raise NotFound(f"domain {domain} is not configured")
-        return _view(row)
+        return _view(await _scoped_row(session, domain, actor))
 
 
-async def list_domains(store: Store) -> list[DomainView]:
-    """Every domain, sorted by name."""
+async def list_domains(store: Store, *, actor: Actor = SYSTEM) -> list[DomainView]:
+    """Every domain the actor may see, sorted by name."""
+    actor.require_console()
+    q = select(Domain).order_by(Domain.name)
+    if not actor.is_admin:
+        q = q.where(Domain.org_id == actor.org_id)
     async with store.session() as session:
-        rows = (await session.execute(select(Domain).order_by(Domain.name))).scalars().all()
+        rows = (await session.execute(q)).unique().scalars().all()
         return [_view(r) for r in rows]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
-from sqlalchemy import insert, or_, select
+from sqlalchemy import false, insert, or_, select
 
 from mxguard.storage.db import SQLAlchemyError, Store
 from mxguard.storage.models import MessageLogEntry
@@ -186,12 +186,17 @@ async def recent(store: Store, last: int = 20) -> list[MessageLogEntry]:
 async def search(store: Store, *, sender: str | None = None, recipient: str | None = None,
                  subject: str | None = None, client_ip: str | None = None, disposition: str | None = None,
                  tls: bool | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None,
-                 txn_id: str | None = None, limit: int = 100, offset: int = 0) -> list[MessageLogEntry]:
+                 txn_id: str | None = None, limit: int = 100, offset: int = 0,
+                 recipient_domains: list[str] | None = None) -> list[MessageLogEntry]:
     """Search the message log; text filters match substrings (case-insensitive). Newest first.
 
-    All values are bound parameters, never spliced into SQL.
+    ``recipient_domains`` (when not ``None``) keeps only transactions with a
+    recipient in one of those domains (an org-admin's view). All values are
+    bound parameters, never spliced into SQL.
     """
     q = select(MessageLogEntry)
+    if recipient_domains is not None:
+        q = q.where(recipient_domain_clause(recipient_domains))
     if sender:
         q = q.where(MessageLogEntry.mail_from.ilike(f"%{_escape_like(sender)}%", escape="\\"))
     if recipient:
@@ -213,6 +218,18 @@ async def search(store: Store, *, sender: str | None = None, recipient: str | No
     q = q.order_by(MessageLogEntry.id.desc()).limit(max(1, min(limit, 1000))).offset(max(0, offset))
     async with store.session() as session:
         return list((await session.execute(q)).scalars().all())
+
+
+def recipient_domain_clause(domains: list[str]):
+    """SQL condition: some envelope recipient (``rcpt_to``, space separated) is in one of ``domains``."""
+    if not domains:
+        return false()
+    clauses = []
+    for d in domains:
+        d = _escape_like(d)
+        clauses.append(MessageLogEntry.rcpt_to.ilike(f"%@{d}", escape="\\"))
+        clauses.append(MessageLogEntry.rcpt_to.ilike(f"%@{d} %", escape="\\"))
+    return or_(*clauses)
 
 
 def _escape_like(text: str) -> str:

@@ -9,7 +9,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 
@@ -60,6 +60,9 @@ class Domain(Base):
     tls_min_version: Mapped[str] = mapped_column(String(4), default="1.2")
     #: What to do when every server is unreachable: ``spool`` (accept, hold sealed) or ``defer`` (451).
     on_unreachable: Mapped[str] = mapped_column(String(8), default="spool")
+    #: The organization that owns the domain (``None``: only administrators see it).
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
+    org: Mapped["Organization | None"] = relationship(lazy="joined")
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -190,3 +193,100 @@ class SpoolAttempt(Base):
     reply: Mapped[str] = mapped_column(Text, default="")
     #: Per recipient reply codes of this attempt.
     results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+# -- tenancy, console access and audit (migration 0002_web) ------------------------------
+
+class Organization(Base):
+    """A customer of the gateway: owns domains and users."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class User(Base):
+    """Someone who signs in to the console or holds API keys.
+
+    ``role`` is ``admin`` (everything), ``org-admin`` (own organization) or
+    ``user`` (Message Center only).
+    """
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    #: argon2id hash in PHC string format.
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
+    org: Mapped["Organization | None"] = relationship(lazy="joined")
+    #: Set for generated one-time passwords: the console asks for a new one at first login.
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Consecutive failed logins since the last success.
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class WebSession(Base):
+    """A signed-in console session; the cookie holds the token, the table its SHA-256."""
+
+    __tablename__ = "web_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    client_ip: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class LoginAttempt(Base):
+    """One failed or successful login, for per-address rate limiting."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (Index("ix_login_attempts_ip_ts", "client_ip", "ts"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ts: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    email: Mapped[str] = mapped_column(String(320))
+    client_ip: Mapped[str] = mapped_column(String(64))
+    success: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiKey(Base):
+    """A REST API key: ``mxg_<prefix>_<secret>``; only the secret's SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user: Mapped["User"] = relationship(lazy="joined")
+    name: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditEntry(Base):
+    """One change: who, what, before → after."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_ts", "ts"), Index("ix_audit_log_org_id", "org_id"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ts: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    #: ``user:<email>``, ``apikey:<prefix>`` or ``cli:<unix user>``.
+    actor: Mapped[str] = mapped_column(String(400))
+    #: e.g. ``domain.add``, ``domain.update``, ``user.add``, ``tls.certificate``.
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(400), default="")
+    #: The organization the target belongs to, so org-admins see their own entries.
+    org_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

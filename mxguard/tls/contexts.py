@@ -103,3 +103,41 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class ReloadableServerContext:
+    """A server context whose certificate can be replaced while connections are open.
+
+    ``context`` is the one :class:`ssl.SSLContext` handed to the SMTP listener
+    and the HTTPS server. Its SNI callback (called for every ClientHello, with
+    or without SNI) moves each new handshake onto the current inner context,
+    so :meth:`reload` affects the next handshake only; established sessions
+    keep theirs. This also works when the new key type differs from the old
+    one (ECDSA → RSA), which ``load_cert_chain`` on a shared context would not
+    do (OpenSSL keeps one certificate per key type).
+
+    Args:
+        cert_file, key_file: PEM chain and key.
+        min_version: ``"1.2"`` or ``"1.3"``.
+
+    Raises:
+        ConfigError: the files cannot be loaded.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, *, min_version: str = "1.2"):
+        self.min_version = min_version
+        self.current = server_context(cert_file, key_file, min_version=min_version)
+        self.context = server_context(cert_file, key_file, min_version=min_version)
+        self.context.sni_callback = self._select
+
+    def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        ssl_object.context = self.current
+        return None
+
+    def reload(self, cert_file: Path, key_file: Path) -> None:
+        """Use a new chain and key for handshakes from now on.
+
+        Raises:
+            ConfigError: the files cannot be loaded; the old certificate stays in use.
+        """
+        self.current = server_context(cert_file, key_file, min_version=self.min_version)

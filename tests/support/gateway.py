@@ -46,11 +46,12 @@ class ThreadedGateway:
         records: message-log records as they are produced (in-process observer).
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, web_listen: str | None = None, web_plain_http: bool = False):
         self.settings = settings
         self.records: list[LogRecord] = []
         self.loop = LoopThread("gateway")
-        self.gateway = Gateway(settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append])
+        self.gateway = Gateway(settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append],
+                               web_listen=web_listen, web_plain_http=web_plain_http)
 
     def start(self) -> "ThreadedGateway":
         self.loop.run(self.gateway.start())
@@ -65,6 +66,11 @@ class ThreadedGateway:
     @property
     def port(self) -> int:
         return self.gateway.smtp_port
+
+    @property
+    def web_url(self) -> str:
+        """The console's base URL without the trailing slash, e.g. ``https://127.0.0.1:40123``."""
+        return self.gateway.web_url.rstrip("/")
 
     @property
     def store(self):

@@ -1,0 +1,127 @@
+"""``mxguard org add|list``, ``mxguard user add|list|passwd``, ``mxguard apikey create|list|revoke``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.table import Table
+
+from mxguard.cli.common import console, handle_errors, run, with_store
+from mxguard.services import apikeys as apikey_service
+from mxguard.services import orgs as org_service
+from mxguard.services import users as user_service
+from mxguard.services.access import Actor
+
+org_app = typer.Typer(help="Organizations: the tenants that own domains and users.", no_args_is_help=True)
+user_app = typer.Typer(help="Console users and their roles.", no_args_is_help=True)
+apikey_app = typer.Typer(help="REST API keys (Authorization: Bearer ...).", no_args_is_help=True)
+
+ROLE_HELP = "admin (everything) | org-admin (own organization) | user (Message Center only)"
+
+
+@org_app.command("add")
+@handle_errors
+def org_add(name: str = typer.Argument(..., help="Organization name")) -> None:
+    """Create an organization."""
+    view = run(with_store(lambda store: org_service.add_org(store, name, actor=Actor.cli())))
+    console.print(f"Added organization {view.name}", highlight=False)
+
+
+@org_app.command("list")
+@handle_errors
+def org_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List organizations."""
+    views = run(with_store(lambda store: org_service.list_orgs(store, actor=Actor.cli())))
+    if as_json:
+        typer.echo(json.dumps([{"name": v.name, "created_at": v.created_at.isoformat()} for v in views], indent=2))
+        return
+    for v in views:
+        console.print(v.name, highlight=False)
+
+
+def _prompt_password() -> str:
+    return typer.prompt("Password (12 characters or more)", hide_input=True, confirmation_prompt=True)
+
+
+@user_app.command("add")
+@handle_errors
+def user_add(
+    email: str = typer.Argument(..., help="Login e-mail address"),
+    role: str = typer.Option(..., "--role", metavar="ROLE", help=ROLE_HELP),
+    org: str = typer.Option(None, "--org", metavar="ORG", help="Organization (for org-admin and user)"),
+    generate: bool = typer.Option(False, "--generate-password",
+                                  help="Print a generated one-time password instead of prompting"),
+) -> None:
+    """Create a console user (prompts for a password, or prints a generated one)."""
+    password = None if generate or not sys.stdin.isatty() else _prompt_password()
+    view, generated = run(with_store(lambda store: user_service.add_user(
+        store, email, role, org=org, password=password, actor=Actor.cli())))
+    console.print(f"Added {view.role} {view.email}" + (f" ({view.org})" if view.org else ""), highlight=False)
+    if generated:
+        console.print(f"One-time password: {generated}", highlight=False)
+
+
+@user_app.command("passwd")
+@handle_errors
+def user_passwd(
+    email: str = typer.Argument(...),
+    generate: bool = typer.Option(False, "--generate-password", help="Print a generated password"),
+) -> None:
+    """Set a user's password (also unlocks a locked account and ends its sessions)."""
+    password = None if generate or not sys.stdin.isatty() else _prompt_password()
+    generated = run(with_store(lambda store: user_service.set_password(store, email, password, actor=Actor.cli())))
+    console.print(f"Password of {email} changed", highlight=False)
+    if generated:
+        console.print(f"One-time password: {generated}", highlight=False)
+
+
+@user_app.command("list")
+@handle_errors
+def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List users."""
+    views = run(with_store(lambda store: user_service.list_users(store, actor=Actor.cli())))
+    if as_json:
+        typer.echo(json.dumps([{"email": v.email, "role": v.role, "org": v.org} for v in views], indent=2))
+        return
+    table = Table(title="Users")
+    for col in ("email", "role", "organization", "last login", "locked until"):
+        table.add_column(col)
+    for v in views:
+        table.add_row(v.email, v.role, v.org or "-", str(v.last_login_at or "-"), str(v.locked_until or "-"))
+    console.print(table)
+
+
+@apikey_app.command("create")
+@handle_errors
+def apikey_create(
+    user: str = typer.Option(..., "--user", metavar="EMAIL", help="The key acts as this user, with their role"),
+    name: str = typer.Option("", "--name", help="A label for the key"),
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    key, view = run(with_store(lambda store: apikey_service.create_api_key(store, user, name=name,
+                                                                            actor=Actor.cli())))
+    console.print(f"API key {view.prefix} for {view.user} (use as: Authorization: Bearer <key>):", highlight=False)
+    typer.echo(key)
+
+
+@apikey_app.command("list")
+@handle_errors
+def apikey_list(user: str = typer.Option(None, "--user", metavar="EMAIL")) -> None:
+    """List API keys (prefix, user, last use)."""
+    views = run(with_store(lambda store: apikey_service.list_api_keys(store, actor=Actor.cli(), email=user)))
+    table = Table(title="API keys")
+    for col in ("prefix", "user", "name", "created", "last used", "revoked"):
+        table.add_column(col)
+    for v in views:
+        table.add_row(v.prefix, v.user, v.name, str(v.created_at), str(v.last_used_at or "-"), "yes" if v.revoked else "")
+    console.print(table)
+
+
+@apikey_app.command("revoke")
+@handle_errors
+def apikey_revoke(prefix: str = typer.Argument(..., help="The key's prefix (the 8 characters after mxg_)")) -> None:
+    """Revoke an API key."""
+    view = run(with_store(lambda store: apikey_service.revoke_api_key(store, prefix, actor=Actor.cli())))
+    console.print(f"Revoked {view.prefix} ({view.user})", highlight=False)

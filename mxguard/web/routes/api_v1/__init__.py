@@ -1,0 +1,9 @@
+"""REST API v1: one router per resource; every endpoint needs an API key (Bearer)."""
+
+from fastapi import APIRouter
+
+from mxguard.web.routes.api_v1 import audit, dashboard, domains, me, messages, orgs, tls, users
+
+router = APIRouter()
+for _module in (me, orgs, users, domains, messages, tls, dashboard, audit):
+    router.include_router(_module.router)

@@ -1,0 +1,56 @@
+"""``/domains``: served domains, their downstream servers and TLS policy; connection test."""
+
+from fastapi import APIRouter, Depends, Response
+
+from mxguard.services import domains as svc
+from mxguard.services.access import Actor
+from mxguard.services.probe import probe_domain
+from mxguard.web.context import WebContext
+from mxguard.web.deps import api_actor, get_ctx
+from mxguard.web.routes.api_v1.schemas import DomainChange, DomainIn, DomainOut, DomainPatch, ProbeOut
+
+router = APIRouter(prefix="/domains", tags=["domains"])
+
+
+def _out(view: svc.DomainView) -> DomainOut:
+    return DomainOut(**view.as_dict())
+
+
+@router.get("", response_model=list[DomainOut], summary="List domains")
+async def list_domains(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    return [_out(v) for v in await svc.list_domains(ctx.store, actor=actor)]
+
+
+@router.post("", response_model=DomainOut, status_code=201, summary="Add a domain")
+async def add_domain(body: DomainIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    fields = body.model_dump(exclude={"name", "servers", "org"})
+    view = await svc.add_domain(ctx.store, body.name, body.servers, actor=actor, org=body.org, **fields)
+    await ctx.config_changed()
+    return _out(view)
+
+
+@router.get("/{name}", response_model=DomainOut, summary="One domain")
+async def get_domain(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    return _out(await svc.get_domain(ctx.store, name, actor=actor))
+
+
+@router.patch("/{name}", response_model=DomainChange, summary="Change a domain (applies to the next transaction)")
+async def update_domain(name: str, body: DomainPatch, actor: Actor = Depends(api_actor),
+                        ctx: WebContext = Depends(get_ctx)):
+    before, after = await svc.update_domain(ctx.store, name, actor=actor, **body.model_dump(exclude_unset=True))
+    await ctx.config_changed()
+    return DomainChange(before=_out(before), after=_out(after))
+
+
+@router.delete("/{name}", status_code=204, response_class=Response, summary="Remove a domain")
+async def remove_domain(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    await svc.remove_domain(ctx.store, name, actor=actor)
+    await ctx.config_changed()
+    return Response(status_code=204)
+
+
+@router.post("/{name}/test", response_model=ProbeOut, summary="Test connection to each downstream server now")
+async def test_domain(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    view = await svc.get_domain(ctx.store, name, actor=actor)
+    probe = await probe_domain(view, ctx.settings.downstream, ctx.settings.hostname)
+    return ProbeOut(**probe.as_dict())

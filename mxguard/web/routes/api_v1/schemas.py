@@ -1,0 +1,166 @@
+"""Pydantic models: the REST API contract (request bodies forbid unknown fields)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+InboundTlsMode = Literal["optional", "required"]
+DownstreamTlsMode = Literal["off", "opportunistic", "required", "verify"]
+TlsVersion = Literal["1.2", "1.3"]
+RoleName = Literal["admin", "org-admin", "user"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Me(BaseModel):
+    email: str
+    role: str
+    org: str | None
+    actor: str
+
+
+class OrgIn(_In):
+    name: str = Field(min_length=1, max_length=100, description="Organization name")
+
+
+class OrgOut(BaseModel):
+    name: str
+    created_at: dt.datetime
+
+
+class UserIn(_In):
+    email: str = Field(min_length=3, max_length=320)
+    role: RoleName
+    org: str | None = Field(default=None, description="Required for org-admin and user")
+    password: str | None = Field(default=None, min_length=12, max_length=1000,
+                                 description="Omit to get a generated one-time password in the reply")
+
+
+class UserOut(BaseModel):
+    email: str
+    role: str
+    org: str | None
+    locked_until: dt.datetime | None
+    last_login_at: dt.datetime | None
+    created_at: dt.datetime
+
+
+class UserCreated(UserOut):
+    generated_password: str | None = Field(default=None, description="Shown once, when none was given")
+
+
+class DomainIn(_In):
+    name: str = Field(min_length=1, max_length=253, examples=["example.com"])
+    servers: list[str] = Field(min_length=1, max_length=20, description="Downstream servers HOST[:PORT], failover order")
+    inbound_tls: InboundTlsMode = "optional"
+    downstream_tls: DownstreamTlsMode = "opportunistic"
+    tls_ca_file: str | None = Field(default=None, description="CA bundle path on the gateway, for 'verify'")
+    tls_fingerprint: str | None = Field(default=None, description="Pinned SHA-256 fingerprint, for 'verify'")
+    tls_min_version: TlsVersion = "1.2"
+    org: str | None = Field(default=None, description="Owning organization (admins only)")
+
+
+class DomainPatch(_In):
+    servers: list[str] | None = Field(default=None, min_length=1, max_length=20)
+    inbound_tls: InboundTlsMode | None = None
+    downstream_tls: DownstreamTlsMode | None = None
+    tls_ca_file: str | None = Field(default=None, description="'' clears it")
+    tls_fingerprint: str | None = Field(default=None, description="'' clears it")
+    tls_min_version: TlsVersion | None = None
+    org: str | None = Field(default=None, description="Move to this organization (admins only); '' for none")
+
+
+class DomainOut(BaseModel):
+    name: str
+    servers: list[str]
+    inbound_tls: str
+    downstream_tls: str
+    tls_ca_file: str | None
+    tls_fingerprint: str | None
+    tls_min_version: str
+    org: str | None
+
+
+class DomainChange(BaseModel):
+    before: DomainOut
+    after: DomainOut
+
+
+class CertificateOut(BaseModel):
+    subject: str
+    issuer: str
+    sans: list[str]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    days_left: int
+    sha256: str
+    key_type: str
+
+
+class CertificateIn(_In):
+    certificate_pem: str = Field(min_length=1, description="PEM chain, leaf first")
+    key_pem: str = Field(min_length=1, description="Unencrypted PEM private key of the leaf")
+
+
+class TlsShareOut(BaseModel):
+    transactions: int
+    inbound_tls: int
+    downstream: int
+    downstream_tls: int
+    downstream_verified: int
+    inbound_pct: float | None
+    downstream_pct: float | None
+    verified_pct: float | None
+
+
+class DomainTlsOut(BaseModel):
+    domain: str
+    last_24h: TlsShareOut
+    last_30d: TlsShareOut
+
+
+class DashboardOut(BaseModel):
+    hours: list[str]
+    messages_per_hour: dict[str, list[int]]
+    tls_24h: TlsShareOut
+    spool_depth: dict[str, int] | None = Field(description="null: no spool in this build")
+    engines: list[dict[str, Any]] | None = Field(description="null: no filtering engines registered")
+
+
+class MessageOut(BaseModel):
+    """Every field the message log keeps."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int
+    txn_id: str
+    ts: str
+    client_ip: str
+    mail_from: str
+    rcpt_to: str
+    subject: str
+    disposition: str
+    inbound_tls: bool
+    downstream_tls: bool | None
+    final_reply: str
+
+
+class AuditOut(BaseModel):
+    id: int
+    ts: dt.datetime
+    actor: str
+    action: str
+    target: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class ProbeOut(BaseModel):
+    domain: str
+    downstream_tls: str
+    route_outcome: str
+    servers: list[dict[str, Any]]

@@ -1,0 +1,47 @@
+"""``/tls``: the gateway certificate (read, replace) and TLS shares per domain."""
+
+from fastapi import APIRouter, Depends
+
+from mxguard.services import certificates, stats
+from mxguard.services.access import Actor
+from mxguard.tls.certs import CertificateInfo
+from mxguard.web.context import WebContext
+from mxguard.web.deps import api_actor, get_ctx
+from mxguard.web.routes.api_v1.schemas import CertificateIn, CertificateOut, DomainTlsOut, TlsShareOut
+
+router = APIRouter(prefix="/tls", tags=["tls"])
+
+
+def _cert(info: CertificateInfo) -> CertificateOut:
+    return CertificateOut(subject=info.subject, issuer=info.issuer, sans=info.sans, not_before=info.not_before,
+                          not_after=info.not_after, days_left=int(info.days_left), sha256=info.sha256,
+                          key_type=info.key_type)
+
+
+def share_out(share: stats.TlsShare) -> TlsShareOut:
+    return TlsShareOut(transactions=share.transactions, inbound_tls=share.inbound_tls, downstream=share.downstream,
+                       downstream_tls=share.downstream_tls, downstream_verified=share.downstream_verified,
+                       inbound_pct=share.inbound_pct, downstream_pct=share.downstream_pct,
+                       verified_pct=share.verified_pct)
+
+
+@router.get("/certificate", response_model=list[CertificateOut], summary="The gateway's certificate chain")
+async def get_certificate(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    actor.require_console()
+    return [_cert(c) for c in certificates.current_chain(ctx.settings)]
+
+
+@router.put("/certificate", response_model=CertificateOut,
+            summary="Replace the certificate (validated first; new handshakes use it at once) (admin)")
+async def put_certificate(body: CertificateIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    info = await certificates.install_certificate(ctx.settings, ctx.store, body.certificate_pem.encode(),
+                                                  body.key_pem.encode(), actor=actor)
+    if ctx.reload_certificate is not None:
+        ctx.reload_certificate()
+    return _cert(info)
+
+
+@router.get("/domains", response_model=list[DomainTlsOut], summary="Inbound/downstream TLS per domain, 24 h and 30 days")
+async def per_domain(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    return [DomainTlsOut(domain=name, last_24h=share_out(day), last_30d=share_out(month))
+            for name, day, month in await stats.per_domain_tls(ctx.store, actor)]

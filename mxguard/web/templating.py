@@ -1,0 +1,52 @@
+"""Jinja2 templates from the package, auto-escaped, with a few display filters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import jinja2
+from fastapi.templating import Jinja2Templates
+
+#: The console's navigation; the spool page will add ("Spool", "/spool") when it lands.
+NAV: list[tuple[str, str]] = [
+    ("Dashboard", "/"),
+    ("Domains", "/domains"),
+    ("TLS", "/tls"),
+    ("Message log", "/log"),
+    ("Audit log", "/audit"),
+]
+
+
+def _when(value: Any) -> str:
+    if not value:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} %"
+
+
+def _fingerprint(value: str | None) -> str:
+    if not value:
+        return "-"
+    return ":".join(value[i:i + 2] for i in range(0, len(value), 2)).upper()
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str, ensure_ascii=False)
+
+
+def make_templates() -> Jinja2Templates:
+    """Templates loaded from ``mxguard/web/templates``; autoescape is always on."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("mxguard.web", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(when=_when, pct=_pct, fingerprint=_fingerprint, as_json=_as_json)
+    env.globals["NAV"] = NAV
+    return Jinja2Templates(env=env)

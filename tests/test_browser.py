@@ -1,0 +1,134 @@
+"""A real browser (Debian's Chromium, via Playwright) through the console, end to end.
+
+Log in, add a domain, set its downstream TLS to ``required``, use Test connection,
+send mail through the gateway's SMTP port to a downstream server without STARTTLS
+and see it deferred, then read the message-log entry in the page. Screenshots of
+every page go to ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.support.browser import ARTIFACTS, CHROMIUM_ARGS, chromium_path
+from tests.support.smtp import message, send
+from tests.support.web import PASSWORD
+
+
+@pytest.fixture
+def browser_page():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        # The gateway's certificate is self-signed (as after 'mxguard init').
+        context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.problems = problems
+        yield page
+        context.close()
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_console_in_a_real_browser(web, plain_sink, browser_page):
+    page = browser_page
+    url = web.url
+
+    # 1. Log in (the dashboard asks for it first).
+    page.goto(url + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    shot(page, "01-login")
+    page.fill("input[name=email]", "admin@gw.test")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+    expect(page.locator("#engine-health")).to_contain_text("No filtering engines")
+    shot(page, "02-dashboard")
+
+    # 2. Add a domain whose downstream server offers no STARTTLS.
+    page.click("nav >> text=Domains")
+    expect(page.locator("#domains")).to_contain_text("No domains yet.")
+    page.click("#add-domain")
+    page.fill("input[name=name]", "example.com")
+    page.fill("textarea[name=servers]", f"127.0.0.1:{plain_sink.port}")
+    shot(page, "03-domain-new")
+    page.click("#save")
+    expect(page.locator("#saved")).to_be_visible()
+    expect(page.locator("select[name=downstream_tls]")).to_have_value("opportunistic")
+
+    # 3. Set its downstream TLS to 'required'.
+    page.select_option("select[name=downstream_tls]", "required")
+    page.click("#save")
+    expect(page.locator("#saved")).to_be_visible()
+    expect(page.locator("select[name=downstream_tls]")).to_have_value("required")
+    shot(page, "04-domain-required")
+
+    # 4. Test connection: reachable, no STARTTLS, and the policy would defer.
+    page.click("#test-connection")
+    result = page.locator("#probe-1")
+    expect(result).to_contain_text(f"127.0.0.1:{plain_sink.port}")
+    expect(result.locator("td.starttls")).to_have_text("no")
+    expect(result.locator("td.outcome")).to_contain_text("defer")
+    expect(result.locator("td.outcome")).to_contain_text("451 4.7.5")
+    expect(page.locator("#route-outcome")).to_contain_text("defer")
+    shot(page, "05-test-connection")
+
+    # 5. Mail through the SMTP port is deferred, and nothing reaches the server in clear.
+    out = send(web.gw.port, ["alice@example.com"], message(subject="Browser test: needs TLS", to="alice@example.com"))
+    assert out.rcpt["alice@example.com"][0] == 451 and out.rcpt["alice@example.com"][1].startswith("4.7.5")
+    assert plain_sink.messages == []
+    web.gw.wait_records(1)
+    web.gw.flush_log()
+
+    # 6. Read the message-log entry in the page.
+    page.click("nav >> text=Message log")
+    page.fill("#log-search input[name=recipient]", "alice@example.com")
+    page.click("#log-search button")
+    row = page.locator("#log tbody tr").first
+    expect(row.locator("td.disposition")).to_have_text("deferred")
+    expect(row).to_contain_text("451 4.7.5")
+    shot(page, "06-message-log")
+    row.locator("a").first.click()
+    detail = page.locator("#message-detail")
+    expect(detail.locator("td.f-disposition")).to_have_text("deferred")
+    expect(detail.locator("td.f-rcpt_to")).to_have_text("alice@example.com")
+    expect(detail.locator("td.f-downstream")).to_contain_text("STARTTLS not offered")
+    expect(detail.locator("td.f-tls_version")).to_contain_text("TLSv1.")
+    shot(page, "07-message-detail")
+
+    # 7. The other pages: TLS, audit log, domain list, dashboard with the new figures.
+    page.click("nav >> text=TLS")
+    expect(page.locator("#cert-1 td.subject")).to_have_text("CN=mx.gw.test")
+    expect(page.locator("#tls-per-domain")).to_contain_text("example.com")
+    shot(page, "08-tls")
+    page.click("nav >> text=Audit log")
+    expect(page.locator("#audit")).to_contain_text("opportunistic → required")
+    expect(page.locator("#audit")).to_contain_text("user:admin@gw.test")
+    shot(page, "09-audit")
+    page.click("nav >> text=Domains")
+    expect(page.locator("#domains")).to_contain_text("required")
+    shot(page, "10-domains")
+    page.click("nav >> text=Dashboard")
+    expect(page.locator("#total-messages")).to_have_text("1")
+    for img in page.locator("section.charts img").all():   # the SVG charts loaded and rendered
+        assert img.evaluate("i => i.complete && i.naturalWidth > 0")
+    shot(page, "11-dashboard-after")
+
+    # 8. Log out: the console asks for a login again.
+    page.click("button:has-text('Log out')")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.goto(url + "/domains")
+    expect(page).to_have_url(re.compile(r"/login\?next=/domains$"))
+
+    # No CSP violation or script error on any page.
+    assert page.problems == []
