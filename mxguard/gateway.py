@@ -10,16 +10,24 @@ import structlog
 
 from mxguard.config import Settings
 from mxguard.errors import ConfigError
+from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.netaddr import parse_host_port
+from mxguard.quarantine.store import quarantine_many
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
 from mxguard.storage.messagelog import MessageLogWriter
+from mxguard.storage.sealing import Sealer
 from mxguard.tls.certs import load_chain
 from mxguard.tls.contexts import server_context
 
 log = structlog.get_logger("mxguard.gateway")
+
+
+def _subject(content: bytes) -> str:
+    from mxguard.smtp.headers import summarize
+    return summarize(content)[0]
 
 
 @dataclass
@@ -54,6 +62,8 @@ class Gateway:
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
         self.tls_context = server_context(s.path(s.tls.cert_file), s.path(s.tls.key_file),
                                           min_version=s.tls.min_version)
+        self.sealer = Sealer.from_file(s.path(s.sealing_key_file))
+        self.filters = FilterPipeline.from_settings(s)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
         self.directory = DomainDirectory(self.store)
@@ -62,7 +72,7 @@ class Gateway:
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
         self.message_log.start()
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
-                                      observers=self.observers)
+                                      observers=self.observers, filters=self.filters, hold=self._hold)
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         for endpoint in self.smtp_listen or s.smtp.listen:
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
@@ -77,6 +87,12 @@ class Gateway:
             listener.port = sock.getsockname()[1]
             self.listeners.append(listener)
             log.info("listening", smtp=f"{host}:{listener.port}", hostname=s.hostname)
+
+    async def _hold(self, *, tx, copies, verdict, score) -> list[str]:
+        """The proxy's quarantine hook: seal and store held copies (raises when the database refuses)."""
+        return await quarantine_many(self.store, self.sealer, txn_id=tx.txn_id, sender=tx.mail_from,
+                                     subject=_subject(copies[0].content), copies=copies, verdict=verdict,
+                                     score=score, retention_days=self.settings.filters.quarantine_days)
 
     def _protocol_factory(self) -> InboundSMTP:
         s = self.settings
@@ -114,6 +130,9 @@ class Gateway:
             await self.directory.stop()
         if getattr(self, "message_log", None):
             await self.message_log.stop()
+        if getattr(self, "filters", None):
+            await self.filters.close()
+            self.filters = None
         if self.store is not None:
             await self.store.close()
             self.store = None

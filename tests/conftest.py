@@ -14,6 +14,7 @@ import trustme
 from mxguard.services import domains as domain_service
 from mxguard.sink import ThreadedSink
 from mxguard.storage.db import Store
+from tests.support.dns import LoopbackDNS
 from tests.support.gateway import ThreadedGateway, init_data_dir
 from tests.support.postgres import PostgresCluster
 
@@ -26,6 +27,21 @@ def corpus_dir() -> Path:
     if not CORPUS.is_dir():
         pytest.fail(f"corpus not found at {CORPUS}; set MXGUARD_CORPUS")
     return CORPUS
+
+
+# -- DNS ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def loopback_dns():
+    """The DNS server every DNS lookup of the tests goes to (SPF/DKIM/DMARC records of the test domains)."""
+    server = LoopbackDNS().start()
+    yield server
+    server.stop()
+
+
+def gateway_environ(loopback_dns: LoopbackDNS, **overrides: str) -> dict[str, str]:
+    """Settings overrides every test gateway gets: sender checks use the loopback DNS server."""
+    return {"MXGUARD_FILTERS__DNS_SERVERS": loopback_dns.address, **overrides}
 
 
 # -- TLS material ------------------------------------------------------------------------
@@ -106,10 +122,10 @@ def data_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
-def gateway(data_dir):
-    """A running gateway (SQLite) on a free loopback port."""
+def gateway(data_dir, loopback_dns):
+    """A running gateway (SQLite) on a free loopback port, with the embedded filters."""
     from mxguard.config import load_settings
-    gw = ThreadedGateway(load_settings(data_dir, environ={})).start()
+    gw = ThreadedGateway(load_settings(data_dir, environ=gateway_environ(loopback_dns))).start()
     yield gw
     gw.stop()
 

@@ -7,8 +7,14 @@ server's own reply back (real-time recipient validation). At the end of DATA
 the message goes to each route that accepted recipients, and the sender gets
 the downstream server's final reply.
 
+Before anything is sent downstream, the message goes through the filter
+pipeline once; each recipient's domain settings turn the verdict into a
+disposition (deliver, tag, quarantine, reject, defer), and recipients whose
+copies differ get their own downstream transaction
+(:mod:`mxguard.smtp.dispositions`).
+
 A message is only written down when it cannot go straight through; that is
-the spool's job, reached through :class:`ProxyContext` hooks.
+the spool's job (and the quarantine's), reached through :class:`ProxyContext` hooks.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from mxguard.config import Settings
+from mxguard.filtering.message import Envelope
+from mxguard.filtering.pipeline import FilterPipeline
+from mxguard.filtering.verdict import Verdict
 from mxguard.services.domains import DomainView
-from mxguard.smtp import headers
+from mxguard.smtp import dispositions, headers
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import DomainDirectory, Route
@@ -73,6 +82,11 @@ class ProxyContext:
     #: Optional hook that takes over recipients whose route failed after others
     #: were accepted (the spool); returns the per-recipient results.
     on_leg_failure: Callable[..., Awaitable[list[RecipientResult] | None]] | None = None
+    #: The filter pipeline; ``None`` relays unfiltered (only for tests of the bare proxy).
+    filters: FilterPipeline | None = None
+    #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
+    #: ``None``: nothing can be held, so a message to hold is deferred (451 4.3.0).
+    hold: Callable[..., Awaitable[list[str]]] | None = None
 
     @property
     def hostname(self) -> str:
@@ -91,6 +105,10 @@ class RouteLeg:
     mail_reply: Reply | None = None
     accepted: list[str] = field(default_factory=list)
     lost: str | None = None
+    #: The filtered copy this leg carries (without Received), for ``on_leg_failure``.
+    message: bytes | None = None
+    #: Each accepted recipient's own domain (a route may serve several domains).
+    rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +128,11 @@ class Transaction:
     attempts: int = 0
     connect_ms: float = 0.0
     tls_ms: float = 0.0
+    #: The filters' verdict, set at the end of DATA (the spool reads
+    #: ``verdict.auth.sender_aligned`` before sending a DSN).
+    verdict: Verdict | None = None
+    filter_plan: dispositions.FilterPlan | None = None
+    filter_ms: float | None = None
 
 
 def _disposition_for(reply: Reply) -> str:
@@ -190,6 +213,7 @@ class ProxySession:
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
             leg.accepted.append(address)
+            leg.rcpt_domains[address] = domain
         else:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
@@ -235,15 +259,17 @@ class ProxySession:
                 return
 
     async def finish(self, content: bytes) -> Reply:
-        """End of DATA: send the message to every leg and give the sender one reply.
+        """End of DATA: filter, then send each copy downstream and give the sender one reply.
 
         Args:
             content: the message as received (dot-unstuffed, CRLF line ends).
 
         Returns:
-            the downstream server's final reply when every leg took the message;
-            the refusal when no leg did; ``250`` when some did and the rest were
-            taken over by ``on_leg_failure`` (the spool).
+            ``451 4.3.0`` when the message could not be scanned (nothing sent);
+            ``554/550 5.7.1`` when every recipient's copy is refused;
+            otherwise the downstream server's final reply when every copy was
+            taken, the refusal when none was, ``250`` when some were and the
+            rest were held (quarantine) or taken over by ``on_leg_failure``.
         """
         tx = self.tx
         assert tx is not None
@@ -251,33 +277,163 @@ class ProxySession:
         received_at = time.perf_counter()
         subject, message_id = headers.summarize(content)
         legs = [leg for leg in tx.legs.values() if leg.accepted]
-        outcomes: list[tuple[RouteLeg, Reply]] = []
+        plan = await self._filter(tx, legs, content)
         relay_started = time.perf_counter()
-        for leg in legs:
-            outcomes.append((leg, await self._send_leg(tx, leg, content)))
+        if plan is None:
+            outcomes = [(leg, await self._send_copy(tx, leg, content)) for leg in legs]
+            final = await self._combine(tx, outcomes, content)
+        else:
+            final = await self._dispose(tx, plan, legs, content)
         relay_ms = (time.perf_counter() - relay_started) * 1000
-        final = await self._combine(tx, outcomes, content)
         self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
                      accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
         self.transactions += 1
         return final
 
-    async def _send_leg(self, tx: Transaction, leg: RouteLeg, content: bytes) -> Reply:
+    async def _filter(self, tx: Transaction, legs: list[RouteLeg], content: bytes) -> dispositions.FilterPlan | None:
+        """Run the pipeline once and plan each recipient's disposition."""
+        if self.ctx.filters is None or not legs:
+            return None
+        started = time.perf_counter()
+        envelope = Envelope(client_ip=tx.client.ip, helo=tx.client.helo, mail_from=tx.mail_from,
+                            rcpts=[r for leg in legs for r in leg.accepted], txn_id=tx.txn_id)
+        tx.verdict = await self.ctx.filters.scan(content, envelope)
+        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id)
+        tx.filter_ms = (time.perf_counter() - started) * 1000
+        log.debug("filtered", txn=tx.txn_id, ms=round(tx.filter_ms, 1),
+                  dispositions={r: d.action for r, d in tx.filter_plan.by_rcpt.items()})
+        return tx.filter_plan
+
+    async def _dispose(self, tx: Transaction, plan: dispositions.FilterPlan, legs: list[RouteLeg],
+                       content: bytes) -> Reply:
+        """Carry out a filter plan: defer, refuse, hold and/or deliver the copies."""
+        if plan.deferred or (plan.held and self.ctx.hold is None):
+            await self._rset_legs(legs)
+            reply = dispositions.DEFER_REPLY
+            self._results_for(tx, legs, reply, "deferred")
+            log.warning("message deferred: not fully scanned", txn=tx.txn_id,
+                        errors=[f"{e.engine}: {e.reason}" for e in plan.verdict.errors])
+            return reply
+        if plan.rejected:
+            await self._rset_legs(legs)
+            reply = dispositions.reject_reply([d for _, _, d in plan.rejected], tx.txn_id)
+            self._results_for(tx, legs, reply, "rejected")
+            log.info("message refused by the filters", txn=tx.txn_id, reply=reply.one_line())
+            return reply
+        stripped = headers.strip_gateway_fields(content, self.ctx.hostname)
+        if plan.held:
+            # Held copies are stored first: if that fails the sender retries and
+            # nothing has been delivered; once they are stored they count as taken.
+            failure = await self._hold(tx, plan, stripped)
+            if failure is not None:
+                await self._rset_legs(legs)
+                self._results_for(tx, [leg for leg in legs if leg.accepted], failure, "deferred")
+                return failure
+        outcomes: list[tuple[RouteLeg, Reply]] = []
+        for leg in legs:
+            copies = [c for c in plan.copies if c.leg is leg]
+            if not copies:
+                await leg.conn.rset()  # every recipient of this route is held
+                continue
+            for copy in copies:
+                tagged = copy.disposition.action == "tag"
+                fields = dispositions.filter_fields(self.ctx.hostname, plan.verdict, copy.verdict_value,
+                                                    sender=tx.mail_from, helo=tx.client.helo, tagged=tagged)
+                message = dispositions.prepare(stripped, fields, tagged)
+                whole = plan.leg_is_whole(copy)
+                sub = replace(leg, accepted=list(copy.rcpts), message=message)
+                reply = await self._send_copy(tx, sub, message, fresh_envelope=not whole)
+                leg.lost = leg.lost or sub.lost
+                outcomes.append((sub, reply))
+        return await self._combine(tx, outcomes, content, held=bool(plan.held))
+
+    async def _hold(self, tx: Transaction, plan: dispositions.FilterPlan, stripped: bytes) -> Reply | None:
+        """Quarantine the held copies; returns a failure reply when they could not be stored."""
+        from mxguard.quarantine.store import HeldCopy
+
+        copies = []
+        for held in plan.held:
+            fields = dispositions.filter_fields(
+                self.ctx.hostname, plan.verdict,
+                dispositions.verdict_header_value(plan.verdict, held.disposition, tx.txn_id),
+                sender=tx.mail_from, helo=tx.client.helo, tagged=False)
+            received = self._received(tx, held.rcpt)
+            copies.append(HeldCopy(held.rcpt, held.reason, held.disposition.category,
+                                   headers.prepend_fields(stripped, [received, *fields])))
+        scores = [j.score for j in plan.verdict.junk]
+        try:
+            ids = await self.ctx.hold(tx=tx, copies=copies, verdict=plan.as_log(),
+                                      score=max(scores) if scores else None)
+        except Exception as exc:  # noqa: BLE001 - the database is down: the sender must retry
+            log.error("quarantine failed; message deferred", txn=tx.txn_id, error=repr(exc)[:200])
+            return Reply(451, "4.3.0", "Temporary local problem; nothing was delivered, try again later")
+        for held, qid in zip(plan.held, ids):
+            tx.results.append(RecipientResult(held.rcpt, 250, "2.0.0", f"held in quarantine as {qid}: {held.reason}",
+                                              "quarantined", held.leg.route.describe()))
+        log.info("held in quarantine", txn=tx.txn_id, rcpts=[h.rcpt for h in plan.held],
+                 reasons=sorted({h.reason for h in plan.held}))
+        return None
+
+    async def _rset_legs(self, legs: list[RouteLeg]) -> None:
+        for leg in legs:
+            if leg.conn is not None:
+                await leg.conn.rset()
+                if not leg.conn.is_connected:
+                    self.conns.pop(leg.route, None)
+
+    def _results_for(self, tx: Transaction, legs: list[RouteLeg], reply: Reply, disposition: str) -> None:
+        for leg in legs:
+            for rcpt in leg.accepted:
+                tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition,
+                                                  leg.route.describe()))
+
+    def _received(self, tx: Transaction, recipient: str | None) -> str:
         client = tx.client
-        received = headers.received_field(
+        return headers.received_field(
             helo=client.helo, client_ip=client.ip, hostname=self.ctx.hostname, txn_id=tx.txn_id,
             tls_version=client.tls_version, cipher=client.cipher, bits=client.bits, smtputf8=tx.smtputf8,
-            recipient=leg.accepted[0] if len(leg.accepted) == 1 else None)
-        message = headers.prepend_fields(content, [received])
+            recipient=recipient)
+
+    async def _send_copy(self, tx: Transaction, leg: RouteLeg, message: bytes, *,
+                         fresh_envelope: bool = False) -> Reply:
+        """Send one copy to ``leg.accepted`` on the leg's connection.
+
+        Args:
+            message: the copy without its ``Received`` field (added here).
+            fresh_envelope: first RSET and re-run MAIL/RCPT for ``leg.accepted``
+                (the copy goes to a subset of the recipients given at RCPT time).
+        """
+        rcpts = list(leg.accepted)
+        received = self._received(tx, rcpts[0] if len(rcpts) == 1 else None)
         try:
-            return await leg.conn.data(message)
+            if fresh_envelope:
+                mail, replies = await leg.conn.resend_envelope(tx.mail_from, rcpts, size=tx.size_hint,
+                                                               body=tx.body, smtputf8=tx.smtputf8)
+                if not mail.is_positive:
+                    return mail
+                refused = {r: rep for r, rep in replies.items() if not rep.is_positive}
+                for rcpt, rep in refused.items():
+                    # The downstream changed its mind between the two RCPTs.
+                    leg.accepted.remove(rcpt)
+                    tx.results.append(RecipientResult(rcpt, rep.code, rep.enhanced, rep.text,
+                                                      _disposition_for(rep), leg.route.describe()))
+                if not leg.accepted:
+                    await leg.conn.rset()
+                    return next(iter(refused.values()))
+            return await leg.conn.data(headers.prepend_fields(message, [received]))
         except DownstreamLost as exc:
             leg.lost = str(exc)
             self.conns.pop(leg.route, None)
             log.warning("downstream lost during DATA", txn=tx.txn_id, route=leg.route.describe(), error=str(exc))
             return Reply(451, "4.4.1", "Downstream connection lost during DATA, try again later")
 
-    async def _combine(self, tx: Transaction, outcomes: list[tuple[RouteLeg, Reply]], content: bytes) -> Reply:
+    async def _combine(self, tx: Transaction, outcomes: list[tuple[RouteLeg, Reply]], content: bytes, *,
+                       held: bool = False) -> Reply:
+        """One reply for the sender from each copy's downstream reply.
+
+        Args:
+            held: some copies were held in quarantine (they count as taken).
+        """
         positive = [(leg, r) for leg, r in outcomes if r.is_positive]
         negative = [(leg, r) for leg, r in outcomes if not r.is_positive]
         for leg, reply in positive:
@@ -285,8 +441,8 @@ class ProxySession:
                 tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, "delivered",
                                                   leg.route.describe()))
         if not negative:
-            return positive[0][1]
-        if not positive:
+            return positive[0][1] if positive else Reply(250, "2.0.0", f"Ok: accepted as {tx.txn_id}")
+        if not positive and not held:
             # Nothing was taken anywhere: the sender keeps responsibility. A
             # temporary failure wins so that the sender retries everything.
             transient = [r for _, r in negative if r.is_transient]
@@ -300,7 +456,7 @@ class ProxySession:
         for leg, reply in negative:
             taken = None
             if self.ctx.on_leg_failure is not None:
-                taken = await self.ctx.on_leg_failure(tx=tx, leg=leg, reply=reply, content=content)
+                taken = await self.ctx.on_leg_failure(tx=tx, leg=leg, reply=reply, content=leg.message or content)
             if taken is None:
                 log.error("partial delivery: recipients of a failed route were not taken over",
                           txn=tx.txn_id, route=leg.route.describe(), reply=reply.one_line(), rcpts=leg.accepted)
@@ -369,6 +525,8 @@ class ProxySession:
             final_reply=final.one_line() if final else f"(ended by {abort_reason})",
             accept_ms=accept_ms, connect_ms=tx.connect_ms or None, tls_ms=tx.tls_ms or None,
             relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
+            verdict=tx.filter_plan.as_log() if tx.filter_plan else {},
+            filter_ms=tx.filter_ms,
         )
         for observer in self.ctx.observers:
             observer(record)
