@@ -175,3 +175,32 @@ async def store(request, tmp_path):
     await s.migrate()
     yield s
     await s.close()
+
+
+# -- real filter engines (started once per run; never skipped) ----------------------------
+
+@pytest.fixture(scope="session")
+def clamd(corpus_dir):
+    """clamd on loopback with a signature database built from the corpus and EICAR."""
+    from tests.support.clamd import ClamdInstance
+    instance = ClamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-clamd-")), corpus_dir).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(loopback_dns):
+    """Rspamd's normal worker on loopback, its DNS pointed at the loopback DNS server."""
+    from tests.support.rspamd import RspamdInstance
+    instance = RspamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-rspamd-")), loopback_dns.address).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="session")
+def spamd():
+    """SpamAssassin's spamd on loopback, offline (-L)."""
+    from tests.support.spamd import SpamdInstance
+    instance = SpamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-spamd-"))).start()
+    yield instance
+    instance.stop()

@@ -24,7 +24,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dnslib import QTYPE, RCODE, RR, TXT, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
 def _rsa_pair() -> tuple[bytes, str]:
@@ -89,7 +89,8 @@ class LoopbackDNS:
         self.port = 0
 
     def start(self) -> "LoopbackDNS":
-        self.server = DNSServer(self.resolver, port=0, address="127.0.0.1")
+        quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+        self.server = DNSServer(self.resolver, port=0, address="127.0.0.1", logger=quiet)
         self.server.start_thread()
         self.port = self.server.server.server_address[1]
         return self
