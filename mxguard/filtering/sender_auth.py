@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ipaddress
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import getaddresses
 
@@ -40,6 +41,9 @@ _PSL = PublicSuffixList()
 _current_resolver: contextvars.ContextVar[dns.resolver.Resolver | None] = contextvars.ContextVar(
     "mxguard_spf_resolver", default=None)
 _original_lookup = spf.DNSLookup
+#: dkimpy logs every failed signature at ERROR; the results say it already.
+_DKIM_LOG = logging.getLogger("mxguard.dkim")
+_DKIM_LOG.setLevel(logging.CRITICAL)
 #: DKIM verification of bigger messages runs in a thread (RSA over the body hash is cheap, hashing is not).
 DKIM_THREAD_THRESHOLD = 256 * 1024
 
@@ -196,8 +200,11 @@ class SenderAuth:
 
         def verify_all() -> list[str]:
             verdicts = []
-            d = dkim.DKIM(message.raw)
-            for idx in range(len(wanted)):
+            d = dkim.DKIM(message.raw, logger=_DKIM_LOG)
+            for idx, (domain, selector) in enumerate(wanted):
+                if domain and selector and keys.get(f"{selector}._domainkey.{domain}".encode(), b"") is None:
+                    verdicts.append("temperror")  # the key lookup failed (RFC 6376 6.1.2: TEMPFAIL)
+                    continue
                 try:
                     verdicts.append("pass" if d.verify(idx=idx, dnsfunc=dnsfunc) else "fail")
                 except dkim.DnsTimeoutError:
