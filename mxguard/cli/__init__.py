@@ -15,6 +15,7 @@ from mxguard.cli import common
 from mxguard.cli.core import register as register_core
 from mxguard.cli.demo import register as register_demo
 from mxguard.cli.domain import domain_app
+from mxguard.cli.filters import register as register_filters
 from mxguard.cli.sink import register as register_sink
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ def _root(
 
 register_core(app)
 app.add_typer(domain_app, name="domain")
+register_filters(app)
 register_demo(app)
 register_sink(app)
 
