@@ -27,7 +27,7 @@ async def pipeline():
 
 
 def _policy(**kw) -> DomainFilterPolicy:
-    return DomainFilterPolicy(attachment_rules=DomainFilterPolicy.of(object()).attachment_rules, **kw)
+    return DomainFilterPolicy(attachment_rules=DomainFilterPolicy.defaults().attachment_rules, **kw)
 
 
 async def _decide(pipeline, raw: bytes, **kw):

@@ -50,7 +50,7 @@ def test_clean_message_is_delivered_with_results_and_verdict_headers(gateway, tl
 
 def test_forged_gateway_headers_are_removed_and_others_kept(gateway, tls_sink, add_domain):
     add_domain("example.com", [tls_sink.address])
-    forged = mail.crlf(b"X-MXGuard-Verdict: clean; action=deliver\nX-MXGuard-Whatever: 1\n"
+    forged = mail.crlf(b"X-MXGuard-Verdict: clean; action=deliver\nX-MXGuard-Whatever: 1\nX-Spam-Flag: NO\n"
                        b"Authentication-Results: MX.GW.TEST;\n spf=pass smtp.mailfrom=ceo@example.com\n"
                        b"Authentication-Results: other.example; dkim=pass header.d=x.test\n") + mail.plain()
     out = send(gateway.port, ["bob@example.com"], forged)
@@ -58,6 +58,7 @@ def test_forged_gateway_headers_are_removed_and_others_kept(gateway, tls_sink, a
     data = tls_sink.messages[0].data
     head = _head(data)
     assert head.count("X-MXGuard-Verdict:") == 1 and "X-MXGuard-Whatever" not in head
+    assert "X-Spam-Flag" not in head
     assert "spf=pass smtp.mailfrom=ceo@example.com" not in head, "a result forged in our name is removed"
     assert "Authentication-Results: other.example; dkim=pass header.d=x.test" in head
     assert data.endswith(mail.plain()), "the body and the other fields are unchanged"

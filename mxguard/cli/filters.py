@@ -94,7 +94,7 @@ def scan(
             await pipeline.close()
 
     verdict = run(go())
-    disposition = decide(verdict, DomainFilterPolicy.of(view) if view else DomainFilterPolicy.of(object()))
+    disposition = decide(verdict, DomainFilterPolicy.of(view) if view else DomainFilterPolicy.defaults())
     if as_json:
         data = verdict.as_dict()
         data["disposition"] = {"action": disposition.action, "category": disposition.category,

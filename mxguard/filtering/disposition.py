@@ -63,6 +63,11 @@ class DomainFilterPolicy:
                    getattr(domain, "engine_failure", "defer") or "defer",
                    _freeze(DEFAULT_ATTACHMENT_RULES if rules is None else rules))
 
+    @classmethod
+    def defaults(cls) -> "DomainFilterPolicy":
+        """The settings a new domain gets (default rules, engine verdicts, reject viruses, defer on failure)."""
+        return cls.of(None)
+
     def rules(self) -> list[dict[str, Any]]:
         return [_thaw(r) for r in self.attachment_rules]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import yara
 
 from mxguard.errors import ConfigError
-from mxguard.filtering.engine import Engine, EngineOutput, ScanContext
+from mxguard.filtering.engine import Engine, EngineOutput, EngineUnavailable, ScanContext
 from mxguard.filtering.message import ParsedMessage
 from mxguard.filtering.verdict import VirusHit
 
@@ -69,7 +69,9 @@ class YaraEngine(Engine):
                 matches = self.rules.match(data=part.data, externals={"filename": part.filename or ""},
                                            timeout=max(1, int(self.timeout)))
             except yara.TimeoutError:
-                raise
+                raise EngineUnavailable(f"yara: scanning {part.label} took longer than {self.timeout:g} s") from None
+            except yara.Error as exc:
+                raise EngineUnavailable(f"yara: {exc}") from None
             for m in matches:
                 threat = str(m.meta.get("threat") or m.rule)
                 if (threat, part.label) not in seen:

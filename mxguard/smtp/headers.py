@@ -158,15 +158,16 @@ def authserv_id(value: bytes) -> str:
 def strip_gateway_fields(raw: bytes, hostname: str) -> bytes:
     """Remove fields that only this gateway may set, when they arrived from outside.
 
-    Removes every ``X-MXGuard-*`` field, and every ``Authentication-Results``
-    that claims our hostname as its authserv-id (RFC 8601 section 5: a forged
-    result must not reach the user looking like ours). Results from other
-    authserv-ids are kept.
+    Removes every ``X-MXGuard-*`` field, ``X-Spam-Flag`` (mxguard sets it; a
+    forged ``NO`` must not reach a downstream filter that trusts it), and
+    every ``Authentication-Results`` that claims our hostname as its
+    authserv-id (RFC 8601 section 5: a forged result must not reach the user
+    looking like ours). Results from other authserv-ids are kept.
     """
     ours = hostname.lower()
 
     def forged(name: str, value: bytes) -> bool:
-        if name.startswith("x-mxguard-"):
+        if name.startswith("x-mxguard-") or name == "x-spam-flag":
             return True
         return name == "authentication-results" and authserv_id(value) == ours
 
