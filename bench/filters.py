@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -152,6 +153,7 @@ async def main() -> None:
     finally:
         for peer in peers:
             peer.stop()
+            shutil.rmtree(peer.base, ignore_errors=True)
         dns_server.stop()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import ssl
 import tempfile
 from pathlib import Path
@@ -186,6 +187,7 @@ def clamd(corpus_dir):
     instance = ClamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-clamd-")), corpus_dir).start()
     yield instance
     instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +197,7 @@ def rspamd(loopback_dns):
     instance = RspamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-rspamd-")), loopback_dns.address).start()
     yield instance
     instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)  # about 90 MB of compiled hyperscan cache
 
 
 @pytest.fixture(scope="session")
@@ -204,3 +207,4 @@ def spamd():
     instance = SpamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-spamd-"))).start()
     yield instance
     instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)
