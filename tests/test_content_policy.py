@@ -168,3 +168,12 @@ def test_rule_validation_names_the_problem():
         with pytest.raises(ValidationFailed) as err:
             validate_rules([bad])
         assert err.value.field == "attachment_rules" and needle in str(err.value)
+
+
+async def test_text_that_starts_with_mz_is_not_an_executable(pipeline):
+    raw = mail.plain("MZ Corp. announces its quarterly results.\n")
+    verdict, disposition = await _decide(pipeline, raw)
+    assert disposition.action == "deliver" and verdict.attachments == []
+    raw = mail.with_attachment(b"MZ Corp. minutes of the meeting\r\n" * 20, "minutes.txt", "text", "plain")
+    verdict, disposition = await _decide(pipeline, raw)
+    assert disposition.action == "deliver"

@@ -144,10 +144,30 @@ class ParsedMessage:
         return name in self.msg
 
 
+_PRINTABLE = frozenset(range(32, 127)) | {9, 10, 13}
+
+
+def looks_like_text(data: bytes) -> bool:
+    """True when the first 512 bytes are (almost all) printable ASCII: prose that happens to start with "MZ"."""
+    head = data[:512]
+    return bool(head) and sum(b in _PRINTABLE for b in head) >= 0.95 * len(head)
+
+
+def is_dos_executable(data: bytes) -> bool:
+    """An MZ executable: a PE signature where ``e_lfanew`` points, or binary content after "MZ"."""
+    if data[:2] != b"MZ":
+        return False
+    if len(data) >= 64:
+        offset = int.from_bytes(data[0x3C:0x40], "little")
+        if offset + 4 <= len(data) and data[offset:offset + 4] == b"PE\x00\x00":
+            return True
+    return not looks_like_text(data)
+
+
 def classify(detected: str | None, data: bytes) -> str | None:
     """The coarse kind of a part from its detected MIME type and first bytes."""
     head = data[:64]
-    if detected in _EXECUTABLE_MIME or head[:2] == b"MZ" or head[:4] in (b"\x7fELF", b"\xcf\xfa\xed\xfe"):
+    if detected in _EXECUTABLE_MIME or is_dos_executable(data) or head[:4] in (b"\x7fELF", b"\xcf\xfa\xed\xfe"):
         return "executable"
     if detected in _ARCHIVE_MIME:
         return "archive"
@@ -173,8 +193,9 @@ def detect(data: bytes) -> tuple[str | None, str | None]:
         return None, None
     kind_obj = filetype.guess(data[:8192])
     detected = kind_obj.mime if kind_obj else None
-    if detected is None and data[:2] == b"MZ":
-        detected = "application/x-msdownload"
+    if detected == "application/x-msdownload" or (detected is None and data[:2] == b"MZ"):
+        # filetype calls anything starting with "MZ" an executable; prose can start with "MZ" too.
+        detected = "application/x-msdownload" if is_dos_executable(data) else None
     return detected, classify(detected, data)
 
 
