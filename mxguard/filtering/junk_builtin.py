@@ -57,6 +57,8 @@ _EXE_LINK = re.compile(
     r"""(?:[?#][^"'\s>]*)?["'\s>]""", re.I)
 _PLAIN_EXE_LINK = re.compile(
     r"""\bhttps?://[^\s<>"']+\.(?:exe|scr|pif|bat|cmd|vbs|hta|msi|ps1|lnk|jar)\b""", re.I)
+_LINK_EXTENSIONS = (".exe", ".scr", ".com", ".pif", ".bat", ".cmd", ".vbs", ".vbe", ".js", ".jse", ".wsf",
+                    ".hta", ".msi", ".ps1", ".lnk", ".jar", ".iso", ".img")
 _ADDRESS_IN_NAME = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 
 
@@ -102,9 +104,15 @@ class BuiltinJunkEngine(Engine):
             hits.append("MIME_DEFECTS")
         if message.html and not message.text.strip():
             hits.append("HTML_ONLY")
-        if message.html and _HIDDEN.search(message.html):
+        # Cheap substring checks first: the regular expressions cost ~0.5 ms each on 20 KB of text.
+        html = message.html.lower()
+        text = message.text.lower()
+        if "style" in html and any(w in html for w in ("none", "hidden", "font-size", "white", "#fff")) \
+                and _HIDDEN.search(message.html):
             hits.append("HTML_HIDDEN_TEXT")
-        if (message.html and _EXE_LINK.search(message.html)) or _PLAIN_EXE_LINK.search(message.text):
+        if (("href" in html and any(e in html for e in _LINK_EXTENSIONS) and _EXE_LINK.search(message.html))
+                or ("://" in text and any(e in text for e in _LINK_EXTENSIONS)
+                    and _PLAIN_EXE_LINK.search(message.text))):
             hits.append("EXECUTABLE_LINK")
         if auth is not None:
             if auth.spf == "fail":
