@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from email.message import EmailMessage
 
 from mxguard.filtering.junk_builtin import BuiltinJunkEngine
 from mxguard.filtering.message import Envelope, parse_message

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mxguard.cli.common import console, fail, handle_errors, run, settings, state, with_store
+from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
 from mxguard.config import load_settings
 from mxguard.logsetup import configure as configure_logging
 
@@ -180,5 +180,3 @@ def quarantine_list(
                       r.reason)
     console.print(table)
 
-
-__all__ = ["register", "fail"]
