@@ -43,6 +43,27 @@ class SmtpSettings(_Section):
     command_timeout: float = Field(default=300.0, gt=0)
     #: Greeting banner text after the hostname.
     banner: str = "ESMTP mxguard"
+    #: Concurrent inbound connections in all; more get ``421 4.7.0`` at connect.
+    max_connections: int = Field(default=1000, ge=1)
+    #: Concurrent connections from one client address (Postfix anvil default: 50).
+    max_connections_per_client: int = Field(default=50, ge=1)
+    #: Transactions per connection; then ``421 4.7.0`` and the client reconnects.
+    max_messages_per_connection: int = Field(default=1000, ge=1)
+    #: Longest a connection may last in all, seconds (slow senders cannot hold slots forever).
+    max_session_time: float = Field(default=1800.0, gt=0)
+    #: Commands outside a transaction (NOOP, RSET, EHLO, HELP, VRFY ...) before ``421`` (Postfix junk limit).
+    junk_command_limit: int = Field(default=100, ge=1)
+    #: Error replies in a row before the connection is closed (Postfix smtpd_hard_error_limit).
+    hard_error_limit: int = Field(default=20, ge=1)
+    #: Largest header block of a message, bytes.
+    max_header_size: int = Field(default=256 * 1024, ge=1024)
+    #: Most header fields in one message.
+    max_header_fields: int = Field(default=1000, ge=10)
+    #: More Received fields than this means a mail loop (RFC 5321 section 6.3): ``554 5.4.6``.
+    max_received_headers: int = Field(default=50, ge=5)
+    #: A bare CR or LF in message data (RFC 5321 2.3.8 forbids them; SMTP smuggling uses them):
+    #: ``reject`` (554 5.6.0) or ``normalize`` (to CRLF, before filtering and relaying).
+    bare_line_endings: Literal["reject", "normalize"] = "reject"
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -172,6 +193,44 @@ class FilterSettings(_Section):
         """Seconds allowed to ``engine`` per message."""
         return self.engine_timeouts.get(engine, self.timeout)
 
+class SpoolSettings(_Section):
+    """The spool: mail held while a route is unreachable, retried with back-off."""
+
+    #: Seconds before the first retry.
+    first_retry: float = Field(default=60.0, gt=0)
+    #: Longest wait between retries, seconds (exponential back-off is capped here).
+    max_retry: float = Field(default=3600.0, gt=0)
+    #: Back-off multiplier per failed attempt.
+    backoff_factor: float = Field(default=2.0, ge=1.0)
+    #: +/- fraction of random jitter on each wait, so retries do not come in waves.
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+    #: Age after which a held message expires and its sender gets a DSN, seconds (5 days).
+    max_age: float = Field(default=5 * 86400.0, gt=0)
+    #: Simultaneous deliveries per route, so a server that comes back is not flooded.
+    route_concurrency: int = Field(default=4, ge=1, le=100)
+    #: Seconds a worker owns a claimed entry; a dead worker's entries are retried after it.
+    lease: float = Field(default=300.0, gt=0)
+    #: How often the worker looks for due entries, seconds.
+    poll_interval: float = Field(default=1.0, gt=0)
+    #: Entries claimed per poll.
+    batch: int = Field(default=100, ge=1, le=10000)
+
+
+class DsnSettings(_Section):
+    """Delivery status notifications (RFC 3464) to senders of mail that could not be delivered."""
+
+    #: Send DSNs through this relay (HOST:PORT); empty: to the sender domain's MX hosts, port 25.
+    relay: str = ""
+    #: Send DSNs at all (only ever to senders that passed SPF or DKIM alignment).
+    enabled: bool = True
+
+    @field_validator("relay")
+    @classmethod
+    def _valid_relay(cls, value: str) -> str:
+        if value:
+            parse_host_port(value, default_port=25)
+        return value
+
 
 class LogSettings(_Section):
     """Process log (structlog) and message log batching."""
@@ -192,6 +251,8 @@ class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     downstream: DownstreamSettings = Field(default_factory=DownstreamSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    dsn: DsnSettings = Field(default_factory=DsnSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
 
@@ -316,6 +377,20 @@ max_recipients = {s.smtp.max_recipients}
 # Idle seconds allowed between commands (RFC 5321 4.5.3.2.7).
 command_timeout = {s.smtp.command_timeout}
 banner = "{s.smtp.banner}"
+# Connections in all and per client address; transactions per connection; seconds a
+# connection may last; commands outside a transaction; error replies in a row.
+max_connections = {s.smtp.max_connections}
+max_connections_per_client = {s.smtp.max_connections_per_client}
+max_messages_per_connection = {s.smtp.max_messages_per_connection}
+max_session_time = {s.smtp.max_session_time}
+junk_command_limit = {s.smtp.junk_command_limit}
+hard_error_limit = {s.smtp.hard_error_limit}
+# Header block size (bytes) and field count; Received fields before a loop is declared.
+max_header_size = {s.smtp.max_header_size}
+max_header_fields = {s.smtp.max_header_fields}
+max_received_headers = {s.smtp.max_received_headers}
+# A bare CR or LF in message data (SMTP smuggling): "reject" or "normalize" to CRLF.
+bare_line_endings = "{s.smtp.bare_line_endings}"
 
 [tls]
 # The gateway's certificate (PEM, chain allowed) and key, for STARTTLS and HTTPS.
@@ -329,6 +404,26 @@ min_version = "{s.tls.min_version}"
 connect_timeout = {s.downstream.connect_timeout}
 command_timeout = {s.downstream.command_timeout}
 data_timeout = {s.downstream.data_timeout}
+
+[spool]
+# Held mail (every server of a route unreachable): seconds to the first retry, the longest
+# wait between retries, back-off factor and jitter, expiry age (then a DSN), deliveries
+# per route at a time, worker lease, poll interval and batch size.
+first_retry = {s.spool.first_retry}
+max_retry = {s.spool.max_retry}
+backoff_factor = {s.spool.backoff_factor}
+jitter = {s.spool.jitter}
+max_age = {s.spool.max_age}
+route_concurrency = {s.spool.route_concurrency}
+lease = {s.spool.lease}
+poll_interval = {s.spool.poll_interval}
+batch = {s.spool.batch}
+
+[dsn]
+# Delivery status notifications (RFC 3464), only to senders that passed SPF or DKIM
+# alignment. relay = "HOST:PORT" sends them through a relay; empty: the sender's MX, port 25.
+enabled = {str(s.dsn.enabled).lower()}
+relay = "{s.dsn.relay}"
 
 [log]
 # debug | info | warning | error; console | json

@@ -226,6 +226,12 @@ class DemoEnvironment:
         self.sink_tls = await DownstreamSink(tls_context=server_context(labdir / "cert.pem", labdir / "key.pem"),
                                              hostname="mail.example.com").start()
         self.sink_plain = await DownstreamSink(hostname="legacy-mail.example.org").start()
+        # A branch office server that will be down for a moment: its mail goes through the spool.
+        self.sink_branch = await DownstreamSink(tls_context=server_context(labdir / "cert.pem", labdir / "key.pem"),
+                                                hostname="mail.branch.example.com").start()
+        self.settings.spool.first_retry = 0.3
+        self.settings.spool.max_retry = 1.0
+        self.settings.spool.poll_interval = 0.2
         self.gateway = Gateway(self.settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append])
         await self.gateway.start()
         store = self.gateway.store
@@ -235,12 +241,15 @@ class DemoEnvironment:
                                         downstream_tls="opportunistic")
         await domain_service.add_domain(store, "legacy.example.org", [f"127.0.0.1:{self.sink_plain.port}"],
                                         downstream_tls="required")
+        await domain_service.add_domain(store, "branch.example.com", [f"127.0.0.1:{self.sink_branch.port}"],
+                                        downstream_tls="required")
         await self.gateway.directory.refresh_if_changed()
 
     async def stop(self) -> None:
         await self.gateway.stop()
         await self.sink_tls.stop()
         await self.sink_plain.stop()
+        await self.sink_branch.stop()
         self.dns.stop()
         if self.own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -355,9 +364,13 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
                       highlight=False)
         messages = corpus_messages(corpus) if corpus else default_messages(env.dns.sign)
         results = [await env.send(m) for m in messages]
+        if not corpus:
+            results.append(await _spool_round_trip(env, console))
         await env.gateway.message_log.flush()
         console.print(results_table(results, "Corpus through the gateway" if corpus else "What happened to each recipient"))
         status = _report(console, env, results, corpus is not None)
+        if not corpus:
+            await _print_spool(env, console)
         if keep_running:
             _print_running(console, env)
             stop = asyncio.Event()
@@ -366,6 +379,39 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
         return status
+
+
+async def _spool_round_trip(env: DemoEnvironment, console: Console) -> SendResult:
+    """Take the branch office server down, send to it, bring it back, wait for the spool to deliver."""
+    await env.sink_branch.stop()
+    result = await env.send(DemoMessage("branch server down (spool)", ["dana@branch.example.com"],
+                                        _simple("dana@branch.example.com", "Held while your server was down",
+                                                "This message waited in the gateway's spool, sealed.")))
+    await asyncio.sleep(0.9)  # a retry fails while the server is still down
+    await env.sink_branch.start()
+    from mxguard.spool import queue
+    deadline = time.monotonic() + 10
+    while await queue.list_entries(env.gateway.store) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return result
+
+
+async def _print_spool(env: DemoEnvironment, console: Console) -> None:
+    from mxguard.spool import queue
+    entries = await queue.list_entries(env.gateway.store, status=None)
+    table = Table(title="Spool: held while the branch server was down, then delivered")
+    for col in ("entry", "recipient", "attempt", "server", "downstream TLS", "reply"):
+        table.add_column(col, overflow="fold")
+    for entry in entries:
+        _, attempts = await queue.get_entry(env.gateway.store, entry.id)
+        for n, a in enumerate(attempts, 1):
+            tls = f"{a.tls_version}" if a.tls else "none"
+            table.add_row(f"#{entry.id} {entry.status}", ", ".join(r["rcpt"] for r in entry.recipients), str(n),
+                          (a.server or "-")[:60], tls, a.reply[:70])
+    console.print(table)
+    if env.sink_branch.messages:
+        m = env.sink_branch.messages[0]
+        console.print(f"The branch server received the spooled message over {m.tls_version}.", highlight=False)
 
 
 def _report(console: Console, env: DemoEnvironment, results: list[SendResult], corpus: bool) -> int:
@@ -397,15 +443,17 @@ def _report(console: Console, env: DemoEnvironment, results: list[SendResult], c
         for p in problems:
             console.print(f"  [yellow]{p}[/yellow]", highlight=False)
         return 0 if not problems else 1
-    n = len(env.sink_tls.messages) + len(env.sink_plain.messages)
-    with_tls = sum(1 for m in env.sink_tls.messages + env.sink_plain.messages if m.tls)
+    arrived = env.sink_tls.messages + env.sink_plain.messages + env.sink_branch.messages
+    n = len(arrived)
+    with_tls = sum(1 for m in arrived if m.tls)
+    spooled = [r for r in results if r.record and r.record.disposition == "spooled"]
     filtered = [r for r in results if r.record and r.record.verdict and r.record.disposition in
                 ("rejected", "quarantined") and r.record.final_code is not None and r.record.final_code >= 250]
     refused = sum(1 for r in filtered if r.record.disposition == "rejected")
-    console.print(f"{len(delivered)} of {len(results)} transactions delivered; the filters refused {refused} and held "
-                  f"{len(filtered) - refused} in quarantine; the downstream servers received {n} messages, "
-                  f"{with_tls} of them over TLS. Message log: {env.gateway.message_log.written} records.",
-                  highlight=False)
+    console.print(f"{len(delivered)} of {len(results)} transactions delivered at once, {len(spooled)} held in the spool; "
+                  f"the filters refused {refused} and held {len(filtered) - refused} in quarantine; "
+                  f"the downstream servers received {n} messages, {with_tls} of them over TLS. "
+                  f"Message log: {env.gateway.message_log.written} records.", highlight=False)
     return 0
 
 

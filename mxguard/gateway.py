@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import structlog
@@ -14,11 +16,14 @@ from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.netaddr import parse_host_port
 from mxguard.quarantine.store import quarantine_many
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
+from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
+from mxguard.spool.accept import StoreSpooler
+from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
-from mxguard.storage.sealing import Sealer
+from mxguard.storage.sealing import KeyRing
 from mxguard.tls.certs import load_chain
 from mxguard.tls.contexts import server_context
 
@@ -51,6 +56,10 @@ class Gateway:
     store: Store | None = None
     listeners: list[Listener] = field(default_factory=list)
     observers: list = field(default_factory=list)
+    #: Seconds a transaction in progress may take to finish at shutdown.
+    shutdown_grace: float = 10.0
+    #: Run the spool delivery worker in this process (on SQLite only one process per data dir does).
+    spool_worker: bool = True
 
     async def start(self) -> None:
         """Open the database (migrating it), load TLS and domains, and listen.
@@ -62,7 +71,6 @@ class Gateway:
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
         self.tls_context = server_context(s.path(s.tls.cert_file), s.path(s.tls.key_file),
                                           min_version=s.tls.min_version)
-        self.sealer = Sealer.from_file(s.path(s.sealing_key_file))
         self.filters = FilterPipeline.from_settings(s)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
@@ -71,9 +79,18 @@ class Gateway:
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
         self.message_log.start()
+        self.keyring = KeyRing(s.path(s.sealing_key_file))
+        self.spooler = StoreSpooler(self.store, self.keyring, s)
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
-                                      observers=self.observers, filters=self.filters, hold=self._hold)
+                                      observers=self.observers, spooler=self.spooler, filters=self.filters,
+                                      hold=self._hold)
+        self.worker: SpoolWorker | None = None
+        if self.spool_worker and self._claim_worker_lock():
+            self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log)
+            self.worker.start()
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
+        self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
+        self.connections = ConnectionCounter(s.smtp)
         for endpoint in self.smtp_listen or s.smtp.listen:
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
             listener = Listener(host, port)
@@ -90,14 +107,28 @@ class Gateway:
 
     async def _hold(self, *, tx, copies, verdict, score) -> list[str]:
         """The proxy's quarantine hook: seal and store held copies (raises when the database refuses)."""
-        return await quarantine_many(self.store, self.sealer, txn_id=tx.txn_id, sender=tx.mail_from,
+        return await quarantine_many(self.store, self.keyring.get(), txn_id=tx.txn_id, sender=tx.mail_from,
                                      subject=_subject(copies[0].content), copies=copies, verdict=verdict,
                                      score=score, retention_days=self.settings.filters.quarantine_days)
 
+    def _claim_worker_lock(self) -> bool:
+        """On SQLite only one process per data dir runs the spool worker (an flock decides)."""
+        if not self.store.is_sqlite:
+            return True  # PostgreSQL: row leases with SKIP LOCKED let every node work
+        import fcntl
+        self._worker_lock = open(self.settings.data_dir / "spool-worker.lock", "a")
+        try:
+            fcntl.flock(self._worker_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("another process runs the spool worker for this data dir")
+            self._worker_lock.close()
+            return False
+        return True
+
     def _protocol_factory(self) -> InboundSMTP:
         s = self.settings
-        return InboundSMTP(
-            self.handler, self.proxy_ctx,
+        protocol = InboundSMTP(
+            self.handler, self.proxy_ctx, s.smtp, self.connections,
             hostname=s.hostname,
             ident=s.smtp.banner,
             tls_context=self.tls_context,
@@ -108,6 +139,8 @@ class Gateway:
             timeout=s.smtp.command_timeout,
             loop=asyncio.get_running_loop(),
         )
+        self.sessions.add(protocol)
+        return protocol
 
     @property
     def smtp_port(self) -> int:
@@ -126,6 +159,11 @@ class Gateway:
                 except asyncio.TimeoutError:
                     pass
         self.listeners.clear()
+        await self._close_sessions()
+        if getattr(self, "worker", None):
+            await self.worker.stop()
+        if getattr(self, "_worker_lock", None) and not self._worker_lock.closed:
+            self._worker_lock.close()
         if getattr(self, "directory", None):
             await self.directory.stop()
         if getattr(self, "message_log", None):
@@ -136,6 +174,20 @@ class Gateway:
         if self.store is not None:
             await self.store.close()
             self.store = None
+
+    async def _close_sessions(self) -> None:
+        """Let transactions in progress finish (up to ``shutdown_grace``), then close every session."""
+        sessions = list(getattr(self, "sessions", ()))
+        deadline = time.monotonic() + self.shutdown_grace
+        while any(p.busy for p in sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for protocol in sessions:
+            await protocol.shutdown()
+        ctx = getattr(self, "proxy_ctx", None)
+        for _ in range(3):  # closing a session may schedule its downstream clean-up
+            await asyncio.sleep(0)
+            if ctx is not None and ctx.closing:
+                await asyncio.wait(list(ctx.closing), timeout=5)
 
     async def run_forever(self) -> None:
         """``start``, then wait for SIGTERM/SIGINT, then ``stop``."""

@@ -64,6 +64,12 @@ class _SinkHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope):
         if self.sink.data_reply:
             return self.sink.data_reply
+        if self.sink.die_at_data:
+            # A server that dies after receiving the data, before its reply: nothing is kept.
+            server.transport.close()
+            return "421 4.3.0 going away"
+        if self.sink.reject_marker and self.sink.reject_marker in envelope.original_content:
+            return "554 5.7.1 Message refused by the downstream content policy"
         sslobj = server.transport.get_extra_info("ssl_object") if server.transport else None
         cipher = sslobj.cipher() if sslobj else None
         msg = ReceivedMessage(
@@ -72,6 +78,9 @@ class _SinkHandler:
             peer=str(session.peer[0]) if session.peer else "", helo=session.host_name or "",
             mail_options=list(envelope.mail_options))
         self.sink._store(msg)
+        if self.sink.data_delay:
+            # The message is taken; the reply is late (a crash here leaves the sender unsure).
+            await asyncio.sleep(self.sink.data_delay)
         return f"250 2.0.0 Ok: queued as S{len(self.sink.messages):05d}"
 
 
@@ -90,6 +99,9 @@ class DownstreamSink:
         messages: received messages, in order.
         rcpt_replies: ``{address: reply}`` to refuse chosen recipients.
         data_reply: if set, every DATA gets this reply (e.g. ``"451 4.3.0 busy"``).
+        reject_marker: a message containing these bytes gets ``554 5.7.1``.
+        data_delay: seconds to wait between taking a message and replying 250.
+        die_at_data: drop the connection at the end of DATA without keeping the message.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls_context: ssl.SSLContext | None = None,
@@ -103,6 +115,9 @@ class DownstreamSink:
         self.messages: list[ReceivedMessage] = []
         self.rcpt_replies: dict[str, str] = {}
         self.data_reply: str | None = None
+        self.reject_marker: bytes | None = None
+        self.data_delay: float = 0.0
+        self.die_at_data = False
         self.connections = 0
         self._protocols: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._server: asyncio.base_events.Server | None = None
@@ -126,6 +141,24 @@ class DownstreamSink:
                         loop=asyncio.get_running_loop())
         self._protocols.add(protocol)
         return protocol
+
+    def _in_own_loop(self, coro) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("await the coroutine instead when running in the sink's loop")
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def pause(self) -> None:
+        """From another thread: stop listening and drop connections (the server goes down)."""
+        self.drop_connections()
+        self._in_own_loop(self.stop())
+
+    def resume(self) -> None:
+        """From another thread: listen again on the same port (the server comes back)."""
+        self._in_own_loop(self.start())
 
     def drop_connections(self) -> None:
         """Close every open client connection (as a server's idle timeout would); thread-safe."""
@@ -202,14 +235,6 @@ class ThreadedSink:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-    def pause(self) -> None:
-        """Stop listening but keep the recorded messages (downstream "down")."""
-        asyncio.run_coroutine_threadsafe(self.sink.stop(), self._loop).result(10)
-
-    def resume(self) -> None:
-        """Listen again on the same port."""
-        asyncio.run_coroutine_threadsafe(self.sink.start(), self._loop).result(10)
 
     def __enter__(self) -> DownstreamSink:
         return self.start()

@@ -122,11 +122,34 @@ def data_dir(tmp_path) -> Path:
     return path
 
 
+def apply_overrides(settings, overrides: dict) -> None:
+    """Set ``{"spool.first_retry": 0.5, ...}`` on a Settings object."""
+    for dotted, value in overrides.items():
+        target = settings
+        *path, last = dotted.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+
+
+#: Spool timings for tests: retries within a second, short leases.
+FAST_SPOOL = {"spool.first_retry": 0.3, "spool.max_retry": 1.0, "spool.poll_interval": 0.1, "spool.lease": 3.0,
+              "spool.jitter": 0.0}
+
+
 @pytest.fixture
-def gateway(data_dir, loopback_dns):
+def gateway_overrides() -> dict:
+    """Settings overrides for the ``gateway`` fixture; override this fixture in a test module."""
+    return {}
+
+
+@pytest.fixture
+def gateway(data_dir, gateway_overrides, loopback_dns):
     """A running gateway (SQLite) on a free loopback port, with the embedded filters."""
     from mxguard.config import load_settings
-    gw = ThreadedGateway(load_settings(data_dir, environ=gateway_environ(loopback_dns))).start()
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
+    apply_overrides(settings, gateway_overrides)
+    gw = ThreadedGateway(settings).start()
     yield gw
     gw.stop()
 

@@ -90,7 +90,7 @@ def test_gtube_is_quarantined_not_rejected_by_default(gateway, tls_sink, add_dom
     assert rec.disposition == "quarantined"
     held = _held(gateway, "bob@example.com")
     assert len(held) == 1
-    row, content = gateway.run(get_quarantined(gateway.store, gateway.gateway.sealer, held[0].id))
+    row, content = gateway.run(get_quarantined(gateway.store, gateway.gateway.keyring.get(), held[0].id))
     assert row.category == "junk" and row.score == 1000.0 and "builtin" in row.reason
     assert row.subject == "GTUBE test" and row.sender == "a@sender.test" and row.txn_id == rec.txn_id
     assert content.endswith(body) and b"X-MXGuard-Verdict: junk; action=quarantine" in content

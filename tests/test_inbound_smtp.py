@@ -99,7 +99,7 @@ def test_downstream_replies_are_passed_through(gateway, tls_sink, add_domain):
 
 
 def test_downstream_4xx_after_data_is_passed_to_the_sender(gateway, tls_sink, add_domain):
-    add_domain("example.com", [tls_sink.address])
+    add_domain("example.com", [tls_sink.address], on_unreachable="defer")
     tls_sink.data_reply = "451 4.3.0 Try again later"
     out = send(gateway.port, ["alice@example.com"])
     assert out.data == (451, "4.3.0 Try again later")
@@ -215,6 +215,7 @@ def test_starttls_resets_the_session(gateway, tls_sink, add_domain):
         assert code == 503
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_no_tls_before_1_2_is_offered(gateway):
     ctx = _insecure()
     ctx.minimum_version = ssl.TLSVersion.TLSv1

@@ -25,7 +25,7 @@ def test_failover_to_the_second_server(gateway, tls_sink, add_domain):
 
 
 def test_every_server_down_defers_with_451_4_4_1(gateway, add_domain):
-    add_domain("example.com", [f"127.0.0.1:{_dead_port()}", f"127.0.0.1:{_dead_port()}"])
+    add_domain("example.com", [f"127.0.0.1:{_dead_port()}", f"127.0.0.1:{_dead_port()}"], on_unreachable="defer")
     out = send(gateway.port, ["alice@example.com"])
     code, text = out.rcpt["alice@example.com"]
     assert code == 451 and text.startswith("4.4.1")
@@ -79,7 +79,7 @@ def test_two_routes_in_one_transaction(gateway, tls_sink, plain_sink, add_domain
 
 def test_one_route_down_others_fine_at_rcpt(gateway, tls_sink, add_domain):
     add_domain("example.com", [tls_sink.address])
-    add_domain("down.example", [f"127.0.0.1:{_dead_port()}"])
+    add_domain("down.example", [f"127.0.0.1:{_dead_port()}"], on_unreachable="defer")
     out = send(gateway.port, ["alice@example.com", "bob@down.example"])
     assert out.rcpt["bob@down.example"][0] == 451
     assert out.data[0] == 250

@@ -17,6 +17,7 @@ from mxguard.cli.demo import register as register_demo
 from mxguard.cli.domain import domain_app
 from mxguard.cli.filters import register as register_filters
 from mxguard.cli.sink import register as register_sink
+from mxguard.cli.spool import keys_app, spool_app
 
 app = typer.Typer(
     name="mxguard",
@@ -38,6 +39,8 @@ def _root(
 register_core(app)
 app.add_typer(domain_app, name="domain")
 register_filters(app)
+app.add_typer(spool_app, name="spool")
+app.add_typer(keys_app, name="keys")
 register_demo(app)
 register_sink(app)
 

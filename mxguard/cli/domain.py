@@ -15,6 +15,7 @@ domain_app = typer.Typer(help="Served domains, their downstream servers and TLS 
 SERVER_HELP = "Downstream server HOST[:PORT] (port 25 by default); repeat for failover, in order"
 DOWNSTREAM_HELP = "TLS to the downstream server: off | opportunistic | required | verify (default: opportunistic)"
 INBOUND_HELP = "TLS from senders: optional | required (530 5.7.0 without STARTTLS) (default: optional)"
+UNREACHABLE_HELP = "Every server down: spool (accept, hold sealed, deliver later) | defer (451 4.4.1) (default: spool)"
 JUNK_Q_HELP = ("Junk score at or above which mail is quarantined, on the junk engine's own scale; "
                "'off' = the engine's own spam verdict (default)")
 JUNK_R_HELP = "Junk score at or above which mail is refused (550 5.7.1); 'off' = never (default)"
@@ -59,6 +60,7 @@ def add(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
     junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
     junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
     junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
@@ -70,7 +72,8 @@ def add(
     filters = _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules)
     view = run(with_store(lambda store: svc.add_domain(
         store, domain, server, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
-        tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version, **filters)))
+        tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
+        on_unreachable=on_unreachable, **filters)))
     console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
                   f"inbound TLS {view.inbound_tls})", highlight=False)
 
@@ -85,6 +88,7 @@ def set_(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
     junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
     junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
     junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
@@ -95,6 +99,7 @@ def set_(
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
                    tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
+                   on_unreachable=on_unreachable,
                    **_filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure,
                                      attachment_rules))
     before, after = run(with_store(lambda store: svc.update_domain(store, domain, **changes)))

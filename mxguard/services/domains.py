@@ -25,6 +25,7 @@ DOMAIN_DEFAULTS: dict[str, Any] = {
     "tls_ca_file": None,
     "tls_fingerprint": None,
     "tls_min_version": TlsVersion.V1_2.value,
+    "on_unreachable": "spool",
     # Filtering (issue 3): see mxguard.filtering.disposition.
     "junk_quarantine": None,
     "junk_reject": None,
@@ -51,6 +52,8 @@ class DomainView:
     tls_ca_file: str | None = None
     tls_fingerprint: str | None = None
     tls_min_version: str = "1.2"
+    #: ``spool`` (accept and hold when every server is down) or ``defer`` (``451 4.4.1``).
+    on_unreachable: str = "spool"
     junk_quarantine: float | None = None
     junk_reject: float | None = None
     junk_tag: float | None = None
@@ -126,6 +129,8 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
             except ValueError:
                 allowed = ", ".join(e.value for e in enum)
                 raise ValidationFailed(key, f"{out[key]!r} is not one of: {allowed}") from None
+    if "on_unreachable" in out and out["on_unreachable"] not in ("spool", "defer"):
+        raise ValidationFailed("on_unreachable", f"{out['on_unreachable']!r} is not one of: spool, defer")
     if out.get("tls_fingerprint"):
         try:
             out["tls_fingerprint"] = normalize_fingerprint(out["tls_fingerprint"])
@@ -207,7 +212,7 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
         name: the domain (``example.com``); IDNA names are stored in ASCII form.
         servers: downstream servers in failover order, ``host[:port]`` (port 25 by default).
         **fields: any of ``inbound_tls``, ``downstream_tls``, ``tls_ca_file``,
-            ``tls_fingerprint``, ``tls_min_version``, ``junk_quarantine``,
+            ``tls_fingerprint``, ``tls_min_version``, ``on_unreachable``, ``junk_quarantine``,
             ``junk_reject``, ``junk_tag`` (scores, or ``"off"``),
             ``virus_action`` (``reject``/``quarantine``), ``engine_failure``
             (``defer``/``tag``), ``attachment_rules`` (a list or its JSON text)
@@ -230,11 +235,12 @@ async def add_domain(store: Store, name: str, servers: list[str], **fields: Any)
     async with store.session() as session:
         row = Domain(name=domain, **values)
         session.add(row)
-        await bump_generation(session)
         try:
-            await session.commit()
+            await session.flush()
         except IntegrityError:
             raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
+        await bump_generation(session)
+        await session.commit()
         return _view(row)
 
 

@@ -17,6 +17,8 @@ import ssl
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from mxguard.config import SmtpSettings
+from mxguard.smtp import limits
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
 
@@ -31,25 +33,88 @@ class InboundSMTP(SMTP):
     Args:
         handler: the :class:`InboundHandler`.
         proxy_ctx: shared gateway context for the proxy session.
+        limits_: the front door's limits (``[smtp]`` settings).
+        counter: open connections, shared by every session of the gateway.
         **kwargs: passed to :class:`aiosmtpd.smtp.SMTP`.
     """
 
-    def __init__(self, handler: "InboundHandler", proxy_ctx: ProxyContext, **kwargs):
+    def __init__(self, handler: "InboundHandler", proxy_ctx: ProxyContext, limits_: SmtpSettings,
+                 counter: limits.ConnectionCounter, **kwargs):
         super().__init__(handler, **kwargs)
         self.proxy = ProxySession(proxy_ctx)
+        self.limits = limits_
+        self.counter = counter
         self._greeting_sent = False
         self._plain_replies = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
         self._proxy_closed = False
+        self._refused = False
+        self._client_key: str | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
+        self.junk_commands = 0
+        self.errors_in_a_row = 0
+        self.closing = False
 
     async def push(self, status) -> None:  # noqa: D401 - aiosmtpd API
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
+        if status.startswith("502 5.5.1 Too many unrecognized commands"):
+            # aiosmtpd's own limit on unknown commands; it closes the connection next,
+            # which RFC 5321 3.8 announces with 421.
+            peer = self.session.peer if self.session else None
+            log.warning("limit reached; closing", limit="unrecognized_commands",
+                        client=peer[0] if isinstance(peer, tuple) else peer)
+            status = "421 4.7.0 Too many unrecognized commands, closing"
         if self._greeting_sent and not self._plain_replies:
             status = with_enhanced_code(status)
         self._greeting_sent = True
         await super().push(status)
+        code = status[:1]
+        if code == "5":
+            self.errors_in_a_row += 1
+            if self.errors_in_a_row >= self.limits.hard_error_limit and not self.closing:
+                await self.close_with(limits.TOO_MANY_ERRORS, "hard_error_limit")
+        elif code in "23":
+            self.errors_in_a_row = 0
+
+    async def close_with(self, reply: Reply, limit: str) -> None:
+        """Say ``reply`` (a 421) and close: a limit was reached. The process log names the limit."""
+        self.closing = True
+        peer = self.session.peer if self.session else None
+        log.warning("limit reached; closing", limit=limit, client=peer[0] if isinstance(peer, tuple) else peer,
+                    reply=reply.one_line())
+        await self.proxy.abort(limit)
+        try:
+            await super().push(str(reply))
+        except (ConnectionError, RuntimeError):
+            pass
+        if self.transport is not None:
+            self.transport.close()
+
+    def count_junk(self) -> bool:
+        """Count a command outside a transaction; True when the junk limit is reached."""
+        if self.proxy.tx is not None:
+            return False
+        self.junk_commands += 1
+        return self.junk_commands > self.limits.junk_command_limit
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
+        await super().smtp_NOOP(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
+        await super().smtp_RSET(arg)
+
+    async def smtp_HELP(self, arg: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
+        await super().smtp_HELP(arg)
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         self._plain_replies = True
         try:
             await super().smtp_EHLO(hostname)
@@ -57,6 +122,8 @@ class InboundSMTP(SMTP):
             self._plain_replies = False
 
     async def smtp_HELO(self, hostname: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -68,6 +135,8 @@ class InboundSMTP(SMTP):
         await self.push("502 5.5.1 AUTH not available on this server")
 
     async def smtp_VRFY(self, arg: str) -> None:
+        if self.count_junk():
+            return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         await self.push("502 5.5.1 VRFY command is disabled")
 
     async def smtp_EXPN(self, arg: str) -> None:
@@ -75,16 +144,58 @@ class InboundSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         upgraded = self.transport is not None and self._original_transport is not None
+        if not upgraded:
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+            refusal = self.counter.admit(client)
+            if refusal is not None:
+                # Refuse before the greeting (RFC 5321 3.1: 421 instead of 220), and log it.
+                self._refused = True
+                log.warning("limit reached; connection refused", client=client, reply=refusal.one_line())
+                transport.write(str(refusal).encode() + b"\r\n")
+                transport.close()
+                return
+            self._client_key = client
+            self._session_timer = self.loop.call_later(self.limits.max_session_time, self._session_expired)
         super().connection_made(transport)
         if upgraded:
             # RFC 3207 4.2: STARTTLS resets the SMTP state; end any transaction.
             self.loop.create_task(self.proxy.abort("STARTTLS"))
 
+    def _session_expired(self) -> None:
+        self.loop.create_task(self.close_with(limits.SESSION_TOO_LONG, "max_session_time"))
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._client_key is not None:
+            self.counter.release(self._client_key)
+            self._client_key = None
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         super().connection_lost(error)
         if not self._proxy_closed:
             self._proxy_closed = True
-            self.loop.create_task(self.proxy.close())
+            task = self.loop.create_task(self.proxy.close())
+            closing = self.proxy.ctx.closing
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    @property
+    def busy(self) -> bool:
+        """True while a transaction is open (between MAIL and its end)."""
+        return self.proxy.tx is not None
+
+    async def shutdown(self) -> None:
+        """Tell an idle client the service is going away (RFC 5321 3.8) and close."""
+        if self.transport is None:
+            return
+        try:
+            await asyncio.wait_for(self.push("421 4.3.2 Service shutting down, try again later"), 1)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        if self.transport is not None:
+            self.transport.close()
 
     def client_info(self) -> ClientInfo:
         """Who is connected, and with which TLS, right now."""
@@ -125,11 +236,15 @@ class InboundHandler:
 
     async def handle_MAIL(self, server: InboundSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if server.proxy.transactions >= server.limits.max_messages_per_connection:
+            await server.close_with(limits.TOO_MANY_MESSAGES, "max_messages_per_connection")
+            return str(limits.TOO_MANY_MESSAGES)
         sender = "" if address == "<>" else address
         smtputf8 = "SMTPUTF8" in mail_options
         if not smtputf8 and not sender.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
         server.proxy.begin(server.client_info(), sender, mail_options)
+        server.junk_commands = 0
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -162,8 +277,12 @@ class InboundHandler:
     async def handle_DATA(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
         if server.proxy.tx is None:
             return str(BAD_SEQUENCE)
+        refusal, content = limits.check_message(envelope.original_content, server.limits)
+        if refusal is not None:
+            log.warning("message refused by a limit", reply=refusal.one_line())
+            return str(await server.proxy.refuse(refusal, content))
         try:
-            reply = await server.proxy.finish(envelope.original_content)
+            reply = await server.proxy.finish(content)
         except Exception:  # noqa: BLE001 - see handle_RCPT
             log.exception("DATA failed")
             await server.proxy.abort("internal error")

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -41,6 +41,16 @@ from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientRes
 from mxguard.tls.policy import InboundTls
 
 log = structlog.get_logger("mxguard.proxy")
+
+
+class Spooler(Protocol):
+    """Where the proxy hands mail it cannot deliver now (see :mod:`mxguard.spool.accept`)."""
+
+    async def hold(self, entries: list) -> None:
+        """Store entries durably; raise (SQLAlchemyError, OSError) if nothing could be stored."""
+
+    def dsn(self, tx: "Transaction", failed: list[tuple[str, "Reply", str | None]], message: bytes) -> object | None:
+        """A DSN entry for permanently failed recipients, or ``None`` when none may be sent."""
 
 
 def new_txn_id() -> str:
@@ -79,9 +89,10 @@ class ProxyContext:
     message_log: MessageLogWriter
     #: Called for each record before it is queued (metrics, tests).
     observers: list[Callable[[LogRecord], None]] = field(default_factory=list)
-    #: Optional hook that takes over recipients whose route failed after others
-    #: were accepted (the spool); returns the per-recipient results.
-    on_leg_failure: Callable[..., Awaitable[list[RecipientResult] | None]] | None = None
+    #: Takes over mail whose route is unreachable (the spool); ``None`` disables spooling.
+    spooler: "Spooler | None" = None
+    #: Clean-up tasks of closed sessions, awaited at shutdown.
+    closing: set = field(default_factory=set)
     #: The filter pipeline; ``None`` relays unfiltered (only for tests of the bare proxy).
     filters: FilterPipeline | None = None
     #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
@@ -105,10 +116,19 @@ class RouteLeg:
     mail_reply: Reply | None = None
     accepted: list[str] = field(default_factory=list)
     lost: str | None = None
-    #: The filtered copy this leg carries (without Received), for ``on_leg_failure``.
-    message: bytes | None = None
+    #: Every server of the route was unreachable: accepted recipients go to the spool.
+    spool: bool = False
     #: Each accepted recipient's own domain (a route may serve several domains).
     rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class LegOutcome:
+    """What happened to one leg at the end of DATA (``reply`` is ``None`` when it went straight to the spool)."""
+
+    leg: RouteLeg
+    message: bytes
+    reply: Reply | None
 
 
 @dataclass
@@ -128,11 +148,16 @@ class Transaction:
     attempts: int = 0
     connect_ms: float = 0.0
     tls_ms: float = 0.0
-    #: The filters' verdict, set at the end of DATA (the spool reads
-    #: ``verdict.auth.sender_aligned`` before sending a DSN).
+    #: The filter verdict, when filtering ran (its ``auth.sender_aligned`` gates DSNs).
     verdict: Verdict | None = None
     filter_plan: dispositions.FilterPlan | None = None
     filter_ms: float | None = None
+
+
+def sender_aligned(tx: Transaction) -> bool:
+    """True when the filter verdict says the sender passed SPF or DKIM alignment (gates DSNs)."""
+    auth = getattr(tx.verdict, "auth", None)
+    return bool(getattr(auth, "sender_aligned", False))
 
 
 def _disposition_for(reply: Reply) -> str:
@@ -199,6 +224,8 @@ class ProxySession:
             leg = RouteLeg(route, domain)
             tx.legs[route] = leg
             await self._start_leg(tx, leg)
+        if leg.failure is not None and self._may_spool(leg):
+            return self._accept_for_spool(leg, address, domain)
         if leg.failure is not None:
             return self._refused(address, leg.failure.reply, route)
         if leg.mail_reply is not None and not leg.mail_reply.is_positive:
@@ -210,6 +237,8 @@ class ProxySession:
             leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
                                        attempts=[f"lost at RCPT: {exc}"])
             self.conns.pop(route, None)
+            if self._may_spool(leg):
+                return self._accept_for_spool(leg, address, domain)
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
             leg.accepted.append(address)
@@ -218,6 +247,20 @@ class ProxySession:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
         return reply
+
+    def _may_spool(self, leg: RouteLeg) -> bool:
+        """Unreachable (not a TLS policy failure) and the domain chose to spool."""
+        return (self.ctx.spooler is not None and leg.failure is not None and not leg.failure.tls_related
+                and leg.domain.on_unreachable == "spool")
+
+    def _accept_for_spool(self, leg: RouteLeg, address: str, domain: DomainView) -> Reply:
+        if not leg.spool:
+            leg.spool = True
+            log.info("route unreachable; accepting for the spool", txn=self.tx.txn_id, route=leg.route.describe())
+        leg.accepted.append(address)
+        leg.rcpt_domains[address] = domain
+        return Reply(250, "2.1.5", "Recipient ok; the downstream server is unavailable, "
+                                   "the message will be held and delivered later")
 
     def _refused(self, address: str, reply: Reply, route: Route | None) -> Reply:
         assert self.tx is not None
@@ -259,17 +302,18 @@ class ProxySession:
                 return
 
     async def finish(self, content: bytes) -> Reply:
-        """End of DATA: filter, then send each copy downstream and give the sender one reply.
+        """End of DATA: send the message to every leg and give the sender one reply.
 
         Args:
             content: the message as received (dot-unstuffed, CRLF line ends).
 
         Returns:
-            ``451 4.3.0`` when the message could not be scanned (nothing sent);
-            ``554/550 5.7.1`` when every recipient's copy is refused;
-            otherwise the downstream server's final reply when every copy was
-            taken, the refusal when none was, ``250`` when some were and the
-            rest were held (quarantine) or taken over by ``on_leg_failure``.
+            ``451 4.3.0`` when the message could not be fully scanned (nothing
+            sent); ``554/550 5.7.1`` when every recipient's copy is refused by
+            the filters; otherwise the downstream server's own final reply when
+            every copy was taken; the refusal when nothing was taken anywhere;
+            otherwise ``250`` once the rest is held (quarantine) or durably in
+            the spool (``451 4.3.0`` if it could not be stored).
         """
         tx = self.tx
         assert tx is not None
@@ -280,10 +324,14 @@ class ProxySession:
         plan = await self._filter(tx, legs, content)
         relay_started = time.perf_counter()
         if plan is None:
-            outcomes = [(leg, await self._send_copy(tx, leg, content)) for leg in legs]
-            final = await self._combine(tx, outcomes, content)
+            outcomes: list[LegOutcome] = []
+            for leg in legs:
+                message = self._copy_for(tx, leg, content)
+                reply = None if leg.spool else await self._send_leg(tx, leg, message)
+                outcomes.append(LegOutcome(leg, message, reply))
+            final = await self._combine(tx, outcomes, subject)
         else:
-            final = await self._dispose(tx, plan, legs, content)
+            final = await self._dispose(tx, plan, legs, content, subject)
         relay_ms = (time.perf_counter() - relay_started) * 1000
         self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
                      accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
@@ -305,19 +353,21 @@ class ProxySession:
         return tx.filter_plan
 
     async def _dispose(self, tx: Transaction, plan: dispositions.FilterPlan, legs: list[RouteLeg],
-                       content: bytes) -> Reply:
-        """Carry out a filter plan: defer, refuse, hold and/or deliver the copies."""
+                       content: bytes, subject: str) -> Reply:
+        """Carry out a filter plan: defer, refuse, hold and/or deliver (or spool) the copies."""
         if plan.deferred or (plan.held and self.ctx.hold is None):
             await self._rset_legs(legs)
             reply = dispositions.DEFER_REPLY
-            self._results_for(tx, legs, reply, "deferred")
+            for leg in legs:
+                self._results(tx, leg, reply, "deferred")
             log.warning("message deferred: not fully scanned", txn=tx.txn_id,
                         errors=[f"{e.engine}: {e.reason}" for e in plan.verdict.errors])
             return reply
         if plan.rejected:
             await self._rset_legs(legs)
             reply = dispositions.reject_reply([d for _, _, d in plan.rejected], tx.txn_id)
-            self._results_for(tx, legs, reply, "rejected")
+            for leg in legs:
+                self._results(tx, leg, reply, "rejected")
             log.info("message refused by the filters", txn=tx.txn_id, reply=reply.one_line())
             return reply
         stripped = headers.strip_gateway_fields(content, self.ctx.hostname)
@@ -327,25 +377,53 @@ class ProxySession:
             failure = await self._hold(tx, plan, stripped)
             if failure is not None:
                 await self._rset_legs(legs)
-                self._results_for(tx, [leg for leg in legs if leg.accepted], failure, "deferred")
+                for leg in legs:
+                    self._results(tx, leg, failure, "deferred")
                 return failure
-        outcomes: list[tuple[RouteLeg, Reply]] = []
+        outcomes: list[LegOutcome] = []
         for leg in legs:
             copies = [c for c in plan.copies if c.leg is leg]
             if not copies:
-                await leg.conn.rset()  # every recipient of this route is held
+                if leg.conn is not None:
+                    await leg.conn.rset()  # every recipient of this route is held
                 continue
             for copy in copies:
                 tagged = copy.disposition.action == "tag"
                 fields = dispositions.filter_fields(self.ctx.hostname, plan.verdict, copy.verdict_value,
                                                     sender=tx.mail_from, helo=tx.client.helo, tagged=tagged)
-                message = dispositions.prepare(stripped, fields, tagged)
-                whole = plan.leg_is_whole(copy)
-                sub = replace(leg, accepted=list(copy.rcpts), message=message)
-                reply = await self._send_copy(tx, sub, message, fresh_envelope=not whole)
+                sub = replace(leg, accepted=list(copy.rcpts))
+                message = self._copy_for(tx, sub, dispositions.prepare(stripped, fields, tagged))
+                if leg.spool:
+                    reply = None
+                elif plan.leg_is_whole(copy):
+                    reply = await self._send_leg(tx, sub, message)
+                else:
+                    reply = await self._send_subset(tx, sub, message)
                 leg.lost = leg.lost or sub.lost
-                outcomes.append((sub, reply))
-        return await self._combine(tx, outcomes, content, held=bool(plan.held))
+                outcomes.append(LegOutcome(sub, message, reply))
+        return await self._combine(tx, outcomes, subject, held=bool(plan.held))
+
+    async def _send_subset(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
+        """A copy for part of the leg's recipients: RSET, MAIL and RCPT again for them, then DATA."""
+        try:
+            mail, replies = await leg.conn.resend_envelope(tx.mail_from, list(leg.accepted), size=tx.size_hint,
+                                                           body=tx.body, smtputf8=tx.smtputf8)
+        except DownstreamLost as exc:
+            leg.lost = str(exc)
+            self.conns.pop(leg.route, None)
+            return Reply(451, "4.4.1", "Downstream connection lost, try again later")
+        if not mail.is_positive:
+            return mail
+        refused = {r: rep for r, rep in replies.items() if not rep.is_positive}
+        for rcpt, rep in refused.items():
+            # The downstream changed its mind between the two RCPTs.
+            leg.accepted.remove(rcpt)
+            tx.results.append(RecipientResult(rcpt, rep.code, rep.enhanced, rep.text, _disposition_for(rep),
+                                              leg.route.describe()))
+        if not leg.accepted:
+            await leg.conn.rset()
+            return next(iter(refused.values()))
+        return await self._send_leg(tx, leg, message)
 
     async def _hold(self, tx: Transaction, plan: dispositions.FilterPlan, stripped: bytes) -> Reply | None:
         """Quarantine the held copies; returns a failure reply when they could not be stored."""
@@ -357,9 +435,9 @@ class ProxySession:
                 self.ctx.hostname, plan.verdict,
                 dispositions.verdict_header_value(plan.verdict, held.disposition, tx.txn_id),
                 sender=tx.mail_from, helo=tx.client.helo, tagged=False)
-            received = self._received(tx, held.rcpt)
+            single = replace(held.leg, accepted=[held.rcpt])
             copies.append(HeldCopy(held.rcpt, held.reason, held.disposition.category,
-                                   headers.prepend_fields(stripped, [received, *fields])))
+                                   self._copy_for(tx, single, headers.prepend_fields(stripped, fields))))
         scores = [j.score for j in plan.verdict.junk]
         try:
             ids = await self.ctx.hold(tx=tx, copies=copies, verdict=plan.as_log(),
@@ -381,90 +459,116 @@ class ProxySession:
                 if not leg.conn.is_connected:
                     self.conns.pop(leg.route, None)
 
-    def _results_for(self, tx: Transaction, legs: list[RouteLeg], reply: Reply, disposition: str) -> None:
-        for leg in legs:
-            for rcpt in leg.accepted:
-                tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition,
-                                                  leg.route.describe()))
-
-    def _received(self, tx: Transaction, recipient: str | None) -> str:
+    def _copy_for(self, tx: Transaction, leg: RouteLeg, content: bytes) -> bytes:
+        """The bytes that go to one leg: the message with our Received field in front."""
         client = tx.client
-        return headers.received_field(
+        received = headers.received_field(
             helo=client.helo, client_ip=client.ip, hostname=self.ctx.hostname, txn_id=tx.txn_id,
             tls_version=client.tls_version, cipher=client.cipher, bits=client.bits, smtputf8=tx.smtputf8,
-            recipient=recipient)
+            recipient=leg.accepted[0] if len(leg.accepted) == 1 else None)
+        return headers.prepend_fields(content, [received])
 
-    async def _send_copy(self, tx: Transaction, leg: RouteLeg, message: bytes, *,
-                         fresh_envelope: bool = False) -> Reply:
-        """Send one copy to ``leg.accepted`` on the leg's connection.
-
-        Args:
-            message: the copy without its ``Received`` field (added here).
-            fresh_envelope: first RSET and re-run MAIL/RCPT for ``leg.accepted``
-                (the copy goes to a subset of the recipients given at RCPT time).
-        """
-        rcpts = list(leg.accepted)
-        received = self._received(tx, rcpts[0] if len(rcpts) == 1 else None)
+    async def _send_leg(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
         try:
-            if fresh_envelope:
-                mail, replies = await leg.conn.resend_envelope(tx.mail_from, rcpts, size=tx.size_hint,
-                                                               body=tx.body, smtputf8=tx.smtputf8)
-                if not mail.is_positive:
-                    return mail
-                refused = {r: rep for r, rep in replies.items() if not rep.is_positive}
-                for rcpt, rep in refused.items():
-                    # The downstream changed its mind between the two RCPTs.
-                    leg.accepted.remove(rcpt)
-                    tx.results.append(RecipientResult(rcpt, rep.code, rep.enhanced, rep.text,
-                                                      _disposition_for(rep), leg.route.describe()))
-                if not leg.accepted:
-                    await leg.conn.rset()
-                    return next(iter(refused.values()))
-            return await leg.conn.data(headers.prepend_fields(message, [received]))
+            return await leg.conn.data(message)
         except DownstreamLost as exc:
             leg.lost = str(exc)
             self.conns.pop(leg.route, None)
             log.warning("downstream lost during DATA", txn=tx.txn_id, route=leg.route.describe(), error=str(exc))
             return Reply(451, "4.4.1", "Downstream connection lost during DATA, try again later")
 
-    async def _combine(self, tx: Transaction, outcomes: list[tuple[RouteLeg, Reply]], content: bytes, *,
+    async def _combine(self, tx: Transaction, outcomes: list["LegOutcome"], subject: str, *,
                        held: bool = False) -> Reply:
-        """One reply for the sender from each copy's downstream reply.
+        """Turn the legs' outcomes into one reply, spooling what must be held.
 
-        Args:
-            held: some copies were held in quarantine (they count as taken).
+        Rules: nothing taken anywhere → the sender keeps the message (a
+        temporary refusal wins, so it retries everything). Anything taken
+        (delivered, spooled, or ``held`` in quarantine by the filters) → every
+        temporary failure is spooled too (a partial 4xx is not possible after
+        DATA), and permanent failures get a DSN (RFC 3464) when the sender is
+        authenticated.
         """
-        positive = [(leg, r) for leg, r in outcomes if r.is_positive]
-        negative = [(leg, r) for leg, r in outcomes if not r.is_positive]
-        for leg, reply in positive:
-            for rcpt in leg.accepted:
-                tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, "delivered",
-                                                  leg.route.describe()))
-        if not negative:
-            return positive[0][1] if positive else Reply(250, "2.0.0", f"Ok: accepted as {tx.txn_id}")
-        if not positive and not held:
-            # Nothing was taken anywhere: the sender keeps responsibility. A
-            # temporary failure wins so that the sender retries everything.
-            transient = [r for _, r in negative if r.is_transient]
-            final = transient[0] if transient else negative[0][1]
-            for leg, reply in negative:
-                for rcpt in leg.accepted:
-                    tx.results.append(RecipientResult(rcpt, final.code, final.enhanced, final.text,
-                                                      _disposition_for(final), leg.route.describe()))
+        if held and not outcomes:
+            return Reply(250, "2.0.0", f"Ok: accepted as {tx.txn_id}")
+        delivered = [o for o in outcomes if o.reply is not None and o.reply.is_positive]
+        spool_wanted = [o for o in outcomes if o.reply is None
+                        or (o.reply.is_transient and self._spoolable_after_data(o.leg))]
+        transient = [o for o in outcomes if o.reply is not None and o.reply.is_transient and o not in spool_wanted]
+        permanent = [o for o in outcomes if o.reply is not None and o.reply.is_permanent]
+
+        if not delivered and not spool_wanted and not held:
+            replies = [o.reply for o in transient] or [o.reply for o in permanent]
+            final = replies[0]
+            for o in outcomes:
+                self._results(tx, o.leg, final, _disposition_for(final))
             return final
-        # Some legs took the message and others did not: we now own the rest.
-        for leg, reply in negative:
-            taken = None
-            if self.ctx.on_leg_failure is not None:
-                taken = await self.ctx.on_leg_failure(tx=tx, leg=leg, reply=reply, content=leg.message or content)
-            if taken is None:
-                log.error("partial delivery: recipients of a failed route were not taken over",
-                          txn=tx.txn_id, route=leg.route.describe(), reply=reply.one_line(), rcpts=leg.accepted)
-                taken = [RecipientResult(r, reply.code, reply.enhanced, reply.text, _disposition_for(reply),
-                                         leg.route.describe()) for r in leg.accepted]
-            tx.results.extend(taken)
-        return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} (delivered to part of the recipients, "
-                                   "the rest is held for delivery)")
+
+        if self.ctx.spooler is not None:
+            spool_wanted += transient  # a partial 4xx cannot be given after DATA
+            transient = []
+        entries = [self._spool_entry(tx, o, subject) for o in spool_wanted]
+        dsn = None
+        if permanent and self.ctx.spooler is not None:
+            failed = [(rcpt, o.reply, o.leg.conn.info.host if o.leg.conn and o.leg.conn.info else None)
+                      for o in permanent for rcpt in o.leg.accepted]
+            dsn = self.ctx.spooler.dsn(tx, failed, permanent[0].message)
+        if entries or dsn is not None:
+            try:
+                await self.ctx.spooler.hold(entries + ([dsn] if dsn is not None else []))
+            except Exception as exc:  # noqa: BLE001 - any storage failure: the sender must keep the message
+                log.error("spool write failed; the sender is told to retry", txn=tx.txn_id, error=repr(exc)[:300],
+                          delivered_legs=len(delivered))
+                final = Reply(451, "4.3.0", "Temporary local problem: the message could not be stored, "
+                                            "try again later")
+                for o in outcomes:
+                    disposition = "delivered" if o in delivered else "deferred"
+                    self._results(tx, o.leg, o.reply if o in delivered else final, disposition)
+                return final
+        for o in delivered:
+            self._results(tx, o.leg, o.reply, "delivered")
+        for o in spool_wanted:
+            reason = o.reply or o.leg.failure.reply
+            self._results(tx, o.leg, reason, "spooled")
+            log.info("spooled", txn=tx.txn_id, route=o.leg.route.describe(), rcpts=o.leg.accepted,
+                     reason=reason.one_line())
+        for o in permanent:
+            self._results(tx, o.leg, o.reply, "rejected")
+        for o in transient:  # only without a spooler: nothing else can be done
+            log.error("recipients lost: no spool configured", txn=tx.txn_id, rcpts=o.leg.accepted)
+            self._results(tx, o.leg, o.reply, "deferred")
+        if delivered and not spool_wanted and not permanent and not transient:
+            return delivered[0].reply
+        what = "held for delivery" if spool_wanted else "delivered"
+        return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} ({what})")
+
+    def _spoolable_after_data(self, leg: RouteLeg) -> bool:
+        return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool"
+
+    def _spool_entry(self, tx: Transaction, o: "LegOutcome", subject: str):
+        from mxguard.spool.queue import NewSpoolEntry
+        reply = o.reply or (o.leg.failure.reply if o.leg.failure else None)
+        return NewSpoolEntry(
+            txn_id=tx.txn_id, domain=o.leg.domain.name, mail_from=tx.mail_from, recipients=list(o.leg.accepted),
+            message=o.message, subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8,
+            sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")
+
+    def _results(self, tx: Transaction, leg: RouteLeg, reply: Reply, disposition: str) -> None:
+        for rcpt in leg.accepted:
+            tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition,
+                                              leg.route.describe()))
+
+    async def refuse(self, reply: Reply, content: bytes) -> Reply:
+        """End of DATA with a message the front door refuses (limits, bare line ends): record and RSET."""
+        tx = self.tx
+        assert tx is not None
+        self.tx = None
+        for leg in tx.legs.values():
+            if leg.conn is not None and leg.conn.in_transaction:
+                await leg.conn.rset()
+            self._results(tx, leg, reply, _disposition_for(reply))
+        subject, message_id = headers.summarize(content)
+        self._record(tx, reply, size=len(content), subject=subject, message_id=message_id)
+        return reply
 
     async def abort(self, reason: str) -> None:
         """End the open transaction without DATA (RSET, EHLO, QUIT, disconnect)."""

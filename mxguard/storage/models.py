@@ -8,12 +8,36 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    SQLite keeps no zone and hands back naive values; PostgreSQL's
+    ``timestamptz`` returns aware ones. Both come back as aware UTC here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -34,7 +58,7 @@ class Domain(Base):
     tls_ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
     tls_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     tls_min_version: Mapped[str] = mapped_column(String(4), default="1.2")
-    #: Filtering (migration 0002_filtering): junk thresholds on each engine's own scale
+    #: Filtering (migration 0003_filtering): junk thresholds on each engine's own scale
     #: (None: quarantine at the engine's own verdict / never reject / never tag).
     junk_quarantine: Mapped[float | None] = mapped_column(Float, nullable=True)
     junk_reject: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -45,8 +69,10 @@ class Domain(Base):
     engine_failure: Mapped[str] = mapped_column(String(16), default="defer")
     #: Content-policy attachment rules (see mxguard.filtering.policy_content).
     attachment_rules: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    #: What to do when every server is unreachable: ``spool`` (accept, hold sealed) or ``defer`` (451).
+    on_unreachable: Mapped[str] = mapped_column(String(8), default="spool")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class QuarantinedMessage(Base):
@@ -66,7 +92,7 @@ class QuarantinedMessage(Base):
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     txn_id: Mapped[str] = mapped_column(String(32))
     recipient: Mapped[str] = mapped_column(String(512))
     sender: Mapped[str] = mapped_column(String(512), default="")
@@ -81,9 +107,9 @@ class QuarantinedMessage(Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     key_id: Mapped[str] = mapped_column(String(64))
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
-    released_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
 class ConfigGeneration(Base):
@@ -113,7 +139,7 @@ class MessageLogEntry(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     txn_id: Mapped[str] = mapped_column(String(32))
-    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    ts: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     node: Mapped[str] = mapped_column(String(253), default="")
     client_ip: Mapped[str] = mapped_column(String(64))
     client_port: Mapped[int] = mapped_column(Integer, default=0)
@@ -149,3 +175,66 @@ class MessageLogEntry(Base):
     filter_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     relay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     total_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SpoolEntry(Base):
+    """A message held because its route was unreachable; delivered later by the spool worker.
+
+    The body is the exact copy that would have gone downstream (trace and verdict
+    headers included), sealed with AES-256-GCM. ``recipients`` holds each
+    recipient's state: ``{"rcpt", "status": pending|delivered|failed, "reply"}``.
+    """
+
+    __tablename__ = "spool"
+    __table_args__ = (
+        Index("ix_spool_due", "status", "next_attempt_at"),
+        Index("ix_spool_domain", "domain"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    #: ``message`` (mail for a served domain) or ``dsn`` (a delivery status notification we send).
+    kind: Mapped[str] = mapped_column(String(8), default="message")
+    txn_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    domain: Mapped[str] = mapped_column(String(253))
+    mail_from: Mapped[str] = mapped_column(String(512), default="")
+    recipients: Mapped[list[Any]] = mapped_column(JSON)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    body_8bit: Mapped[bool] = mapped_column(Boolean, default=False)
+    smtputf8: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The sender passed SPF or DKIM alignment: a DSN may be sent to it.
+    sender_aligned: Mapped[bool] = mapped_column(Boolean, default=False)
+    subject: Mapped[str] = mapped_column(String(512), default="")
+    key_id: Mapped[str] = mapped_column(String(32))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    #: queued | delivered | failed | expired
+    status: Mapped[str] = mapped_column(String(12), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_reply: Mapped[str] = mapped_column(Text, default="")
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class SpoolAttempt(Base):
+    """One delivery attempt of a spool entry: when, where, with which TLS, and the answer."""
+
+    __tablename__ = "spool_attempts"
+    __table_args__ = (Index("ix_spool_attempts_entry", "spool_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    spool_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                          ForeignKey("spool.id", ondelete="CASCADE"))
+    ts: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    node: Mapped[str] = mapped_column(String(253), default="")
+    server: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    tls_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    cipher: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    reply: Mapped[str] = mapped_column(Text, default="")
+    #: Per recipient reply codes of this attempt.
+    results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

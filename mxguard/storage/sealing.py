@@ -138,3 +138,27 @@ class Sealer:
         """The key id a blob was sealed with (without opening it)."""
         n = blob[len(MAGIC)]
         return blob[len(MAGIC) + 1:len(MAGIC) + 1 + n].decode("ascii", "replace")
+
+
+class KeyRing:
+    """The key file, reloaded when it changes (``keys rotate`` appends a key while gateways run).
+
+    Args:
+        path: the sealing key file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sealer = Sealer.from_file(path)
+        self._mtime = path.stat().st_mtime_ns
+
+    def get(self) -> Sealer:
+        """The current sealer (re-reads the file if its modification time moved)."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return self._sealer
+        if mtime != self._mtime:
+            self._sealer = Sealer.from_file(self.path)
+            self._mtime = mtime
+        return self._sealer

@@ -82,6 +82,14 @@ class PostgresCluster:
     def url(self, database: str) -> str:
         return f"postgresql+asyncpg://mxguard:{self.password}@127.0.0.1:{self.port}/{database}"
 
+    def pause(self) -> None:
+        """Stop the server (the database becomes unavailable); ``resume()`` starts it again."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.base / "log"), "-w", "-t", "60",
+                  "-o", f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1", "start")
+
     def stop(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop", check=False)
         shutil.rmtree(self.base, ignore_errors=True)

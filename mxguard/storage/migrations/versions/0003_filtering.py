@@ -1,14 +1,14 @@
 """Filtering: per-domain junk/virus/engine-failure settings and attachment rules; the quarantine.
 
-Revision ID: 0002_filtering
-Revises: 0001_core
+Revision ID: 0003_filtering
+Revises: 0002_spool
 """
 
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0002_filtering"
-down_revision = "0001_core"
+revision = "0003_filtering"
+down_revision = "0002_spool"
 branch_labels = None
 depends_on = None
 

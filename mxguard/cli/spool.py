@@ -1,0 +1,142 @@
+"""``mxguard spool list|show|retry|delete|stats`` and ``mxguard keys rotate``."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from mxguard.cli.common import console, handle_errors, run, settings
+from mxguard.spool import queue
+from mxguard.storage.db import Store
+
+spool_app = typer.Typer(help="Mail held while a downstream route was unreachable.", no_args_is_help=True)
+keys_app = typer.Typer(help="Sealing keys (AES-256-GCM) for spooled and quarantined mail.", no_args_is_help=True)
+
+
+async def _with(func):
+    s = settings()
+    store = Store(s.effective_database_url)
+    try:
+        await store.migrate()
+        return await func(store, s)
+    finally:
+        await store.close()
+
+
+def _pending(entry) -> str:
+    return "\n".join(r["rcpt"] for r in entry.recipients if r["status"] == "pending")
+
+
+@spool_app.command("list")
+@handle_errors
+def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
+          all_: bool = typer.Option(False, "--all", help="Also delivered, failed and expired entries"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Held messages: id, age, domain, sender, pending recipients, attempts, next attempt, last reply."""
+    rows = run(_with(lambda store, s: queue.list_entries(store, domain=domain, status=None if all_ else "queued")))
+    if as_json:
+        typer.echo(json.dumps([{
+            "id": r.id, "kind": r.kind, "txn_id": r.txn_id, "domain": r.domain, "mail_from": r.mail_from,
+            "recipients": r.recipients, "size": r.size, "status": r.status, "attempts": r.attempts,
+            "created_at": r.created_at.isoformat(), "next_attempt_at": r.next_attempt_at.isoformat(),
+            "last_reply": r.last_reply} for r in rows], indent=2))
+        return
+    table = Table(title=f"Spool ({len(rows)} {'entries' if all_ else 'held'})")
+    for col in ("id", "created", "kind", "domain", "from", "pending", "size", "tries", "next attempt", "status",
+                "last reply"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.kind, r.domain, r.mail_from or "<>",
+                      _pending(r), str(r.size), str(r.attempts), f"{r.next_attempt_at:%H:%M:%S}", r.status,
+                      r.last_reply[:80])
+    console.print(table)
+
+
+@spool_app.command("show")
+@handle_errors
+def show(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
+    """One held message and every delivery attempt (time, server, TLS, reply)."""
+    entry, attempts = run(_with(lambda store, s: queue.get_entry(store, entry_id)))
+    for key in ("id", "kind", "txn_id", "status", "domain", "mail_from", "subject", "size", "attempts",
+                "created_at", "next_attempt_at", "expires_at", "key_id"):
+        console.print(f"[bold]{key:>16}[/bold]  {getattr(entry, key)}", highlight=False)
+    for r in entry.recipients:
+        console.print(f"[bold]{'recipient':>16}[/bold]  {r['rcpt']}  {r['status']}  {r['reply']}", highlight=False)
+    table = Table(title="Attempts")
+    for col in ("time", "node", "server", "TLS", "reply"):
+        table.add_column(col, overflow="fold")
+    for a in attempts:
+        tls = f"{a.tls_version} {a.cipher}{' verified' if a.verified else ''}" if a.tls else "none"
+        table.add_row(f"{a.ts:%Y-%m-%d %H:%M:%S}", a.node, a.server or "-", tls, a.reply)
+    console.print(table)
+
+
+@spool_app.command("retry")
+@handle_errors
+def retry(entry_id: int = typer.Argument(None, metavar="[ID]"),
+          domain: str = typer.Option(None, "--domain", help="Every held message of this domain")) -> None:
+    """Deliver held messages now (one, a domain's, or with no argument every held message)."""
+    from mxguard.smtp.routing import DomainDirectory
+    from mxguard.spool.worker import SpoolWorker
+    from mxguard.storage.sealing import KeyRing
+
+    async def go(store, s):
+        ids = await queue.make_due_now(store, entry_id=entry_id, domain=domain)
+        if not ids:
+            return []
+        directory = DomainDirectory(store)
+        await directory.load()
+        worker = SpoolWorker(store, s, directory, KeyRing(s.path(s.sealing_key_file)))
+        return await worker.run_once(ids=ids)
+
+    done = run(_with(go))
+    if not done:
+        console.print("Nothing to retry (nothing held, or a running gateway is delivering it right now).")
+    for e in done:
+        console.print(f"#{e.id} {e.status}: {e.last_reply}", highlight=False)
+
+
+@spool_app.command("delete")
+@handle_errors
+def delete(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
+    """Remove a held message for good (no DSN is sent)."""
+    entry = run(_with(lambda store, s: queue.delete_entry(store, entry_id)))
+    console.print(f"Deleted spool entry #{entry.id} ({entry.mail_from or '<>'} → {entry.domain})", highlight=False)
+
+
+@spool_app.command("stats")
+@handle_errors
+def stats(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Held messages by domain, entries by status, the oldest held message's age."""
+    data = run(_with(lambda store, s: queue.stats(store)))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console.print(f"held: {data['held']}   by status: {data['by_status']}", highlight=False)
+    if data["oldest_age_seconds"] is not None:
+        console.print(f"oldest held message: {data['oldest_age_seconds'] / 60:.1f} minutes", highlight=False)
+    table = Table(title="Held by domain")
+    for col in ("domain", "messages", "bytes"):
+        table.add_column(col)
+    for d in data["by_domain"]:
+        table.add_row(d["domain"], str(d["messages"]), str(d["bytes"]))
+    console.print(table)
+
+
+@keys_app.command("rotate")
+@handle_errors
+def rotate() -> None:
+    """Add a new current sealing key and re-seal held mail with it (old keys stay readable)."""
+    from mxguard.storage.sealing import Sealer, append_key
+
+    async def go(store, s):
+        path = s.path(s.sealing_key_file)
+        key_id = append_key(path)
+        count = await queue.reseal_all(store, Sealer.from_file(path))
+        return key_id, count
+
+    key_id, count = run(_with(go))
+    console.print(f"New sealing key {key_id}; re-sealed {count} spool entries. Running gateways pick the key up "
+                  "on their next seal.", highlight=False)

@@ -1,0 +1,88 @@
+"""Resource limits of the front door: connection counts, and checks on a received message.
+
+The limits and their replies follow what Postfix does (anvil connection
+counts, ``smtpd_junk_command_limit``, ``smtpd_hard_error_limit``,
+``header_size_limit``) and RFC 5321 (loop detection, section 6.3; no bare CR
+or LF, section 2.3.8).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+from mxguard.config import SmtpSettings
+from mxguard.smtp.headers import header_block_end
+from mxguard.smtp.replies import Reply
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_MESSAGES = Reply(421, "4.7.0", "Too many messages in one session; reconnect to send more")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit reached, closing")
+TOO_MANY_COMMANDS = Reply(421, "4.7.0", "Too many commands without mail, closing")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing")
+BARE_LINE_END = Reply(554, "5.6.0", "Message contains a bare CR or LF (RFC 5321 2.3.8); refused")
+HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
+TOO_MANY_FIELDS = Reply(552, "5.3.4", "Too many header fields")
+MAIL_LOOP = Reply(554, "5.4.6", "Too many Received fields: mail loop detected (RFC 5321 6.3)")
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_FIELD_START = re.compile(rb"^[^ \t\r\n]", re.MULTILINE)
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.MULTILINE | re.IGNORECASE)
+
+
+class ConnectionCounter:
+    """Open inbound connections, in all and per client address."""
+
+    def __init__(self, settings: SmtpSettings):
+        self.settings = settings
+        self.total = 0
+        self.per_client: collections.Counter[str] = collections.Counter()
+
+    def admit(self, client: str) -> Reply | None:
+        """Count a new connection, or return the ``421`` reply that refuses it."""
+        if self.total >= self.settings.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if self.per_client[client] >= self.settings.max_connections_per_client:
+            return TOO_MANY_FROM_CLIENT
+        self.total += 1
+        self.per_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+
+
+def has_bare_line_ends(content: bytes) -> bool:
+    """True when ``content`` holds a CR not followed by LF, or an LF not preceded by CR."""
+    return _BARE.search(content) is not None
+
+
+def normalize_line_ends(content: bytes) -> bytes:
+    """Every bare CR or LF becomes CRLF."""
+    return _BARE.sub(b"\r\n", content)
+
+
+def check_message(content: bytes, settings: SmtpSettings) -> tuple[Reply | None, bytes]:
+    """Header limits, loop detection and bare line ends on a received message.
+
+    Returns:
+        ``(refusal, content)``: ``refusal`` is the reply for the sender when the
+        message must be refused; ``content`` is normalised when
+        ``bare_line_endings = "normalize"``.
+    """
+    if has_bare_line_ends(content):
+        if settings.bare_line_endings == "reject":
+            return BARE_LINE_END, content
+        content = normalize_line_ends(content)
+    head = content[:header_block_end(content)]
+    if len(head) > settings.max_header_size:
+        return HEADER_TOO_LARGE, content
+    if len(_FIELD_START.findall(head)) > settings.max_header_fields:
+        return TOO_MANY_FIELDS, content
+    if len(_RECEIVED.findall(head)) > settings.max_received_headers:
+        return MAIL_LOOP, content
+    return None, content

@@ -1,0 +1,253 @@
+"""The spool worker: delivers held mail when its route is back, with back-off, leases and DSNs.
+
+Every attempt uses the domain's *current* downstream TLS policy (a spool never
+downgrades TLS: a ``required`` route whose server comes back without STARTTLS
+keeps the message held). At most ``route_concurrency`` deliveries run per route
+at a time, so a server that comes back is not flooded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import defaultdict
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import structlog
+
+from mxguard.config import Settings
+from mxguard.netaddr import parse_host_port
+from mxguard.smtp.delivery import DownstreamLost, RouteFailure, deliver_once
+from mxguard.smtp.replies import Reply
+from mxguard.smtp.routing import DomainDirectory, Route
+from mxguard.spool import queue
+from mxguard.spool.dsn import FailedRecipient, build_dsn
+from mxguard.storage.db import SQLAlchemyError, Store
+from mxguard.storage.messagelog import LogRecord, MessageLogWriter
+from mxguard.storage.models import SpoolAttempt, SpoolEntry, utcnow
+from mxguard.storage.sealing import KeyRing, SealingError
+from mxguard.tls.policy import DownstreamTls
+
+log = structlog.get_logger("mxguard.spool")
+
+
+class SpoolWorker:
+    """Claims due spool entries and delivers them.
+
+    Args:
+        store: the database.
+        settings: bootstrap settings (spool, dsn, downstream, hostname).
+        directory: served domains and routes (current policy for every attempt).
+        keyring: sealing keys.
+        message_log: where completion records go (optional).
+        resolver_nameservers: ``["127.0.0.1:5353", ...]`` for DSN MX lookups; system resolver when empty.
+    """
+
+    def __init__(self, store: Store, settings: Settings, directory: DomainDirectory, keyring: KeyRing,
+                 message_log: MessageLogWriter | None = None, resolver_nameservers: list[str] | None = None):
+        self.store = store
+        self.settings = settings
+        self.directory = directory
+        self.keyring = keyring
+        self.message_log = message_log
+        self.owner = f"{settings.hostname}:{socket.gethostname()}:{os.getpid()}"
+        self.route_limits: dict[Route, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(settings.spool.route_concurrency))
+        self.resolver_nameservers = resolver_nameservers or []
+        self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self.delivered = 0
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="spool-worker")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("spool worker cannot reach the database", error=str(exc).splitlines()[0][:200])
+            await asyncio.sleep(self.settings.spool.poll_interval)
+
+    async def run_once(self, ids: list[int] | None = None) -> list[SpoolEntry]:
+        """Claim due entries (or the given ids) and deliver them; waits until they are done."""
+        room = max(0, self.settings.spool.batch - len(self._inflight))
+        if room == 0:
+            return []
+        entries = await queue.claim_due(self.store, self.owner, self.settings.spool, limit=room, ids=ids)
+        tasks = []
+        for entry in entries:
+            task = asyncio.create_task(self._deliver_guarded(entry))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            tasks.append(task)
+        if tasks:
+            await asyncio.gather(*tasks)
+        return entries
+
+    async def _deliver_guarded(self, entry: SpoolEntry) -> None:
+        try:
+            await self.deliver(entry)
+        except (SQLAlchemyError, OSError) as exc:
+            # The lease runs out and the entry is tried again; nothing is lost.
+            log.warning("spool attempt not recorded", id=entry.id, error=str(exc).splitlines()[0][:200])
+        except SealingError as exc:
+            log.error("spool entry cannot be opened", id=entry.id, error=str(exc))
+
+    # -- one entry ---------------------------------------------------------------------
+
+    async def deliver(self, entry: SpoolEntry) -> SpoolEntry:
+        """One attempt for every pending recipient of ``entry``; records the outcome.
+
+        Raises:
+            SealingError: the body cannot be opened with the key file.
+            SQLAlchemyError: the outcome could not be recorded.
+        """
+        message = self.keyring.get().open(entry.body, queue.seal_context(entry.txn_id))
+        pending = [r for r in entry.recipients if r["status"] == "pending"]
+        groups = await self._routes_for(entry, [r["rcpt"] for r in pending])
+        attempt = SpoolAttempt(node=self.settings.hostname, results={})
+        replies: list[str] = []
+        newly_failed: list[FailedRecipient] = []
+        for route, rcpts in groups.items():
+            if route is None:
+                reply = Reply(550, "5.1.2", "Domain no longer served by this gateway")
+                results = {r: reply for r in rcpts}
+            else:
+                results = await self._attempt(entry, route, rcpts, message, attempt)
+            for rcpt, reply in results.items():
+                state = next(r for r in entry.recipients if r["rcpt"] == rcpt)
+                state["reply"] = reply.one_line()
+                attempt.results[rcpt] = reply.code
+                if reply.is_positive:
+                    state["status"] = "delivered"
+                elif reply.is_permanent:
+                    state["status"] = "failed"
+                    newly_failed.append(FailedRecipient(rcpt, reply.enhanced, reply.one_line(), attempt.server))
+                replies.append(f"{rcpt}: {reply.one_line()}")
+        attempt.reply = "; ".join(replies)[:4000]
+        before = entry.status
+        entry.recipients = [dict(r) for r in entry.recipients]
+        await queue.record_attempt(self.store, entry, attempt, self.settings.spool)
+        if entry.status == "expired":
+            newly_failed += [FailedRecipient(r["rcpt"], "4.4.7", r["reply"] or "Delivery time expired", attempt.server)
+                             for r in entry.recipients if r["status"] == "pending"]
+        log.info("spool attempt", id=entry.id, txn=entry.txn_id, kind=entry.kind, status=entry.status,
+                 attempts=entry.attempts, reply=attempt.reply[:300])
+        if entry.status != before and entry.status != "queued":
+            self._log_completion(entry, attempt)
+        if newly_failed:
+            await self._notify_sender(entry, message, newly_failed)
+        self.delivered += sum(1 for r in entry.recipients if r["status"] == "delivered")
+        return entry
+
+    async def _attempt(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
+                       attempt: SpoolAttempt) -> dict[str, Reply]:
+        async with self.route_limits[route]:
+            try:
+                info, results = await deliver_once(
+                    route, self.settings.downstream, self.settings.hostname, entry.mail_from, rcpts, message,
+                    body="8BITMIME" if entry.body_8bit else None, smtputf8=entry.smtputf8)
+            except RouteFailure as failure:
+                attempt.server = "; ".join(failure.attempts)[:300]
+                return {r: failure.reply for r in rcpts}
+            except DownstreamLost as exc:
+                return {r: Reply(451, "4.4.2", f"Connection lost: {exc}") for r in rcpts}
+        attempt.server = f"{info.host}:{info.port}"
+        attempt.tls, attempt.tls_version, attempt.cipher, attempt.verified = (
+            info.tls, info.tls_version, info.cipher, info.verified)
+        return results
+
+    async def _routes_for(self, entry: SpoolEntry, rcpts: list[str]) -> dict[Route | None, list[str]]:
+        if entry.kind == "dsn":
+            route = await self.dsn_route(rcpts[0].rpartition("@")[2]) if rcpts else None
+            return {route: rcpts}
+        groups: dict[Route | None, list[str]] = defaultdict(list)
+        for rcpt in rcpts:
+            found = self.directory.lookup(rcpt)
+            groups[found[1] if found else None].append(rcpt)
+        return groups
+
+    async def dsn_route(self, domain: str) -> Route | None:
+        """Where a DSN to ``domain`` goes: the configured relay, else the domain's MX hosts (RFC 5321 5.1).
+
+        TLS is opportunistic: a DSN is never held back for want of TLS. ``None``
+        when the domain has a null MX (RFC 7505) or does not exist.
+        """
+        if self.settings.dsn.relay:
+            return Route(servers=(parse_host_port(self.settings.dsn.relay, default_port=25),),
+                         tls=DownstreamTls.OPPORTUNISTIC)
+        resolver = dns.asyncresolver.Resolver(configure=not self.resolver_nameservers)
+        if self.resolver_nameservers:
+            hosts = [parse_host_port(n, default_port=53) for n in self.resolver_nameservers]
+            resolver.nameservers = [h for h, _ in hosts]
+            resolver.port = hosts[0][1]
+        resolver.lifetime = 10
+        try:
+            answer = await resolver.resolve(domain, "MX")
+            mxs = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)
+            if mxs == [(0, "")]:
+                return None  # null MX: the domain accepts no mail
+            servers = tuple((host, 25) for _, host in mxs)
+        except dns.resolver.NoAnswer:
+            servers = ((domain, 25),)  # implicit MX: the domain's own address
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers, dns.exception.Timeout):
+            return None
+        return Route(servers=servers, tls=DownstreamTls.OPPORTUNISTIC)
+
+    # -- DSN and log -------------------------------------------------------------------
+
+    async def _notify_sender(self, entry: SpoolEntry, message: bytes, failed: list[FailedRecipient]) -> None:
+        if entry.kind == "dsn":
+            log.warning("DSN could not be delivered; dropped (never bounce a bounce)", id=entry.id)
+            return
+        if not entry.mail_from:
+            return  # null reverse-path: nobody to tell (RFC 5321 4.5.5)
+        if not self.settings.dsn.enabled or not entry.sender_aligned:
+            log.info("no DSN: sender not authenticated (SPF/DKIM alignment) or DSNs disabled",
+                     id=entry.id, sender=entry.mail_from, recipients=[f.rcpt for f in failed])
+            return
+        expired = any(f.status == "4.4.7" for f in failed)
+        reason = ("It stayed undeliverable for the maximum holding time." if expired
+                  else "The recipient's server refused it.")
+        dsn = build_dsn(reporting_host=self.settings.hostname, original_sender=entry.mail_from,
+                        original_message=message, recipients=failed, arrival=entry.created_at,
+                        txn_id=entry.txn_id, reason=reason)
+        await queue.enqueue(self.store, [queue.NewSpoolEntry(
+            txn_id=entry.txn_id, domain=entry.mail_from.rpartition("@")[2].lower(), mail_from="",
+            recipients=[entry.mail_from], message=dsn, subject="Undelivered Mail Returned to Sender",
+            kind="dsn", due_now=True)], self.keyring.get(), self.settings.spool)
+        log.info("DSN queued", id=entry.id, to=entry.mail_from, recipients=[f.rcpt for f in failed])
+
+    def _log_completion(self, entry: SpoolEntry, attempt: SpoolAttempt) -> None:
+        if self.message_log is None:
+            return
+        disposition = {"delivered": "delivered", "failed": "rejected", "expired": "expired"}.get(
+            entry.status, entry.status)
+        self.message_log.submit(LogRecord(
+            txn_id=entry.txn_id, ts=utcnow(), node=self.settings.hostname, client_ip="spool",
+            mail_from=entry.mail_from, rcpt_to=" ".join(r["rcpt"] for r in entry.recipients), size=entry.size,
+            subject=entry.subject, downstream_host=attempt.server, downstream_tls=attempt.tls,
+            downstream_tls_version=attempt.tls_version, downstream_cipher=attempt.cipher,
+            downstream_verified=attempt.verified,
+            results=[{"rcpt": r["rcpt"], "code": int(r["reply"][:3]) if r["reply"][:3].isdigit() else 0,
+                      "enhanced": "", "text": r["reply"], "disposition": r["status"], "route": None}
+                     for r in entry.recipients],
+            disposition=disposition, final_reply=f"spool {entry.kind} #{entry.id}: {entry.status} after "
+                                                 f"{entry.attempts} attempt(s)"))
+

@@ -1,0 +1,54 @@
+"""Bootstrap settings: defaults, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mxguard.config import load_settings, resolve_data_dir
+from mxguard.errors import ConfigError
+
+
+def test_defaults_and_env_override(data_dir):
+    s = load_settings(data_dir, environ={})
+    assert s.hostname == "mx.gw.test"
+    assert s.smtp.max_message_size == 25 * 1024 * 1024
+    assert s.effective_database_url.startswith("sqlite+aiosqlite:///")
+    s = load_settings(data_dir, environ={"MXGUARD_SMTP__MAX_RECIPIENTS": "250",
+                                         "MXGUARD_HOSTNAME": "MX2.Example.COM."})
+    assert s.smtp.max_recipients == 250
+    assert s.hostname == "mx2.example.com"
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[smtp]\nmax_message_size = 'big'\n", "smtp.max_message_size"),
+    ("[smtp]\nlisten = ['127.0.0.1:99999']\n", "smtp.listen"),
+    ("[tls]\nmin_version = '1.1'\n", "tls.min_version"),
+    ("[smtp]\nmax_recipent = 5\n", "smtp.max_recipent"),
+    ("hostname = 'has space'\n", "hostname"),
+])
+def test_invalid_value_names_the_key(tmp_path, text, key):
+    (tmp_path / "mxguard.toml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(tmp_path, environ={})
+    assert f"'{key}'" in str(err.value)
+
+
+def test_env_value_is_validated_too(data_dir):
+    with pytest.raises(ConfigError, match="'downstream.connect_timeout'"):
+        load_settings(data_dir, environ={"MXGUARD_DOWNSTREAM__CONNECT_TIMEOUT": "-1"})
+
+
+def test_broken_toml_and_missing_dir(tmp_path):
+    (tmp_path / "mxguard.toml").write_text("hostname = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(tmp_path, environ={})
+    with pytest.raises(ConfigError, match="mxguard init"):
+        load_settings(tmp_path / "nope", environ={})
+
+
+def test_data_dir_resolution(monkeypatch):
+    monkeypatch.delenv("MXGUARD_DATA_DIR", raising=False)
+    assert str(resolve_data_dir(None)) == "mxguard-data"
+    monkeypatch.setenv("MXGUARD_DATA_DIR", "/srv/mx")
+    assert str(resolve_data_dir(None)) == "/srv/mx"
+    assert str(resolve_data_dir("/other")) == "/other"

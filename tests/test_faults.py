@@ -1,0 +1,87 @@
+"""Faults: the downstream dies mid-DATA; the database is unavailable for a while. Nothing accepted is lost."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mxguard.config import load_settings
+from mxguard.services.domains import add_domain
+from mxguard.spool import queue
+from tests.conftest import FAST_SPOOL, apply_overrides, gateway_environ
+from tests.support.gateway import ThreadedGateway, init_data_dir
+from tests.support.postgres import PostgresCluster
+from tests.support.smtp import message, send
+
+
+@pytest.fixture
+def gateway_overrides():
+    return dict(FAST_SPOOL)
+
+
+def test_downstream_dies_mid_data_the_message_is_spooled_and_delivered_once(gateway, tls_sink, add_domain):
+    add_domain("example.com", [tls_sink.address])
+    tls_sink.die_at_data = True
+    out = send(gateway.port, ["alice@example.com"], message(subject="mid-data"))
+    assert out.data[0] == 250, out.data
+    assert gateway.wait_records(1)[-1].disposition == "spooled"
+    assert tls_sink.messages == []
+    tls_sink.die_at_data = False
+    assert tls_sink.wait_for(1, timeout=5)
+    time.sleep(1.0)
+    assert len(tls_sink.messages) == 1
+
+
+@pytest.fixture
+def own_postgres():
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="mxguard-pgf-"))).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_database_unavailable_for_ten_seconds(tmp_path, own_postgres, tls_sink, loopback_dns):
+    url = own_postgres.create_database()
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir, database_url=url)
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
+    apply_overrides(settings, FAST_SPOOL)
+    gw = ThreadedGateway(settings).start()
+    try:
+        gw.run(add_domain(gw.store, "example.com", [tls_sink.address]))
+        gw.reload()
+        own_postgres.pause()
+        outage_started = time.monotonic()
+        # Downstream up: mail needs no database on its way through; it still flows.
+        assert send(gw.port, ["alice@example.com"], message(subject="during outage")).data[0] == 250
+        assert tls_sink.wait_for(1)
+        # Downstream down too: nothing can be stored, so the sender must keep the message.
+        tls_sink.pause()
+        out = send(gw.port, ["alice@example.com"], message(subject="cannot be stored"))
+        assert out.data[0] == 451 and out.data[1].startswith("4.3.0"), out.data
+        time.sleep(max(0.0, 10 - (time.monotonic() - outage_started)))
+        own_postgres.resume()
+        # Back: the same message is now accepted and held, then delivered.
+        out = send(gw.port, ["alice@example.com"], message(subject="cannot be stored"))
+        assert out.data[0] == 250, out.data
+        held = gw.run(queue.list_entries(gw.store))
+        assert len(held) == 1
+        tls_sink.resume()
+        assert tls_sink.wait_for(2, timeout=10)
+        # The message-log records made during the outage were kept and written afterwards.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                gw.flush_log()
+                break
+            except Exception:  # noqa: BLE001 - retry until the pool has reconnected
+                time.sleep(0.5)
+        from mxguard.storage.messagelog import recent
+        rows = gw.run(recent(gw.store, 10))
+        subjects = [r.subject for r in rows]
+        assert "during outage" in subjects and subjects.count("cannot be stored") == 2
+        assert {r.disposition for r in rows if r.subject == "cannot be stored"} == {"deferred", "spooled"}
+    finally:
+        gw.stop()
