@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
-    env = {**os.environ, "MXGUARD_LOAD_SESSIONS": str(args.sessions), "MXGUARD_LOAD_SECONDS": str(args.seconds)}
+    env = {**os.environ, "LOADTEST_SESSIONS": str(args.sessions), "LOADTEST_SECONDS": str(args.seconds)}
     return subprocess.call([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                             str(ROOT / "tests" / "test_load.py")], cwd=ROOT, env=env)
 

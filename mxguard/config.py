@@ -100,6 +100,99 @@ class DownstreamSettings(_Section):
     data_timeout: float = Field(default=600.0, gt=0)
 
 
+class FilterSettings(_Section):
+    """The filter pipeline's engines (bootstrap: where the engines are, not per-domain policy).
+
+    Per-domain thresholds and actions live in the database (``mxguard domain set``).
+    """
+
+    #: Run the filter pipeline at all. Off: every message is delivered unscanned
+    #: (with a header saying so); for troubleshooting only.
+    enabled: bool = True
+    #: Virus engines, run together: "yara" (embedded rules) and/or "clamd".
+    virus_engines: list[Literal["yara", "clamd"]] = Field(default_factory=lambda: ["yara"])
+    #: Junk engines, run together: "builtin", "rspamd", "spamd".
+    junk_engines: list[Literal["builtin", "rspamd", "spamd"]] = Field(default_factory=lambda: ["builtin"])
+    #: Attachment and MIME-structure policy (per-domain rules); almost always on.
+    content_policy: bool = True
+    #: SPF, DKIM and DMARC checks (RFC 7208, 6376, 7489) for Authentication-Results.
+    sender_auth: bool = True
+    #: clamd address: "HOST:PORT" (TCP) or "unix:/path/clamd.ctl" (or an absolute socket path).
+    clamd_address: str = "127.0.0.1:3310"
+    #: Rspamd normal worker base URL (the /checkv2 endpoint is appended).
+    rspamd_url: str = "http://127.0.0.1:11333"
+    #: spamd "HOST:PORT".
+    spamd_address: str = "127.0.0.1:783"
+    #: Seconds each engine may take per message before the message fails closed.
+    timeout: float = Field(default=20.0, gt=0, le=600)
+    #: Per-engine overrides of ``timeout``, e.g. {clamd = 30.0}.
+    engine_timeouts: dict[str, float] = Field(default_factory=dict)
+    #: DNS servers for the sender checks, "HOST[:PORT]"; empty: the system resolver.
+    dns_servers: list[str] = Field(default_factory=list)
+    #: Seconds per DNS query of the sender checks (a timeout gives a temperror result).
+    dns_timeout: float = Field(default=3.0, gt=0, le=60)
+    #: The built-in scorer's spam threshold (its own verdict: score >= threshold is junk).
+    builtin_threshold: float = Field(default=5.0, gt=0)
+    #: Largest MIME part count and nesting depth; beyond them the message is refused (policy).
+    max_mime_parts: int = Field(default=500, ge=1)
+    max_mime_depth: int = Field(default=20, ge=1)
+    #: Largest archive member scanned inside a zip, bytes (bigger members: names only).
+    max_archive_member: int = Field(default=10 * 1024 * 1024, ge=1024)
+    #: Days a quarantined message is kept before it expires.
+    quarantine_days: int = Field(default=30, ge=1, le=3650)
+
+    @field_validator("virus_engines", "junk_engines", "dns_servers", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _valid_dns(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item, default_port=53)
+        return value
+
+    @field_validator("spamd_address")
+    @classmethod
+    def _valid_spamd(cls, value: str) -> str:
+        parse_host_port(value, default_port=783)
+        return value
+
+    @field_validator("clamd_address")
+    @classmethod
+    def _valid_clamd(cls, value: str) -> str:
+        if value.startswith("unix:") or value.startswith("/"):
+            if len(value.removeprefix("unix:")) < 2:
+                raise ValueError("unix socket path is empty")
+            return value
+        parse_host_port(value, default_port=3310)
+        return value
+
+    @field_validator("rspamd_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value) < 10:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("engine_timeouts")
+    @classmethod
+    def _valid_timeouts(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"yara", "clamd", "builtin", "rspamd", "spamd", "policy", "sender_auth"}
+        for key, seconds in value.items():
+            if key not in known:
+                raise ValueError(f"unknown engine {key!r} (known: {', '.join(sorted(known))})")
+            if not 0 < seconds <= 600:
+                raise ValueError(f"{key}: timeout must be between 0 and 600 seconds")
+        return value
+
+    def timeout_for(self, engine: str) -> float:
+        """Seconds allowed to ``engine`` per message."""
+        return self.engine_timeouts.get(engine, self.timeout)
+
 class SpoolSettings(_Section):
     """The spool: mail held while a route is unreachable, retried with back-off."""
 
@@ -191,6 +284,7 @@ class Settings(_Section):
     dsn: DsnSettings = Field(default_factory=DsnSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    filters: FilterSettings = Field(default_factory=FilterSettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -219,8 +313,10 @@ def resolve_data_dir(option: str | os.PathLike[str] | None) -> Path:
     return Path(option or os.environ.get("MXGUARD_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Settings from ``MXGUARD_*`` variables, and which variable set each dotted key."""
     overrides: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith("MXGUARD_") or name == "MXGUARD_DATA_DIR":
             continue
@@ -229,7 +325,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         for part in parts[:-1]:
             target = target.setdefault(part, {})
         target[parts[-1]] = value
-    return overrides
+        sources[".".join(parts)] = name
+    return overrides, sources
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -242,12 +339,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe_validation_error(error: ValidationError, source: str) -> str:
-    """One line per invalid setting, naming its key."""
+def describe_validation_error(error: ValidationError, source: str, env_sources: dict[str, str] | None = None) -> str:
+    """One line per invalid setting, naming its key (and the environment variable that set it)."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(root)"
-        lines.append(f"{source}: setting '{key}': {item['msg']}")
+        where = f"environment variable {env_sources[key]}" if env_sources and key in env_sources else source
+        lines.append(f"{where}: setting '{key}': {item['msg']}")
     return "\n".join(lines)
 
 
@@ -273,11 +371,12 @@ def load_settings(data_dir: Path, environ: dict[str, str] | None = None, *, requ
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     elif require_file:
         raise ConfigError(f"{data_dir} is not an initialised data dir (no {CONFIG_FILE_NAME}); run 'mxguard init' first")
-    merged = _merge(raw, _env_overrides(environ))
+    overrides, env_sources = _env_overrides(environ)
+    merged = _merge(raw, overrides)
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, str(path))) from None
+        raise ConfigError(describe_validation_error(exc, str(path), env_sources)) from None
     settings.data_dir = data_dir
     return settings
 
@@ -286,6 +385,12 @@ def render_settings_file(settings: Settings) -> str:
     """The TOML text ``init`` writes: every setting, with its default and meaning."""
     s = settings
     listen = ", ".join(f'"{item}"' for item in s.smtp.listen)
+    f = s.filters
+
+    def toml_list(items: list[str]) -> str:
+        return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+    timeouts = "{" + ", ".join(f"{k} = {v}" for k, v in f.engine_timeouts.items()) + "}"
     return f"""# mxguard bootstrap settings. Domains, routes and TLS policy live in the database
 # (mxguard domain ...). Environment overrides: MXGUARD_<KEY>, MXGUARD_<SECTION>__<KEY>.
 
@@ -378,4 +483,40 @@ lockout_seconds = {s.web.lockout_seconds}
 # A client address is refused (429) after this many failed logins per window (seconds).
 login_ip_max_failures = {s.web.login_ip_max_failures}
 login_ip_window = {s.web.login_ip_window}
+[filters]
+# Every message is filtered at end of DATA, before the sender's final reply.
+# Per-domain thresholds and actions: mxguard domain set DOMAIN --junk-quarantine ... .
+enabled = {str(f.enabled).lower()}
+# Virus engines, all run: "yara" (embedded rules, no set-up), "clamd" (ClamAV daemon, INSTREAM).
+virus_engines = {toml_list(f.virus_engines)}
+# Junk engines, all run: "builtin" (embedded scorer), "rspamd" (HTTP /checkv2), "spamd" (SpamAssassin).
+junk_engines = {toml_list(f.junk_engines)}
+# Attachment / MIME-structure policy (rules per domain).
+content_policy = {str(f.content_policy).lower()}
+# SPF (RFC 7208), DKIM (RFC 6376), DMARC (RFC 7489) checks -> Authentication-Results (RFC 8601).
+sender_auth = {str(f.sender_auth).lower()}
+# clamd: "HOST:PORT" or "unix:/run/clamav/clamd.ctl".
+clamd_address = "{f.clamd_address}"
+# Rspamd normal worker (not the controller).
+rspamd_url = "{f.rspamd_url}"
+# spamd "HOST:PORT".
+spamd_address = "{f.spamd_address}"
+# Seconds each engine may take; an engine that is down or too slow fails the
+# message closed (451 4.3.0, the sender retries) unless the domain chose "tag".
+timeout = {f.timeout}
+# Per-engine timeouts in seconds, e.g. {{clamd = 30.0, rspamd = 10.0}}.
+engine_timeouts = {timeouts}
+# DNS servers for the sender checks, "HOST[:PORT]"; [] = the system resolver.
+dns_servers = {toml_list(f.dns_servers)}
+# Seconds per DNS query of the sender checks (timeout = temperror, never a deferral).
+dns_timeout = {f.dns_timeout}
+# Built-in scorer: score at or above which it calls a message junk.
+builtin_threshold = {f.builtin_threshold}
+# MIME limits: more parts or deeper nesting is refused (550 5.7.1).
+max_mime_parts = {f.max_mime_parts}
+max_mime_depth = {f.max_mime_depth}
+# Largest zip member (bytes) whose content is scanned; larger ones: names only.
+max_archive_member = {f.max_archive_member}
+# Days a quarantined message is kept.
+quarantine_days = {f.quarantine_days}
 """

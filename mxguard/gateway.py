@@ -13,7 +13,9 @@ import structlog
 from mxguard.config import Settings
 from mxguard.errors import ConfigError
 from mxguard.metrics import GatewayMetrics
+from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.netaddr import parse_host_port
+from mxguard.quarantine.store import quarantine_many
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.proxy import ProxyContext
@@ -27,6 +29,11 @@ from mxguard.tls.certs import load_chain
 from mxguard.tls.contexts import ReloadableServerContext
 
 log = structlog.get_logger("mxguard.gateway")
+
+
+def _subject(content: bytes) -> str:
+    from mxguard.smtp.headers import summarize
+    return summarize(content)[0]
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Gateway:
         self.tls_context = self.tls.context
         self.metrics = GatewayMetrics()
         self.observers.append(self.metrics.observe)
+        self.filters = FilterPipeline.from_settings(s)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
         self.directory = DomainDirectory(self.store)
@@ -84,10 +92,12 @@ class Gateway:
         self.keyring = KeyRing(s.path(s.sealing_key_file))
         self.spooler = StoreSpooler(self.store, self.keyring, s)
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
-                                      observers=self.observers, spooler=self.spooler)
+                                      observers=self.observers, spooler=self.spooler, filters=self.filters,
+                                      hold=self._hold)
         self.worker: SpoolWorker | None = None
         if self.spool_worker and self._claim_worker_lock():
-            self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log)
+            self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log,
+                                      resolver_nameservers=s.filters.dns_servers)
             self.worker.start()
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
@@ -140,6 +150,12 @@ class Gateway:
     def web_url(self) -> str | None:
         """The console's URL, when it runs."""
         return self.web.url if self.web is not None else None
+
+    async def _hold(self, *, tx, copies, verdict, score) -> list[str]:
+        """The proxy's quarantine hook: seal and store held copies (raises when the database refuses)."""
+        return await quarantine_many(self.store, self.keyring.get(), txn_id=tx.txn_id, sender=tx.mail_from,
+                                     subject=_subject(copies[0].content), copies=copies, verdict=verdict,
+                                     score=score, retention_days=self.settings.filters.quarantine_days)
 
     def _claim_worker_lock(self) -> bool:
         """On SQLite only one process per data dir runs the spool worker (an flock decides)."""
@@ -201,6 +217,9 @@ class Gateway:
             await self.directory.stop()
         if getattr(self, "message_log", None):
             await self.message_log.stop()
+        if getattr(self, "filters", None):
+            await self.filters.close()
+            self.filters = None
         if self.store is not None:
             await self.store.close()
             self.store = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import ssl
 import tempfile
 from pathlib import Path
@@ -14,18 +15,47 @@ import trustme
 from mxguard.services import domains as domain_service
 from mxguard.sink import ThreadedSink
 from mxguard.storage.db import Store
+from tests.support.dns import LoopbackDNS
 from tests.support.gateway import ThreadedGateway, init_data_dir
 from tests.support.postgres import PostgresCluster
 
-CORPUS = Path(os.environ.get("MXGUARD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+CORPUS = Path(os.environ.get("TEST_CORPUS_DIR", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """The shared corpus of real messages (read-only)."""
     if not CORPUS.is_dir():
-        pytest.fail(f"corpus not found at {CORPUS}; set MXGUARD_CORPUS")
+        pytest.fail(f"corpus not found at {CORPUS}; set TEST_CORPUS_DIR")
     return CORPUS
+
+
+# -- DNS ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def loopback_dns():
+    """The DNS server every DNS lookup of the tests goes to (SPF/DKIM/DMARC records of the test domains)."""
+    server = LoopbackDNS().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dns_stays_on_loopback(loopback_dns):
+    """Every mxguard process the tests start (``serve``, ``demo``, ``scan``) asks the loopback DNS
+    server, never the system resolver: no DNS query leaves the machine."""
+    previous = os.environ.get("MXGUARD_FILTERS__DNS_SERVERS")
+    os.environ["MXGUARD_FILTERS__DNS_SERVERS"] = loopback_dns.address
+    yield
+    if previous is None:
+        os.environ.pop("MXGUARD_FILTERS__DNS_SERVERS", None)
+    else:
+        os.environ["MXGUARD_FILTERS__DNS_SERVERS"] = previous
+
+
+def gateway_environ(loopback_dns: LoopbackDNS, **overrides: str) -> dict[str, str]:
+    """Settings overrides every test gateway gets: sender checks use the loopback DNS server."""
+    return {"MXGUARD_FILTERS__DNS_SERVERS": loopback_dns.address, **overrides}
 
 
 # -- TLS material ------------------------------------------------------------------------
@@ -127,10 +157,10 @@ def gateway_overrides() -> dict:
 
 
 @pytest.fixture
-def gateway(data_dir, gateway_overrides):
-    """A running gateway (SQLite) on a free loopback port."""
+def gateway(data_dir, gateway_overrides, loopback_dns):
+    """A running gateway (SQLite) on a free loopback port, with the embedded filters."""
     from mxguard.config import load_settings
-    settings = load_settings(data_dir, environ={})
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
     apply_overrides(settings, gateway_overrides)
     gw = ThreadedGateway(settings).start()
     yield gw
@@ -187,15 +217,46 @@ async def store(request, tmp_path):
 # -- the console and REST API -------------------------------------------------------------
 
 @pytest.fixture
-def web(data_dir):
+def web(data_dir, loopback_dns):
     """A running gateway with the console on a free loopback port (HTTPS with its own certificate),
     an admin ``admin@gw.test`` and that admin's API key as ``web.admin_key``."""
     from mxguard.config import load_settings
     from tests.support.web import WebGateway
-    gw = ThreadedGateway(load_settings(data_dir, environ={}), web_listen="127.0.0.1:0").start()
+    gw = ThreadedGateway(load_settings(data_dir, environ=gateway_environ(loopback_dns)),
+                         web_listen="127.0.0.1:0").start()
     w = WebGateway(gw, data_dir / "tls" / "cert.pem")
     w.add_user("admin@gw.test", "admin")
     w.admin_key = w.api_key("admin@gw.test")
     yield w
     w.close()
     gw.stop()
+# -- real filter engines (started once per run; never skipped) ----------------------------
+
+@pytest.fixture(scope="session")
+def clamd(corpus_dir):
+    """clamd on loopback with a signature database built from the corpus and EICAR."""
+    from tests.support.clamd import ClamdInstance
+    instance = ClamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-clamd-")), corpus_dir).start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rspamd(loopback_dns):
+    """Rspamd's normal worker on loopback, its DNS pointed at the loopback DNS server."""
+    from tests.support.rspamd import RspamdInstance
+    instance = RspamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-rspamd-")), loopback_dns.address).start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)  # about 90 MB of compiled hyperscan cache
+
+
+@pytest.fixture(scope="session")
+def spamd():
+    """SpamAssassin's spamd on loopback, offline (-L)."""
+    from tests.support.spamd import SpamdInstance
+    instance = SpamdInstance(Path(tempfile.mkdtemp(prefix="mxguard-spamd-"))).start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(instance.base, ignore_errors=True)

@@ -304,11 +304,14 @@ def test_audit_records_who_what_before_after_and_is_scoped(web):
     assert [e["target"] for e in admin.get("/audit", params={"action": "domain.update"}).json()] == ["example.com"]
 
 
-def test_console_and_api_on_postgresql(tmp_path, pg_url, tls_sink):
+def test_console_and_api_on_postgresql(tmp_path, pg_url, tls_sink, loopback_dns):
     """The same endpoints with the gateway on PostgreSQL (several-node set-up)."""
+    from mxguard.config import load_settings
+    from tests.conftest import gateway_environ
     from tests.support.gateway import ThreadedGateway, init_data_dir
     from tests.support.web import WebGateway
-    settings = init_data_dir(tmp_path / "pgdata", database_url=pg_url)
+    init_data_dir(tmp_path / "pgdata", database_url=pg_url)
+    settings = load_settings(tmp_path / "pgdata", environ=gateway_environ(loopback_dns))
     gw = ThreadedGateway(settings, web_listen="127.0.0.1:0").start()
     w = WebGateway(gw, tmp_path / "pgdata" / "tls" / "cert.pem")
     try:

@@ -107,7 +107,7 @@ def test_serve_relays_and_log_shows_the_transaction(tmp_path, tls_sink):
     mx("init", "--hostname", "mx.cli.test", data_dir=d)
     mx("domain", "add", "example.com", "--server", tls_sink.address, "--downstream-tls", "required", data_dir=d)
     port = _free_port()
-    proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--smtp", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--no-web", "--smtp", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 20

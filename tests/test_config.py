@@ -52,3 +52,8 @@ def test_data_dir_resolution(monkeypatch):
     monkeypatch.setenv("MXGUARD_DATA_DIR", "/srv/mx")
     assert str(resolve_data_dir(None)) == "/srv/mx"
     assert str(resolve_data_dir("/other")) == "/other"
+
+
+def test_unknown_environment_variable_is_named(data_dir):
+    with pytest.raises(ConfigError, match="environment variable MXGUARD_SMTP__MAX_RECIPENTS"):
+        load_settings(data_dir, environ={"MXGUARD_SMTP__MAX_RECIPENTS": "5"})

@@ -11,7 +11,7 @@ import pytest
 from mxguard.config import load_settings
 from mxguard.services.domains import add_domain
 from mxguard.spool import queue
-from tests.conftest import FAST_SPOOL, apply_overrides
+from tests.conftest import FAST_SPOOL, apply_overrides, gateway_environ
 from tests.support.gateway import ThreadedGateway, init_data_dir
 from tests.support.postgres import PostgresCluster
 from tests.support.smtp import message, send
@@ -42,11 +42,11 @@ def own_postgres():
     cluster.stop()
 
 
-def test_database_unavailable_for_ten_seconds(tmp_path, own_postgres, tls_sink):
+def test_database_unavailable_for_ten_seconds(tmp_path, own_postgres, tls_sink, loopback_dns):
     url = own_postgres.create_database()
     data_dir = tmp_path / "data"
     init_data_dir(data_dir, database_url=url)
-    settings = load_settings(data_dir, environ={})
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
     apply_overrides(settings, FAST_SPOOL)
     gw = ThreadedGateway(settings).start()
     try:

@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 
 def test_concurrent_sessions_all_delivered_once_no_leaks(tmp_path):
-    sessions, duration = int(os.environ.get("MXGUARD_LOAD_SESSIONS", 150)), float(
-        os.environ.get("MXGUARD_LOAD_SECONDS", 15))
+    sessions, duration = int(os.environ.get("LOADTEST_SESSIONS", 150)), float(
+        os.environ.get("LOADTEST_SECONDS", 15))
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
     port = _free_port()
@@ -47,7 +47,8 @@ def test_concurrent_sessions_all_delivered_once_no_leaks(tmp_path):
         subprocess.run([MXGUARD, "--data-dir", str(data_dir), "domain", "add", "example.com", "--server",
                         sink.address], check=True, capture_output=True)
         env = {**os.environ, "MXGUARD_SMTP__MAX_CONNECTIONS_PER_CLIENT": "2000", "MXGUARD_LOG__LEVEL": "warning"}
-        gw = subprocess.Popen([MXGUARD, "--data-dir", str(data_dir), "serve", "--smtp", f"127.0.0.1:{port}"],
+        gw = subprocess.Popen([MXGUARD, "--data-dir", str(data_dir), "serve", "--no-web", "--smtp",
+                               f"127.0.0.1:{port}"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             for _ in range(200):

@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _serve(data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([MXGUARD, "--data-dir", str(data_dir), "serve", "--smtp", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([MXGUARD, "--data-dir", str(data_dir), "serve", "--no-web", "--smtp", f"127.0.0.1:{port}"],
                             env={**os.environ, **FAST_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -212,9 +212,10 @@ def test_healthz_reports_a_database_that_is_gone(web):
     assert reply.status_code == 503 and reply.json()["status"] == "error"
 
 
-def test_plain_http_only_when_asked(data_dir):
+def test_plain_http_only_when_asked(data_dir, loopback_dns):
     from mxguard.config import load_settings
-    settings = load_settings(data_dir, environ={})
+    from tests.conftest import gateway_environ
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
     settings.web.plain_http = True
     gw = ThreadedGateway(settings, web_listen="127.0.0.1:0", web_plain_http=True).start()
     try:
@@ -224,7 +225,8 @@ def test_plain_http_only_when_asked(data_dir):
         assert "secure" in reply.headers["set-cookie"].lower()  # the browser sees HTTPS at the proxy
     finally:
         gw.stop()
-    gw = ThreadedGateway(load_settings(data_dir, environ={}), web_listen="127.0.0.1:0").start()
+    gw = ThreadedGateway(load_settings(data_dir, environ=gateway_environ(loopback_dns)),
+                         web_listen="127.0.0.1:0").start()
     try:
         assert gw.web_url.startswith("https://")
         try:

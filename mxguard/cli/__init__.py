@@ -15,6 +15,7 @@ from mxguard.cli import common
 from mxguard.cli.core import register as register_core
 from mxguard.cli.demo import register as register_demo
 from mxguard.cli.domain import domain_app
+from mxguard.cli.filters import register as register_filters
 from mxguard.cli.sink import register as register_sink
 from mxguard.cli.spool import keys_app, spool_app
 from mxguard.cli.tenancy import apikey_app, org_app, user_app
@@ -38,6 +39,7 @@ def _root(
 
 register_core(app)
 app.add_typer(domain_app, name="domain")
+register_filters(app)
 app.add_typer(spool_app, name="spool")
 app.add_typer(keys_app, name="keys")
 app.add_typer(org_app, name="org")

@@ -18,11 +18,36 @@ DOWNSTREAM_HELP = "TLS to the downstream server: off | opportunistic | required 
 INBOUND_HELP = "TLS from senders: optional | required (530 5.7.0 without STARTTLS) (default: optional)"
 UNREACHABLE_HELP = "Every server down: spool (accept, hold sealed, deliver later) | defer (451 4.4.1) (default: spool)"
 ORG_HELP = "Owning organization (its org-admins manage the domain)"
+JUNK_Q_HELP = ("Junk score at or above which mail is quarantined, on the junk engine's own scale; "
+               "'off' = the engine's own spam verdict (default)")
+JUNK_R_HELP = "Junk score at or above which mail is refused (550 5.7.1); 'off' = never (default)"
+JUNK_T_HELP = "Junk score at or above which mail is delivered with X-Spam-Flag and a [SPAM] subject; 'off' (default)"
+VIRUS_HELP = "What a virus gets: reject (554 5.7.1, default) | quarantine"
+FAILURE_HELP = "When an engine is down or too slow: defer (451 4.3.0, default) | tag (deliver marked unscanned)"
+RULES_HELP = "Attachment rules as a JSON list, or @FILE holding one (see the README); replaces the list"
+
+
+def _rules_arg(value: str | None) -> str | None:
+    """``@FILE`` reads the rules from a file; anything else is the JSON itself."""
+    if value and value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules) -> dict:
+    return dict(junk_quarantine=junk_quarantine, junk_reject=junk_reject, junk_tag=junk_tag,
+                virus_action=virus_action, engine_failure=engine_failure,
+                attachment_rules=_rules_arg(attachment_rules))
 
 
 def _print_domain(view: svc.DomainView) -> None:
     for key, value in view.as_dict().items():
-        if isinstance(value, list):
+        if key == "attachment_rules":
+            value = "; ".join(f"{r['name']} -> {r['action']}" for r in value) or "(none)"
+        elif key.startswith("junk_") and value is None:
+            value = "off" if key != "junk_quarantine" else "engine verdict"
+        elif isinstance(value, list):
             value = ", ".join(value)
         console.print(f"[bold]{key:>16}[/bold]  {value if value is not None else '-'}", highlight=False)
 
@@ -39,12 +64,19 @@ def add(
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
     on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
     org: str = typer.Option(None, "--org", metavar="ORG", help=ORG_HELP),
+    junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
+    junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
+    junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
+    virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
+    engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
+    attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
 ) -> None:
     """Serve a domain: accept its mail and relay it to its downstream server(s)."""
+    filters = _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules)
     view = run(with_store(lambda store: svc.add_domain(
         store, domain, server, actor=Actor.cli(), org=org, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
         tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
-        on_unreachable=on_unreachable)))
+        on_unreachable=on_unreachable, **filters)))
     console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
                   f"inbound TLS {view.inbound_tls})", highlight=False)
 
@@ -61,11 +93,19 @@ def set_(
     tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3"),
     on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
     org: str = typer.Option(None, "--org", metavar="ORG", help=ORG_HELP + " ('' for none)"),
+    junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
+    junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
+    junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
+    virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
+    engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
+    attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
 ) -> None:
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
                    tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
-                   on_unreachable=on_unreachable, org=org)
+                   on_unreachable=on_unreachable, org=org,
+                   **_filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure,
+                                     attachment_rules))
     before, after = run(with_store(lambda store: svc.update_domain(store, domain, actor=Actor.cli(), **changes)))
     changed = {k: (v, after.as_dict()[k]) for k, v in before.as_dict().items() if after.as_dict()[k] != v}
     if not changed:
@@ -83,10 +123,17 @@ def list_(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> 
         typer.echo(json.dumps([v.as_dict() for v in views], indent=2))
         return
     table = Table(title="Served domains")
-    for col in ("domain", "downstream servers", "downstream TLS", "inbound TLS", "organization"):
+    for col in ("domain", "downstream servers", "downstream TLS", "inbound TLS", "junk tag/quar./reject", "virus",
+                "engine down", "organization"):
         table.add_column(col)
+
+    def score(value, default):
+        return default if value is None else f"{value:g}"
+
     for v in views:
-        table.add_row(v.name, "\n".join(v.servers), v.downstream_tls, v.inbound_tls, v.org or "-")
+        junk = f"{score(v.junk_tag, 'off')} / {score(v.junk_quarantine, 'engine')} / {score(v.junk_reject, 'off')}"
+        table.add_row(v.name, "\n".join(v.servers), v.downstream_tls, v.inbound_tls, junk, v.virus_action,
+                      v.engine_failure, v.org or "-")
     console.print(table)
 
 

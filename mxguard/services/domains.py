@@ -10,6 +10,7 @@ running gateways apply it to the next SMTP transaction.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -18,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
+from mxguard.filtering.policy_content import DEFAULT_ATTACHMENT_RULES, validate_rules
 from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
@@ -35,7 +37,19 @@ DOMAIN_DEFAULTS: dict[str, Any] = {
     "tls_fingerprint": None,
     "tls_min_version": TlsVersion.V1_2.value,
     "on_unreachable": "spool",
+    # Filtering (issue 3): see mxguard.filtering.disposition.
+    "junk_quarantine": None,
+    "junk_reject": None,
+    "junk_tag": None,
+    "virus_action": "reject",
+    "engine_failure": "defer",
+    "attachment_rules": None,  # None: the default blocklist (DEFAULT_ATTACHMENT_RULES)
 }
+
+#: Junk thresholds: a score, or "off" / "" to clear (None means "leave as is" in updates).
+THRESHOLD_FIELDS = ("junk_quarantine", "junk_reject", "junk_tag")
+VIRUS_ACTIONS = ("reject", "quarantine")
+ENGINE_FAILURE_ACTIONS = ("defer", "tag")
 
 
 @dataclass(frozen=True)
@@ -53,16 +67,27 @@ class DomainView:
     on_unreachable: str = "spool"
     #: Owning organization's name (``None``: administrators only).
     org: str | None = None
+    junk_quarantine: float | None = None
+    junk_reject: float | None = None
+    junk_tag: float | None = None
+    virus_action: str = "reject"
+    engine_failure: str = "defer"
+    attachment_rules: tuple = ()
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["servers"] = list(self.servers)
+        data["attachment_rules"] = json.loads(json.dumps(self.attachment_rules))
         return data
 
 
 def _view(row: Domain) -> DomainView:
     values = {f.name: getattr(row, f.name) for f in fields(DomainView) if f.name != "org"}
     values["servers"] = tuple(values["servers"])
+    rules = DEFAULT_ATTACHMENT_RULES if values["attachment_rules"] is None else values["attachment_rules"]
+    values["attachment_rules"] = tuple(rules)
+    values["virus_action"] = values["virus_action"] or "reject"
+    values["engine_failure"] = values["engine_failure"] or "defer"
     return DomainView(**values, org=row.org.name if row.org else None)
 
 
@@ -126,6 +151,24 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
             raise ValidationFailed("tls_fingerprint", str(exc)) from None
     elif "tls_fingerprint" in out:
         out["tls_fingerprint"] = None
+    for key in THRESHOLD_FIELDS:
+        if key in out:
+            out[key] = _threshold(key, out[key])
+    for key, allowed in (("virus_action", VIRUS_ACTIONS), ("engine_failure", ENGINE_FAILURE_ACTIONS)):
+        if key in out:
+            value = str(out[key]).strip().lower()
+            if value not in allowed:
+                raise ValidationFailed(key, f"{out[key]!r} is not one of: {', '.join(allowed)}")
+            out[key] = value
+    if "attachment_rules" in out:
+        rules = out["attachment_rules"]
+        if isinstance(rules, str):
+            try:
+                rules = json.loads(rules)
+            except ValueError as exc:
+                raise ValidationFailed("attachment_rules", f"not valid JSON: {exc}") from None
+        out["attachment_rules"] = None if rules is None else validate_rules(list(rules) if isinstance(
+            rules, tuple) else rules)
     if out.get("tls_ca_file"):
         path = os.path.abspath(out["tls_ca_file"])
         if not os.path.isfile(path):
@@ -136,12 +179,31 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _threshold(key: str, value: Any) -> float | None:
+    """A junk score threshold: a number, or ``off``/``""`` for none."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValidationFailed(key, f"{value!r} is not a score (a number, or 'off')") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValidationFailed(key, f"{value!r} is not a finite score")
+    return number
+
+
 def _check_consistent(values: dict[str, Any]) -> None:
     mode = values["downstream_tls"]
     if values.get("tls_fingerprint") and mode != DownstreamTls.VERIFY:
         raise ValidationFailed("tls_fingerprint", "a pinned fingerprint is only used with downstream TLS 'verify'")
     if values.get("tls_ca_file") and mode != DownstreamTls.VERIFY:
         raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify'")
+    # Junk thresholds must be ordered: tag <= quarantine <= reject (when set).
+    order = [(k, values.get(k)) for k in ("junk_tag", "junk_quarantine", "junk_reject") if values.get(k) is not None]
+    for (low_key, low), (high_key, high) in zip(order, order[1:]):
+        if low > high:
+            raise ValidationFailed(high_key, f"{high:g} is below {low_key} {low:g}; "
+                                             "expected junk_tag <= junk_quarantine <= junk_reject")
 
 
 async def bump_generation(session) -> None:
@@ -190,8 +252,11 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         actor: who asks (audit log, tenancy); an org-admin's domain joins their organization.
         org: owning organization's name (admins only; ``None``: no organization).
         **fields: any of ``inbound_tls``, ``downstream_tls``, ``tls_ca_file``,
-            ``tls_fingerprint``, ``tls_min_version``, ``on_unreachable`` (see ``DOMAIN_DEFAULTS``);
-            ``None`` values take the default.
+            ``tls_fingerprint``, ``tls_min_version``, ``on_unreachable``, ``junk_quarantine``,
+            ``junk_reject``, ``junk_tag`` (scores, or ``"off"``),
+            ``virus_action`` (``reject``/``quarantine``), ``engine_failure``
+            (``defer``/``tag``), ``attachment_rules`` (a list or its JSON text)
+            (see ``DOMAIN_DEFAULTS``); ``None`` values take the default.
 
     Raises:
         ValidationFailed: a value is invalid (the exception names the field).
@@ -206,6 +271,8 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
     values["servers"] = servers
     values = _validate_fields(values)
+    if values.get("attachment_rules") is None:
+        values["attachment_rules"] = json.loads(json.dumps(DEFAULT_ATTACHMENT_RULES))
     _check_consistent(values)
     _check_ca_file_allowed(actor, values.get("tls_ca_file"))
     async with store.session() as session:

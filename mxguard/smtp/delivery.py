@@ -332,6 +332,31 @@ class DownstreamConnection:
         if not reply.is_positive:
             await self._discard()
 
+    async def resend_envelope(self, sender: str, recipients: list[str], *, size: int | None = None,
+                              body: str | None = None, smtputf8: bool = False) -> tuple[Reply, dict[str, Reply]]:
+        """Start a new transaction for a subset of recipients: ``RSET`` (if one is open), ``MAIL``, ``RCPT``s.
+
+        Used when the filters split one inbound transaction into copies with
+        different headers (or drop recipients whose copy is held): each copy
+        needs its own downstream transaction before ``DATA``.
+
+        Returns:
+            ``(MAIL reply, {recipient: RCPT reply})``; no RCPT is sent when MAIL is refused.
+
+        Raises:
+            DownstreamLost: the connection broke.
+        """
+        if self.in_transaction:
+            await self.rset()
+            if not self.is_connected:
+                raise DownstreamLost("connection closed after RSET")
+        mail = await self.mail(sender, size=size, body=body, smtputf8=smtputf8)
+        replies: dict[str, Reply] = {}
+        if mail.is_positive:
+            for rcpt in recipients:
+                replies[rcpt] = await self.rcpt(rcpt)
+        return mail, replies
+
     async def close(self) -> None:
         """Say QUIT (briefly) and close."""
         client, self.client = self.client, None

@@ -110,3 +110,144 @@ def summarize(raw: bytes) -> tuple[str, str]:
     except Exception:  # noqa: BLE001 - a log summary must never fail a delivery
         return "", ""
     return " ".join(subject.split())[:500], message_id[:500]
+
+
+def remove_fields_where(raw: bytes, predicate) -> bytes:
+    """Remove every header field for which ``predicate(name, value)`` is true.
+
+    Args:
+        raw: the message.
+        predicate: called with the lower-case field name (``str``) and the
+            unfolded value (``bytes``, without the line end).
+    """
+    end = header_block_end(raw)
+    head, rest = raw[:end], raw[end:]
+    fields: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    out: list[bytes] = []
+    for lines in fields:
+        name, _, value = b"".join(lines).partition(b":")
+        unfolded = b" ".join(part.strip() for part in value.splitlines())
+        if not predicate(name.strip().lower().decode("ascii", "replace"), unfolded.strip()):
+            out.extend(lines)
+    return b"".join(out) + rest
+
+
+def authserv_id(value: bytes) -> str:
+    """The authserv-id of an ``Authentication-Results`` value (RFC 8601 2.2), lower case."""
+    text = value.decode("utf-8", "replace")
+    while text.lstrip().startswith("("):  # a leading comment
+        text = text.lstrip()
+        depth = 0
+        for i, ch in enumerate(text):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                text = text[i + 1:]
+                break
+        else:
+            return ""
+    token = text.strip().split(";", 1)[0].split()
+    return token[0].lower() if token else ""
+
+
+def strip_gateway_fields(raw: bytes, hostname: str) -> bytes:
+    """Remove fields that only this gateway may set, when they arrived from outside.
+
+    Removes every ``X-MXGuard-*`` field, ``X-Spam-Flag`` (mxguard sets it; a
+    forged ``NO`` must not reach a downstream filter that trusts it), and
+    every ``Authentication-Results`` that claims our hostname as its
+    authserv-id (RFC 8601 section 5: a forged result must not reach the user
+    looking like ours). Results from other authserv-ids are kept.
+    """
+    ours = hostname.lower()
+
+    def forged(name: str, value: bytes) -> bool:
+        if name.startswith("x-mxguard-") or name == "x-spam-flag":
+            return True
+        return name == "authentication-results" and authserv_id(value) == ours
+
+    return remove_fields_where(raw, forged)
+
+
+def fold(name: str, items: list[str], separator: str = ";", width: int = 78) -> str:
+    """``Name: item; item; ...`` folded with CRLF + tab before lines grow past ``width`` (RFC 5322 2.2.3)."""
+    lines: list[str] = []
+    current = f"{name}:"
+    for i, item in enumerate(items):
+        text = item + (separator if i < len(items) - 1 else "")
+        if len(current) + 1 + len(text) > width and current != f"{name}:":
+            lines.append(current)
+            current = "\t" + text
+        else:
+            current += " " + text
+    lines.append(current)
+    return "\r\n".join(lines)
+
+
+def authentication_results_field(hostname: str, auth, *, sender: str = "", helo: str = "") -> str:
+    """``Authentication-Results`` (RFC 8601) for SPF, DKIM and DMARC.
+
+    Args:
+        hostname: our authserv-id.
+        auth: :class:`~mxguard.filtering.verdict.AuthResults`, or ``None`` when
+            the checks did not run (gives ``none``).
+        sender: the envelope sender (``smtp.mailfrom``); ``helo`` is used for ``<>``.
+    """
+    if auth is None:
+        return f"Authentication-Results: {hostname}; none"
+    items = [hostname]
+    if sender:
+        items.append(f"spf={auth.spf} smtp.mailfrom={_ar_value(sender)}")
+    elif helo:
+        items.append(f"spf={auth.spf} smtp.helo={_ar_value(helo)}")
+    else:
+        items.append(f"spf={auth.spf}")
+    if auth.dkim:
+        for sig in auth.dkim[:5]:
+            items.append(f"dkim={sig['result']} header.d={_ar_value(sig['domain'] or 'unknown')}"
+                         f" header.s={_ar_value(sig['selector'] or 'unknown')}")
+    else:
+        items.append("dkim=none")
+    dmarc = f"dmarc={auth.dmarc}"
+    if auth.dmarc_policy:
+        dmarc += f" (p={auth.dmarc_policy})"
+    if auth.from_domain:
+        dmarc += f" header.from={_ar_value(auth.from_domain)}"
+    items.append(dmarc)
+    return fold("Authentication-Results", items)
+
+
+def _ar_value(value: str) -> str:
+    """A property value: a token, or a quoted string when it holds specials (RFC 8601 2.2, RFC 2045 token)."""
+    cleaned = "".join(ch for ch in value if ch.isprintable() and ch not in "\r\n")[:200]
+    if cleaned and all(ch.isalnum() or ch in "!#$%&'*+-.^_`{|}~@" for ch in cleaned):
+        return cleaned
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def tag_subject(raw: bytes, tag: str) -> bytes:
+    """Put ``tag`` in front of the Subject, on the header bytes (the rest is untouched).
+
+    A message without a Subject gets ``Subject: <tag>``. A subject that
+    already starts with the tag is left alone.
+    """
+    end = header_block_end(raw)
+    head, rest = raw[:end], raw[end:]
+    lines = head.splitlines(keepends=True)
+    encoded = tag.encode("ascii")
+    for i, line in enumerate(lines):
+        if line[:1] in (b" ", b"\t"):
+            continue
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"subject":
+            if value.strip().startswith(encoded):
+                return raw
+            lines[i] = name + b": " + encoded + b" " + value.lstrip(b" \t") if value.strip() else \
+                name + b": " + encoded + value.lstrip(b" \t")
+            return b"".join(lines) + rest
+    return b"Subject: " + encoded + b"\r\n" + raw

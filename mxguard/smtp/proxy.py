@@ -7,8 +7,14 @@ server's own reply back (real-time recipient validation). At the end of DATA
 the message goes to each route that accepted recipients, and the sender gets
 the downstream server's final reply.
 
+Before anything is sent downstream, the message goes through the filter
+pipeline once; each recipient's domain settings turn the verdict into a
+disposition (deliver, tag, quarantine, reject, defer), and recipients whose
+copies differ get their own downstream transaction
+(:mod:`mxguard.smtp.dispositions`).
+
 A message is only written down when it cannot go straight through; that is
-the spool's job, reached through :class:`ProxyContext` hooks.
+the spool's job (and the quarantine's), reached through :class:`ProxyContext` hooks.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import time
-from collections.abc import Callable
-from typing import Protocol
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import structlog
 
 from mxguard.config import Settings
+from mxguard.filtering.message import Envelope
+from mxguard.filtering.pipeline import FilterPipeline
+from mxguard.filtering.verdict import Verdict
 from mxguard.services.domains import DomainView
-from mxguard.smtp import headers
+from mxguard.smtp import dispositions, headers
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import DomainDirectory, Route
@@ -85,6 +93,11 @@ class ProxyContext:
     spooler: "Spooler | None" = None
     #: Clean-up tasks of closed sessions, awaited at shutdown.
     closing: set = field(default_factory=set)
+    #: The filter pipeline; ``None`` relays unfiltered (only for tests of the bare proxy).
+    filters: FilterPipeline | None = None
+    #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
+    #: ``None``: nothing can be held, so a message to hold is deferred (451 4.3.0).
+    hold: Callable[..., Awaitable[list[str]]] | None = None
 
     @property
     def hostname(self) -> str:
@@ -105,6 +118,8 @@ class RouteLeg:
     lost: str | None = None
     #: Every server of the route was unreachable: accepted recipients go to the spool.
     spool: bool = False
+    #: Each accepted recipient's own domain (a route may serve several domains).
+    rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -134,7 +149,9 @@ class Transaction:
     connect_ms: float = 0.0
     tls_ms: float = 0.0
     #: The filter verdict, when filtering ran (its ``auth.sender_aligned`` gates DSNs).
-    verdict: Any = None
+    verdict: Verdict | None = None
+    filter_plan: dispositions.FilterPlan | None = None
+    filter_ms: float | None = None
 
 
 def sender_aligned(tx: Transaction) -> bool:
@@ -208,7 +225,7 @@ class ProxySession:
             tx.legs[route] = leg
             await self._start_leg(tx, leg)
         if leg.failure is not None and self._may_spool(leg):
-            return self._accept_for_spool(leg, address)
+            return self._accept_for_spool(leg, address, domain)
         if leg.failure is not None:
             return self._refused(address, leg.failure.reply, route)
         if leg.mail_reply is not None and not leg.mail_reply.is_positive:
@@ -221,10 +238,11 @@ class ProxySession:
                                        attempts=[f"lost at RCPT: {exc}"])
             self.conns.pop(route, None)
             if self._may_spool(leg):
-                return self._accept_for_spool(leg, address)
+                return self._accept_for_spool(leg, address, domain)
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
             leg.accepted.append(address)
+            leg.rcpt_domains[address] = domain
         else:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
@@ -235,11 +253,12 @@ class ProxySession:
         return (self.ctx.spooler is not None and leg.failure is not None and not leg.failure.tls_related
                 and leg.domain.on_unreachable == "spool")
 
-    def _accept_for_spool(self, leg: RouteLeg, address: str) -> Reply:
+    def _accept_for_spool(self, leg: RouteLeg, address: str, domain: DomainView) -> Reply:
         if not leg.spool:
             leg.spool = True
             log.info("route unreachable; accepting for the spool", txn=self.tx.txn_id, route=leg.route.describe())
         leg.accepted.append(address)
+        leg.rcpt_domains[address] = domain
         return Reply(250, "2.1.5", "Recipient ok; the downstream server is unavailable, "
                                    "the message will be held and delivered later")
 
@@ -289,28 +308,156 @@ class ProxySession:
             content: the message as received (dot-unstuffed, CRLF line ends).
 
         Returns:
-            the downstream server's own final reply when every leg took the
-            message; the refusal when nothing was taken anywhere; otherwise
-            ``250`` once the rest is durably in the spool (``451 4.3.0`` if the
-            spool could not store it).
+            ``451 4.3.0`` when the message could not be fully scanned (nothing
+            sent); ``554/550 5.7.1`` when every recipient's copy is refused by
+            the filters; otherwise the downstream server's own final reply when
+            every copy was taken; the refusal when nothing was taken anywhere;
+            otherwise ``250`` once the rest is held (quarantine) or durably in
+            the spool (``451 4.3.0`` if it could not be stored).
         """
         tx = self.tx
         assert tx is not None
         self.tx = None
         received_at = time.perf_counter()
         subject, message_id = headers.summarize(content)
-        outcomes: list[LegOutcome] = []
+        legs = [leg for leg in tx.legs.values() if leg.accepted]
+        plan = await self._filter(tx, legs, content)
         relay_started = time.perf_counter()
-        for leg in (leg for leg in tx.legs.values() if leg.accepted):
-            message = self._copy_for(tx, leg, content)
-            reply = None if leg.spool else await self._send_leg(tx, leg, message)
-            outcomes.append(LegOutcome(leg, message, reply))
+        if plan is None:
+            outcomes: list[LegOutcome] = []
+            for leg in legs:
+                message = self._copy_for(tx, leg, content)
+                reply = None if leg.spool else await self._send_leg(tx, leg, message)
+                outcomes.append(LegOutcome(leg, message, reply))
+            final = await self._combine(tx, outcomes, subject)
+        else:
+            final = await self._dispose(tx, plan, legs, content, subject)
         relay_ms = (time.perf_counter() - relay_started) * 1000
-        final = await self._combine(tx, outcomes, subject)
         self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
                      accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
         self.transactions += 1
         return final
+
+    async def _filter(self, tx: Transaction, legs: list[RouteLeg], content: bytes) -> dispositions.FilterPlan | None:
+        """Run the pipeline once and plan each recipient's disposition."""
+        if self.ctx.filters is None or not legs:
+            return None
+        started = time.perf_counter()
+        envelope = Envelope(client_ip=tx.client.ip, helo=tx.client.helo, mail_from=tx.mail_from,
+                            rcpts=[r for leg in legs for r in leg.accepted], txn_id=tx.txn_id)
+        tx.verdict = await self.ctx.filters.scan(content, envelope)
+        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id)
+        tx.filter_ms = (time.perf_counter() - started) * 1000
+        log.debug("filtered", txn=tx.txn_id, ms=round(tx.filter_ms, 1),
+                  dispositions={r: d.action for r, d in tx.filter_plan.by_rcpt.items()})
+        return tx.filter_plan
+
+    async def _dispose(self, tx: Transaction, plan: dispositions.FilterPlan, legs: list[RouteLeg],
+                       content: bytes, subject: str) -> Reply:
+        """Carry out a filter plan: defer, refuse, hold and/or deliver (or spool) the copies."""
+        if plan.deferred or (plan.held and self.ctx.hold is None):
+            await self._rset_legs(legs)
+            reply = dispositions.DEFER_REPLY
+            for leg in legs:
+                self._results(tx, leg, reply, "deferred")
+            log.warning("message deferred: not fully scanned", txn=tx.txn_id,
+                        errors=[f"{e.engine}: {e.reason}" for e in plan.verdict.errors])
+            return reply
+        if plan.rejected:
+            await self._rset_legs(legs)
+            reply = dispositions.reject_reply([d for _, _, d in plan.rejected], tx.txn_id)
+            for leg in legs:
+                self._results(tx, leg, reply, "rejected")
+            log.info("message refused by the filters", txn=tx.txn_id, reply=reply.one_line())
+            return reply
+        stripped = headers.strip_gateway_fields(content, self.ctx.hostname)
+        if plan.held:
+            # Held copies are stored first: if that fails the sender retries and
+            # nothing has been delivered; once they are stored they count as taken.
+            failure = await self._hold(tx, plan, stripped)
+            if failure is not None:
+                await self._rset_legs(legs)
+                for leg in legs:
+                    self._results(tx, leg, failure, "deferred")
+                return failure
+        outcomes: list[LegOutcome] = []
+        for leg in legs:
+            copies = [c for c in plan.copies if c.leg is leg]
+            if not copies:
+                if leg.conn is not None:
+                    await leg.conn.rset()  # every recipient of this route is held
+                continue
+            for copy in copies:
+                tagged = copy.disposition.action == "tag"
+                fields = dispositions.filter_fields(self.ctx.hostname, plan.verdict, copy.verdict_value,
+                                                    sender=tx.mail_from, helo=tx.client.helo, tagged=tagged)
+                sub = replace(leg, accepted=list(copy.rcpts))
+                message = self._copy_for(tx, sub, dispositions.prepare(stripped, fields, tagged))
+                if leg.spool:
+                    reply = None
+                elif plan.leg_is_whole(copy):
+                    reply = await self._send_leg(tx, sub, message)
+                else:
+                    reply = await self._send_subset(tx, sub, message)
+                leg.lost = leg.lost or sub.lost
+                outcomes.append(LegOutcome(sub, message, reply))
+        return await self._combine(tx, outcomes, subject, held=bool(plan.held))
+
+    async def _send_subset(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
+        """A copy for part of the leg's recipients: RSET, MAIL and RCPT again for them, then DATA."""
+        try:
+            mail, replies = await leg.conn.resend_envelope(tx.mail_from, list(leg.accepted), size=tx.size_hint,
+                                                           body=tx.body, smtputf8=tx.smtputf8)
+        except DownstreamLost as exc:
+            leg.lost = str(exc)
+            self.conns.pop(leg.route, None)
+            return Reply(451, "4.4.1", "Downstream connection lost, try again later")
+        if not mail.is_positive:
+            return mail
+        refused = {r: rep for r, rep in replies.items() if not rep.is_positive}
+        for rcpt, rep in refused.items():
+            # The downstream changed its mind between the two RCPTs.
+            leg.accepted.remove(rcpt)
+            tx.results.append(RecipientResult(rcpt, rep.code, rep.enhanced, rep.text, _disposition_for(rep),
+                                              leg.route.describe()))
+        if not leg.accepted:
+            await leg.conn.rset()
+            return next(iter(refused.values()))
+        return await self._send_leg(tx, leg, message)
+
+    async def _hold(self, tx: Transaction, plan: dispositions.FilterPlan, stripped: bytes) -> Reply | None:
+        """Quarantine the held copies; returns a failure reply when they could not be stored."""
+        from mxguard.quarantine.store import HeldCopy
+
+        copies = []
+        for held in plan.held:
+            fields = dispositions.filter_fields(
+                self.ctx.hostname, plan.verdict,
+                dispositions.verdict_header_value(plan.verdict, held.disposition, tx.txn_id),
+                sender=tx.mail_from, helo=tx.client.helo, tagged=False)
+            single = replace(held.leg, accepted=[held.rcpt])
+            copies.append(HeldCopy(held.rcpt, held.reason, held.disposition.category,
+                                   self._copy_for(tx, single, headers.prepend_fields(stripped, fields))))
+        scores = [j.score for j in plan.verdict.junk]
+        try:
+            ids = await self.ctx.hold(tx=tx, copies=copies, verdict=plan.as_log(),
+                                      score=max(scores) if scores else None)
+        except Exception as exc:  # noqa: BLE001 - the database is down: the sender must retry
+            log.error("quarantine failed; message deferred", txn=tx.txn_id, error=repr(exc)[:200])
+            return Reply(451, "4.3.0", "Temporary local problem; nothing was delivered, try again later")
+        for held, qid in zip(plan.held, ids):
+            tx.results.append(RecipientResult(held.rcpt, 250, "2.0.0", f"held in quarantine as {qid}: {held.reason}",
+                                              "quarantined", held.leg.route.describe()))
+        log.info("held in quarantine", txn=tx.txn_id, rcpts=[h.rcpt for h in plan.held],
+                 reasons=sorted({h.reason for h in plan.held}))
+        return None
+
+    async def _rset_legs(self, legs: list[RouteLeg]) -> None:
+        for leg in legs:
+            if leg.conn is not None:
+                await leg.conn.rset()
+                if not leg.conn.is_connected:
+                    self.conns.pop(leg.route, None)
 
     def _copy_for(self, tx: Transaction, leg: RouteLeg, content: bytes) -> bytes:
         """The bytes that go to one leg: the message with our Received field in front."""
@@ -330,22 +477,26 @@ class ProxySession:
             log.warning("downstream lost during DATA", txn=tx.txn_id, route=leg.route.describe(), error=str(exc))
             return Reply(451, "4.4.1", "Downstream connection lost during DATA, try again later")
 
-    async def _combine(self, tx: Transaction, outcomes: list["LegOutcome"], subject: str) -> Reply:
+    async def _combine(self, tx: Transaction, outcomes: list["LegOutcome"], subject: str, *,
+                       held: bool = False) -> Reply:
         """Turn the legs' outcomes into one reply, spooling what must be held.
 
         Rules: nothing taken anywhere → the sender keeps the message (a
         temporary refusal wins, so it retries everything). Anything taken
-        (delivered or spooled) → every temporary failure is spooled too (a
-        partial 4xx is not possible after DATA), and permanent failures get a
-        DSN (RFC 3464) when the sender is authenticated.
+        (delivered, spooled, or ``held`` in quarantine by the filters) → every
+        temporary failure is spooled too (a partial 4xx is not possible after
+        DATA), and permanent failures get a DSN (RFC 3464) when the sender is
+        authenticated.
         """
+        if held and not outcomes:
+            return Reply(250, "2.0.0", f"Ok: accepted as {tx.txn_id}")
         delivered = [o for o in outcomes if o.reply is not None and o.reply.is_positive]
         spool_wanted = [o for o in outcomes if o.reply is None
                         or (o.reply.is_transient and self._spoolable_after_data(o.leg))]
         transient = [o for o in outcomes if o.reply is not None and o.reply.is_transient and o not in spool_wanted]
         permanent = [o for o in outcomes if o.reply is not None and o.reply.is_permanent]
 
-        if not delivered and not spool_wanted:
+        if not delivered and not spool_wanted and not held:
             replies = [o.reply for o in transient] or [o.reply for o in permanent]
             final = replies[0]
             for o in outcomes:
@@ -478,6 +629,8 @@ class ProxySession:
             final_reply=final.one_line() if final else f"(ended by {abort_reason})",
             accept_ms=accept_ms, connect_ms=tx.connect_ms or None, tls_ms=tx.tls_ms or None,
             relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
+            verdict=tx.filter_plan.as_log() if tx.filter_plan else {},
+            filter_ms=tx.filter_ms,
         )
         for observer in self.ctx.observers:
             observer(record)

@@ -58,6 +58,17 @@ class Domain(Base):
     tls_ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
     tls_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     tls_min_version: Mapped[str] = mapped_column(String(4), default="1.2")
+    #: Filtering (migration 0003_filtering): junk thresholds on each engine's own scale
+    #: (None: quarantine at the engine's own verdict / never reject / never tag).
+    junk_quarantine: Mapped[float | None] = mapped_column(Float, nullable=True)
+    junk_reject: Mapped[float | None] = mapped_column(Float, nullable=True)
+    junk_tag: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: reject | quarantine
+    virus_action: Mapped[str] = mapped_column(String(16), default="reject")
+    #: What an engine outage does: defer (451 4.3.0) | tag (deliver, marked unscanned)
+    engine_failure: Mapped[str] = mapped_column(String(16), default="defer")
+    #: Content-policy attachment rules (see mxguard.filtering.policy_content).
+    attachment_rules: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     #: What to do when every server is unreachable: ``spool`` (accept, hold sealed) or ``defer`` (451).
     on_unreachable: Mapped[str] = mapped_column(String(8), default="spool")
     #: The organization that owns the domain (``None``: only administrators see it).
@@ -65,6 +76,43 @@ class Domain(Base):
     org: Mapped["Organization | None"] = relationship(lazy="joined")
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class QuarantinedMessage(Base):
+    """One recipient's copy of a message the filters held, sealed (AES-256-GCM).
+
+    The body is the message as it would have been delivered (with mxguard's
+    trace and verdict headers), sealed with the key ``key_id`` and the row id
+    as associated data, so a blob cannot be moved to another row.
+    """
+
+    __tablename__ = "quarantine"
+    __table_args__ = (
+        Index("ix_quarantine_created", "created"),
+        Index("ix_quarantine_recipient", "recipient"),
+        Index("ix_quarantine_txn_id", "txn_id"),
+        Index("ix_quarantine_expires_at", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    txn_id: Mapped[str] = mapped_column(String(32))
+    recipient: Mapped[str] = mapped_column(String(512))
+    sender: Mapped[str] = mapped_column(String(512), default="")
+    subject: Mapped[str] = mapped_column(String(512), default="")
+    #: Why it was held: "junk: builtin score 1000 >= 5", "virus: ...", "reject (mixed transaction): ..."
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: virus | junk | policy
+    category: Mapped[str] = mapped_column(String(16), default="junk")
+    #: The highest junk score, if any engine gave one.
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    verdict: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    key_id: Mapped[str] = mapped_column(String(64))
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
 class ConfigGeneration(Base):

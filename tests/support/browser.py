@@ -12,12 +12,12 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 
 
 def chromium_path() -> str:
-    """Debian's chromium (installed by scripts/install-peers.sh); ``$MXGUARD_CHROMIUM`` overrides.
+    """Debian's chromium (installed by scripts/install-peers.sh); ``$TEST_CHROMIUM`` overrides.
 
     Raises:
         RuntimeError: not installed — the test fails loudly rather than skipping.
     """
-    path = os.environ.get("MXGUARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    path = os.environ.get("TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
         raise RuntimeError("chromium is not installed; run scripts/install-peers.sh (as root)")
     return path

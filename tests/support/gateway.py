@@ -47,6 +47,10 @@ class ThreadedGateway:
     """
 
     def __init__(self, settings: Settings, *, web_listen: str | None = None, web_plain_http: bool = False):
+        if settings.filters.sender_auth and not settings.filters.dns_servers:
+            # The sender checks would ask the system resolver: DNS must not leave the machine in tests.
+            raise RuntimeError("test gateways must point filters.dns_servers at the loopback DNS server: "
+                               "load_settings(..., environ=gateway_environ(loopback_dns))")
         self.settings = settings
         self.records: list[LogRecord] = []
         self.loop = LoopThread("gateway")

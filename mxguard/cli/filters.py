@@ -1,0 +1,182 @@
+"""``mxguard engines``, ``mxguard scan FILE`` and ``mxguard quarantine list``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
+from mxguard.config import load_settings
+from mxguard.logsetup import configure as configure_logging
+
+quarantine_app = typer.Typer(help="Messages the filters held.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("engines")(engines)
+    app.command("scan")(scan)
+    app.add_typer(quarantine_app, name="quarantine")
+
+
+def _settings_or_defaults():
+    """The data dir's settings when it is initialised, else the defaults (``scan`` works anywhere)."""
+    s = load_settings(state.data_dir, require_file=False)
+    configure_logging(s.log.level, s.log.format)
+    return s
+
+
+@handle_errors
+def engines(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Which filter engines are configured, whether they answer, and their versions (exit 1 if one does not)."""
+    from mxguard.filtering.pipeline import FilterPipeline
+
+    s = _settings_or_defaults()
+    pipeline = FilterPipeline.from_settings(s)
+
+    async def probe():
+        try:
+            return await pipeline.probe()
+        finally:
+            await pipeline.close()
+
+    statuses = run(probe())
+    if as_json:
+        typer.echo(json.dumps([st.__dict__ for st in statuses], indent=2))
+    else:
+        table = Table(title="Filter engines" + ("" if s.filters.enabled else " (filtering is switched off)"))
+        for col in ("engine", "kind", "address", "reachable", "version", "ms", "error"):
+            table.add_column(col, overflow="fold")
+        for st in statuses:
+            table.add_row(st.name, st.kind, st.address, "yes" if st.reachable else "[red]NO[/red]", st.version,
+                          f"{st.latency_ms:.1f}" if st.latency_ms is not None else "", st.error)
+        console.print(table)
+        if s.filters.sender_auth:
+            servers = ", ".join(s.filters.dns_servers) or "the system resolver"
+            console.print(f"Sender checks (SPF, DKIM, DMARC) ask {servers}.", highlight=False)
+    if not all(st.reachable for st in statuses):
+        raise typer.Exit(1)
+
+
+@handle_errors
+def scan(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A message file (RFC 5322, as received)"),
+    as_json: bool = typer.Option(False, "--json", help="The verdict and disposition as JSON"),
+    domain: str = typer.Option(None, "--domain", metavar="DOMAIN",
+                               help="Decide with this served domain's settings (default: a new domain's defaults)"),
+    client_ip: str = typer.Option("", "--client-ip", metavar="IP", help="Sending MTA's address (for SPF)"),
+    helo: str = typer.Option("", "--helo", metavar="NAME", help="Its EHLO name"),
+    sender: str = typer.Option("", "--sender", metavar="ADDRESS", help="Envelope sender (MAIL FROM)"),
+    no_dns: bool = typer.Option(False, "--no-dns", help="Skip the SPF/DKIM/DMARC checks (no DNS queries)"),
+) -> None:
+    """Run the filter pipeline on one message file and print the verdict."""
+    from mxguard.filtering.disposition import DomainFilterPolicy, decide
+    from mxguard.filtering.message import Envelope
+    from mxguard.filtering.pipeline import FilterPipeline
+
+    s = _settings_or_defaults()
+    if no_dns:
+        s.filters.sender_auth = False
+    raw = file.read_bytes()
+    view = None
+    if domain:
+        from mxguard.services.domains import get_domain
+        view = run(with_store(lambda store: get_domain(store, domain)))
+    pipeline = FilterPipeline.from_settings(s)
+
+    async def go():
+        try:
+            return await pipeline.scan(raw, Envelope(client_ip=client_ip, helo=helo, mail_from=sender,
+                                                     txn_id="scan"))
+        finally:
+            await pipeline.close()
+
+    verdict = run(go())
+    disposition = decide(verdict, DomainFilterPolicy.of(view) if view else DomainFilterPolicy.defaults())
+    if as_json:
+        data = verdict.as_dict()
+        data["disposition"] = {"action": disposition.action, "category": disposition.category,
+                               "reason": disposition.reason,
+                               "policy_hits": [h.__dict__ for h in disposition.policy_hits]}
+        data["file"] = str(file)
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    console.print(verdict_table(verdict, file.name, list(disposition.policy_hits)))
+    colour = {"deliver": "green", "tag": "yellow", "quarantine": "yellow", "reject": "red", "defer": "red"}
+    console.print(f"Disposition: [{colour[disposition.action]}]{disposition.action}[/] ({disposition.reason})"
+                  + (f" with the settings of {view.name}" if view else ""), highlight=False)
+
+
+def verdict_table(verdict, title: str, policy_hits: list | None = None) -> Table:
+    """One row per engine: what it found and how long it took.
+
+    Args:
+        policy_hits: the content-policy hits under a domain's rules (default: the structure hits only).
+    """
+    policy_hits = verdict.policy if policy_hits is None else policy_hits
+    table = Table(title=f"Verdict for {title}")
+    for col in ("engine", "result", "details", "ms"):
+        table.add_column(col, overflow="fold")
+    ms = verdict.timings_ms
+    errors = {e.engine: e.reason for e in verdict.errors}
+    for name in verdict.engines:
+        if name in errors:
+            table.add_row(name, "[red]error[/red]", errors[name], f"{ms.get(name, 0):.1f}")
+            continue
+        hits = [v for v in verdict.viruses if v.engine == name]
+        junk = next((j for j in verdict.junk if j.engine == name), None)
+        if hits:
+            table.add_row(name, "[red]virus[/red]", ", ".join(f"{h.name}" + (f" in {h.part}" if h.part else "")
+                                                              for h in hits), f"{ms.get(name, 0):.1f}")
+        elif junk is not None:
+            rules = ", ".join(f"{r}({s:g})" if s else r for r, s in sorted(junk.rules.items(), key=lambda x: -x[1]))
+            result = f"{'junk' if junk.is_spam else 'ok'} {junk.score:g}/{junk.threshold:g}"
+            table.add_row(name, result, (junk.action + "; " if junk.action else "") + rules, f"{ms.get(name, 0):.1f}")
+        elif name == "policy":
+            atts = ", ".join(f"{a['filename'] or a['path']} ({a['kind'] or a['detected'] or '?'}, {a['size']} B)"
+                             for a in verdict.attachments) or "no attachments"
+            acting = [h for h in policy_hits if h.action != "deliver"]
+            hits = "; ".join(f"{h.rule} -> {h.action}: {h.detail}" for h in acting)
+            table.add_row(name, f"[red]{acting[0].action}[/red]" if acting else "ok", (hits + "; " if hits else "") + atts,
+                          f"{ms.get(name, 0):.1f}")
+        else:
+            table.add_row(name, "clean", "", f"{ms.get(name, 0):.1f}")
+    if verdict.auth is not None:
+        a = verdict.auth
+        table.add_row("sender_auth", f"spf={a.spf} dkim={a.dkim_result} dmarc={a.dmarc}",
+                      f"from {a.from_domain or '-'}; sender aligned: {'yes' if a.sender_aligned else 'no'}",
+                      f"{ms.get('sender_auth', 0):.1f}")
+    return table
+
+
+@quarantine_app.command("list")
+@handle_errors
+def quarantine_list(
+    recipient: str = typer.Option(None, "--recipient", metavar="ADDRESS", help="Only this recipient's messages"),
+    last: int = typer.Option(50, "--last", min=1, max=10000, metavar="N", help="How many (newest first)"),
+    all_: bool = typer.Option(False, "--all", help="Include released and deleted messages"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per message, one per line"),
+) -> None:
+    """List held messages: id, time, recipient, sender, subject, reason."""
+    from mxguard.quarantine.store import list_quarantine, row_as_dict
+
+    settings()  # fails with a clear message when the data dir is not initialised
+    rows = run(with_store(lambda store: list_quarantine(store, recipient=recipient, limit=last,
+                                                        include_released=all_)))
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row_as_dict(row), default=str))
+        return
+    if not rows:
+        console.print("The quarantine is empty." if not recipient else f"Nothing held for {recipient}.")
+        return
+    table = Table(title=f"Quarantine ({len(rows)} shown, newest first)")
+    for col in ("id", "time", "recipient", "sender", "subject", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.id, r.created.strftime("%Y-%m-%d %H:%M:%S"), r.recipient, r.sender or "<>", r.subject,
+                      r.reason)
+    console.print(table)
+

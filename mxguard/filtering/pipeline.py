@@ -1,0 +1,168 @@
+"""The filter pipeline: parse once, run every engine concurrently, return one verdict.
+
+It runs at the end of DATA, in memory, the same way for TLS and non-TLS
+sessions. Each engine has its own timeout; an engine that fails or times out
+is recorded in ``verdict.errors`` and the message counts as not fully
+scanned (the caller fails it closed). Sender authentication runs alongside
+and feeds the built-in scorer; its DNS failures are results, never errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from mxguard.config import FilterSettings, Settings
+from mxguard.filtering.engine import Engine, EngineOutput, EngineStatus, EngineUnavailable, ScanContext
+from mxguard.filtering.message import Envelope, ParsedMessage, parse_message
+from mxguard.filtering.sender_auth import SenderAuth
+from mxguard.filtering.verdict import AuthResults, EngineError, Verdict
+
+log = structlog.get_logger("mxguard.filtering")
+
+#: Messages bigger than this (bytes) are parsed in a worker thread.
+PARSE_THREAD_THRESHOLD = 1024 * 1024
+
+
+def build_engines(f: FilterSettings) -> list[Engine]:
+    """The engines ``[filters]`` asks for, in a stable order: virus, junk, policy.
+
+    Raises:
+        ConfigError: the embedded YARA rules do not compile.
+    """
+    engines: list[Engine] = []
+    for name in dict.fromkeys(f.virus_engines):
+        if name == "yara":
+            from mxguard.filtering.virus_yara import YaraEngine
+            engines.append(YaraEngine(f.timeout_for("yara")))
+        elif name == "clamd":
+            from mxguard.filtering.virus_clamd import ClamdEngine
+            engines.append(ClamdEngine(f.clamd_address, f.timeout_for("clamd")))
+    for name in dict.fromkeys(f.junk_engines):
+        if name == "builtin":
+            from mxguard.filtering.junk_builtin import BuiltinJunkEngine
+            engines.append(BuiltinJunkEngine(f.builtin_threshold, f.timeout_for("builtin")))
+        elif name == "rspamd":
+            from mxguard.filtering.junk_rspamd import RspamdEngine
+            engines.append(RspamdEngine(f.rspamd_url, f.timeout_for("rspamd")))
+        elif name == "spamd":
+            from mxguard.filtering.junk_spamd import SpamdEngine
+            engines.append(SpamdEngine(f.spamd_address, f.timeout_for("spamd")))
+    if f.content_policy:
+        from mxguard.filtering.policy_content import ContentPolicyEngine
+        engines.append(ContentPolicyEngine(f.max_mime_parts, f.max_mime_depth, f.timeout_for("policy")))
+    return engines
+
+
+class FilterPipeline:
+    """Runs the configured engines on one message at a time (safe to share across sessions).
+
+    Args:
+        engines: the engines to run.
+        sender_auth: the SPF/DKIM/DMARC checker, or ``None`` to skip it.
+        settings: the ``[filters]`` settings (timeouts, limits).
+    """
+
+    def __init__(self, engines: list[Engine], sender_auth: SenderAuth | None, settings: FilterSettings):
+        self.engines = engines
+        self.sender_auth = sender_auth
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "FilterPipeline":
+        """Build the pipeline of a gateway's settings (``[filters]`` and ``hostname``)."""
+        f = settings.filters
+        auth = SenderAuth(f.dns_servers, f.dns_timeout, settings.hostname) if f.sender_auth else None
+        return cls(build_engines(f), auth, f)
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    async def _auth(self, message: ParsedMessage, verdict: Verdict) -> AuthResults:
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(self.sender_auth.check(message),
+                                          self.settings.timeout_for("sender_auth"))
+        except asyncio.TimeoutError:
+            return AuthResults(spf="temperror", dmarc="temperror")
+        except Exception as exc:  # noqa: BLE001 - never let the checks fail a delivery
+            log.warning("sender authentication failed", error=repr(exc)[:200])
+            return AuthResults(spf="temperror", dmarc="temperror")
+        finally:
+            verdict.timings_ms["sender_auth"] = round((time.perf_counter() - started) * 1000, 2)
+
+    async def _run(self, engine: Engine, message: ParsedMessage, ctx: ScanContext,
+                   verdict: Verdict) -> EngineOutput | None:
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(engine.scan(message, ctx), engine.timeout)
+        except asyncio.TimeoutError:
+            verdict.errors.append(EngineError(engine.name, f"no answer within {engine.timeout:g} s"))
+        except EngineUnavailable as exc:
+            verdict.errors.append(EngineError(engine.name, str(exc)[:300]))
+        except Exception as exc:  # noqa: BLE001 - an engine bug must fail closed, not crash the session
+            log.exception("filter engine crashed", engine=engine.name)
+            verdict.errors.append(EngineError(engine.name, f"internal error: {type(exc).__name__}"))
+        finally:
+            verdict.timings_ms[engine.name] = round((time.perf_counter() - started) * 1000, 2)
+        return None
+
+    async def scan(self, raw: bytes, envelope: Envelope | None = None) -> Verdict:
+        """Filter one message.
+
+        Args:
+            raw: the message as received.
+            envelope: SMTP context (client IP, HELO, sender, recipients).
+
+        Returns:
+            the verdict; ``verdict.errors`` lists engines that gave no answer.
+            Never raises for a bad message: an unparseable one is an error
+            (the caller fails it closed).
+        """
+        verdict = Verdict(engines=[e.name for e in self.engines])
+        if not self.enabled:
+            verdict.scanned = False
+            return verdict
+        started = time.perf_counter()
+        try:
+            if len(raw) > PARSE_THREAD_THRESHOLD:
+                message = await asyncio.to_thread(parse_message, raw, envelope,
+                                                  max_archive_member=self.settings.max_archive_member)
+            else:
+                message = parse_message(raw, envelope, max_archive_member=self.settings.max_archive_member)
+        except Exception as exc:  # noqa: BLE001 - fail closed on a message the parser cannot read
+            log.warning("message could not be parsed", error=repr(exc)[:200])
+            verdict.errors.append(EngineError("parser", f"message could not be parsed: {type(exc).__name__}"))
+            return verdict
+        verdict.timings_ms["parse"] = round((time.perf_counter() - started) * 1000, 2)
+        verdict.defects = message.defects
+        auth_task = None
+        if self.sender_auth is not None:
+            auth_task = asyncio.ensure_future(self._auth(message, verdict))
+        ctx = ScanContext(auth_task)
+        outputs = await asyncio.gather(*(self._run(e, message, ctx, verdict) for e in self.engines))
+        if auth_task is not None:
+            verdict.auth = await auth_task
+        for output in outputs:
+            if output is None:
+                continue
+            verdict.viruses += output.viruses
+            if output.junk is not None:
+                verdict.junk.append(output.junk)
+            verdict.policy += output.policy
+            verdict.attachments += output.attachments
+        verdict.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
+        return verdict
+
+    async def probe(self) -> list[EngineStatus]:
+        """Every engine's reachability and version (for ``mxguard engines``)."""
+        return list(await asyncio.gather(*(e.probe() for e in self.engines)))
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.close()
+        if self.sender_auth is not None:
+            self.sender_auth.close()

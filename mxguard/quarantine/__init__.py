@@ -1,0 +1,1 @@
+"""Quarantine: messages the filters held, sealed at rest, per recipient."""
