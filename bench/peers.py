@@ -166,8 +166,8 @@ class SmtpSink:
     terminal, so it runs on a pty and a thread keeps the latest count.
     """
 
-    def __init__(self, backlog: int = 1024):
-        self.port = free_port()
+    def __init__(self, backlog: int = 1024, port: int | None = None):
+        self.port = port or free_port()
         self.count = 0
         self.backlog = backlog
         self.proc: subprocess.Popen | None = None

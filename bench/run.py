@@ -199,6 +199,53 @@ def write_results(path: Path, section: str, text: str) -> None:
     path.write_text(current)
 
 
+def start_profiler(pid: int, out: Path) -> tuple[subprocess.Popen, Path]:
+    """``py-spy record`` of ``pid`` (sampling, non-blocking) into ``out`` as collapsed stacks."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pyspy = Path(sys.executable).with_name("py-spy")
+    proc = subprocess.Popen([str(pyspy if pyspy.exists() else "py-spy"), "record", "--pid", str(pid), "--rate", "250",
+                             "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    return proc, out
+
+
+def stop_profiler(proc: subprocess.Popen, out: Path) -> None:
+    """Stop py-spy (SIGINT writes the file) and print the top costs, self and inclusive."""
+    proc.send_signal(2)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if out.exists():
+        print(summarize_profile(out), file=sys.stderr)
+        out.with_suffix(".top.txt").write_text(summarize_profile(out))
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """Top frames of a py-spy collapsed-stack file: by own samples and by inclusive samples."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    lines = [f"profile {path.name}: {total} samples", "  own time:"]
+    for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"    {100 * n / max(total, 1):5.1f}%  {f}")
+    lines.append("  inclusive:")
+    for f, n in sorted(incl.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"    {100 * n / max(total, 1):5.1f}%  {f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -211,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "(e.g. bench/RESULTS.md), replacing this mode's section")
     p.add_argument("--runs", type=int, default=3, help="runs per row; the figures are medians (default 3)")
     p.add_argument("--messages", type=int, default=2000,
-                   help="messages per run (at least 2 connections per session are sent) (default 2000)")
+                   help="messages per run (at least one connection per session is made) (default 2000)")
     p.add_argument("--warmup", type=int, default=200, help="messages sent to each target before measuring")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds: no new message after this, per run")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the sink per run")
@@ -228,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                         "about 2.4 ms CPU per message: a bottleneck on 2 cores) (default tlssink)")
     p.add_argument("--mxguard-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MXGUARD_* setting for mxguard serve (repeatable)")
+    p.add_argument("--profile", metavar="DIR", help="record mxguard with py-spy (collapsed stacks) into DIR and "
+                                                    "print its top costs")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs) for inspection")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -262,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                 t_start = time.monotonic()
                 target.start(tls, plain_sink, tls_sink)
                 descriptions[target.label] = target.describe()
+                profiler = None
+                if args.profile and target.name == "mxguard":
+                    profiler = start_profiler(target.pids[0], Path(args.profile) /
+                                              f"{target.label.replace(' ', '')}-{'tls' if tls else 'plain'}.txt")
                 try:
                     if args.warmup:
                         measure(target, sink, tls=tls, sessions=min(20, args.warmup), size=4096, per_conn=1,
@@ -270,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                     for sessions in concurrency:
                         for size in sizes:
                             for per_conn in per_conns:
-                                messages = max(args.messages, 2 * sessions * per_conn)
+                                messages = max(args.messages, sessions * per_conn)
                                 runs = []
                                 for i in range(args.runs):
                                     r = measure(target, sink, tls=tls, sessions=sessions, size=size,
@@ -286,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                                            size=size, per_conn=per_conn, filters=target.filters)
                                 rows.append(row)
                 finally:
+                    if profiler is not None:
+                        stop_profiler(*profiler)
                     target.stop()
                 print(f"  {target.label} ({'STARTTLS' if tls else 'plain'}) took "
                       f"{time.monotonic() - t_start:.0f} s", file=sys.stderr)
@@ -325,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         text = [f"## {'Quick run' if args.quick else 'Full matrix'} — {dt.date.today().isoformat()}", "",
                 "Command: `bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
                 *[f"- {line}" for line in machine_description()],
-                f"- {args.runs} run(s) per row, medians; {args.messages} messages per run (at least 2 connections "
+                f"- {args.runs} run(s) per row, medians; {args.messages} messages per run (at least one connection "
                 f"per session); {args.cert.upper()} certificate; took {duration / 60:.1f} min", "",
                 "Targets:", "", *[f"- **{label}**: {desc}" for label, desc in descriptions.items()], "",
                 "Columns: msg/s end to end (until the sink had every message); cpu ms = CPU of all the target's "
