@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import ssl
 import statistics
@@ -233,7 +234,8 @@ def summarize_profile(path: Path, top: int = 25) -> str:
             continue
         n = int(count)
         total += n
-        frames = stack.split(";")
+        # "func (path/file.py:123)": aggregate by function and file, not by line.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
