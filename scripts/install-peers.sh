@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite runs against (Debian packages), when run as root.
-# Postfix, swaks, clamd, Rspamd, SpamAssassin, PostgreSQL, testssl.sh, Chromium.
+# Postfix, swaks, clamd, Rspamd, SpamAssassin, PostgreSQL, testssl.sh, Chromium; gcc and the
+# OpenSSL headers for the benchmark's compiled load client and sink (tests/test_bench_smoke.py).
 # Nothing is started here: each test starts its own private instance on loopback.
 set -euo pipefail
 
 PACKAGES=(postfix swaks clamav clamav-daemon rspamd spamassassin spamc postgresql testssl.sh
-          chromium chromium-driver fonts-dejavu-core openssl)
+          chromium chromium-driver fonts-dejavu-core openssl gcc libc6-dev libssl-dev)
 
 if [ "$(id -u)" != 0 ]; then
     echo "install-peers: not root; skipping Debian packages (tests that need them will fail)" >&2

@@ -54,14 +54,15 @@ class PostfixInstance:
 
     Args:
         base: an empty directory for config, queue, data and log.
-        relayhost: ``host:port`` every message is relayed to.
+        relayhost: ``host:port`` every message is relayed to; ``None`` for none (for example
+            with ``extra={"default_transport": "discard"}``: a sink that accepts and drops mail).
         cert_file, key_file: certificate offered by smtpd (STARTTLS); none if ``None``.
         smtp_tls_level: Postfix ``smtp_tls_security_level`` for the relay hop
             (``none``, ``may``, ``encrypt``).
         extra: more main.cf lines.
     """
 
-    def __init__(self, base: Path, relayhost: str, *, cert_file: Path | None = None, key_file: Path | None = None,
+    def __init__(self, base: Path, relayhost: str | None, *, cert_file: Path | None = None, key_file: Path | None = None,
                  smtp_tls_level: str = "may", extra: dict[str, str] | None = None, port: int | None = None):
         if shutil.which("postfix") is None:
             raise RuntimeError("postfix is not installed; run scripts/install-peers.sh (as root)")
@@ -78,7 +79,6 @@ class PostfixInstance:
         return self.base / "maillog"
 
     def _main_cf(self) -> str:
-        host, port = self.relayhost.rsplit(":", 1)
         lines = {
             "compatibility_level": "3.6",
             "queue_directory": str(self.base / "spool"),
@@ -93,7 +93,6 @@ class PostfixInstance:
             "alias_maps": "",
             "alias_database": "",
             "relay_domains": "",
-            "relayhost": f"[{host}]:{port}",
             "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
             "smtpd_peername_lookup": "no",
             "smtp_dns_support_level": "disabled",
@@ -106,6 +105,9 @@ class PostfixInstance:
             "minimal_backoff_time": "5s",
             "queue_run_delay": "5s",
         }
+        if self.relayhost:
+            host, port = self.relayhost.rsplit(":", 1)
+            lines["relayhost"] = f"[{host}]:{port}"
         if self.cert_file:
             lines.update({"smtpd_tls_cert_file": str(self.cert_file), "smtpd_tls_key_file": str(self.key_file),
                           "smtpd_tls_security_level": "may"})
@@ -138,6 +140,10 @@ class PostfixInstance:
                     return self
             time.sleep(0.05)
         raise RuntimeError(f"postfix did not listen on {self.port}")
+
+    def master_pid(self) -> int:
+        """The pid of the instance's master process (its processes are all descendants of it)."""
+        return int((self.base / "spool" / "pid" / "master.pid").read_text().split()[0])
 
     def flush(self) -> None:
         """Retry deferred mail now (``postqueue -f``)."""

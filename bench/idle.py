@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Idle sessions benchmark (issue 5, goal 4: 1,000 concurrent idle sessions in <= 200 MB RSS).
+
+Starts ``mxguard serve`` (own data dir, RSA-2048 certificate), opens
+``--sessions`` SMTP sessions to it that each stop after EHLO, a share of
+them after STARTTLS and a second EHLO, holds them all open, and reads the
+gateway process's memory (VmRSS, VmHWM and PSS from /proc) before and while
+they are open. Then closes them and stops the gateway.
+
+Run as root or not, with the venv that has mxguard:
+
+    .venv/bin/python bench/idle.py [--sessions 1000] [--tls-share 0.3] [--results bench/RESULTS.md]
+
+The bench raises its own open-files limit (RLIMIT_NOFILE), which the
+gateway inherits: 1,000 sessions need more than the usual soft limit of 1024
+descriptors in the gateway process. Loopback only; bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import resource
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+import procstat  # noqa: E402
+from run import machine_description, write_results  # noqa: E402
+
+
+def memory(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak RSS) of one process, and the PSS of its tree, in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    out["PSS"] = procstat.pss_mb([pid])
+    return out
+
+
+async def open_session(port: int, tls: bool, ctx: ssl.SSLContext, timeout: float):
+    """Connect, read the greeting, EHLO (and STARTTLS + EHLO); return the open stream pair."""
+    async def reply(reader: asyncio.StreamReader) -> int:
+        while True:
+            line = await reader.readline()
+            if len(line) < 4:
+                raise ConnectionError(f"bad reply {line!r}")
+            if line[3:4] != b"-":
+                return int(line[:3])
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if await reply(reader) != 220:
+            raise ConnectionError("no 220 greeting")
+        writer.write(b"EHLO idle.bench.test\r\n")
+        if await reply(reader) != 250:
+            raise ConnectionError("EHLO refused")
+        if tls:
+            writer.write(b"STARTTLS\r\n")
+            if await reply(reader) != 220:
+                raise ConnectionError("STARTTLS refused")
+            await writer.start_tls(ctx, server_hostname="mx.bench.test")
+            writer.write(b"EHLO idle.bench.test\r\n")
+            if await reply(reader) != 250:
+                raise ConnectionError("EHLO after STARTTLS refused")
+        return reader, writer
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+async def hold_sessions(port: int, pid: int, sessions: int, tls_share: float, hold: float) -> dict:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the bench's self-signed certificate
+    n_tls = round(sessions * tls_share)
+    gate = asyncio.Semaphore(50)  # opening 50 at a time keeps the accept backlog small
+
+    async def one(i: int):
+        async with gate:
+            return await open_session(port, i < n_tls, ctx, 30)
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(sessions)), return_exceptions=True)
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    open_s = time.monotonic() - started
+    await asyncio.sleep(hold)  # let the gateway settle with every session open
+    alive = sum(1 for _, w in opened if not w.is_closing())
+    mem = memory(pid)
+    for _, writer in opened:
+        writer.close()
+    await asyncio.gather(*(w.wait_closed() for _, w in opened), return_exceptions=True)
+    return {"opened": len(opened), "alive": alive, "failed": len(failures), "tls": n_tls, "open_s": open_s,
+            "mem": mem, "first_error": repr(failures[0])[:200] if failures else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument("--tls-share", type=float, default=0.3, help="fraction of sessions that do STARTTLS (0..1)")
+    p.add_argument("--hold", type=float, default=2.0, help="seconds to hold them all open before reading memory")
+    p.add_argument("--cert", choices=["rsa", "ec"], default="rsa")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--results", metavar="FILE", help="write a section to this Markdown file (bench/RESULTS.md)")
+    args = p.parse_args(argv)
+    if not 0 <= args.tls_share <= 1 or not 1 <= args.sessions <= 20000:
+        p.error("--tls-share must be within 0..1 and --sessions within 1..20000")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.sessions * 2 + 512  # our sockets plus the gateway's (it inherits this limit)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY else want,
+                                                    hard))
+    workdir = Path(tempfile.mkdtemp(prefix="mxguard-idle-bench-"))
+    cert = peers.make_certificate(workdir / "certs", args.cert)
+    nowhere = types.SimpleNamespace(port=peers.free_port())  # no mail is sent; the domains need a server
+    target = peers.MxguardTarget(workdir, cert, filters=True)
+    try:
+        target.start(False, nowhere, nowhere)
+        before = memory(target.proc.pid)
+        result = asyncio.run(hold_sessions(target.port, target.proc.pid, args.sessions, args.tls_share, args.hold))
+        after_close = memory(target.proc.pid)
+    finally:
+        target.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    mem = result["mem"]
+    per_session_kb = (mem["VmRSS"] - before["VmRSS"]) * 1024 / max(result["alive"], 1)
+    row = {"sessions": args.sessions, "opened": result["opened"], "alive": result["alive"],
+           "failed": result["failed"], "tls_sessions": result["tls"], "rss_mb_idle_start": before["VmRSS"],
+           "rss_mb": mem["VmRSS"], "peak_rss_mb": mem["VmHWM"], "pss_mb": mem["PSS"],
+           "rss_mb_after_close": after_close["VmRSS"], "kb_per_session": per_session_kb,
+           "open_s": result["open_s"], "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    table = "\n".join([
+        "| sessions (STARTTLS) | open | RSS before MB | RSS with all open MB | peak RSS MB | PSS MB | KB/session | "
+        "RSS after close MB | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {args.sessions} ({result['tls']}) | {result['alive']} | {before['VmRSS']:.0f} | {mem['VmRSS']:.0f} | "
+        f"{mem['VmHWM']:.0f} | {mem['PSS']:.0f} | {per_session_kb:.0f} | {after_close['VmRSS']:.0f} | "
+        f"{'met' if mem['VmHWM'] <= 200 and result['alive'] == args.sessions else 'NOT met'} (<= 200 MB) |"])
+    print(table)
+    if result["failed"]:
+        print(f"{result['failed']} sessions failed to open; first: {result['first_error']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=1) + "\n")
+    if args.results:
+        text = [f"## Idle sessions (goal 4) — {dt.date.today().isoformat()}", "",
+                "Command: `bench/idle.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+                *[f"- {line}" for line in machine_description()],
+                f"- mxguard serve (SQLite, {args.cert.upper()} certificate); sessions stop after EHLO, "
+                f"{result['tls']} of them after STARTTLS + EHLO; opened in {result['open_s']:.1f} s; "
+                f"open-files limit raised to {row['nofile_limit']} (the gateway inherits it: 1,000 sessions do "
+                "not fit in the usual soft limit of 1024)", "", table]
+        write_results(Path(args.results), "idle", "\n".join(text))
+    return 0 if result["alive"] == args.sessions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

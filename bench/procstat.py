@@ -1,0 +1,96 @@
+"""CPU time and memory of a process tree, read from /proc (Linux).
+
+The benchmark charges a target with the CPU of *all* its processes: the root
+process and every descendant alive at a sample, plus the CPU of children that
+exited and were reaped in between (``cutime``/``cstime`` of their parent,
+proc(5)). So a Postfix master's short-lived smtpd/cleanup/smtp processes count.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """``(ppid, cpu_seconds)`` of one process (own + reaped children), or ``None`` if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after it are split on the last ')'.
+    rest = data[data.rindex(b")") + 2:].split()
+    ppid = int(rest[1])
+    utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
+    return ppid, (utime + stime + cutime + cstime) / CLK_TCK
+
+
+def tree(root: int) -> dict[int, float]:
+    """``{pid: cpu_seconds}`` for ``root`` and all its descendants."""
+    stats: dict[int, tuple[int, float]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                stats[int(name)] = st
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (ppid, _) in stats.items():
+        children[ppid].append(pid)
+    out: dict[int, float] = {}
+    todo = [root] if root in stats else []
+    while todo:
+        pid = todo.pop()
+        out[pid] = stats[pid][1]
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """Total CPU seconds (user + system, own + reaped children) of the trees under ``roots``."""
+    return sum(sum(tree(r).values()) for r in roots)
+
+
+def pss_mb(roots: list[int]) -> float:
+    """Proportional set size of the trees under ``roots``, MiB (shared pages counted once in all)."""
+    total_kb = 0
+    for root in roots:
+        for pid in tree(root):
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as fh:
+                    for line in fh:
+                        if line.startswith("Pss:"):
+                            total_kb += int(line.split()[1])
+                            break
+            except OSError:
+                continue
+    return total_kb / 1024
+
+
+class PeakMemory:
+    """Samples :func:`pss_mb` of ``roots`` every ``interval`` seconds in a thread; ``peak`` is the highest."""
+
+    def __init__(self, roots: list[int], interval: float = 0.5):
+        self.roots = roots
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, pss_mb(self.roots))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, pss_mb(self.roots))

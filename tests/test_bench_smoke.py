@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark harness: ``bench/run.py --quick`` with a tiny count runs end to end.
+
+It drives the real targets (Postfix relay, Haraka from npm, mxguard serve)
+and the real sinks with the compiled load client; the figures themselves
+are not judged here (speed is measured by the bench, not by tests).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_runs_every_target(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--messages", "30", "--runs", "1",
+         "--warmup", "0", "--json", str(out), "--json-all", str(tmp_path / "all.json")],
+        capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = json.loads(out.read_text())
+    assert [(r["target"], r["tls"]) for r in rows] == [
+        (t, tls) for tls in (False, True) for t in ("direct", "postfix", "haraka", "mxguard")]
+    for r in rows:
+        assert list(r) == ["target", "tls", "concurrency", "size", "per_conn", "filters", "msgs_per_s",
+                           "cpu_ms_per_msg", "p50_ms", "p99_ms", "rss_mb"]
+        assert (r["concurrency"], r["size"], r["per_conn"]) == (20, 4096, 1)
+        assert r["msgs_per_s"] > 0 and r["rss_mb"] > 0
+        assert r["filters"] is (r["target"] == "mxguard")
+        if r["target"] != "direct":
+            assert r["cpu_ms_per_msg"] > 0, r
+    every = json.loads((tmp_path / "all.json").read_text())
+    # Every message went all the way to the sink, without errors.
+    assert all(r["errors"] == 0 and r["delivered"] == 30 for r in every), every
+    assert "goal 1, plain: messages/s" in proc.stdout and "goal 1, STARTTLS" in proc.stdout
