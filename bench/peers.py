@@ -469,6 +469,18 @@ def mxguard_has_filter_settings() -> bool:
     return "filters" in Settings.model_fields
 
 
+_DNS = None
+
+
+def loopback_dns():
+    """One DNS server on loopback for the whole run (the tests' zone: SPF/DKIM/DMARC of the test domains)."""
+    global _DNS
+    if _DNS is None:
+        from tests.support.dns import LoopbackDNS
+        _DNS = LoopbackDNS().start()
+    return _DNS
+
+
 class MxguardTarget(Target):
     """``mxguard serve`` as a subprocess with its own data dir (SQLite, message log on).
 
@@ -485,6 +497,7 @@ class MxguardTarget(Target):
         self.workdir, self.cert, self.filters = workdir, cert, filters
         self.label = "mxguard +filters" if filters else "mxguard -filters"
         self.env = dict(env or {})
+        self.serve_args: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def _cli(self, data_dir: Path, *args: str) -> None:
@@ -497,6 +510,10 @@ class MxguardTarget(Target):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
         if mxguard_has_filter_settings():
             env["MXGUARD_FILTERS__ENABLED"] = "true" if self.filters else "false"
+            # Sender checks ask a DNS server on loopback: nothing leaves the machine.
+            env["MXGUARD_FILTERS__DNS_SERVERS"] = loopback_dns().address
+        if getattr(self, "extra_cert", None):
+            env["MXGUARD_TLS__EXTRA_CERT_FILE"], env["MXGUARD_TLS__EXTRA_KEY_FILE"] = map(str, self.extra_cert)
         env.update(self.env)
         return env
 
@@ -505,6 +522,8 @@ class MxguardTarget(Target):
         (data_dir / "tls").mkdir(parents=True)
         shutil.copy(self.cert[0], data_dir / "tls" / "cert.pem")
         shutil.copy(self.cert[1], data_dir / "tls" / "key.pem")  # init keeps an existing certificate
+        # Issue 5 goal 2: offer ECDSA P-256 beside the RSA-2048 certificate the anchors used.
+        self.extra_cert = make_certificate(data_dir / "tls", "ec" if "rsa" in self.cert[0].name else "rsa")
         self._port = free_port()
         self._cli(data_dir, "init", "--hostname", "mx.bench.test")
         self._cli(data_dir, "domain", "add", PLAIN_DOMAIN, "--server", f"127.0.0.1:{plain_sink.port}",
@@ -513,7 +532,8 @@ class MxguardTarget(Target):
                   "--downstream-tls", "required")
         self.log = open(data_dir / "serve.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mxguard", "--data-dir", str(data_dir), "serve",
-                                      "--smtp", f"127.0.0.1:{self._port}"], env=self._environ(),
+                                      "--no-web", "--smtp", f"127.0.0.1:{self._port}", *self.serve_args],
+                                     env=self._environ(),
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(self._port, 60, self.proc, "mxguard serve")
         self.data_dir = data_dir

@@ -85,6 +85,10 @@ class TlsSettings(_Section):
     cert_file: str = "tls/cert.pem"
     #: PEM private key. Relative to the data dir.
     key_file: str = "tls/key.pem"
+    #: A second certificate and key of another key type, offered to clients that cannot use
+    #: the main one (init makes ECDSA P-256 the main one and RSA-2048 this one). Empty: none.
+    extra_cert_file: str = ""
+    extra_key_file: str = ""
     #: Lowest protocol offered inbound; "1.2" or "1.3" (RFC 8996 retires 1.0/1.1).
     min_version: Literal["1.2", "1.3"] = "1.2"
 
@@ -98,6 +102,12 @@ class DownstreamSettings(_Section):
     command_timeout: float = Field(default=120.0, gt=0)
     #: Timeout for the final reply after the message data, seconds.
     data_timeout: float = Field(default=600.0, gt=0)
+    #: Idle downstream connections kept per route for the next session (0: close at session end).
+    pool_max_idle: int = Field(default=16, ge=0, le=1000)
+    #: Seconds a parked connection may wait for reuse (Postfix smtp_connection_cache_time_limit).
+    pool_idle_timeout: float = Field(default=5.0, gt=0)
+    #: Seconds after which a connection is not reused any more (Postfix smtp_connection_reuse_time_limit).
+    pool_max_age: float = Field(default=300.0, gt=0)
 
 
 class FilterSettings(_Section):
@@ -431,6 +441,10 @@ bare_line_endings = "{s.smtp.bare_line_endings}"
 # The gateway's certificate (PEM, chain allowed) and key, for STARTTLS and HTTPS.
 cert_file = "{s.tls.cert_file}"
 key_file = "{s.tls.key_file}"
+# A second certificate of another key type (RSA beside ECDSA) for clients that cannot use
+# the first; empty for none. Replace or empty it when you install a CA-signed certificate.
+extra_cert_file = "{s.tls.extra_cert_file}"
+extra_key_file = "{s.tls.extra_key_file}"
 # Lowest inbound protocol version: "1.2" or "1.3" (RFC 8996).
 min_version = "{s.tls.min_version}"
 
@@ -439,6 +453,11 @@ min_version = "{s.tls.min_version}"
 connect_timeout = {s.downstream.connect_timeout}
 command_timeout = {s.downstream.command_timeout}
 data_timeout = {s.downstream.data_timeout}
+# Connection cache: idle connections kept per route for the next session (0 = none),
+# seconds one may wait, and seconds after which a connection is not reused.
+pool_max_idle = {s.downstream.pool_max_idle}
+pool_idle_timeout = {s.downstream.pool_idle_timeout}
+pool_max_age = {s.downstream.pool_max_age}
 
 [spool]
 # Held mail (every server of a route unreachable): seconds to the first retry, the longest

@@ -18,6 +18,7 @@ from mxguard.netaddr import parse_host_port
 from mxguard.quarantine.store import quarantine_many
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
+from mxguard.smtp.pool import ConnectionPool
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
@@ -64,6 +65,8 @@ class Gateway:
     shutdown_grace: float = 10.0
     #: Run the spool delivery worker in this process (on SQLite only one process per data dir does).
     spool_worker: bool = True
+    #: Listening sockets bound by a supervisor (``serve --workers``); used instead of ``smtp_listen``.
+    smtp_sockets: list | None = None
     web_listen: str | None = None
     web_plain_http: bool = False
     web: object | None = None
@@ -76,8 +79,12 @@ class Gateway:
         """
         s = self.settings
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
+        extra = None
+        if s.tls.extra_cert_file or s.tls.extra_key_file:
+            extra = (s.path(s.tls.extra_cert_file), s.path(s.tls.extra_key_file))
+            load_chain(*extra, keys=("tls.extra_cert_file", "tls.extra_key_file"))
         self.tls = ReloadableServerContext(s.path(s.tls.cert_file), s.path(s.tls.key_file),
-                                           min_version=s.tls.min_version)
+                                           min_version=s.tls.min_version, extra=extra)
         self.tls_context = self.tls.context
         self.metrics = GatewayMetrics()
         self.observers.append(self.metrics.observe)
@@ -91,7 +98,10 @@ class Gateway:
         self.message_log.start()
         self.keyring = KeyRing(s.path(s.sealing_key_file))
         self.spooler = StoreSpooler(self.store, self.keyring, s)
+        d = s.downstream
+        self.pool = ConnectionPool(d.pool_max_idle, d.pool_idle_timeout, d.pool_max_age) if d.pool_max_idle else None
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
+                                      pool=self.pool,
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold)
         self.worker: SpoolWorker | None = None
@@ -102,7 +112,13 @@ class Gateway:
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
         self.connections = ConnectionCounter(s.smtp)
-        for endpoint in self.smtp_listen or s.smtp.listen:
+        if self.smtp_sockets:
+            for sock in self.smtp_sockets:
+                host, port = sock.getsockname()[:2]
+                listener = Listener(host, port)
+                listener.server = await asyncio.get_running_loop().create_server(self._protocol_factory, sock=sock)
+                self.listeners.append(listener)
+        for endpoint in ([] if self.smtp_sockets else self.smtp_listen or s.smtp.listen):
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
             listener = Listener(host, port)
             try:
@@ -209,6 +225,8 @@ class Gateway:
                     pass
         self.listeners.clear()
         await self._close_sessions()
+        if getattr(self, "pool", None) is not None:
+            await self.pool.close()
         if getattr(self, "worker", None):
             await self.worker.stop()
         if getattr(self, "_worker_lock", None) and not self._worker_lock.closed:

@@ -41,7 +41,8 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     config_path = data_dir / CONFIG_FILE_NAME
     created = not config_path.exists()
     if created:
-        fields: dict = {"hostname": hostname or default_hostname(), "database_url": database_url or ""}
+        fields: dict = {"hostname": hostname or default_hostname(), "database_url": database_url or "",
+                        "tls": {"extra_cert_file": "tls/rsa-cert.pem", "extra_key_file": "tls/rsa-key.pem"}}
         if smtp_listen:
             fields["smtp"] = {"listen": smtp_listen}
         try:
@@ -61,6 +62,13 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
         cert_pem, key_pem = generate_self_signed(settings.hostname)
         write_private(key, key_pem)
         write_private(cert, cert_pem)
+    if created and settings.tls.extra_cert_file:
+        # RSA-2048 beside the ECDSA certificate, for senders that cannot use ECDSA.
+        extra_cert, extra_key = settings.path(settings.tls.extra_cert_file), settings.path(settings.tls.extra_key_file)
+        if not extra_cert.exists() and not extra_key.exists():
+            cert_pem, key_pem = generate_self_signed(settings.hostname, key_type="rsa")
+            write_private(extra_key, key_pem)
+            write_private(extra_cert, cert_pem)
     sealing = settings.path(settings.sealing_key_file)
     if not sealing.exists():
         create_key_file(sealing)

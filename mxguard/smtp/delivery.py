@@ -126,6 +126,7 @@ class DownstreamConnection:
         self.info: ConnectionInfo | None = None
         self.in_transaction = False
         self.used = 0  # transactions completed on this connection
+        self.opened_at = 0.0  # monotonic seconds, set when open() succeeds
 
     # -- connecting -----------------------------------------------------------------
 
@@ -140,6 +141,7 @@ class DownstreamConnection:
         for host, port in self.route.servers:
             try:
                 self.info = await self._open_one(host, port)
+                self.opened_at = time.monotonic()
                 if attempts:
                     log.info("downstream failover", route=self.route.describe(), used=f"{host}:{port}", skipped=attempts)
                 return self.info

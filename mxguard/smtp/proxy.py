@@ -93,6 +93,8 @@ class ProxyContext:
     spooler: "Spooler | None" = None
     #: Clean-up tasks of closed sessions, awaited at shutdown.
     closing: set = field(default_factory=set)
+    #: Idle downstream connections shared across sessions; ``None`` closes them at session end.
+    pool: Any = None
     #: The filter pipeline; ``None`` relays unfiltered (only for tests of the bare proxy).
     filters: FilterPipeline | None = None
     #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
@@ -275,6 +277,10 @@ class ProxySession:
             if conn is not None and not conn.is_connected:
                 self.conns.pop(leg.route, None)
                 conn = None
+            if conn is None and attempt == 1 and self.ctx.pool is not None:
+                conn = self.ctx.pool.acquire(leg.route)  # a connection another session left idle
+                if conn is not None:
+                    self.conns[leg.route] = conn
             leg.reused = conn is not None
             if conn is None:
                 conn = DownstreamConnection(leg.route, self.ctx.settings.downstream, self.ctx.hostname)
@@ -588,11 +594,14 @@ class ProxySession:
             self._record(tx, None, abort_reason=reason)
 
     async def close(self) -> None:
-        """The inbound connection is gone: abort and close every downstream connection."""
+        """The inbound connection is gone: abort, then park the downstream connections for reuse (or close them)."""
         await self.abort("disconnect")
         conns, self.conns = self.conns, {}
         for conn in conns.values():
-            await conn.close()
+            if self.ctx.pool is not None:
+                self.ctx.pool.release(conn)
+            else:
+                await conn.close()
 
     # -- the record -------------------------------------------------------------------
 
