@@ -139,6 +139,9 @@ class FilterPipeline:
             return verdict
         verdict.timings_ms["parse"] = round((time.perf_counter() - started) * 1000, 2)
         verdict.defects = message.defects
+        # The message log takes these from this parse instead of reading the headers again.
+        verdict.subject = " ".join(message.header("Subject").split())[:500]
+        verdict.message_id = message.header("Message-ID").strip()[:500]
         auth_task = None
         if self.sender_auth is not None:
             auth_task = asyncio.ensure_future(self._auth(message, verdict))

@@ -125,6 +125,7 @@ class SenderAuth:
         # usually sends many messages in a row, and each check costs a thread hop and
         # several lookups. Only pass/fail/softfail/neutral/none are kept; errors are not.
         self._spf_cache: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._txt_cache: dict[str, tuple[float, list[str]]] = {}
         self.spf_cache_ttl = 300.0
         self.spf_cache_size = 10000
 
@@ -138,14 +139,31 @@ class SenderAuth:
         return resolver
 
     async def txt(self, name: str) -> list[str] | None:
-        """TXT strings at ``name``: ``[]`` when there are none, ``None`` on a DNS error."""
+        """TXT strings at ``name``: ``[]`` when there are none, ``None`` on a DNS error.
+
+        Answers are kept for their TTL (at most an hour) and "no such record" for a
+        minute (RFC 2308 negative caching, simplified), so a sender's DMARC record is
+        not looked up again for every message it sends.
+        """
+        now = time.monotonic()
+        cached = self._txt_cache.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             answer = await self.aresolver.resolve(name, "TXT", search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            self._remember_txt(name, now + 60, [])
             return []
         except dns.exception.DNSException:
             return None
-        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        strings = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        self._remember_txt(name, now + min(3600, answer.rrset.ttl if answer.rrset is not None else 60), strings)
+        return strings
+
+    def _remember_txt(self, name: str, expires: float, value: list[str]) -> None:
+        if len(self._txt_cache) >= 10000:
+            self._txt_cache.clear()
+        self._txt_cache[name] = (expires, value)
 
     # -- SPF ----------------------------------------------------------------------------
 

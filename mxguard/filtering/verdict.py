@@ -133,6 +133,7 @@ class Verdict:
         timings_ms: per engine, milliseconds.
         scanned: False when filtering is switched off.
         defects: MIME defects the parser tolerated (names), for the log.
+        subject, message_id: decoded from the one parse, for the message log (``None``: not parsed).
     """
 
     viruses: list[VirusHit] = field(default_factory=list)
@@ -145,6 +146,8 @@ class Verdict:
     timings_ms: dict[str, float] = field(default_factory=dict)
     scanned: bool = True
     defects: list[str] = field(default_factory=list)
+    subject: str | None = None
+    message_id: str | None = None
 
     @property
     def is_virus(self) -> bool:

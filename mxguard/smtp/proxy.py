@@ -325,9 +325,12 @@ class ProxySession:
         assert tx is not None
         self.tx = None
         received_at = time.perf_counter()
-        subject, message_id = headers.summarize(content)
         legs = [leg for leg in tx.legs.values() if leg.accepted]
         plan = await self._filter(tx, legs, content)
+        if tx.verdict is not None and tx.verdict.subject is not None:
+            subject, message_id = tx.verdict.subject, tx.verdict.message_id or ""
+        else:
+            subject, message_id = headers.summarize(content)
         relay_started = time.perf_counter()
         if plan is None:
             outcomes: list[LegOutcome] = []
