@@ -81,6 +81,7 @@ def test_held_message_shows_on_the_page_and_the_api_and_retry_now_delivers_it(we
     assert len(tls_sink.messages) == 1
     got = tls_sink.messages[0]
     assert got.tls and got.rcpt_tos == ["alice@example.com", "bob@example.com"] and b"Held while down" in got.data
+    assert web.gw.gateway.worker.delivered == 2, "the gateway's own spool worker made the delivery"
     detail = client.get(reply.headers["location"]).text
     assert "Retried now: delivered." in detail and '<td class="f-status">delivered</td>' in detail
     attempts = re.findall(r"<tr><td>[^<]+UTC</td><td>mx.gw.test</td>(.*?)</tr>", detail, re.S)
@@ -229,3 +230,29 @@ def test_dashboard_and_metrics_show_the_spool_depth_per_domain(web):
     first = admin.get("/spool", params={"domain": "example.com"}).json()[0]["id"]
     assert admin.delete(f"/spool/{first}").status_code == 204
     assert 'mxguard_spool_depth{domain="example.com"} 1.0' in client.get("/metrics").text
+
+
+def test_retry_now_delivers_in_process_when_the_gateway_runs_no_spool_worker(data_dir, tls_sink):
+    """As with a second process on one SQLite data dir: the console's process has no worker of its own."""
+    from mxguard.config import load_settings
+    from tests.support.gateway import ThreadedGateway
+    from tests.support.web import WebGateway
+    gw = ThreadedGateway(load_settings(data_dir, environ={}), web_listen="127.0.0.1:0")
+    gw.gateway.spool_worker = False
+    gw.start()
+    w = WebGateway(gw, data_dir / "tls" / "cert.pem")
+    try:
+        assert gw.gateway.worker is None
+        w.add_user("admin@gw.test", "admin")
+        api = w.api(w.api_key("admin@gw.test"))
+        api.post("/domains", json={"name": "example.com", "servers": [tls_sink.address]})
+        tls_sink.pause()
+        _hold(w, ["alice@example.com"], "No worker here")
+        [held] = api.get("/spool").json()
+        tls_sink.resume()
+        body = api.post(f"/spool/{held['id']}/retry").json()
+        assert body["delivered"] == 1 and body["entries"][0]["attempted"] is True
+        assert [m.rcpt_tos for m in tls_sink.messages] == [["alice@example.com"]]
+    finally:
+        w.close()
+        gw.stop()
