@@ -316,7 +316,7 @@ async def retry(store: Store, settings: Settings, actor: Actor, *, entry_id: int
             entries complete in the background (``None``: wait until done).
 
     Returns:
-        one outcome per entry, by id (empty when nothing is held).
+        one outcome per entry, oldest first (empty when nothing is held).
 
     Raises:
         NotFound: the entry or domain does not exist or is not the actor's.
