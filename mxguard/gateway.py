@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 import weakref
@@ -16,6 +17,8 @@ from mxguard.metrics import GatewayMetrics
 from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.netaddr import parse_host_port
 from mxguard.quarantine.store import quarantine_many
+from mxguard.services import spool as spool_service
+from mxguard.services import status
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.pool import ConnectionPool
@@ -109,6 +112,9 @@ class Gateway:
             self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log,
                                       resolver_nameservers=s.filters.dns_servers)
             self.worker.start()
+        # Held messages per domain for the dashboard and /metrics (every node sees the shared spool).
+        self._spool_depth = functools.partial(spool_service.depth, self.store)
+        status.register_spool_depth(self._spool_depth)
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
         self.connections = ConnectionCounter(s.smtp)
@@ -145,7 +151,7 @@ class Gateway:
 
         ctx = WebContext(settings=self.settings, store=self.store, metrics=self.metrics,
                          refresh_directory=self.directory.refresh_if_changed,
-                         reload_certificate=self.reload_certificate)
+                         reload_certificate=self.reload_certificate, spool_worker=self.worker)
         self.web = WebServer(create_app(ctx), self.web_listen, None if self.web_plain_http else self.tls_context)
         await self.web.start()
 
@@ -227,6 +233,8 @@ class Gateway:
         await self._close_sessions()
         if getattr(self, "pool", None) is not None:
             await self.pool.close()
+        if getattr(self, "_spool_depth", None):
+            status.unregister_spool_depth(self._spool_depth)
         if getattr(self, "worker", None):
             await self.worker.stop()
         if getattr(self, "_worker_lock", None) and not self._worker_lock.closed:
