@@ -16,6 +16,8 @@ import ssl
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 
 from mxguard.config import SmtpSettings
 from mxguard.smtp import limits
@@ -75,6 +77,28 @@ class InboundSMTP(SMTP):
         if cls._dir_names is None:
             cls._dir_names = [n for n in super().__dir__() if n.startswith(("smtp_", "auth_"))]
         return cls._dir_names
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address in a MAIL/RCPT argument and the rest (the parameters).
+
+        Same contract as aiosmtpd's: ``("", "")`` for no argument, ``(None, None)``
+        when the address does not parse (RFC 5321 4.1.2 via the stdlib's RFC 5322
+        parser). Written here without aiosmtpd's per-call class definition, which
+        was a measurable cost on every MAIL and RCPT.
+        """
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                address, rest = get_angle_addr(arg)
+            else:
+                address, rest = get_addr_spec(arg)
+        except HeaderParseError:
+            return None, None
+        addr = address.addr_spec
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def push(self, status) -> None:  # noqa: D401 - aiosmtpd API
         if isinstance(status, bytes):
