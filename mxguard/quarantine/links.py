@@ -145,15 +145,17 @@ class LinkSigner:
             raise InvalidLink("invalid")
         return LinkClaim(purpose, payload["s"], payload["j"], stamp)
 
-    def peek_purpose(self, token: str, max_age: float) -> str:
-        """The purpose of a valid token (any purpose). Raises InvalidLink."""
+    def purpose_of(self, token: str) -> str:
+        """The purpose a correctly signed token names (its age is not checked here).
+
+        Raises:
+            InvalidLink: ``invalid``.
+        """
         try:
-            payload = self._serializer.loads(token, max_age=max_age)
-        except SignatureExpired:
-            raise InvalidLink("expired") from None
+            payload = self._serializer.loads(token)
         except BadData:
             raise InvalidLink("invalid") from None
-        if not isinstance(payload, dict) or payload.get("p") not in SINGLE_USE:
+        if not isinstance(payload, dict) or payload.get("p") not in PURPOSES:
             raise InvalidLink("invalid")
         return payload["p"]
 
@@ -186,3 +188,9 @@ async def purge_used(store: Store, now: dt.datetime | None = None) -> int:
         result = await session.execute(delete(UsedToken).where(UsedToken.expires_at < (now or utcnow())))
         await session.commit()
         return result.rowcount or 0
+
+
+async def is_used(store: Store, claim: LinkClaim) -> bool:
+    """True when ``claim``'s token was used already (a link page says so before asking to confirm)."""
+    async with store.session() as session:
+        return await session.get(UsedToken, claim.token_id) is not None

@@ -16,6 +16,13 @@ NAV: list[tuple[str, str]] = [
     ("TLS", "/tls"),
     ("Message log", "/log"),
     ("Audit log", "/audit"),
+    ("Quarantine", "/mc"),
+    ("Organizations", "/orgs"),
+]
+#: A plain user's navigation: the Message Center only.
+MC_NAV: list[tuple[str, str]] = [
+    ("Quarantine", "/mc"),
+    ("Allow and block lists", "/mc/lists"),
 ]
 
 
@@ -49,4 +56,5 @@ def make_templates() -> Jinja2Templates:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=_when, pct=_pct, fingerprint=_fingerprint, as_json=_as_json)
     env.globals["NAV"] = NAV
+    env.globals["MC_NAV"] = MC_NAV
     return Jinja2Templates(env=env)
