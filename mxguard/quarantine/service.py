@@ -292,12 +292,12 @@ async def ensure_recipient_user(store: Store, address: str) -> User | None:
         existing = (await session.execute(select(User).where(User.email == email))).scalar_one_or_none()
         if existing is not None:
             return existing
-        org = (await session.execute(select(Domain).where(Domain.name == recipient_domain(email)))
-               ).unique().scalar_one_or_none()
-    if org is None or org.org is None:
+        domain = (await session.execute(select(Domain).where(Domain.name == recipient_domain(email)))
+                  ).unique().scalar_one_or_none()
+    if domain is None or domain.org is None:
         return None
     try:
-        await add_user(store, email, Role.USER, org=org.org.name, actor=SYSTEM)
+        await add_user(store, email, Role.USER, org=domain.org.name, actor=SYSTEM)
     except MxguardError:
         pass  # made by a concurrent request: fine
     async with store.session() as session:

@@ -10,6 +10,8 @@ address exists.
 
 from __future__ import annotations
 
+import time
+
 import structlog
 
 from mxguard.config import Settings
@@ -22,6 +24,10 @@ from mxguard.services.users import normalize_email
 from mxguard.storage.db import Store
 
 log = structlog.get_logger("mxguard.signin")
+
+#: Seconds between two sign-in mails to one address (nobody can flood a mailbox through the form).
+RESEND_AFTER = 60.0
+_last_sent: dict[str, float] = {}
 
 
 def signin_message(hostname: str, email: str, url: str, lifetime: float) -> bytes:
@@ -42,12 +48,21 @@ async def send_signin_link(store: Store, settings: Settings, signer: LinkSigner,
                            center_url: str) -> SendResult | None:
     """Mail a sign-in link to ``address`` if it may have one; ``None`` when it may not (nothing is sent).
 
-    Never raises for an unknown or malformed address: the caller answers the same either way.
+    At most one mail per address per :data:`RESEND_AFTER` seconds (per process). Never raises for an
+    unknown or malformed address: the caller answers the same either way.
     """
     try:
         email = normalize_email(address)
     except ValidationFailed:
         return None
+    now = time.monotonic()
+    if now - _last_sent.get(email, -RESEND_AFTER) < RESEND_AFTER:
+        log.info("sign-in link not sent: one was sent to this address less than a minute ago", email=email)
+        return None
+    if len(_last_sent) > 10000:  # bounded: forget the oldest half
+        for key in sorted(_last_sent, key=_last_sent.get)[:5000]:
+            del _last_sent[key]
+    _last_sent[email] = now
     user = await ensure_recipient_user(store, email)
     if user is None:
         log.info("sign-in link not sent: not an address of a domain with an organization", email=email)

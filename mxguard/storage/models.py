@@ -176,7 +176,7 @@ class MessageLogEntry(Base):
     results: Mapped[list[Any]] = mapped_column(JSON, default=list)
     #: Filter verdict details (scores, matched rules), when filtering ran.
     verdict: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    #: delivered | rejected | deferred | quarantined | spooled | partial | aborted
+    #: delivered | rejected | deferred | quarantined | spooled | partial | aborted | released (from quarantine)
     disposition: Mapped[str] = mapped_column(String(16))
     final_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     final_reply: Mapped[str] = mapped_column(Text, default="")

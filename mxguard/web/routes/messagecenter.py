@@ -25,7 +25,7 @@ import structlog
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from mxguard.errors import AlreadyExists, MxguardError, NotFound, PermissionDenied, ValidationFailed
+from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
 from mxguard.quarantine import links as link_service
 from mxguard.quarantine import senderlists
 from mxguard.quarantine import service as qservice
@@ -33,10 +33,10 @@ from mxguard.quarantine.render import FRAME_CSP, frame_document, render
 from mxguard.quarantine.signin import send_signin_link
 from mxguard.quarantine.summary import message_center_url
 from mxguard.services import users
-from mxguard.services.access import Actor, Role
+from mxguard.services.access import SYSTEM, Actor, Role
 from mxguard.services.orgsettings import settings_for_domain
 from mxguard.web.context import WebContext
-from mxguard.web.deps import ConsoleUser, client_ip, get_ctx, optional_session
+from mxguard.web.deps import ConsoleUser, PasswordChangeRequired, client_ip, get_ctx, optional_session
 from mxguard.web.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, new_token, set_cookie, tokens_match
 
 log = structlog.get_logger("mxguard.web.mc")
@@ -53,10 +53,12 @@ class SignInRequired(Exception):
 
 
 async def mc_user(request: Request, current: ConsoleUser | None = Depends(optional_session)) -> ConsoleUser:
-    """Any signed-in person (every role may use the Message Center)."""
+    """Any signed-in person (every role may use the Message Center); a one-time password is replaced first."""
     if current is None:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise SignInRequired(path)
+    if current.user.must_change_password:
+        raise PasswordChangeRequired()
     return current
 
 
@@ -141,7 +143,7 @@ def _link_actor(recipient: str) -> Actor:
 
 async def _message_for_link(ctx: WebContext, claim: link_service.LinkClaim):
     """The held message a deliver/view link names (refused when the organization turned links off)."""
-    row = await qservice.get_visible(ctx.store, qservice.SYSTEM, claim.subject)
+    row = await qservice.get_visible(ctx.store, SYSTEM, claim.subject)
     if not await _links_on(ctx, row.recipient):
         raise PermissionDenied("Message links are switched off for your organization: sign in to the Message "
                                "Center and deliver the message to your inbox from there.")
@@ -339,4 +341,4 @@ async def remove_from_list(entry_id: int, me: ConsoleUser = Depends(mc_csrf), ct
     return RedirectResponse("/mc/lists", status_code=303)
 
 
-__all__ = ["router", "SignInRequired", "MxguardError"]
+__all__ = ["router", "SignInRequired"]
