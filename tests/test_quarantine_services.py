@@ -234,3 +234,21 @@ def test_render_shows_text_sanitized_html_and_lists_attachments():
     broken = render(b"Subject: broken\r\nContent-Type: text/plain; charset=no-such-charset\r\n\r\nhello\r\n")
     assert broken.text == "hello\r\n" and broken.problems, "an undecodable part is shown as far as it goes"
     assert render(b"\x00\xff garbage without headers").text is not None
+
+
+async def test_migration_0005_downgrades_and_upgrades(store):
+    from alembic import command
+
+    from mxguard.storage.db import _alembic_config
+
+    await orgs.add_org(store, "Kept")
+
+    def cycle(connection):
+        command.downgrade(_alembic_config(connection), "0004_filtering")
+        command.upgrade(_alembic_config(connection), "head")
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(cycle)
+    assert await store.schema_is_current()
+    view = await orgsettings.get_settings(store, "Kept")
+    assert view.message_links and view.notify_route_down and not view.notify_virus_admin, "defaults after upgrade"
