@@ -120,8 +120,10 @@ def test_console_in_a_real_browser(web, plain_sink, browser_page):
     shot(page, "10-domains")
     page.click("nav >> text=Dashboard")
     expect(page.locator("#total-messages")).to_have_text("1")
-    for img in page.locator("section.charts img").all():   # the SVG charts loaded and rendered
-        assert img.evaluate("i => i.complete && i.naturalWidth > 0")
+    # The SVG charts loaded and rendered (they may still be loading when the page's text is there).
+    page.wait_for_function("() => [...document.querySelectorAll('section.charts img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=15_000)
+    assert page.locator("section.charts img").count() == 2
     shot(page, "11-dashboard-after")
 
     # 8. Log out: the console asks for a login again.
