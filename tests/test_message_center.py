@@ -287,3 +287,26 @@ async def _log(web, disposition_or_kind: str):
 async def _audit(web, action: str):
     async with web.gw.store.session() as session:
         return (await session.execute(select(AuditEntry).where(AuditEntry.action == action))).scalars().all()
+
+
+def test_organizations_page_switches_links_and_alerts(mc):
+    web = mc
+    web.tenant("Other Org", "boss@other.test")
+    admin, _ = web.login("admin@gw.test")
+    page = admin.get("/orgs")
+    assert page.status_code == 200 and "Example Corp" in page.text and "Other Org" in page.text
+    reply = admin.post("/orgs/Example Corp", data={"csrf_token": csrf_token(page.text), "notify_route_down": "on",
+                                                   "alert_address": "sec@example.com", "route_down_minutes": "15"})
+    assert reply.status_code == 303
+    view = web.run(orgsettings.get_settings(web.gw.store, "Example Corp"))
+    assert not view.message_links and view.notify_route_down and not view.notify_cert_expiry
+    assert view.alert_address == "sec@example.com" and view.route_down_minutes == 15
+    bad = admin.post("/orgs/Example Corp", data={"csrf_token": csrf_token(page.text), "route_down_minutes": "x"})
+    assert bad.status_code == 422 and "route_down_minutes" in bad.text
+    assert admin.post("/orgs/Example Corp", data={"route_down_minutes": "5"}).status_code == 403  # no CSRF token
+    boss, _ = web.login("boss@other.test")
+    own = boss.get("/orgs")
+    assert "Other Org" in own.text and "Example Corp" not in own.text
+    assert boss.post("/orgs/Example Corp", data={"csrf_token": csrf_token(own.text)}).status_code == 404
+    audit = web.run(_audit(web, "org.settings"))
+    assert audit and audit[0].actor == "user:admin@gw.test" and audit[0].before["message_links"] is True
