@@ -11,6 +11,7 @@ import email
 import re
 import time
 from email import policy
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.support import mail
 from tests.support.smtp import send
 from tests.support.web import PASSWORD, csrf_token
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 LINK = re.compile(r"https://127\.0\.0\.1:\d+/mc/link/[A-Za-z0-9_.\-]+")
 
 
@@ -79,6 +81,8 @@ def test_gtube_summary_deliver_link_releases_the_original_byte_identical_over_tl
     assert report.delivered == 1 and report.sent[0][1] == 1
     assert sink.wait_for(1)
     summary = sink.messages[0]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "summary-as-received.eml").write_bytes(summary.data)  # for people to read
     assert summary.tls_version == "TLSv1.3" and summary.rcpt_tos == ["bob@example.com"]
     assert summary.mail_from in ("", "<>"), "sent with the null reverse-path"
     assert b"Auto-Submitted: auto-generated" in summary.data

@@ -122,7 +122,11 @@ def build_summary(*, hostname: str, recipient: str, rows: list[QuarantinedMessag
     msg["Message-ID"] = make_msgid(domain=hostname)
     msg["Auto-Submitted"] = "auto-generated"  # RFC 3834
     msg["X-MXGuard-Summary"] = recipient
-    msg.set_content(_env.get_template("summary.txt").render(**values))
+    text = _env.get_template("summary.txt").render(**values)
+    # Plain ASCII goes as 7bit so the links stay whole lines for any reader (RFC 5322 allows 998 octets);
+    # anything else as quoted-printable.
+    ascii_ok = text.isascii() and all(len(line) < 990 for line in text.splitlines())
+    msg.set_content(text, cte="7bit" if ascii_ok else "quoted-printable")
     msg.add_alternative(_env.get_template("summary.html").render(**values), subtype="html")
     return msg.as_bytes()
 
