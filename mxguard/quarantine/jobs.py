@@ -55,7 +55,7 @@ class QuarantineJobs:
             asyncio.create_task(self._every(n.check_interval, "route and engine checks", self._checks), name="alerts"),
             # Certificates: the first check after a while, not in the middle of start-up traffic.
             asyncio.create_task(self._every(n.cert_check_interval, "certificate checks",
-                                            self.notifier.check_certificates, first=min(n.cert_check_interval, 120.0)),
+                                            self.notifier.check_certificates, first=min(n.cert_check_interval, 600.0)),
                                 name="cert-alerts"),
         ]
 
