@@ -282,6 +282,55 @@ class WebSettings(_Section):
         return value
 
 
+
+class QuarantineSettings(_Section):
+    """The Message Center, quarantine summaries, their signed links, and retention clean-up."""
+
+    #: Base URL of the Message Center in links (``https://mx1.example.com:8443``); empty: the
+    #: console's own address when it listens on a specific IP, else https://HOSTNAME:PORT.
+    public_url: str = ""
+    #: File with the secret that signs links (mode 0600, made at init or first start). Relative to the data dir.
+    link_key_file: str = "keys/links.key"
+    #: Seconds a summary's deliver / view link stays valid (default 7 days).
+    link_lifetime: float = Field(default=7 * 86400.0, ge=60)
+    #: Seconds a one-time sign-in link stays valid (default 1 hour).
+    signin_link_lifetime: float = Field(default=3600.0, ge=60)
+    #: Seconds between checks for due summaries (each domain has its own interval and hour).
+    summary_check_interval: float = Field(default=60.0, gt=0)
+    #: Seconds between purges of expired quarantined messages and used link tokens.
+    purge_interval: float = Field(default=3600.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _valid_public_url(cls, value: str) -> str:
+        if value and (not value.startswith("https://") or len(value) < 12 or any(c.isspace() for c in value)):
+            raise ValueError("must be an https:// URL, e.g. https://mx1.example.com:8443")
+        return value.rstrip("/")
+
+
+class NotifySettings(_Section):
+    """Notifications and alerts; the per-organization switches and addresses live in the database."""
+
+    #: The gateway operator's address for every alert (all organizations, and domains without one); empty: none.
+    admin_address: str = ""
+    #: Seconds between checks of routes (spooling) and engines.
+    check_interval: float = Field(default=60.0, gt=0)
+    #: Seconds between certificate checks (the gateway's own and each downstream server's).
+    cert_check_interval: float = Field(default=6 * 3600.0, gt=0)
+    #: A certificate expiring within this many days raises an alert.
+    cert_warning_days: int = Field(default=14, ge=1, le=365)
+    #: An alert whose condition lasts is sent again after this many seconds (default a day).
+    repeat_after: float = Field(default=86400.0, gt=0)
+
+    @field_validator("admin_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        value = value.strip()
+        if value and ("@" not in value or any(c.isspace() for c in value)):
+            raise ValueError("must be an e-mail address")
+        return value
+
+
 class Settings(_Section):
     """All bootstrap settings; see the module docstring for the override rules."""
 
@@ -297,6 +346,8 @@ class Settings(_Section):
     log: LogSettings = Field(default_factory=LogSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
+    quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -542,4 +593,27 @@ max_mime_depth = {f.max_mime_depth}
 max_archive_member = {f.max_archive_member}
 # Days a quarantined message is kept.
 quarantine_days = {f.quarantine_days}
+
+[quarantine]
+# Message Center base URL in summary and sign-in links (https://...); empty: the console's address.
+public_url = "{s.quarantine.public_url}"
+# Secret that signs the links (mode 0600).
+link_key_file = "{s.quarantine.link_key_file}"
+# Seconds a summary's deliver/view link, and a sign-in link, stay valid (each is single use).
+link_lifetime = {s.quarantine.link_lifetime}
+signin_link_lifetime = {s.quarantine.signin_link_lifetime}
+# Seconds between checks for due summaries (per-domain interval and hour: mxguard domain set).
+summary_check_interval = {s.quarantine.summary_check_interval}
+# Seconds between purges of expired quarantined messages.
+purge_interval = {s.quarantine.purge_interval}
+
+[notify]
+# The operator's address for every alert; organizations set their own (mxguard org set).
+admin_address = "{s.notify.admin_address}"
+# Seconds between route/engine checks and between certificate checks; alert when a
+# certificate expires within cert_warning_days; repeat a lasting alert after repeat_after s.
+check_interval = {s.notify.check_interval}
+cert_check_interval = {s.notify.cert_check_interval}
+cert_warning_days = {s.notify.cert_warning_days}
+repeat_after = {s.notify.repeat_after}
 """

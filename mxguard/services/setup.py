@@ -26,7 +26,7 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     """Create (or bring up to date) a data dir.
 
     A new data dir gets ``mxguard.toml``, a self-signed ECDSA P-256 certificate
-    for ``hostname``, a 256-bit sealing key (files mode 0600) and the database
+    for ``hostname``, a 256-bit sealing key, a link-signing secret (files mode 0600) and the database
     schema. An existing one keeps its files; only its schema is migrated.
 
     Returns:
@@ -72,6 +72,8 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     sealing = settings.path(settings.sealing_key_file)
     if not sealing.exists():
         create_key_file(sealing)
+    from mxguard.quarantine.links import ensure_link_key
+    ensure_link_key(settings.path(settings.quarantine.link_key_file))  # signs Message Center links
     store = Store(settings.effective_database_url)
     try:
         await store.migrate()

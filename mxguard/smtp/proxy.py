@@ -100,6 +100,10 @@ class ProxyContext:
     #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
     #: ``None``: nothing can be held, so a message to hold is deferred (451 4.3.0).
     hold: Callable[..., Awaitable[list[str]]] | None = None
+    #: The recipients' allow/block lists (:class:`~mxguard.quarantine.senderlists.SenderLists`); ``None``: none.
+    sender_lists: Any = None
+    #: Called (not awaited) when the filters found a virus: ``on_virus(tx, plan, content)`` (notifications).
+    on_virus: Callable[..., None] | None = None
 
     @property
     def hostname(self) -> str:
@@ -355,7 +359,10 @@ class ProxySession:
         envelope = Envelope(client_ip=tx.client.ip, helo=tx.client.helo, mail_from=tx.mail_from,
                             rcpts=[r for leg in legs for r in leg.accepted], txn_id=tx.txn_id)
         tx.verdict = await self.ctx.filters.scan(content, envelope)
-        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id)
+        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id, sender=tx.mail_from,
+                                           lists=self.ctx.sender_lists)
+        if tx.verdict.viruses and self.ctx.on_virus is not None:
+            self.ctx.on_virus(tx, tx.filter_plan, content)
         tx.filter_ms = (time.perf_counter() - started) * 1000
         log.debug("filtered", txn=tx.txn_id, ms=round(tx.filter_ms, 1),
                   dispositions={r: d.action for r, d in tx.filter_plan.by_rcpt.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -73,6 +74,9 @@ class DomainDirectory:
         self._generation: int | None = None
         self._task: asyncio.Task | None = None
         self.loaded_at = 0.0
+        #: Coroutine functions called after every (re)load: other caches that follow the
+        #: configuration generation (the recipients' sender lists).
+        self.listeners: list[Callable[[], Awaitable[None]]] = []
 
     async def load(self) -> None:
         """Read every domain now (raises SQLAlchemyError if the database is down)."""
@@ -83,6 +87,8 @@ class DomainDirectory:
         self._generation = generation
         self.loaded_at = time.monotonic()
         log.debug("domains loaded", count=len(domains), generation=generation)
+        for listener in self.listeners:
+            await listener()
 
     async def refresh_if_changed(self) -> bool:
         """Reload when the configuration generation moved; True if it did."""

@@ -43,7 +43,8 @@ def create_app(ctx: WebContext) -> FastAPI:
     Args:
         ctx: settings, store, metrics and the gateway hooks.
     """
-    from mxguard.web.routes import account, audit, auth, dashboard, domains, messagelog, spool, system, tls
+    from mxguard.web.routes import (account, audit, auth, dashboard, domains, messagecenter, messagelog, orgs,
+                                    spool, system, tls)
     from mxguard.web.routes.api_v1 import router as api_router
 
     app = FastAPI(
@@ -58,7 +59,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.add_middleware(SecurityHeaders, hsts=not ctx.settings.web.plain_http)
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
     # One router per resource.
-    for module in (auth, account, dashboard, domains, tls, messagelog, spool, audit, system):
+    for module in (auth, account, dashboard, domains, tls, messagelog, spool, audit, system, messagecenter, orgs):
         app.include_router(module.router)
     app.include_router(api_router, prefix=API_PREFIX)
 
@@ -70,8 +71,14 @@ def create_app(ctx: WebContext) -> FastAPI:
     async def _password_change(request: Request, exc: PasswordChangeRequired):
         return RedirectResponse("/account/password", status_code=303)
 
+    @app.exception_handler(messagecenter.SignInRequired)
+    async def _mc_signin(request: Request, exc: messagecenter.SignInRequired):
+        return RedirectResponse(f"/mc/signin?next={quote(exc.next_path, safe='/')}", status_code=303)
+
     @app.exception_handler(ConsoleForbidden)
     async def _forbidden_role(request: Request, exc: ConsoleForbidden):
+        if request.url.path == "/":
+            return RedirectResponse("/mc", status_code=303)  # a plain user's home is the Message Center
         return _page_error(request, 403, "Your account may use the Message Center only; the Administration "
                                          "Console needs the admin or org-admin role.")
 

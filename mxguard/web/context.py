@@ -34,6 +34,11 @@ class WebContext:
     refresh_directory: Callable[[], Awaitable[Any]] | None = None
     reload_certificate: Callable[[], None] | None = None
     spool_worker: Any | None = None
+    #: Sealing keys (opening quarantined messages), the link signer, and the console's URL
+    #: (for links); the Message Center needs them.
+    keyring: Any = None
+    links: Any = None
+    public_url: Callable[[], str | None] | None = None
 
     @property
     def login_policy(self) -> LoginPolicy:

@@ -17,6 +17,13 @@ NAV: list[tuple[str, str]] = [
     ("Message log", "/log"),
     ("Spool", "/spool"),
     ("Audit log", "/audit"),
+    ("Quarantine", "/mc"),
+    ("Organizations", "/orgs"),
+]
+#: A plain user's navigation: the Message Center only.
+MC_NAV: list[tuple[str, str]] = [
+    ("Quarantine", "/mc"),
+    ("Allow and block lists", "/mc/lists"),
 ]
 
 
@@ -74,4 +81,5 @@ def make_templates() -> Jinja2Templates:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(when=_when, pct=_pct, fingerprint=_fingerprint, as_json=_as_json, age=_age, size=_size)
     env.globals["NAV"] = NAV
+    env.globals["MC_NAV"] = MC_NAV
     return Jinja2Templates(env=env)
