@@ -51,8 +51,12 @@ class InboundSMTP(SMTP):
     """
 
     def __init__(self, handler: "InboundHandler", proxy_ctx: ProxyContext, limits_: SmtpSettings,
-                 counter: limits.ConnectionCounter, **kwargs):
+                 counter: limits.ConnectionCounter, *, tls_context=None, **kwargs):
+        # The context is set after aiosmtpd's set-up, which would otherwise re-check its
+        # verify mode on every connection (slow enum conversions); ours is a server
+        # context that never asks for client certificates (see mxguard.tls.contexts).
         super().__init__(handler, **kwargs)
+        self.tls_context = tls_context
         self.proxy = ProxySession(proxy_ctx)
         self.limits = limits_
         self.counter = counter
