@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -59,7 +59,7 @@ class ConnectionInfo:
     tls_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # every field is a plain value: no deep copy needed
 
     def describe_tls(self) -> str:
         if not self.tls:
