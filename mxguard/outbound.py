@@ -21,23 +21,18 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
 import structlog
 
 from mxguard.config import Settings
 from mxguard.errors import NotFound
-from mxguard.netaddr import parse_host_port
 from mxguard.services.domains import get_domain
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, deliver_once
 from mxguard.smtp.headers import summarize
 from mxguard.smtp.replies import Reply
-from mxguard.smtp.routing import Route
+from mxguard.smtp.routing import Route, external_route
 from mxguard.storage.db import Store
 from mxguard.storage.messagelog import LogRecord
 from mxguard.storage.models import MessageLogEntry, utcnow
-from mxguard.tls.policy import DownstreamTls
 
 log = structlog.get_logger("mxguard.outbound")
 
@@ -69,25 +64,7 @@ async def route_for(store: Store, settings: Settings, address: str) -> Route | N
         return Route.for_domain(await get_domain(store, domain))
     except NotFound:
         pass
-    if settings.dsn.relay:
-        return Route(servers=(parse_host_port(settings.dsn.relay, default_port=25),), tls=DownstreamTls.OPPORTUNISTIC)
-    resolver = dns.asyncresolver.Resolver(configure=not settings.filters.dns_servers)
-    if settings.filters.dns_servers:
-        hosts = [parse_host_port(n, default_port=53) for n in settings.filters.dns_servers]
-        resolver.nameservers = [h for h, _ in hosts]
-        resolver.port = hosts[0][1]
-    resolver.lifetime = 10
-    try:
-        answer = await resolver.resolve(domain, "MX")
-        mxs = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)
-        if mxs == [(0, "")]:
-            return None  # null MX (RFC 7505)
-        servers = tuple((host, 25) for _, host in mxs)
-    except dns.resolver.NoAnswer:
-        servers = ((domain, 25),)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers, dns.exception.Timeout):
-        return None
-    return Route(servers=servers, tls=DownstreamTls.OPPORTUNISTIC)
+    return await external_route(domain, relay=settings.dsn.relay, nameservers=settings.filters.dns_servers)
 
 
 async def send_own_message(store: Store, settings: Settings, recipient: str, message: bytes, *,
