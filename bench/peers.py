@@ -28,18 +28,13 @@ REPO = BENCH_DIR.parent
 CACHE = BENCH_DIR / ".cache"
 sys.path.insert(0, str(REPO))
 
+from tests.support.peers import free_port, stop_process  # noqa: E402
 from tests.support.postfix import PostfixInstance  # noqa: E402
 
 #: Recipient domains: the targets send ``plain.bench.test`` in clear and ``tls.bench.test`` over STARTTLS.
 PLAIN_DOMAIN = "plain.bench.test"
 TLS_DOMAIN = "tls.bench.test"
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to port 0 and read it back)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -58,17 +53,6 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
         time.sleep(0.05)
     raise RuntimeError(f"{what or 'server'} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds (only the process we started)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def make_certificate(directory: Path, key_type: str = "rsa") -> tuple[Path, Path]:
