@@ -12,6 +12,7 @@ Environment overrides use ``MXGUARD_<KEY>`` for top-level keys and
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -164,7 +165,11 @@ class FilterSettings(_Section):
     @classmethod
     def _valid_dns(cls, value: list[str]) -> list[str]:
         for item in value:
-            parse_host_port(item, default_port=53)
+            host, _ = parse_host_port(item, default_port=53)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{item!r}: a DNS server is an IP address, optionally with :PORT") from None
         return value
 
     @field_validator("spamd_address")
@@ -407,7 +412,10 @@ def describe_validation_error(error: ValidationError, source: str, env_sources: 
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(root)"
-        where = f"environment variable {env_sources[key]}" if env_sources and key in env_sources else source
+        # "filters.virus_engines.0" was set by MXGUARD_FILTERS__VIRUS_ENGINES: match by prefix.
+        variable = next((env_sources[k] for k in sorted(env_sources or {}, key=len, reverse=True)
+                         if key == k or key.startswith(k + ".")), None)
+        where = f"environment variable {variable}" if variable else source
         lines.append(f"{where}: setting '{key}': {item['msg']}")
     return "\n".join(lines)
 

@@ -57,3 +57,15 @@ def test_data_dir_resolution(monkeypatch):
 def test_unknown_environment_variable_is_named(data_dir):
     with pytest.raises(ConfigError, match="environment variable MXGUARD_SMTP__MAX_RECIPENTS"):
         load_settings(data_dir, environ={"MXGUARD_SMTP__MAX_RECIPENTS": "5"})
+
+
+def test_env_list_setting_error_names_the_variable(data_dir):
+    with pytest.raises(ConfigError, match="environment variable MXGUARD_FILTERS__VIRUS_ENGINES"):
+        load_settings(data_dir, environ={"MXGUARD_FILTERS__VIRUS_ENGINES": "bogus"})
+
+
+def test_dns_servers_must_be_ip_addresses(data_dir):
+    with pytest.raises(ConfigError, match="'filters.dns_servers'.*IP address"):
+        load_settings(data_dir, environ={"MXGUARD_FILTERS__DNS_SERVERS": "notanip"})
+    assert load_settings(data_dir, environ={"MXGUARD_FILTERS__DNS_SERVERS": "127.0.0.1:5353,[::1]:53"}
+                         ).filters.dns_servers == ["127.0.0.1:5353", "[::1]:53"]

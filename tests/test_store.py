@@ -38,6 +38,7 @@ async def test_idn_domain_is_stored_in_ascii(store):
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(name="not a domain", servers=["m.example"]), "domain"),
+    (dict(name="127.0.0.1", servers=["m.example"]), "domain"),
     (dict(name="ok.example", servers=[]), "servers"),
     (dict(name="ok.example", servers=["m.example:0"]), "servers"),
     (dict(name="ok.example", servers=["m.example", "m.example:25"]), "servers"),

@@ -19,6 +19,9 @@ from mxguard.logsetup import configure as configure_logging
 from mxguard.storage.db import Store
 
 console = Console()
+if not console.is_terminal:
+    # Piped or redirected: rich would wrap tables at 80 columns; operators pipe to less and grep.
+    console = Console(width=200)
 err_console = Console(stderr=True)
 T = TypeVar("T")
 

@@ -134,7 +134,8 @@ class SenderAuth:
             hosts = [parse_host_port(s, default_port=53) for s in servers]
             resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in hosts]
         resolver.timeout = self.timeout
-        resolver.lifetime = self.timeout * 2
+        # One try per query within the timeout: a resolver that is down must not stall each message.
+        resolver.lifetime = self.timeout
         resolver.cache = dns.resolver.LRUCache(4096)
         return resolver
 

@@ -118,7 +118,8 @@ def normalize_domain_name(name: str) -> str:
     labels = value.split(".")
     if len(value) > 253 or len(labels) < 2 or not all(
             0 < len(label) <= 63 and label[0] != "-" and label[-1] != "-"
-            and all(c.isalnum() or c == "-" for c in label) for label in labels):
+            and all(c.isalnum() or c == "-" for c in label) for label in labels) or labels[-1].isdigit():
+        # (An all-numeric last label is an IP address, not a domain: RFC 1123 2.1.)
         raise ValidationFailed("domain", f"{name!r} is not a valid domain name")
     return value
 
