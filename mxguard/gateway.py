@@ -120,14 +120,13 @@ class Gateway:
                                       on_virus=self.notifier.virus_found)
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
-        if self.spool_worker and self._claim_worker_lock():
-            self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log,
-                                      resolver_nameservers=s.filters.dns_servers)
-            self.worker.start()
-            # Summaries, retention and alerts: one process per data dir (SQLite), every node (PostgreSQL:
-            # due summaries and alerts are claimed with conditional updates).
-            self.jobs = QuarantineJobs(self.store, s, self.links, self.notifier, lambda: self.web_url)
-            self.jobs.start()
+        self._lock_waiter: asyncio.Task | None = None
+        if self.spool_worker:
+            if self._claim_worker_lock():
+                self._start_workers()
+            else:
+                # Another process on this data dir has the spool worker; take over if it stops.
+                self._lock_waiter = asyncio.create_task(self._wait_for_worker_lock(), name="spool-lock-waiter")
         # Held messages per domain for the dashboard and /metrics (every node sees the shared spool).
         self._spool_depth = functools.partial(spool_service.depth, self.store)
         status.register_spool_depth(self._spool_depth)
@@ -196,6 +195,25 @@ class Gateway:
                                      subject=_subject(copies[0].content), copies=copies, verdict=verdict,
                                      score=score, retention_days=self.settings.filters.quarantine_days)
 
+    def _start_workers(self) -> None:
+        s = self.settings
+        self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log,
+                                  resolver_nameservers=s.filters.dns_servers)
+        self.worker.start()
+        # Summaries, retention and alerts: one process per data dir (SQLite), every node (PostgreSQL:
+        # due summaries and alerts are claimed with conditional updates).
+        self.jobs = QuarantineJobs(self.store, s, self.links, self.notifier, lambda: self.web_url)
+        self.jobs.start()
+
+    async def _wait_for_worker_lock(self, interval: float = 5.0) -> None:
+        """Retry the spool-worker lock; when the process holding it is gone, run the workers here."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._claim_worker_lock():
+                log.info("the spool worker's process is gone; this process runs the spool worker now")
+                self._start_workers()
+                return
+
     def _claim_worker_lock(self) -> bool:
         """On SQLite only one process per data dir runs the spool worker (an flock decides)."""
         if not self.store.is_sqlite:
@@ -205,7 +223,9 @@ class Gateway:
         try:
             fcntl.flock(self._worker_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            log.info("another process runs the spool worker for this data dir")
+            if not getattr(self, "_lock_logged", False):
+                log.info("another process runs the spool worker for this data dir; waiting to take over")
+                self._lock_logged = True
             self._worker_lock.close()
             return False
         return True
@@ -252,6 +272,8 @@ class Gateway:
             await self.pool.close()
         if getattr(self, "_spool_depth", None):
             status.unregister_spool_depth(self._spool_depth)
+        if getattr(self, "_lock_waiter", None) is not None:
+            self._lock_waiter.cancel()
         if getattr(self, "jobs", None):
             await self.jobs.stop()
         elif getattr(self, "notifier", None):

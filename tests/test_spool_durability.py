@@ -160,3 +160,24 @@ async def test_two_workers_on_one_postgresql_spool_deliver_each_once(tmp_path, p
         await sink.stop()
         for s in stores:
             await s.close()
+
+
+def test_second_process_takes_over_the_spool_worker_when_the_first_dies(tmp_path):
+    """Two `serve` on one SQLite data dir: the spool worker moves to the survivor, held mail is delivered."""
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir)
+    port1, port2, sink_port = _free_port(), _free_port(), _free_port()
+    subprocess.run([MXGUARD, "--data-dir", str(data_dir), "domain", "add", "example.com", "--server",
+                    f"127.0.0.1:{sink_port}"], check=True, capture_output=True)
+    first = _serve(data_dir, port1)
+    second = _serve(data_dir, port2)
+    try:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        out = send(port2, ["alice@example.com"], _msg(1))
+        assert out.data[0] == 250 and "held" in out.data[1], out.data
+        with ThreadedSink(port=sink_port) as sink:
+            assert sink.wait_for(1, timeout=20), "the survivor took over the spool worker and delivered"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(20)
