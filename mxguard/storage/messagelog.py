@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +22,24 @@ from mxguard.storage.db import SQLAlchemyError, Store
 from mxguard.storage.models import MessageLogEntry
 
 log = structlog.get_logger("mxguard.messagelog")
+
+#: What no database text column stores: NUL (PostgreSQL refuses it) and lone
+#: surrogates (undecodable bytes kept by ``surrogateescape``; not UTF-8 at all).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every string made storable: NUL and lone surrogates become U+FFFD.
+
+    Works through dicts and lists (the JSON columns); other values are returned as they are.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -74,7 +93,8 @@ class LogRecord:
     total_ms: float | None = None
 
     def as_row(self) -> dict[str, Any]:
-        row = asdict(self)
+        """The row to insert: strings bounded to their columns and made storable (see :func:`storable`)."""
+        row = {key: storable(value) for key, value in asdict(self).items()}
         row["subject"] = row["subject"][:500]
         row["message_id"] = row["message_id"][:500]
         row["mail_from"] = row["mail_from"][:500]
@@ -107,6 +127,8 @@ class MessageLogWriter:
         self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
+        #: Records the database refused on their own (while it answered otherwise): logged and dropped.
+        self.refused = 0
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
 
@@ -131,6 +153,9 @@ class MessageLogWriter:
                 failures = min(failures + 1, 4)
                 log.warning("message log write failed; will retry", pending=len(self.pending),
                             error=str(exc).splitlines()[0][:200])
+            except Exception:  # noqa: BLE001 - this task must outlive any one bad batch
+                failures = min(failures + 1, 4)
+                log.exception("message log write failed; will retry", pending=len(self.pending))
 
     async def flush(self) -> int:
         """Write everything queued now; returns the number written.
@@ -142,9 +167,11 @@ class MessageLogWriter:
             written = 0
             while self.pending:
                 batch = [self.pending[i] for i in range(min(1000, len(self.pending)))]
-                async with self.store.session() as session:
-                    await session.execute(insert(MessageLogEntry), [r.as_row() for r in batch])
-                    await session.commit()
+                try:
+                    await self._insert(batch)
+                except Exception:  # noqa: BLE001 - one record may be at fault, or the database
+                    written += await self._one_by_one(len(batch))
+                    continue
                 for _ in batch:
                     self.pending.popleft()
                 written += len(batch)
@@ -153,6 +180,36 @@ class MessageLogWriter:
                 log.error("message log records dropped while the database was unavailable", count=self.dropped)
                 self.dropped = 0
             return written
+
+    async def _insert(self, records: list[LogRecord]) -> None:
+        async with self.store.session() as session:
+            await session.execute(insert(MessageLogEntry), [r.as_row() for r in records])
+            await session.commit()
+
+    async def _one_by_one(self, count: int) -> int:
+        """Write the first ``count`` queued records singly after their batch failed.
+
+        A record the database refuses while it answers ``SELECT 1`` is at
+        fault itself: it is logged and dropped, so it cannot hold back every
+        record after it. When the database does not answer, this raises and
+        the rest stays queued.
+
+        Raises:
+            SQLAlchemyError, OSError: the database is unavailable.
+        """
+        written = 0
+        for _ in range(count):
+            record = self.pending[0]
+            try:
+                await self._insert([record])
+                written += 1
+            except Exception as exc:  # noqa: BLE001 - decided by the probe below
+                await self.store.ping()
+                self.refused += 1
+                log.error("message log record refused by the database; dropped", txn=record.txn_id,
+                          error=(str(exc).splitlines() or [type(exc).__name__])[0][:200])
+            self.pending.popleft()
+        return written
 
     async def stop(self) -> None:
         """Stop the background task and write what is left (best effort)."""
