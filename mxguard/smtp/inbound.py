@@ -15,7 +15,7 @@ import asyncio
 import ssl
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from mxguard.config import SmtpSettings
 from mxguard.smtp import limits, syntax
@@ -174,6 +174,16 @@ class InboundSMTP(SMTP):
 
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push("502 5.5.1 EXPN command is disabled")
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # Failed handshakes are routine on an MX (scanners, clients with only old
+            # protocols): one line, no trace. aiosmtpd closes the connection itself.
+            cause = error.__cause__
+            log.info("STARTTLS handshake failed", client=_peer_ip(self.session),
+                     reason=(getattr(cause, "reason", None) or type(cause).__name__) if cause else "unknown")
+            return "421 4.7.0 TLS handshake failed"
+        return await super().handle_exception(error)
 
     async def smtp_DATA(self, arg: str) -> None:
         self._data_refusal = None
