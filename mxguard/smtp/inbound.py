@@ -72,8 +72,11 @@ class InboundSMTP(SMTP):
         #: the idle timeout is the client's, not ours.
         self.working = False
         self._data_refusal: Reply | None = None
+        self._gone = False
 
     async def push(self, status) -> None:  # noqa: D401 - aiosmtpd API
+        if status is None or self.transport is None or self.transport.is_closing():
+            return  # the connection is going away: nobody would read it
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
         for prefix, reply, ends_data in _LIBRARY_REFUSALS if status[:1] == "5" else ():
@@ -183,6 +186,20 @@ class InboundSMTP(SMTP):
             log.info("STARTTLS handshake failed", client=_peer_ip(self.session),
                      reason=(getattr(cause, "reason", None) or type(cause).__name__) if cause else "unknown")
             return "421 4.7.0 TLS handshake failed"
+        if isinstance(error, (asyncio.IncompleteReadError, ConnectionError)):
+            # The client went away between two commands: routine, not an error. (It can reach
+            # here when its EOF races our last reply and the cancellation aiosmtpd sends this
+            # task is lost, e.g. by asyncio.wait_for on Python 3.11.) Close, and yield so that
+            # connection_lost runs and ends this task; reading on would only fail again.
+            if not self._gone:
+                self._gone = True
+                log.info("client disconnected", client=_peer_ip(self.session))
+                if self.transport is not None:
+                    self.transport.close()
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.05)  # a TLS transport takes a moment to close
+            return "421 4.4.2 Connection closed"
         return await super().handle_exception(error)
 
     async def smtp_DATA(self, arg: str) -> None:
