@@ -7,6 +7,7 @@ record survives power loss; PostgreSQL commits are durable by default.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 from alembic import command
@@ -30,6 +31,34 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+#: No text column stores these: NUL (PostgreSQL refuses it outright) and lone surrogates
+#: (undecodable bytes kept by ``surrogateescape``; neither driver can encode them).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def _storable(value):
+    if isinstance(value, str) and ("\x00" in value if value.isascii() else _UNSTORABLE.search(value)):
+        return _UNSTORABLE.sub("\ufffd", value)
+    return value
+
+
+def _storable_parameters(conn, cursor, statement, parameters, context, executemany):
+    """Every string bound to a statement becomes storable: NUL and lone surrogates turn into U+FFFD.
+
+    One place for the whole class: a NUL typed into a search field or a form
+    used to make PostgreSQL refuse the statement (a 500 and a dropped
+    connection), where SQLite stored it; now both store and match U+FFFD.
+    """
+    if executemany:
+        parameters = [type(row)(_storable(v) for v in row) if isinstance(row, (tuple, list))
+                      else {k: _storable(v) for k, v in row.items()} for row in parameters]
+    elif isinstance(parameters, (tuple, list)):
+        parameters = type(parameters)(_storable(v) for v in parameters)
+    elif isinstance(parameters, dict):
+        parameters = {k: _storable(v) for k, v in parameters.items()}
+    return statement, parameters
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -57,6 +86,7 @@ def make_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         raise ConfigError(f"database_url: unsupported database {backend!r}; use sqlite+aiosqlite or postgresql+asyncpg")
+    event.listen(engine.sync_engine, "before_cursor_execute", _storable_parameters, retval=True)
     return engine
 
 
