@@ -248,3 +248,33 @@ def test_idle_and_total_session_time(served):
         time.sleep(0.5)
     assert "421 4.4.2 Session time limit" in reply and 3.5 < time.monotonic() - started < 6
     assert gw.limit_line("max_session_time")
+
+
+def test_a_sender_trickling_its_message_is_cut(served):
+    """Slowloris in DATA: a line every 0.4 s is never idle, but the data must arrive within the timeout."""
+    gw, sink = served
+    before = len(sink.messages)
+    raw = _open(gw)
+    assert raw.cmd("DATA").startswith("354")
+    started = time.monotonic()
+    reply = ""
+    while time.monotonic() - started < 6:
+        try:
+            raw.send(b"X-Slow: header line\r\n")
+            raw.sock.settimeout(0.4)
+            reply = raw.reply(timeout=0.4)
+            break
+        except ConnectionError as exc:  # closed: the reply, if any, is in the message
+            reply = str(exc).removeprefix("closed: ")
+            break
+        except TimeoutError:
+            continue
+    assert reply.startswith("421 4.4.2 Message data too slow"), reply
+    assert 1.2 < time.monotonic() - started < 3
+    line = gw.wait_for(lambda r: r.get("limit") == "command_timeout" and "too slow" in r.get("reply", ""))
+    assert line["level"] == "warning"
+    aborted = gw.wait_for(lambda r: r.get("event") == "transaction" and r.get("reply") == "(ended by command_timeout)")
+    assert aborted["disposition"] == "aborted"
+    time.sleep(0.2)
+    assert len(sink.messages) == before
+

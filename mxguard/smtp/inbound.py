@@ -71,6 +71,8 @@ class InboundSMTP(SMTP):
         #: True while mxguard itself is working on a command (downstream dialogue, filters):
         #: the idle timeout is the client's, not ours.
         self.working = False
+        #: True while the message data is being received (see ``_timeout_cb``).
+        self.receiving_data = False
         self._data_refusal: Reply | None = None
         self._gone = False
 
@@ -204,7 +206,11 @@ class InboundSMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         self._data_refusal = None
-        await super().smtp_DATA(arg)
+        self.receiving_data = True  # until the handler runs (it sets ``working``) or DATA is refused
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.receiving_data = False
         refusal, self._data_refusal = self._data_refusal, None
         if refusal is not None and self.proxy.tx is not None:
             # aiosmtpd refused the data (size, line length) without calling the handler:
@@ -216,7 +222,10 @@ class InboundSMTP(SMTP):
         if self.working:
             self._reset_timeout()  # the wait is ours (downstream, filters), not the client's
             return
-        self.loop.create_task(self.close_with(limits.IDLE_TIMEOUT, "command_timeout"))
+        # aiosmtpd restarts this timer at each command only, so during DATA it bounds the
+        # whole transfer: a sender trickling its message is cut too.
+        reply = limits.DATA_TIMEOUT if self.receiving_data else limits.IDLE_TIMEOUT
+        self.loop.create_task(self.close_with(reply, "command_timeout"))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         upgraded = self.transport is not None and self._original_transport is not None
@@ -370,6 +379,7 @@ class InboundHandler:
         return str(reply)
 
     async def handle_DATA(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
+        server.receiving_data = False
         if server.proxy.tx is None:
             return str(BAD_SEQUENCE)
         refusal, content = limits.check_message(envelope.original_content, server.limits)

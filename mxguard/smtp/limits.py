@@ -26,6 +26,8 @@ HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
 TOO_MANY_FIELDS = Reply(552, "5.3.4", "Too many header fields")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many Received fields: mail loop detected (RFC 5321 6.3)")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing (RFC 5321 4.5.3.2)")
+#: The message data must arrive within ``command_timeout`` of the DATA command (a trickling sender).
+DATA_TIMEOUT = Reply(421, "4.4.2", "Message data too slow, closing (RFC 5321 4.5.3.2)")
 #: RFC 1870 section 6.1: 552 for a message over the fixed maximum size (RFC 3463 5.3.4: too big for system).
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 #: RFC 5321 4.5.3.1.6 (text line: 1000 octets with CRLF) and 4.5.3.1.10 ("500 Line too long").
@@ -47,6 +49,7 @@ LIMIT_NAMES: dict[Reply, str] = {
     TOO_MANY_FIELDS: "max_header_fields",
     MAIL_LOOP: "max_received_headers",
     IDLE_TIMEOUT: "command_timeout",
+    DATA_TIMEOUT: "command_timeout",
     MESSAGE_TOO_BIG: "max_message_size",
     LINE_TOO_LONG: "line_length",
     COMMAND_TOO_LONG: "command_line_length",
