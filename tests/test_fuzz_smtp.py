@@ -122,7 +122,8 @@ class SmtpDialogue(RuleBasedStateMachine):
             return
         marker = uuid.uuid4().hex
         self.all_sent.add(marker)
-        payload = b"Subject: fuzz " + marker.encode() + b"\r\n\r\n" + body.replace(b"\r\n.", b"\r\n..")
+        # Dot-stuff every line that starts with a dot (RFC 5321 4.5.2), the body's first line too.
+        payload = re.sub(rb"(^|\r\n)\.", rb"\1..", b"Subject: fuzz " + marker.encode() + b"\r\n\r\n" + body)
         final = self._cmd(payload + b"\r\n.\r\n", verb="end of DATA")
         if final and final[0] == 250:
             self.all_accepted.add(marker)

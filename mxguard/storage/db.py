@@ -39,8 +39,15 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def _storable(value):
-    if isinstance(value, str) and ("\x00" in value if value.isascii() else _UNSTORABLE.search(value)):
-        return _UNSTORABLE.sub("\ufffd", value)
+    """A bound value made storable; containers (rows of an executemany, arrays) are walked."""
+    if isinstance(value, str):
+        if "\x00" in value if value.isascii() else _UNSTORABLE.search(value):
+            return _UNSTORABLE.sub("\ufffd", value)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_storable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
     return value
 
 
@@ -50,15 +57,10 @@ def _storable_parameters(conn, cursor, statement, parameters, context, executema
     One place for the whole class: a NUL typed into a search field or a form
     used to make PostgreSQL refuse the statement (a 500 and a dropped
     connection), where SQLite stored it; now both store and match U+FFFD.
+    The parameters' shape varies (one row, many rows, one flattened
+    insertmanyvalues batch), so it is walked rather than assumed.
     """
-    if executemany:
-        parameters = [type(row)(_storable(v) for v in row) if isinstance(row, (tuple, list))
-                      else {k: _storable(v) for k, v in row.items()} for row in parameters]
-    elif isinstance(parameters, (tuple, list)):
-        parameters = type(parameters)(_storable(v) for v in parameters)
-    elif isinstance(parameters, dict):
-        parameters = {k: _storable(v) for k, v in parameters.items()}
-    return statement, parameters
+    return statement, _storable(parameters)
 
 
 def make_engine(url: str) -> AsyncEngine:
