@@ -28,18 +28,13 @@ REPO = BENCH_DIR.parent
 CACHE = BENCH_DIR / ".cache"
 sys.path.insert(0, str(REPO))
 
+from tests.support.peers import free_port, stop_process  # noqa: E402
 from tests.support.postfix import PostfixInstance  # noqa: E402
 
 #: Recipient domains: the targets send ``plain.bench.test`` in clear and ``tls.bench.test`` over STARTTLS.
 PLAIN_DOMAIN = "plain.bench.test"
 TLS_DOMAIN = "tls.bench.test"
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bind to port 0 and read it back)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -58,17 +53,6 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
         time.sleep(0.05)
     raise RuntimeError(f"{what or 'server'} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
 
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds (only the process we started)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def make_certificate(directory: Path, key_type: str = "rsa") -> tuple[Path, Path]:
@@ -469,6 +453,18 @@ def mxguard_has_filter_settings() -> bool:
     return "filters" in Settings.model_fields
 
 
+_DNS = None
+
+
+def loopback_dns():
+    """One DNS server on loopback for the whole run (the tests' zone: SPF/DKIM/DMARC of the test domains)."""
+    global _DNS
+    if _DNS is None:
+        from tests.support.dns import LoopbackDNS
+        _DNS = LoopbackDNS().start()
+    return _DNS
+
+
 class MxguardTarget(Target):
     """``mxguard serve`` as a subprocess with its own data dir (SQLite, message log on).
 
@@ -485,6 +481,7 @@ class MxguardTarget(Target):
         self.workdir, self.cert, self.filters = workdir, cert, filters
         self.label = "mxguard +filters" if filters else "mxguard -filters"
         self.env = dict(env or {})
+        self.serve_args: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def _cli(self, data_dir: Path, *args: str) -> None:
@@ -497,6 +494,10 @@ class MxguardTarget(Target):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
         if mxguard_has_filter_settings():
             env["MXGUARD_FILTERS__ENABLED"] = "true" if self.filters else "false"
+            # Sender checks ask a DNS server on loopback: nothing leaves the machine.
+            env["MXGUARD_FILTERS__DNS_SERVERS"] = loopback_dns().address
+        if getattr(self, "extra_cert", None):
+            env["MXGUARD_TLS__EXTRA_CERT_FILE"], env["MXGUARD_TLS__EXTRA_KEY_FILE"] = map(str, self.extra_cert)
         env.update(self.env)
         return env
 
@@ -505,6 +506,8 @@ class MxguardTarget(Target):
         (data_dir / "tls").mkdir(parents=True)
         shutil.copy(self.cert[0], data_dir / "tls" / "cert.pem")
         shutil.copy(self.cert[1], data_dir / "tls" / "key.pem")  # init keeps an existing certificate
+        # Issue 5 goal 2: offer ECDSA P-256 beside the RSA-2048 certificate the anchors used.
+        self.extra_cert = make_certificate(data_dir / "tls", "ec" if "rsa" in self.cert[0].name else "rsa")
         self._port = free_port()
         self._cli(data_dir, "init", "--hostname", "mx.bench.test")
         self._cli(data_dir, "domain", "add", PLAIN_DOMAIN, "--server", f"127.0.0.1:{plain_sink.port}",
@@ -513,7 +516,8 @@ class MxguardTarget(Target):
                   "--downstream-tls", "required")
         self.log = open(data_dir / "serve.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "mxguard", "--data-dir", str(data_dir), "serve",
-                                      "--smtp", f"127.0.0.1:{self._port}"], env=self._environ(),
+                                      "--no-web", "--smtp", f"127.0.0.1:{self._port}", *self.serve_args],
+                                     env=self._environ(),
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(self._port, 60, self.proc, "mxguard serve")
         self.data_dir = data_dir

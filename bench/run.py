@@ -131,6 +131,12 @@ def build_targets(names: list[str], workdir: Path, cert: tuple[Path, Path], args
             out.append(peers.MxguardTarget(workdir, cert, filters=True, env=args.mxguard_env))
         elif name == "mxguard-nofilters":
             out.append(peers.MxguardTarget(workdir, cert, filters=False, env=args.mxguard_env))
+        elif name == "mxguard-cores":
+            # serve --workers N: one gateway process per core sharing the listener (issue 5 goal 2)
+            target = peers.MxguardTarget(workdir, cert, filters=True, env=args.mxguard_env)
+            target.serve_args = ["--workers", str(cores)]
+            target.label = f"mxguard +filters x{cores}"
+            out.append(target)
         else:
             raise SystemExit(f"unknown target {name!r}")
     return out
@@ -168,18 +174,26 @@ def fmt_table(rows: list[dict]) -> str:
 
 
 def goal1(rows: list[dict]) -> list[str]:
-    """Goal 1 of issue 5: mxguard (filters on) vs Postfix at 20 sessions, 4 KiB, 1 per connection."""
+    """Goal 1 of issue 5: mxguard (filters on) vs Postfix at 20 sessions, 4 KiB, 1 per connection.
+
+    One line per mxguard variant with filters (one process, and ``--workers`` per core when run).
+    """
     out = []
     for tls in (False, True):
-        def find(target, filters):
+        def find(target, filters, label=None):
             for r in rows:
                 if (r["target"], r["filters"], r["tls"], r["concurrency"], r["size"], r["per_conn"]) == (
-                        target, filters, tls, 20, 4096, 1):
+                        target, filters, tls, 20, 4096, 1) and (label is None or r.get("label") == label):
                     return r
             return None
-        mx, pf = find("mxguard", True), find("postfix", False)
-        if mx and pf and pf["msgs_per_s"] and pf["cpu_ms_per_msg"]:
-            out.append(f"{'STARTTLS' if tls else 'plain'}: messages/s {mx['msgs_per_s']:.0f} / {pf['msgs_per_s']:.0f}"
+        pf = find("postfix", False)
+        labels = sorted({r.get("label") for r in rows if r["target"] == "mxguard" and r["filters"]} - {None})
+        for label in labels:
+            mx = find("mxguard", True, label)
+            if not (mx and pf and pf["msgs_per_s"] and pf["cpu_ms_per_msg"]):
+                continue
+            out.append(f"{'STARTTLS' if tls else 'plain'} ({label}): messages/s {mx['msgs_per_s']:.0f} / "
+                       f"{pf['msgs_per_s']:.0f}"
                        f" = {mx['msgs_per_s'] / pf['msgs_per_s']:.2f}x Postfix (goal >= 1.0); CPU/msg "
                        f"{mx['cpu_ms_per_msg']:.2f} / {pf['cpu_ms_per_msg']:.2f} ms = "
                        f"{mx['cpu_ms_per_msg'] / pf['cpu_ms_per_msg']:.2f}x Postfix (goal <= 1.0)")
@@ -265,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds: no new message after this, per run")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the sink per run")
     p.add_argument("--targets", help="comma list of direct,postfix,haraka,haraka-cores,mxguard-nofilters,"
-                                     "mxguard-filters (default: all; --quick: direct,postfix,haraka,mxguard-filters)")
+                                     "mxguard-filters,mxguard-cores (default: all; --quick: direct,postfix,haraka,"
+                                     "mxguard-filters,mxguard-cores)")
     p.add_argument("--tls", default="plain,starttls", help="comma list of plain,starttls")
     p.add_argument("--concurrency", help="comma list of concurrent sessions (default 20,200; --quick 20)")
     p.add_argument("--sizes", help="comma list of message sizes in bytes (default 4096,102400; --quick 4096)")
@@ -286,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.mxguard_env = dict(item.split("=", 1) for item in args.mxguard_env)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    targets = (args.targets or ("direct,postfix,haraka,mxguard-filters" if args.quick else
-                                "direct,postfix,haraka,haraka-cores,mxguard-nofilters,mxguard-filters")).split(",")
+    targets = (args.targets or ("direct,postfix,haraka,mxguard-filters,mxguard-cores" if args.quick else
+                                "direct,postfix,haraka,haraka-cores,mxguard-nofilters,mxguard-filters,"
+                                "mxguard-cores")).split(",")
     if "direct" in targets:
         targets = ["direct"] + [t for t in targets if t != "direct"]  # the latency baseline comes first
     concurrency = ints(args.concurrency or ("20" if args.quick else "20,200"))

@@ -35,6 +35,8 @@ class SmtpSettings(_Section):
     """Inbound listener and its RFC 5321 limits."""
 
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
+    #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU.
+    workers: int = Field(default=1, ge=0, le=64)
     #: Largest message accepted, in bytes (advertised as SIZE, RFC 1870).
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     #: Recipients per transaction; RFC 5321 4.5.3.1.8 asks for at least 100.
@@ -85,6 +87,10 @@ class TlsSettings(_Section):
     cert_file: str = "tls/cert.pem"
     #: PEM private key. Relative to the data dir.
     key_file: str = "tls/key.pem"
+    #: A second certificate and key of another key type, offered to clients that cannot use
+    #: the main one (init makes ECDSA P-256 the main one and RSA-2048 this one). Empty: none.
+    extra_cert_file: str = ""
+    extra_key_file: str = ""
     #: Lowest protocol offered inbound; "1.2" or "1.3" (RFC 8996 retires 1.0/1.1).
     min_version: Literal["1.2", "1.3"] = "1.2"
 
@@ -98,6 +104,12 @@ class DownstreamSettings(_Section):
     command_timeout: float = Field(default=120.0, gt=0)
     #: Timeout for the final reply after the message data, seconds.
     data_timeout: float = Field(default=600.0, gt=0)
+    #: Idle downstream connections kept per route for the next session (0: close at session end).
+    pool_max_idle: int = Field(default=16, ge=0, le=1000)
+    #: Seconds a parked connection may wait for reuse (Postfix smtp_connection_cache_time_limit).
+    pool_idle_timeout: float = Field(default=5.0, gt=0)
+    #: Seconds after which a connection is not reused any more (Postfix smtp_connection_reuse_time_limit).
+    pool_max_age: float = Field(default=300.0, gt=0)
 
 
 class FilterSettings(_Section):
@@ -270,6 +282,55 @@ class WebSettings(_Section):
         return value
 
 
+
+class QuarantineSettings(_Section):
+    """The Message Center, quarantine summaries, their signed links, and retention clean-up."""
+
+    #: Base URL of the Message Center in links (``https://mx1.example.com:8443``); empty: the
+    #: console's own address when it listens on a specific IP, else https://HOSTNAME:PORT.
+    public_url: str = ""
+    #: File with the secret that signs links (mode 0600, made at init or first start). Relative to the data dir.
+    link_key_file: str = "keys/links.key"
+    #: Seconds a summary's deliver / view link stays valid (default 7 days).
+    link_lifetime: float = Field(default=7 * 86400.0, ge=60)
+    #: Seconds a one-time sign-in link stays valid (default 1 hour).
+    signin_link_lifetime: float = Field(default=3600.0, ge=60)
+    #: Seconds between checks for due summaries (each domain has its own interval and hour).
+    summary_check_interval: float = Field(default=60.0, gt=0)
+    #: Seconds between purges of expired quarantined messages and used link tokens.
+    purge_interval: float = Field(default=3600.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _valid_public_url(cls, value: str) -> str:
+        if value and (not value.startswith("https://") or len(value) < 12 or any(c.isspace() for c in value)):
+            raise ValueError("must be an https:// URL, e.g. https://mx1.example.com:8443")
+        return value.rstrip("/")
+
+
+class NotifySettings(_Section):
+    """Notifications and alerts; the per-organization switches and addresses live in the database."""
+
+    #: The gateway operator's address for every alert (all organizations, and domains without one); empty: none.
+    admin_address: str = ""
+    #: Seconds between checks of routes (spooling) and engines.
+    check_interval: float = Field(default=60.0, gt=0)
+    #: Seconds between certificate checks (the gateway's own and each downstream server's).
+    cert_check_interval: float = Field(default=6 * 3600.0, gt=0)
+    #: A certificate expiring within this many days raises an alert.
+    cert_warning_days: int = Field(default=14, ge=1, le=365)
+    #: An alert whose condition lasts is sent again after this many seconds (default a day).
+    repeat_after: float = Field(default=86400.0, gt=0)
+
+    @field_validator("admin_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        value = value.strip()
+        if value and ("@" not in value or any(c.isspace() for c in value)):
+            raise ValueError("must be an e-mail address")
+        return value
+
+
 class Settings(_Section):
     """All bootstrap settings; see the module docstring for the override rules."""
 
@@ -285,6 +346,8 @@ class Settings(_Section):
     log: LogSettings = Field(default_factory=LogSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
+    quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -405,6 +468,8 @@ sealing_key_file = "{s.sealing_key_file}"
 [smtp]
 # Inbound listeners, HOST:PORT ([::1]:25 for IPv6).
 listen = [{listen}]
+# Gateway processes sharing the listeners, to use every core; 0 = one per CPU.
+workers = {s.smtp.workers}
 # Largest message in bytes, advertised as SIZE (RFC 1870).
 max_message_size = {s.smtp.max_message_size}
 # Recipients per transaction (RFC 5321 4.5.3.1.8: at least 100).
@@ -431,6 +496,10 @@ bare_line_endings = "{s.smtp.bare_line_endings}"
 # The gateway's certificate (PEM, chain allowed) and key, for STARTTLS and HTTPS.
 cert_file = "{s.tls.cert_file}"
 key_file = "{s.tls.key_file}"
+# A second certificate of another key type (RSA beside ECDSA) for clients that cannot use
+# the first; empty for none. Replace or empty it when you install a CA-signed certificate.
+extra_cert_file = "{s.tls.extra_cert_file}"
+extra_key_file = "{s.tls.extra_key_file}"
 # Lowest inbound protocol version: "1.2" or "1.3" (RFC 8996).
 min_version = "{s.tls.min_version}"
 
@@ -439,6 +508,11 @@ min_version = "{s.tls.min_version}"
 connect_timeout = {s.downstream.connect_timeout}
 command_timeout = {s.downstream.command_timeout}
 data_timeout = {s.downstream.data_timeout}
+# Connection cache: idle connections kept per route for the next session (0 = none),
+# seconds one may wait, and seconds after which a connection is not reused.
+pool_max_idle = {s.downstream.pool_max_idle}
+pool_idle_timeout = {s.downstream.pool_idle_timeout}
+pool_max_age = {s.downstream.pool_max_age}
 
 [spool]
 # Held mail (every server of a route unreachable): seconds to the first retry, the longest
@@ -519,4 +593,27 @@ max_mime_depth = {f.max_mime_depth}
 max_archive_member = {f.max_archive_member}
 # Days a quarantined message is kept.
 quarantine_days = {f.quarantine_days}
+
+[quarantine]
+# Message Center base URL in summary and sign-in links (https://...); empty: the console's address.
+public_url = "{s.quarantine.public_url}"
+# Secret that signs the links (mode 0600).
+link_key_file = "{s.quarantine.link_key_file}"
+# Seconds a summary's deliver/view link, and a sign-in link, stay valid (each is single use).
+link_lifetime = {s.quarantine.link_lifetime}
+signin_link_lifetime = {s.quarantine.signin_link_lifetime}
+# Seconds between checks for due summaries (per-domain interval and hour: mxguard domain set).
+summary_check_interval = {s.quarantine.summary_check_interval}
+# Seconds between purges of expired quarantined messages.
+purge_interval = {s.quarantine.purge_interval}
+
+[notify]
+# The operator's address for every alert; organizations set their own (mxguard org set).
+admin_address = "{s.notify.admin_address}"
+# Seconds between route/engine checks and between certificate checks; alert when a
+# certificate expires within cert_warning_days; repeat a lasting alert after repeat_after s.
+check_interval = {s.notify.check_interval}
+cert_check_interval = {s.notify.cert_check_interval}
+cert_warning_days = {s.notify.cert_warning_days}
+repeat_after = {s.notify.repeat_after}
 """

@@ -35,6 +35,7 @@ from mxguard.demo_dns import DemoDNS
 from mxguard.gateway import Gateway
 from mxguard.logsetup import configure as configure_logging
 from mxguard.services import domains as domain_service
+from mxguard.services import orgs as org_service
 from mxguard.services import users as user_service
 from mxguard.services.setup import initialize
 from mxguard.sink import DownstreamSink
@@ -44,6 +45,9 @@ from mxguard.tls.contexts import server_context
 
 DEMO_HOSTNAME = "mx.demo.test"
 DEMO_ADMIN = "admin@demo.test"
+DEMO_ORG = "Example Corp"
+#: The demo recipient who finds the GTUBE message in the Message Center.
+DEMO_RECIPIENT = "alice@example.com"
 #: The console's usual address; the demo takes a free port when it is busy.
 CONSOLE_LISTEN = ("127.0.0.1", 8443)
 
@@ -222,6 +226,7 @@ class DemoEnvironment:
         self.web_listen = web_listen
         self.admin_email = DEMO_ADMIN
         self.admin_password: str | None = None
+        self.recipient_password: str | None = None
 
     async def __aenter__(self) -> "DemoEnvironment":
         await self.start()
@@ -259,10 +264,14 @@ class DemoEnvironment:
                                web_listen=(self.web_listen or _console_listen()) if self.web else None)
         await self.gateway.start()
         store = self.gateway.store
+        await org_service.add_org(store, DEMO_ORG)
         if self.web:
             _, self.admin_password = await user_service.add_user(store, DEMO_ADMIN, "admin")
+            self.recipient_password = user_service.generate_password()
+            await user_service.add_user(store, DEMO_RECIPIENT, "user", org=DEMO_ORG,
+                                        password=self.recipient_password)
         await domain_service.add_domain(store, "example.com", [f"127.0.0.1:{self.sink_tls.port}"],
-                                        downstream_tls="verify", tls_ca_file=str(self.ca_file))
+                                        downstream_tls="verify", tls_ca_file=str(self.ca_file), org=DEMO_ORG)
         await domain_service.add_domain(store, "example.net", [f"127.0.0.1:{self.sink_tls.port}"],
                                         downstream_tls="opportunistic")
         await domain_service.add_domain(store, "legacy.example.org", [f"127.0.0.1:{self.sink_plain.port}"],
@@ -397,6 +406,7 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
         status = _report(console, env, results, corpus is not None)
         if not corpus:
             await _print_spool(env, console)
+            await _send_summaries(env, console)
         if keep_running:
             _print_running(console, env)
             stop = asyncio.Event()
@@ -438,6 +448,18 @@ async def _print_spool(env: DemoEnvironment, console: Console) -> None:
     if env.sink_branch.messages:
         m = env.sink_branch.messages[0]
         console.print(f"The branch server received the spooled message over {m.tls_version}.", highlight=False)
+
+
+async def _send_summaries(env: DemoEnvironment, console: Console) -> None:
+    """Send the quarantine summaries now (as the daily schedule would) and say how they travelled."""
+    from mxguard.quarantine.summary import send_summaries
+
+    gw = env.gateway
+    report = await send_summaries(gw.store, gw.settings, gw.links, web_url=gw.web_url)
+    for result, count in report.sent:
+        how = result.connection.describe_tls() if result.connection else "-"
+        console.print(f"Quarantine summary to {result.recipient} ({count} held message(s), with deliver and view "
+                      f"links): {result.reply.one_line()} over {how}", highlight=False)
 
 
 def _report(console: Console, env: DemoEnvironment, results: list[SendResult], corpus: bool) -> int:
@@ -492,3 +514,14 @@ def _print_running(console: Console, env: DemoEnvironment) -> None:
         console.print(f"  console   {env.gateway.web_url}  (self-signed certificate for {DEMO_HOSTNAME}: "
                       "accept it in the browser)", highlight=False)
         console.print(f"  log in    {env.admin_email}  one-time password: {env.admin_password}", highlight=False)
+        from mxguard.quarantine.signin import signin_url
+        from mxguard.quarantine.summary import message_center_url
+
+        center = message_center_url(env.settings, env.gateway.web_url)
+        console.print(f"  Message Center  {center}/mc  as the demo recipient {DEMO_RECIPIENT}, who has the GTUBE "
+                      "message in the quarantine:", highlight=False)
+        console.print(f"    one-time sign-in link  {signin_url(env.gateway.links, center, DEMO_RECIPIENT)}",
+                      highlight=False, soft_wrap=True)
+        console.print(f"    or password            {env.recipient_password}", highlight=False)
+        console.print("    then press Deliver on the GTUBE message: it goes to the downstream server over "
+                      "verified TLS.", highlight=False)

@@ -30,5 +30,10 @@ class AlreadyExists(MxguardError):
     """An object with this name exists already."""
 
 
+class Conflict(MxguardError):
+    """The object is in a state that does not allow the action now (HTTP 409), e.g. a spool
+    entry a worker is delivering at this moment."""
+
+
 class PermissionDenied(MxguardError):
     """The actor's role does not allow this action (HTTP 403)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 import weakref
@@ -15,9 +16,16 @@ from mxguard.errors import ConfigError
 from mxguard.metrics import GatewayMetrics
 from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.netaddr import parse_host_port
+from mxguard.notify import Notifier
+from mxguard.quarantine.jobs import QuarantineJobs
+from mxguard.quarantine.links import LinkSigner, ensure_link_key
+from mxguard.quarantine.senderlists import SenderLists
 from mxguard.quarantine.store import quarantine_many
+from mxguard.services import spool as spool_service
+from mxguard.services import status
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
+from mxguard.smtp.pool import ConnectionPool
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
 from mxguard.storage.db import Store
@@ -64,6 +72,8 @@ class Gateway:
     shutdown_grace: float = 10.0
     #: Run the spool delivery worker in this process (on SQLite only one process per data dir does).
     spool_worker: bool = True
+    #: Listening sockets bound by a supervisor (``serve --workers``); used instead of ``smtp_listen``.
+    smtp_sockets: list | None = None
     web_listen: str | None = None
     web_plain_http: bool = False
     web: object | None = None
@@ -76,8 +86,12 @@ class Gateway:
         """
         s = self.settings
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
+        extra = None
+        if s.tls.extra_cert_file or s.tls.extra_key_file:
+            extra = (s.path(s.tls.extra_cert_file), s.path(s.tls.extra_key_file))
+            load_chain(*extra, keys=("tls.extra_cert_file", "tls.extra_key_file"))
         self.tls = ReloadableServerContext(s.path(s.tls.cert_file), s.path(s.tls.key_file),
-                                           min_version=s.tls.min_version)
+                                           min_version=s.tls.min_version, extra=extra)
         self.tls_context = self.tls.context
         self.metrics = GatewayMetrics()
         self.observers.append(self.metrics.observe)
@@ -85,24 +99,48 @@ class Gateway:
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
         self.directory = DomainDirectory(self.store)
+        # The recipients' allow/block lists follow the configuration generation with the domains.
+        self.sender_lists = SenderLists(self.store)
+        self.directory.listeners.append(self.sender_lists.load)
         await self.directory.load()
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
         self.message_log.start()
         self.keyring = KeyRing(s.path(s.sealing_key_file))
+        ensure_link_key(s.path(s.quarantine.link_key_file))
+        self.links = LinkSigner.from_file(s.path(s.quarantine.link_key_file))
+        self.notifier = Notifier(self.store, s, self.filters)
         self.spooler = StoreSpooler(self.store, self.keyring, s)
+        d = s.downstream
+        self.pool = ConnectionPool(d.pool_max_idle, d.pool_idle_timeout, d.pool_max_age) if d.pool_max_idle else None
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
+                                      pool=self.pool,
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
-                                      hold=self._hold)
+                                      hold=self._hold, sender_lists=self.sender_lists,
+                                      on_virus=self.notifier.virus_found)
         self.worker: SpoolWorker | None = None
+        self.jobs: QuarantineJobs | None = None
         if self.spool_worker and self._claim_worker_lock():
             self.worker = SpoolWorker(self.store, s, self.directory, self.keyring, self.message_log,
                                       resolver_nameservers=s.filters.dns_servers)
             self.worker.start()
+            # Summaries, retention and alerts: one process per data dir (SQLite), every node (PostgreSQL:
+            # due summaries and alerts are claimed with conditional updates).
+            self.jobs = QuarantineJobs(self.store, s, self.links, self.notifier, lambda: self.web_url)
+            self.jobs.start()
+        # Held messages per domain for the dashboard and /metrics (every node sees the shared spool).
+        self._spool_depth = functools.partial(spool_service.depth, self.store)
+        status.register_spool_depth(self._spool_depth)
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
         self.connections = ConnectionCounter(s.smtp)
-        for endpoint in self.smtp_listen or s.smtp.listen:
+        if self.smtp_sockets:
+            for sock in self.smtp_sockets:
+                host, port = sock.getsockname()[:2]
+                listener = Listener(host, port)
+                listener.server = await asyncio.get_running_loop().create_server(self._protocol_factory, sock=sock)
+                self.listeners.append(listener)
+        for endpoint in ([] if self.smtp_sockets else self.smtp_listen or s.smtp.listen):
             host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
             listener = Listener(host, port)
             try:
@@ -129,7 +167,8 @@ class Gateway:
 
         ctx = WebContext(settings=self.settings, store=self.store, metrics=self.metrics,
                          refresh_directory=self.directory.refresh_if_changed,
-                         reload_certificate=self.reload_certificate)
+                         reload_certificate=self.reload_certificate, spool_worker=self.worker,
+                         keyring=self.keyring, links=self.links, public_url=lambda: self.web_url)
         self.web = WebServer(create_app(ctx), self.web_listen, None if self.web_plain_http else self.tls_context)
         await self.web.start()
 
@@ -209,6 +248,14 @@ class Gateway:
                     pass
         self.listeners.clear()
         await self._close_sessions()
+        if getattr(self, "pool", None) is not None:
+            await self.pool.close()
+        if getattr(self, "_spool_depth", None):
+            status.unregister_spool_depth(self._spool_depth)
+        if getattr(self, "jobs", None):
+            await self.jobs.stop()
+        elif getattr(self, "notifier", None):
+            await self.notifier.drain()
         if getattr(self, "worker", None):
             await self.worker.stop()
         if getattr(self, "_worker_lock", None) and not self._worker_lock.closed:

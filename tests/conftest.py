@@ -217,13 +217,15 @@ async def store(request, tmp_path):
 # -- the console and REST API -------------------------------------------------------------
 
 @pytest.fixture
-def web(data_dir, loopback_dns):
+def web(data_dir, loopback_dns, gateway_overrides):
     """A running gateway with the console on a free loopback port (HTTPS with its own certificate),
-    an admin ``admin@gw.test`` and that admin's API key as ``web.admin_key``."""
+    an admin ``admin@gw.test`` and that admin's API key as ``web.admin_key``; settings overrides
+    from ``gateway_overrides``."""
     from mxguard.config import load_settings
     from tests.support.web import WebGateway
-    gw = ThreadedGateway(load_settings(data_dir, environ=gateway_environ(loopback_dns)),
-                         web_listen="127.0.0.1:0").start()
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
+    apply_overrides(settings, gateway_overrides)
+    gw = ThreadedGateway(settings, web_listen="127.0.0.1:0").start()
     w = WebGateway(gw, data_dir / "tls" / "cert.pem")
     w.add_user("admin@gw.test", "admin")
     w.admin_key = w.api_key("admin@gw.test")

@@ -28,7 +28,7 @@ def test_quick_bench_runs_every_target(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = json.loads(out.read_text())
     assert [(r["target"], r["tls"]) for r in rows] == [
-        (t, tls) for tls in (False, True) for t in ("direct", "postfix", "haraka", "mxguard")]
+        (t, tls) for tls in (False, True) for t in ("direct", "postfix", "haraka", "mxguard", "mxguard")]
     for r in rows:
         assert list(r) == ["target", "tls", "concurrency", "size", "per_conn", "filters", "msgs_per_s",
                            "cpu_ms_per_msg", "p50_ms", "p99_ms", "rss_mb"]
@@ -40,4 +40,7 @@ def test_quick_bench_runs_every_target(tmp_path):
     every = json.loads((tmp_path / "all.json").read_text())
     # Every message went all the way to the sink, without errors.
     assert all(r["errors"] == 0 and r["delivered"] == 30 for r in every), every
-    assert "goal 1, plain: messages/s" in proc.stdout and "goal 1, STARTTLS" in proc.stdout
+    labels = [r["label"] for r in every if r["target"] == "mxguard"]
+    assert any(label.startswith("mxguard +filters x") for label in labels), labels  # serve --workers
+    assert "goal 1, plain (mxguard +filters): messages/s" in proc.stdout
+    assert "goal 1, STARTTLS (mxguard +filters): messages/s" in proc.stdout

@@ -144,3 +144,39 @@ def test_serve_relays_and_log_shows_the_transaction(tmp_path, tls_sink):
     assert first["size"] > 0
     table = mx("log", data_dir=d).stdout
     assert "alice@example.com" in table and "delivered" in table
+
+
+def test_serve_with_two_workers_shares_the_listener(tmp_path, tls_sink):
+    d = tmp_path / "d"
+    mx("init", "--hostname", "mx.cli.test", data_dir=d)
+    mx("domain", "add", "example.com", "--server", tls_sink.address, data_dir=d)
+    port = _free_port()
+    proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--no-web", "--workers", "2",
+                                       "--smtp", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2, children
+        for i in range(20):
+            assert send(port, ["alice@example.com"]).data[0] == 250
+        assert tls_sink.wait_for(20)
+        time.sleep(0.5)  # message-log records are written in batches (log.flush_interval = 0.2 s)
+        # A worker that dies is replaced; the listener keeps answering.
+        os.kill(int(children[1]), signal.SIGKILL)
+        time.sleep(1.5)
+        now = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(now) == 2 and children[1] not in now
+        assert send(port, ["alice@example.com"]).data[0] == 250
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    rows = [json.loads(line) for line in mx("log", "--last", "50", "--json", data_dir=d).stdout.splitlines()]
+    assert len(rows) == 21 and {r["disposition"] for r in rows} == {"delivered"}

@@ -110,3 +110,32 @@ def test_downstream_connection_is_reopened_after_it_idled_out(gateway, tls_sink,
     assert tls_sink.wait_for(2)
     assert tls_sink.connections == 2, "a fresh downstream connection replaced the dropped one"
 
+
+
+def test_downstream_connections_are_reused_across_sessions(gateway, tls_sink, add_domain):
+    """The connection cache: the next session for a route takes the idle connection of the last."""
+    add_domain("example.com", [tls_sink.address], downstream_tls="required")
+    for i in range(3):
+        assert send(gateway.port, ["alice@example.com"], message(subject=f"pooled {i}")).data[0] == 250
+        time.sleep(0.05)
+    assert tls_sink.wait_for(3)
+    assert tls_sink.connections == 1, "one downstream TLS connection carried all three sessions"
+    assert all(m.tls for m in tls_sink.messages)
+    recs = gateway.wait_records(3)
+    assert [r.downstream[0]["reused"] for r in recs[-3:]] == [False, True, True]
+    # The server drops idle connections: the next session notices at MAIL and opens a fresh one.
+    tls_sink.drop_connections()
+    time.sleep(0.2)
+    assert send(gateway.port, ["alice@example.com"], message(subject="after drop")).data[0] == 250
+    assert tls_sink.wait_for(4) and tls_sink.connections == 2
+
+
+def test_a_policy_change_never_reuses_a_connection_made_under_the_old_one(gateway, tls_sink, add_domain, ca_file):
+    from mxguard.services.domains import update_domain
+    add_domain("example.com", [tls_sink.address], downstream_tls="opportunistic")
+    assert send(gateway.port, ["alice@example.com"]).data[0] == 250
+    gateway.run(update_domain(gateway.store, "example.com", downstream_tls="verify", tls_ca_file=str(ca_file)))
+    gateway.reload()
+    assert send(gateway.port, ["alice@example.com"]).data[0] == 250
+    assert tls_sink.wait_for(2) and tls_sink.connections == 2
+    assert gateway.wait_records(2)[-1].downstream_verified is True

@@ -190,3 +190,14 @@ def test_backoff_is_exponential_capped_with_jitter():
     waits = [queue.backoff(n, s, rng) for n in range(1, 10)]
     assert 54 <= waits[0] <= 66 and 108 <= waits[1] <= 132
     assert all(w <= 3600 * 1.1 for w in waits) and waits[-1] >= 3600 * 0.9
+
+
+async def test_external_route_relay_mx_and_missing_domains(loopback_dns):
+    """Where DSNs and notifications to domains the gateway does not serve go (RFC 5321 5.1)."""
+    from mxguard.smtp.routing import external_route
+    from mxguard.tls.policy import DownstreamTls
+    relayed = await external_route("anything.test", relay="127.0.0.1:2526")
+    assert relayed.servers == (("127.0.0.1", 2526),) and relayed.tls is DownstreamTls.OPPORTUNISTIC
+    implicit = await external_route("pass.test", nameservers=[loopback_dns.address])
+    assert implicit.servers == (("pass.test", 25),), "no MX record: the domain itself (implicit MX)"
+    assert await external_route("no-such-domain.invalid", nameservers=[loopback_dns.address]) is None

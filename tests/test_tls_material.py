@@ -111,3 +111,27 @@ def test_certificate_dates_are_sane(data_dir):
     cert = x509.load_pem_x509_certificate((data_dir / "tls" / "cert.pem").read_bytes())
     now = dt.datetime.now(dt.timezone.utc)
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
+
+
+def test_ecdsa_and_rsa_certificates_are_both_offered(gateway, data_dir):
+    """init makes ECDSA P-256 the main certificate and RSA-2048 the extra one; each client gets what it can use."""
+    import smtplib
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    assert (data_dir / "tls" / "rsa-cert.pem").exists()
+
+    def peer_key(ciphers: str):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+            c.ehlo()
+            c.starttls(context=ctx)
+            return x509.load_der_x509_certificate(c.sock.getpeercert(binary_form=True)).public_key()
+
+    assert isinstance(peer_key("ECDHE-ECDSA-AES128-GCM-SHA256"), ec.EllipticCurvePublicKey)
+    rsa_key = peer_key("ECDHE-RSA-AES128-GCM-SHA256")
+    assert isinstance(rsa_key, rsa.RSAPublicKey) and rsa_key.key_size == 2048

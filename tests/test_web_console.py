@@ -187,7 +187,8 @@ def test_dashboard_charts_metrics_and_healthz(web, tls_sink):
     assert 'id="total-messages">3<' in page and 'id="inbound-tls">66.7 %<' in page
     assert "delivered: 2" in page and "rejected: 1" in page
     assert 'id="downstream-tls">100.0 %<' in page
-    assert "No spool in this build." in page and "No filtering engines are registered" in page
+    assert 'id="spool-depth">0<' in page  # the gateway's spool is registered, and nothing is held
+    assert "No filtering engines are registered" in page
     chart = client.get("/charts/messages.svg").content
     assert b"<svg" in chart and b"delivered" in chart
     assert b"Inbound sessions with TLS (2/3)" in client.get("/charts/tls.svg").content
@@ -281,7 +282,8 @@ async def test_demo_keep_running_offers_the_console_with_a_one_time_admin_passwo
 
 
 def test_engine_health_and_spool_providers_feed_the_dashboard_and_metrics(web):
-    """The hooks the filtering and spool features register with; with none, the page says so (tested above)."""
+    """The hooks the filtering and spool features register with. The gateway registers its own spool
+    (tests/test_spool_web.py); a provider registered later is used instead, until it is unregistered."""
     from mxguard.services import status
     calls = []
 
@@ -295,7 +297,7 @@ def test_engine_health_and_spool_providers_feed_the_dashboard_and_metrics(web):
     try:
         client, _ = web.login("admin@gw.test")
         page = client.get("/").text
-        assert 'id="spool-depth">4<' in page and "example.com: 3" in page
+        assert 'id="spool-depth">4<' in page and '>example.com</a>: 3' in page
         assert "<td>clamd</td><td class=\"ok\">ok</td><td>ClamAV 1.4.6</td>" in page
         assert "<td>rspamd</td><td class=\"bad\">failing</td><td>connection refused</td><td>2</td>" in page
         metrics = client.get("/metrics").text
@@ -304,5 +306,7 @@ def test_engine_health_and_spool_providers_feed_the_dashboard_and_metrics(web):
         assert dash["spool_depth"] == {"example.com": 3, "example.net": 1}
         assert [e["name"] for e in dash["engines"]] == ["clamd", "rspamd"] and dash["engines"][1]["errors"] == 2
         assert calls
+        status.unregister_spool_depth(spool)   # back to the gateway's own (empty) spool
+        assert web.api(web.admin_key).get("/dashboard").json()["spool_depth"] == {}
     finally:
         status.clear_providers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 from rich.table import Table
@@ -50,6 +51,9 @@ def serve(
     web_plain_http: bool = typer.Option(None, "--web-plain-http",
                                         help="Serve the console over plain HTTP: only behind a TLS-terminating proxy"),
     no_web: bool = typer.Option(False, "--no-web", help="Do not serve the console and API"),
+    workers: int = typer.Option(None, "--workers", min=0, max=64, metavar="N",
+                                help="Gateway processes sharing the SMTP listeners; 0 = one per CPU "
+                                     "(default: smtp.workers, 1)"),
 ) -> None:
     """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers, and the console."""
     s = settings()
@@ -62,6 +66,11 @@ def serve(
     plain = s.web.plain_http if web_plain_http is None else web_plain_http
     if plain:
         s.web.plain_http = True
+    workers = s.smtp.workers if workers is None else workers
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        from mxguard.supervisor import run_workers
+        raise typer.Exit(run_workers(s, workers, smtp or None, web_listen, plain))
     run(Gateway(s, smtp_listen=smtp or None, web_listen=web_listen, web_plain_http=plain).run_forever())
 
 

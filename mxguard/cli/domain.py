@@ -24,6 +24,9 @@ JUNK_R_HELP = "Junk score at or above which mail is refused (550 5.7.1); 'off' =
 JUNK_T_HELP = "Junk score at or above which mail is delivered with X-Spam-Flag and a [SPAM] subject; 'off' (default)"
 VIRUS_HELP = "What a virus gets: reject (554 5.7.1, default) | quarantine"
 FAILURE_HELP = "When an engine is down or too slow: defer (451 4.3.0, default) | tag (deliver marked unscanned)"
+SUMMARY_INTERVAL_HELP = "Hours between quarantine summaries to each recipient (0: none; default 24)"
+SUMMARY_HOUR_HELP = "Hour of day (UTC, 0-23) a daily summary goes out (default 8)"
+BLOCK_HELP = "Mail from a sender on a recipient's block list: quarantine (default) | reject (550 5.7.1)"
 RULES_HELP = "Attachment rules as a JSON list, or @FILE holding one (see the README); replaces the list"
 
 
@@ -35,10 +38,12 @@ def _rules_arg(value: str | None) -> str | None:
     return value
 
 
-def _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules) -> dict:
+def _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules,
+                    summary_interval=None, summary_hour=None, block_action=None) -> dict:
     return dict(junk_quarantine=junk_quarantine, junk_reject=junk_reject, junk_tag=junk_tag,
                 virus_action=virus_action, engine_failure=engine_failure,
-                attachment_rules=_rules_arg(attachment_rules))
+                attachment_rules=_rules_arg(attachment_rules), summary_interval=summary_interval,
+                summary_hour=summary_hour, block_action=block_action)
 
 
 def _print_domain(view: svc.DomainView) -> None:
@@ -70,9 +75,13 @@ def add(
     virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
     engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
     attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
+    summary_interval: int = typer.Option(None, "--summary-interval", metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
+    summary_hour: int = typer.Option(None, "--summary-hour", metavar="HOUR", help=SUMMARY_HOUR_HELP),
+    block_action: str = typer.Option(None, "--block-action", metavar="ACTION", help=BLOCK_HELP),
 ) -> None:
     """Serve a domain: accept its mail and relay it to its downstream server(s)."""
-    filters = _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules)
+    filters = _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules,
+                              summary_interval, summary_hour, block_action)
     view = run(with_store(lambda store: svc.add_domain(
         store, domain, server, actor=Actor.cli(), org=org, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
         tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
@@ -99,13 +108,16 @@ def set_(
     virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
     engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
     attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
+    summary_interval: int = typer.Option(None, "--summary-interval", metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
+    summary_hour: int = typer.Option(None, "--summary-hour", metavar="HOUR", help=SUMMARY_HOUR_HELP),
+    block_action: str = typer.Option(None, "--block-action", metavar="ACTION", help=BLOCK_HELP),
 ) -> None:
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
                    tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
                    on_unreachable=on_unreachable, org=org,
                    **_filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure,
-                                     attachment_rules))
+                                     attachment_rules, summary_interval, summary_hour, block_action))
     before, after = run(with_store(lambda store: svc.update_domain(store, domain, actor=Actor.cli(), **changes)))
     changed = {k: (v, after.as_dict()[k]) for k, v in before.as_dict().items() if after.as_dict()[k] != v}
     if not changed:

@@ -1,4 +1,4 @@
-"""``mxguard engines``, ``mxguard scan FILE`` and ``mxguard quarantine list``."""
+"""``mxguard engines``, ``mxguard scan FILE`` and ``mxguard quarantine list|summary|purge|release|delete|signin-link``."""
 
 from __future__ import annotations
 
@@ -180,3 +180,111 @@ def quarantine_list(
                       r.reason)
     console.print(table)
 
+
+
+def _quarantine_context():
+    """Settings, a store opener and the link signer of the data dir."""
+    from mxguard.quarantine.links import LinkSigner, ensure_link_key
+
+    s = settings()
+    key = s.path(s.quarantine.link_key_file)
+    ensure_link_key(key)
+    return s, LinkSigner.from_file(key)
+
+
+@quarantine_app.command("summary")
+@handle_errors
+def quarantine_summary(
+    send: bool = typer.Option(False, "--send", help="Send the summaries now (without it: show who would get one)"),
+    domain: str = typer.Option(None, "--domain", metavar="DOMAIN", help="Only this domain's recipients"),
+) -> None:
+    """Quarantine summaries: each recipient with new held messages gets a list (with links, if the
+    organization allows them), through the delivery path."""
+    from mxguard.quarantine.summary import pending_rows, send_summaries
+    from mxguard.services.domains import get_domain, list_domains
+    from mxguard.storage.models import utcnow
+
+    s, signer = _quarantine_context()
+    if not send:
+        async def preview(store):
+            names = [(await get_domain(store, domain)).name] if domain else [d.name for d in await list_domains(store)]
+            return {n: await pending_rows(store, n, utcnow()) for n in names}
+
+        pending = run(with_store(preview))
+        table = Table(title="Recipients with new held messages (mxguard quarantine summary --send sends them)")
+        for col in ("domain", "recipient", "new messages"):
+            table.add_column(col)
+        for name, by_rcpt in pending.items():
+            for rcpt, rows in by_rcpt.items():
+                table.add_row(name, rcpt, str(len(rows)))
+        console.print(table)
+        return
+    report = run(with_store(lambda store: send_summaries(store, s, signer, domain=domain)))
+    if not report.sent:
+        console.print("No recipient has new held messages; nothing sent.")
+        return
+    table = Table(title="Quarantine summaries")
+    for col in ("recipient", "messages", "downstream TLS", "reply"):
+        table.add_column(col, overflow="fold")
+    for result, count in report.sent:
+        tls = result.connection.describe_tls() if result.connection else "-"
+        table.add_row(result.recipient, str(count), tls, result.reply.one_line())
+    console.print(table)
+    if report.delivered < len(report.sent):
+        raise typer.Exit(1)
+
+
+@quarantine_app.command("purge")
+@handle_errors
+def quarantine_purge() -> None:
+    """Delete quarantined messages whose retention (filters.quarantine_days) has run out."""
+    from mxguard.quarantine.service import purge_expired
+
+    settings()
+    count = run(with_store(purge_expired))
+    console.print(f"Purged {count} expired message(s).", highlight=False)
+
+
+@quarantine_app.command("release")
+@handle_errors
+def quarantine_release(qid: str = typer.Argument(..., metavar="ID", help="Quarantine id (mxguard quarantine list)")) -> None:
+    """Deliver a held message to its recipient through the delivery path (domain TLS policy applies)."""
+    from mxguard.quarantine.service import release
+    from mxguard.services.access import Actor
+    from mxguard.storage.sealing import KeyRing
+
+    s = settings()
+    result = run(with_store(lambda store: release(store, KeyRing(s.path(s.sealing_key_file)).get(), s, qid,
+                                                  actor=Actor.cli(), via="cli")))
+    tls = result.connection.describe_tls() if result.connection else "-"
+    console.print(f"Delivered {qid} to {result.recipient} (TLS: {tls}): {result.reply.one_line()}", highlight=False)
+
+
+@quarantine_app.command("delete")
+@handle_errors
+def quarantine_delete(qid: str = typer.Argument(..., metavar="ID")) -> None:
+    """Delete a held message (its sealed copy is erased)."""
+    from mxguard.quarantine.service import delete_message
+    from mxguard.services.access import Actor
+
+    settings()
+    run(with_store(lambda store: delete_message(store, Actor.cli(), qid)))
+    console.print(f"Deleted {qid}", highlight=False)
+
+
+@quarantine_app.command("signin-link")
+@handle_errors
+def quarantine_signin_link(
+    email: str = typer.Argument(..., help="A recipient address of a domain with an organization"),
+) -> None:
+    """Print a one-time Message Center sign-in link for a recipient (creates the account if missing)."""
+    from mxguard.errors import NotFound
+    from mxguard.quarantine.service import ensure_recipient_user
+    from mxguard.quarantine.signin import signin_url
+    from mxguard.quarantine.summary import message_center_url
+
+    s, signer = _quarantine_context()
+    user = run(with_store(lambda store: ensure_recipient_user(store, email)))
+    if user is None:
+        raise NotFound(f"{email} cannot use the Message Center: its domain is not served or has no organization")
+    typer.echo(signin_url(signer, message_center_url(s), user.email))

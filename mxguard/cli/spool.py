@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mxguard.cli.common import console, handle_errors, run, settings
+from mxguard.services import spool as spool_service
+from mxguard.services.access import Actor
 from mxguard.spool import queue
 from mxguard.storage.db import Store
 
@@ -25,8 +29,14 @@ async def _with(func):
         await store.close()
 
 
-def _pending(entry) -> str:
-    return "\n".join(r["rcpt"] for r in entry.recipients if r["status"] == "pending")
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
 
 
 @spool_app.command("list")
@@ -35,13 +45,14 @@ def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
           all_: bool = typer.Option(False, "--all", help="Also delivered, failed and expired entries"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Held messages: id, age, domain, sender, pending recipients, attempts, next attempt, last reply."""
-    rows = run(_with(lambda store, s: queue.list_entries(store, domain=domain, status=None if all_ else "queued")))
+    rows = run(_with(lambda store, s: spool_service.list_entries(store, Actor.cli(), domain=domain,
+                                                                 status=None if all_ else "queued")))
     if as_json:
         typer.echo(json.dumps([{
             "id": r.id, "kind": r.kind, "txn_id": r.txn_id, "domain": r.domain, "mail_from": r.mail_from,
-            "recipients": r.recipients, "size": r.size, "status": r.status, "attempts": r.attempts,
-            "created_at": r.created_at.isoformat(), "next_attempt_at": r.next_attempt_at.isoformat(),
-            "last_reply": r.last_reply} for r in rows], indent=2))
+            "recipients": [asdict(x) for x in r.recipients], "size": r.size, "status": r.status,
+            "attempts": r.attempts, "created_at": r.created_at.isoformat(),
+            "next_attempt_at": r.next_attempt_at.isoformat(), "last_reply": r.last_reply} for r in rows], indent=2))
         return
     table = Table(title=f"Spool ({len(rows)} {'entries' if all_ else 'held'})")
     for col in ("id", "created", "kind", "domain", "from", "pending", "size", "tries", "next attempt", "status",
@@ -49,7 +60,7 @@ def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(str(r.id), f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.kind, r.domain, r.mail_from or "<>",
-                      _pending(r), str(r.size), str(r.attempts), f"{r.next_attempt_at:%H:%M:%S}", r.status,
+                      "\n".join(r.pending), str(r.size), str(r.attempts), f"{r.next_attempt_at:%H:%M:%S}", r.status,
                       r.last_reply[:80])
     console.print(table)
 
@@ -58,12 +69,13 @@ def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
 @handle_errors
 def show(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
     """One held message and every delivery attempt (time, server, TLS, reply)."""
-    entry, attempts = run(_with(lambda store, s: queue.get_entry(store, entry_id)))
+    entry, attempts = run(_with(lambda store, s: spool_service.get_entry(store, Actor.cli(), entry_id)))
     for key in ("id", "kind", "txn_id", "status", "domain", "mail_from", "subject", "size", "attempts",
                 "created_at", "next_attempt_at", "expires_at", "key_id"):
-        console.print(f"[bold]{key:>16}[/bold]  {getattr(entry, key)}", highlight=False)
+        console.print(f"[bold]{key:>16}[/bold]  {escape(str(getattr(entry, key)))}", highlight=False)
     for r in entry.recipients:
-        console.print(f"[bold]{'recipient':>16}[/bold]  {r['rcpt']}  {r['status']}  {r['reply']}", highlight=False)
+        console.print(f"[bold]{'recipient':>16}[/bold]  {escape(f'{r.rcpt}  {r.status}  {r.reply}')}",
+                      highlight=False)
     table = Table(title="Attempts")
     for col in ("time", "node", "server", "TLS", "reply"):
         table.add_column(col, overflow="fold")
@@ -78,50 +90,44 @@ def show(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
 def retry(entry_id: int = typer.Argument(None, metavar="[ID]"),
           domain: str = typer.Option(None, "--domain", help="Every held message of this domain")) -> None:
     """Deliver held messages now (one, a domain's, or with no argument every held message)."""
-    from mxguard.smtp.routing import DomainDirectory
-    from mxguard.spool.worker import SpoolWorker
-    from mxguard.storage.sealing import KeyRing
-
-    async def go(store, s):
-        ids = await queue.make_due_now(store, entry_id=entry_id, domain=domain)
-        if not ids:
-            return []
-        directory = DomainDirectory(store)
-        await directory.load()
-        worker = SpoolWorker(store, s, directory, KeyRing(s.path(s.sealing_key_file)))
-        return await worker.run_once(ids=ids)
-
-    done = run(_with(go))
+    done = run(_with(lambda store, s: spool_service.retry(store, s, Actor.cli(), entry_id=entry_id, domain=domain)))
     if not done:
-        console.print("Nothing to retry (nothing held, or a running gateway is delivering it right now).")
-    for e in done:
-        console.print(f"#{e.id} {e.status}: {e.last_reply}", highlight=False)
+        console.print("Nothing to retry: no message is held.")
+    for outcome in done:
+        e = outcome.entry
+        if e is None:
+            console.print(f"#{outcome.id} was deleted meanwhile", highlight=False)
+        elif not outcome.attempted:
+            console.print(f"#{e.id} is being delivered by a running gateway; it is due now", highlight=False)
+        else:
+            state = "still held" if e.status == "queued" else e.status
+            console.print(f"#{e.id} {state}: {e.last_reply}", highlight=False)
 
 
 @spool_app.command("delete")
 @handle_errors
 def delete(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
-    """Remove a held message for good (no DSN is sent)."""
-    entry = run(_with(lambda store, s: queue.delete_entry(store, entry_id)))
+    """Remove a held message for good (it is never delivered; no DSN is sent)."""
+    entry = run(_with(lambda store, s: spool_service.delete_entry(store, Actor.cli(), entry_id)))
     console.print(f"Deleted spool entry #{entry.id} ({entry.mail_from or '<>'} → {entry.domain})", highlight=False)
 
 
 @spool_app.command("stats")
 @handle_errors
 def stats(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Held messages by domain, entries by status, the oldest held message's age."""
-    data = run(_with(lambda store, s: queue.stats(store)))
+    """Held messages by domain (count, bytes, oldest), entries by status, the oldest held message's age."""
+    data = run(_with(lambda store, s: spool_service.stats(store, Actor.cli())))
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        typer.echo(json.dumps(asdict(data), indent=2))
         return
-    console.print(f"held: {data['held']}   by status: {data['by_status']}", highlight=False)
-    if data["oldest_age_seconds"] is not None:
-        console.print(f"oldest held message: {data['oldest_age_seconds'] / 60:.1f} minutes", highlight=False)
+    console.print(f"held: {data.held}   by status: {data.by_status}", highlight=False)
+    if data.oldest_age_seconds is not None:
+        console.print(f"oldest held message: {data.oldest_age_seconds / 60:.1f} minutes", highlight=False)
     table = Table(title="Held by domain")
-    for col in ("domain", "messages", "bytes"):
+    for col in ("domain", "messages", "bytes", "oldest"):
         table.add_column(col)
-    for d in data["by_domain"]:
-        table.add_row(d["domain"], str(d["messages"]), str(d["bytes"]))
+    for d in data.by_domain:
+        table.add_row(d.domain, str(d.messages), str(d.bytes), _age(d.oldest_age_seconds))
     console.print(table)
 
 

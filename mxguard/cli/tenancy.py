@@ -1,4 +1,4 @@
-"""``mxguard org add|list``, ``mxguard user add|list|passwd``, ``mxguard apikey create|list|revoke``."""
+"""``mxguard org add|list|set|show``, ``mxguard user add|list|passwd``, ``mxguard apikey create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,68 @@ def org_list(as_json: bool = typer.Option(False, "--json")) -> None:
         return
     for v in views:
         console.print(v.name, highlight=False)
+
+
+SWITCH_HELP = {
+    "message_links": "Summaries carry deliver/view links and the Message Center offers View (on | off)",
+    "notify_virus_recipient": "Tell the recipient when a virus addressed to them was stopped (on | off)",
+    "notify_virus_admin": "Tell the alert address when a virus was stopped (on | off)",
+    "notify_route_down": "Alert when a downstream server is unreachable (spooling) too long (on | off)",
+    "notify_cert_expiry": "Alert when a certificate expires within 14 days (on | off)",
+    "notify_engine_down": "Alert when a filtering engine is down (on | off)",
+}
+
+
+@org_app.command("set")
+@handle_errors
+def org_set(
+    name: str = typer.Argument(..., help="Organization name"),
+    message_links: str = typer.Option(None, "--message-links", metavar="on|off", help=SWITCH_HELP["message_links"]),
+    notify_virus_recipient: str = typer.Option(None, "--notify-virus-recipient", metavar="on|off",
+                                               help=SWITCH_HELP["notify_virus_recipient"]),
+    notify_virus_admin: str = typer.Option(None, "--notify-virus-admin", metavar="on|off",
+                                           help=SWITCH_HELP["notify_virus_admin"]),
+    notify_route_down: str = typer.Option(None, "--notify-route-down", metavar="on|off",
+                                          help=SWITCH_HELP["notify_route_down"]),
+    notify_cert_expiry: str = typer.Option(None, "--notify-cert-expiry", metavar="on|off",
+                                           help=SWITCH_HELP["notify_cert_expiry"]),
+    notify_engine_down: str = typer.Option(None, "--notify-engine-down", metavar="on|off",
+                                           help=SWITCH_HELP["notify_engine_down"]),
+    alert_address: str = typer.Option(None, "--alert-address", metavar="EMAIL",
+                                      help="Where the organization's alerts go ('' to clear)"),
+    route_down_minutes: int = typer.Option(None, "--route-down-minutes", metavar="N",
+                                           help="Minutes of spooling before a route-down alert (default 30)"),
+) -> None:
+    """Change an organization's message-links switch and notification settings."""
+    from mxguard.services import orgsettings
+
+    view = run(with_store(lambda store: orgsettings.update_settings(
+        store, name, actor=Actor.cli(), message_links=message_links, notify_virus_recipient=notify_virus_recipient,
+        notify_virus_admin=notify_virus_admin, notify_route_down=notify_route_down,
+        notify_cert_expiry=notify_cert_expiry, notify_engine_down=notify_engine_down, alert_address=alert_address,
+        route_down_minutes=route_down_minutes)))
+    _print_org_settings(view)
+
+
+@org_app.command("show")
+@handle_errors
+def org_show(name: str = typer.Argument(..., help="Organization name"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show an organization's message-links switch and notification settings."""
+    from mxguard.services import orgsettings
+
+    view = run(with_store(lambda store: orgsettings.get_settings(store, name, actor=Actor.cli())))
+    if as_json:
+        typer.echo(json.dumps(view.as_dict(), indent=2))
+    else:
+        _print_org_settings(view)
+
+
+def _print_org_settings(view) -> None:
+    for key, value in view.as_dict().items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        console.print(f"[bold]{key:>22}[/bold]  {value if value is not None else '-'}", highlight=False)
 
 
 def _prompt_password() -> str:

@@ -8,6 +8,7 @@ engine's timeout, so engines need not.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,17 +66,21 @@ class ScanContext:
             return None
 
 
-class Engine:
+class Engine(abc.ABC):
     """Base class. Subclasses set ``name`` and ``kind`` and implement :meth:`scan`.
 
     Attributes:
         name: ``yara``, ``clamd``, ``builtin``, ``rspamd``, ``spamd``, ``policy``.
         kind: ``virus``, ``junk`` or ``policy``.
-        timeout: seconds allowed per message (enforced by the pipeline).
+        timeout: seconds allowed per message (enforced by the pipeline for remote engines).
+        remote: True for engines that wait on a daemon (clamd, Rspamd, spamd); the
+            pipeline runs those concurrently under their timeout, and the in-process
+            ones directly (a timeout cannot interrupt in-process work anyway).
     """
 
     name = "engine"
     kind = "virus"
+    remote = False
 
     def __init__(self, timeout: float = 20.0):
         self.timeout = timeout
@@ -85,13 +90,13 @@ class Engine:
         """Where the engine runs (``embedded`` for in-process engines)."""
         return "embedded"
 
+    @abc.abstractmethod
     async def scan(self, message: "ParsedMessage", ctx: ScanContext) -> EngineOutput:
         """Scan one message.
 
         Raises:
             EngineUnavailable: no answer could be had.
         """
-        raise NotImplementedError
 
     async def probe(self) -> EngineStatus:
         """Reachability and version (never raises)."""

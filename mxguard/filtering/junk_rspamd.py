@@ -28,6 +28,8 @@ class RspamdEngine(Engine):
         timeout: seconds per message.
     """
 
+    remote = True
+
     name = "rspamd"
     kind = "junk"
 

@@ -26,6 +26,8 @@ class SpamdEngine(Engine):
         timeout: seconds per message.
     """
 
+    remote = True
+
     name = "spamd"
     kind = "junk"
 

@@ -122,6 +122,21 @@ class FilterPipeline:
             verdict.timings_ms[engine.name] = round((time.perf_counter() - started) * 1000, 2)
         return None
 
+    async def _run_local(self, engine: Engine, message: ParsedMessage, ctx: ScanContext,
+                         verdict: Verdict) -> EngineOutput | None:
+        """An in-process engine: called directly; a failure is recorded, never raised."""
+        started = time.perf_counter()
+        try:
+            return await engine.scan(message, ctx)
+        except EngineUnavailable as exc:
+            verdict.errors.append(EngineError(engine.name, str(exc)[:300]))
+        except Exception as exc:  # noqa: BLE001 - an engine bug must fail closed, not crash the session
+            log.exception("filter engine crashed", engine=engine.name)
+            verdict.errors.append(EngineError(engine.name, f"internal error: {type(exc).__name__}"))
+        finally:
+            verdict.timings_ms[engine.name] = round((time.perf_counter() - started) * 1000, 2)
+        return None
+
     async def scan(self, raw: bytes, envelope: Envelope | None = None) -> Verdict:
         """Filter one message.
 
@@ -153,11 +168,19 @@ class FilterPipeline:
             return verdict
         verdict.timings_ms["parse"] = round((time.perf_counter() - started) * 1000, 2)
         verdict.defects = message.defects
+        # The message log takes these from this parse instead of reading the headers again.
+        verdict.subject = " ".join(message.header("Subject").split())[:500]
+        verdict.message_id = message.header("Message-ID").strip()[:500]
         auth_task = None
         if self.sender_auth is not None:
             auth_task = asyncio.ensure_future(self._auth(message, verdict))
         ctx = ScanContext(auth_task)
-        outputs = await asyncio.gather(*(self._run(e, message, ctx, verdict) for e in self.engines))
+        # Daemons (clamd, Rspamd, spamd) work concurrently under their timeouts while the
+        # in-process engines run directly: no task and timer per engine and message.
+        remote = [e for e in self.engines if e.remote]
+        waiting = asyncio.gather(*(self._run(e, message, ctx, verdict) for e in remote)) if remote else None
+        local_outputs = [await self._run_local(e, message, ctx, verdict) for e in self.engines if not e.remote]
+        outputs = local_outputs + (list(await waiting) if waiting is not None else [])
         if auth_task is not None:
             verdict.auth = await auth_task
         for output in outputs:

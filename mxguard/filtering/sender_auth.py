@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ipaddress
+import time
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import getaddresses
@@ -120,6 +121,13 @@ class SenderAuth:
         self.resolver = self._configure(dns.resolver.Resolver(configure=not dns_servers), dns_servers)
         self.aresolver = self._configure(dns.asyncresolver.Resolver(configure=not dns_servers), dns_servers)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mxguard-auth")
+        # SPF results by (client IP, sender, HELO) for a few minutes: a sending server
+        # usually sends many messages in a row, and each check costs a thread hop and
+        # several lookups. Only pass/fail/softfail/neutral/none are kept; errors are not.
+        self._spf_cache: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._txt_cache: dict[str, tuple[float, list[str]]] = {}
+        self.spf_cache_ttl = 300.0
+        self.spf_cache_size = 10000
 
     def _configure(self, resolver, servers):
         if servers:
@@ -131,14 +139,31 @@ class SenderAuth:
         return resolver
 
     async def txt(self, name: str) -> list[str] | None:
-        """TXT strings at ``name``: ``[]`` when there are none, ``None`` on a DNS error."""
+        """TXT strings at ``name``: ``[]`` when there are none, ``None`` on a DNS error.
+
+        Answers are kept for their TTL (at most an hour) and "no such record" for a
+        minute (RFC 2308 negative caching, simplified), so a sender's DMARC record is
+        not looked up again for every message it sends.
+        """
+        now = time.monotonic()
+        cached = self._txt_cache.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             answer = await self.aresolver.resolve(name, "TXT", search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            self._remember_txt(name, now + 60, [])
             return []
         except dns.exception.DNSException:
             return None
-        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        strings = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        self._remember_txt(name, now + min(3600, answer.rrset.ttl if answer.rrset is not None else 60), strings)
+        return strings
+
+    def _remember_txt(self, name: str, expires: float, value: list[str]) -> None:
+        if len(self._txt_cache) >= 10000:
+            self._txt_cache.clear()
+        self._txt_cache[name] = (expires, value)
 
     # -- SPF ----------------------------------------------------------------------------
 
@@ -164,13 +189,23 @@ class SenderAuth:
         domain = _domain_of(sender)
         if not domain or "." not in domain:
             return "none", domain
+        key = (client_ip, sender.lower(), helo.lower())
+        now = time.monotonic()
+        cached = self._spf_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1], domain
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         try:
             result, _ = await loop.run_in_executor(self._pool, ctx.run, self._spf_sync, client_ip, sender, helo)
         except Exception:  # noqa: BLE001 - pyspf raises on odd input; that is a permerror
             return "permerror", domain
-        return (result or "none").lower(), domain
+        result = (result or "none").lower()
+        if result in ("pass", "fail", "softfail", "neutral", "none"):
+            if len(self._spf_cache) >= self.spf_cache_size:
+                self._spf_cache.clear()
+            self._spf_cache[key] = (now + self.spf_cache_ttl, result)
+        return result, domain
 
     # -- DKIM ---------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ class ClamdEngine(Engine):
         timeout: seconds per message.
     """
 
+    remote = True
+
     name = "clamd"
     kind = "virus"
 

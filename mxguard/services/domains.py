@@ -44,12 +44,17 @@ DOMAIN_DEFAULTS: dict[str, Any] = {
     "virus_action": "reject",
     "engine_failure": "defer",
     "attachment_rules": None,  # None: the default blocklist (DEFAULT_ATTACHMENT_RULES)
+    # Quarantine (issue 7): summaries every N hours (0: none) at this UTC hour; block-list action.
+    "summary_interval": 24,
+    "summary_hour": 8,
+    "block_action": "quarantine",
 }
 
 #: Junk thresholds: a score, or "off" / "" to clear (None means "leave as is" in updates).
 THRESHOLD_FIELDS = ("junk_quarantine", "junk_reject", "junk_tag")
 VIRUS_ACTIONS = ("reject", "quarantine")
 ENGINE_FAILURE_ACTIONS = ("defer", "tag")
+BLOCK_ACTIONS = ("quarantine", "reject")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,11 @@ class DomainView:
     virus_action: str = "reject"
     engine_failure: str = "defer"
     attachment_rules: tuple = ()
+    #: Hours between quarantine summaries (0: none); the UTC hour a daily summary goes out.
+    summary_interval: int = 24
+    summary_hour: int = 8
+    #: ``quarantine`` or ``reject``: mail from a sender on a recipient's block list.
+    block_action: str = "quarantine"
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +98,9 @@ def _view(row: Domain) -> DomainView:
     values["attachment_rules"] = tuple(rules)
     values["virus_action"] = values["virus_action"] or "reject"
     values["engine_failure"] = values["engine_failure"] or "defer"
+    values["block_action"] = values["block_action"] or "quarantine"
+    values["summary_interval"] = 24 if values["summary_interval"] is None else values["summary_interval"]
+    values["summary_hour"] = 8 if values["summary_hour"] is None else values["summary_hour"]
     return DomainView(**values, org=row.org.name if row.org else None)
 
 
@@ -154,7 +167,16 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
     for key in THRESHOLD_FIELDS:
         if key in out:
             out[key] = _threshold(key, out[key])
-    for key, allowed in (("virus_action", VIRUS_ACTIONS), ("engine_failure", ENGINE_FAILURE_ACTIONS)):
+    for key, low, high in (("summary_interval", 0, 24 * 31), ("summary_hour", 0, 23)):
+        if key in out:
+            try:
+                out[key] = int(str(out[key]).strip())
+            except ValueError:
+                raise ValidationFailed(key, f"{out[key]!r} is not a whole number") from None
+            if not low <= out[key] <= high:
+                raise ValidationFailed(key, f"must be between {low} and {high}")
+    for key, allowed in (("virus_action", VIRUS_ACTIONS), ("engine_failure", ENGINE_FAILURE_ACTIONS),
+                         ("block_action", BLOCK_ACTIONS)):
         if key in out:
             value = str(out[key]).strip().lower()
             if value not in allowed:

@@ -19,7 +19,7 @@ from mxguard.storage import messagelog
 from mxguard.storage.db import Store
 from mxguard.storage.models import MessageLogEntry
 
-DISPOSITIONS = ("delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted")
+DISPOSITIONS = ("delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted", "released")
 
 
 async def visible_domains(store: Store, actor: Actor) -> list[str] | None:

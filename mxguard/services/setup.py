@@ -26,7 +26,7 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     """Create (or bring up to date) a data dir.
 
     A new data dir gets ``mxguard.toml``, a self-signed ECDSA P-256 certificate
-    for ``hostname``, a 256-bit sealing key (files mode 0600) and the database
+    for ``hostname``, a 256-bit sealing key, a link-signing secret (files mode 0600) and the database
     schema. An existing one keeps its files; only its schema is migrated.
 
     Returns:
@@ -41,7 +41,8 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     config_path = data_dir / CONFIG_FILE_NAME
     created = not config_path.exists()
     if created:
-        fields: dict = {"hostname": hostname or default_hostname(), "database_url": database_url or ""}
+        fields: dict = {"hostname": hostname or default_hostname(), "database_url": database_url or "",
+                        "tls": {"extra_cert_file": "tls/rsa-cert.pem", "extra_key_file": "tls/rsa-key.pem"}}
         if smtp_listen:
             fields["smtp"] = {"listen": smtp_listen}
         try:
@@ -61,9 +62,18 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
         cert_pem, key_pem = generate_self_signed(settings.hostname)
         write_private(key, key_pem)
         write_private(cert, cert_pem)
+    if created and settings.tls.extra_cert_file:
+        # RSA-2048 beside the ECDSA certificate, for senders that cannot use ECDSA.
+        extra_cert, extra_key = settings.path(settings.tls.extra_cert_file), settings.path(settings.tls.extra_key_file)
+        if not extra_cert.exists() and not extra_key.exists():
+            cert_pem, key_pem = generate_self_signed(settings.hostname, key_type="rsa")
+            write_private(extra_key, key_pem)
+            write_private(extra_cert, cert_pem)
     sealing = settings.path(settings.sealing_key_file)
     if not sealing.exists():
         create_key_file(sealing)
+    from mxguard.quarantine.links import ensure_link_key
+    ensure_link_key(settings.path(settings.quarantine.link_key_file))  # signs Message Center links
     store = Store(settings.effective_database_url)
     try:
         await store.migrate()

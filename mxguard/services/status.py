@@ -42,8 +42,17 @@ def register_engine_health(provider: EngineHealthProvider) -> None:
 
 
 def register_spool_depth(provider: SpoolDepthProvider) -> None:
-    """Set the function returning held messages per domain (sync or async); replaces any earlier one."""
-    _spool_provider[:] = [provider]
+    """Set the function returning held messages per domain (sync or async).
+
+    The latest registration is used; :func:`unregister_spool_depth` goes back
+    to the one before (several gateways in one process, as in tests).
+    """
+    _spool_provider.append(provider)
+
+
+def unregister_spool_depth(provider: SpoolDepthProvider) -> None:
+    """Forget ``provider`` (a stopping gateway); unknown providers are ignored."""
+    _spool_provider[:] = [p for p in _spool_provider if p is not provider]
 
 
 def clear_providers() -> None:
@@ -71,4 +80,4 @@ async def spool_depth() -> dict[str, int] | None:
     """Held messages per domain; ``None`` when no spool is registered."""
     if not _spool_provider:
         return None
-    return dict(await _call(_spool_provider[0]))
+    return dict(await _call(_spool_provider[-1]))

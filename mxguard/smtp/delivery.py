@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -59,7 +59,7 @@ class ConnectionInfo:
     tls_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # every field is a plain value: no deep copy needed
 
     def describe_tls(self) -> str:
         if not self.tls:
@@ -126,6 +126,7 @@ class DownstreamConnection:
         self.info: ConnectionInfo | None = None
         self.in_transaction = False
         self.used = 0  # transactions completed on this connection
+        self.opened_at = 0.0  # monotonic seconds, set when open() succeeds
 
     # -- connecting -----------------------------------------------------------------
 
@@ -140,6 +141,7 @@ class DownstreamConnection:
         for host, port in self.route.servers:
             try:
                 self.info = await self._open_one(host, port)
+                self.opened_at = time.monotonic()
                 if attempts:
                     log.info("downstream failover", route=self.route.describe(), used=f"{host}:{port}", skipped=attempts)
                 return self.info

@@ -89,8 +89,30 @@ class FilterPlan:
         return data
 
 
-def plan(verdict: Verdict, legs: list["RouteLeg"], txn_id: str) -> FilterPlan:
-    """Dispositions per recipient and the copies to send (see the module docstring)."""
+def apply_sender_list(disposition: Disposition, kind: str | None, sender: str, block_action: str) -> Disposition:
+    """A recipient's allow/block list entry applied to its domain's disposition.
+
+    ``allow`` turns a junk verdict (quarantine, tag, reject) into a delivery; it
+    never overrides a virus, a content-policy hit or an engine failure.
+    ``block`` holds (or, with ``block_action`` ``reject``, refuses) anything
+    that was not refused already. See :mod:`mxguard.quarantine.senderlists`.
+    """
+    if kind == "allow" and disposition.category == "junk" and disposition.action in ("quarantine", "tag", "reject"):
+        return Disposition("deliver", "allowed", f"allow list: {sender} ({disposition.reason})",
+                           disposition.policy_hits)
+    if kind == "block" and disposition.action in ("deliver", "tag", "defer"):
+        action = "reject" if block_action == "reject" else "quarantine"
+        return Disposition(action, "junk", f"block list: {sender}", disposition.policy_hits)
+    return disposition
+
+
+def plan(verdict: Verdict, legs: list["RouteLeg"], txn_id: str, *, sender: str = "", lists=None) -> FilterPlan:
+    """Dispositions per recipient and the copies to send (see the module docstring).
+
+    Args:
+        sender: the envelope sender (MAIL FROM), matched against the recipients' lists.
+        lists: the recipients' allow/block lists (:class:`~mxguard.quarantine.senderlists.SenderLists`), if any.
+    """
     result = FilterPlan(verdict)
     policies: dict[str, Disposition] = {}
     entries = []
@@ -101,6 +123,11 @@ def plan(verdict: Verdict, legs: list["RouteLeg"], txn_id: str) -> FilterPlan:
             disposition = policies.get(domain.name)
             if disposition is None:
                 disposition = policies[domain.name] = decide(verdict, DomainFilterPolicy.of(domain))
+            if lists is not None and verdict.scanned:
+                kind = lists.lookup(rcpt, sender)
+                if kind is not None:
+                    disposition = apply_sender_list(disposition, kind, sender,
+                                                    getattr(domain, "block_action", "quarantine"))
             entries.append((leg, rcpt, disposition))
     for leg, rcpt, disposition in entries:
         result.by_rcpt[rcpt] = disposition

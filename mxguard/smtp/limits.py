@@ -94,7 +94,9 @@ class ConnectionCounter:
 
 def has_bare_line_ends(content: bytes) -> bool:
     """True when ``content`` holds a CR not followed by LF, or an LF not preceded by CR."""
-    return _BARE.search(content) is not None
+    # Three counts in C are much cheaper than a regular expression over the whole message.
+    crlf = content.count(b"\r\n")
+    return content.count(b"\n") != crlf or content.count(b"\r") != crlf
 
 
 def normalize_line_ends(content: bytes) -> bytes:

@@ -93,11 +93,17 @@ class ProxyContext:
     spooler: "Spooler | None" = None
     #: Clean-up tasks of closed sessions, awaited at shutdown.
     closing: set = field(default_factory=set)
+    #: Idle downstream connections shared across sessions; ``None`` closes them at session end.
+    pool: Any = None
     #: The filter pipeline; ``None`` relays unfiltered (only for tests of the bare proxy).
     filters: FilterPipeline | None = None
     #: Stores held copies: ``await hold(tx=, copies=[HeldCopy...], verdict=dict, score=)`` -> ids.
     #: ``None``: nothing can be held, so a message to hold is deferred (451 4.3.0).
     hold: Callable[..., Awaitable[list[str]]] | None = None
+    #: The recipients' allow/block lists (:class:`~mxguard.quarantine.senderlists.SenderLists`); ``None``: none.
+    sender_lists: Any = None
+    #: Called (not awaited) when the filters found a virus: ``on_virus(tx, plan, content)`` (notifications).
+    on_virus: Callable[..., None] | None = None
 
     @property
     def hostname(self) -> str:
@@ -275,6 +281,10 @@ class ProxySession:
             if conn is not None and not conn.is_connected:
                 self.conns.pop(leg.route, None)
                 conn = None
+            if conn is None and attempt == 1 and self.ctx.pool is not None:
+                conn = self.ctx.pool.acquire(leg.route)  # a connection another session left idle
+                if conn is not None:
+                    self.conns[leg.route] = conn
             leg.reused = conn is not None
             if conn is None:
                 conn = DownstreamConnection(leg.route, self.ctx.settings.downstream, self.ctx.hostname)
@@ -319,9 +329,12 @@ class ProxySession:
         assert tx is not None
         self.tx = None
         received_at = time.perf_counter()
-        subject, message_id = headers.summarize(content)
         legs = [leg for leg in tx.legs.values() if leg.accepted]
         plan = await self._filter(tx, legs, content)
+        if tx.verdict is not None and tx.verdict.subject is not None:
+            subject, message_id = tx.verdict.subject, tx.verdict.message_id or ""
+        else:
+            subject, message_id = headers.summarize(content)
         relay_started = time.perf_counter()
         if plan is None:
             outcomes: list[LegOutcome] = []
@@ -346,7 +359,10 @@ class ProxySession:
         envelope = Envelope(client_ip=tx.client.ip, helo=tx.client.helo, mail_from=tx.mail_from,
                             rcpts=[r for leg in legs for r in leg.accepted], txn_id=tx.txn_id)
         tx.verdict = await self.ctx.filters.scan(content, envelope)
-        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id)
+        tx.filter_plan = dispositions.plan(tx.verdict, legs, tx.txn_id, sender=tx.mail_from,
+                                           lists=self.ctx.sender_lists)
+        if tx.verdict.viruses and self.ctx.on_virus is not None:
+            self.ctx.on_virus(tx, tx.filter_plan, content)
         tx.filter_ms = (time.perf_counter() - started) * 1000
         log.debug("filtered", txn=tx.txn_id, ms=round(tx.filter_ms, 1),
                   dispositions={r: d.action for r, d in tx.filter_plan.by_rcpt.items()})
@@ -588,11 +604,14 @@ class ProxySession:
             self._record(tx, None, abort_reason=reason)
 
     async def close(self) -> None:
-        """The inbound connection is gone: abort and close every downstream connection."""
+        """The inbound connection is gone: abort, then park the downstream connections for reuse (or close them)."""
         await self.abort("disconnect")
         conns, self.conns = self.conns, {}
         for conn in conns.values():
-            await conn.close()
+            if self.ctx.pool is not None:
+                self.ctx.pool.release(conn)
+            else:
+                await conn.close()
 
     # -- the record -------------------------------------------------------------------
 

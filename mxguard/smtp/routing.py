@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
 import structlog
 
 from mxguard.netaddr import parse_host_port
@@ -73,6 +77,9 @@ class DomainDirectory:
         self._generation: int | None = None
         self._task: asyncio.Task | None = None
         self.loaded_at = 0.0
+        #: Coroutine functions called after every (re)load: other caches that follow the
+        #: configuration generation (the recipients' sender lists).
+        self.listeners: list[Callable[[], Awaitable[None]]] = []
 
     async def load(self) -> None:
         """Read every domain now (raises SQLAlchemyError if the database is down)."""
@@ -83,6 +90,8 @@ class DomainDirectory:
         self._generation = generation
         self.loaded_at = time.monotonic()
         log.debug("domains loaded", count=len(domains), generation=generation)
+        for listener in self.listeners:
+            await listener()
 
     async def refresh_if_changed(self) -> bool:
         """Reload when the configuration generation moved; True if it did."""
@@ -127,3 +136,40 @@ class DomainDirectory:
 
     def domains(self) -> list[DomainView]:
         return list(self._domains.values())
+
+
+async def external_route(domain: str, *, relay: str = "", nameservers: list[str] | None = None) -> Route | None:
+    """How the gateway's own mail (DSNs, notifications) reaches a domain it does not serve.
+
+    Through ``relay`` (``HOST:PORT``) when set, else the domain's MX hosts in
+    preference order, port 25 (RFC 5321 section 5.1; no MX record: the domain
+    itself, the implicit MX). TLS is opportunistic: such a message is never
+    held back for want of TLS.
+
+    Args:
+        domain: the recipient domain.
+        relay: the ``dsn.relay`` setting.
+        nameservers: ``HOST[:PORT]`` resolvers; the system resolver when empty.
+
+    Returns:
+        the route, or ``None`` for a null MX (RFC 7505) or a domain that does not exist.
+    """
+    if relay:
+        return Route(servers=(parse_host_port(relay, default_port=25),), tls=DownstreamTls.OPPORTUNISTIC)
+    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+    if nameservers:
+        hosts = [parse_host_port(n, default_port=53) for n in nameservers]
+        resolver.nameservers = [h for h, _ in hosts]
+        resolver.port = hosts[0][1]
+    resolver.lifetime = 10
+    try:
+        answer = await resolver.resolve(domain, "MX")
+        mxs = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)
+        if mxs == [(0, "")]:
+            return None  # null MX: the domain accepts no mail
+        servers = tuple((host, 25) for _, host in mxs)
+    except dns.resolver.NoAnswer:
+        servers = ((domain, 25),)  # implicit MX: the domain's own address
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers, dns.exception.Timeout):
+        return None
+    return Route(servers=servers, tls=DownstreamTls.OPPORTUNISTIC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mxguard.config import SpoolSettings
-from mxguard.errors import NotFound
+from mxguard.errors import Conflict, NotFound
 from mxguard.storage.db import Store
 from mxguard.storage.models import SpoolAttempt, SpoolEntry, utcnow
 from mxguard.storage.sealing import Sealer
@@ -166,12 +167,21 @@ async def record_attempt(store: Store, entry: SpoolEntry, attempt: SpoolAttempt,
     return entry
 
 
-# -- the operator's view (CLI and console) -------------------------------------------------
+# -- the operator's view (used through mxguard.services.spool) ----------------------------
+#
+# ``domains`` restricts every query to entries of those domains (an org-admin's
+# tenancy); ``None`` means no restriction.
+
+def _scoped(q, domains: Collection[str] | None):
+    return q if domains is None else q.where(SpoolEntry.domain.in_(list(domains)))
+
 
 async def list_entries(store: Store, *, domain: str | None = None, status: str | None = "queued",
-                       limit: int = 500) -> list[SpoolEntry]:
-    """Held entries, oldest first; ``status=None`` lists every status."""
-    q = select(SpoolEntry).order_by(SpoolEntry.created_at).limit(limit)
+                       limit: int | None = 500, domains: Collection[str] | None = None) -> list[SpoolEntry]:
+    """Entries oldest first; ``status=None`` lists every status, ``limit=None`` every entry."""
+    q = _scoped(select(SpoolEntry).order_by(SpoolEntry.created_at, SpoolEntry.id), domains)
+    if limit is not None:
+        q = q.limit(limit)
     if status:
         q = q.where(SpoolEntry.status == status)
     if domain:
@@ -180,65 +190,128 @@ async def list_entries(store: Store, *, domain: str | None = None, status: str |
         return list((await session.execute(q)).scalars().all())
 
 
-async def get_entry(store: Store, entry_id: int) -> tuple[SpoolEntry, list[SpoolAttempt]]:
-    """One entry and its attempts (oldest first). Raises NotFound."""
+async def get_entry(store: Store, entry_id: int, *,
+                    domains: Collection[str] | None = None) -> tuple[SpoolEntry, list[SpoolAttempt]]:
+    """One entry and its attempts (oldest first).
+
+    Raises:
+        NotFound: no such entry, or not in ``domains``.
+    """
     async with store.session() as session:
         entry = await session.get(SpoolEntry, entry_id)
-        if entry is None:
+        if entry is None or (domains is not None and entry.domain not in domains):
             raise NotFound(f"spool entry {entry_id} does not exist")
         attempts = (await session.execute(select(SpoolAttempt).where(SpoolAttempt.spool_id == entry_id)
                                           .order_by(SpoolAttempt.id))).scalars().all()
         return entry, list(attempts)
 
 
-async def make_due_now(store: Store, *, entry_id: int | None = None, domain: str | None = None) -> list[int]:
-    """Make held entries due at once; returns their ids. Raises NotFound for an unknown id."""
+async def make_due_now(store: Store, *, entry_id: int | None = None, domain: str | None = None,
+                       ids: Collection[int] | None = None, domains: Collection[str] | None = None) -> list[int]:
+    """Make held (``queued``) entries due at once; returns their ids.
+
+    Args:
+        entry_id: only this entry.
+        domain: only this domain's entries.
+        ids: only these entries.
+        domains: only entries of these domains (``None``: any).
+
+    Raises:
+        NotFound: ``entry_id`` is unknown, not in ``domains``, or no longer held.
+    """
     conds = [SpoolEntry.status == "queued"]
     if entry_id is not None:
         conds.append(SpoolEntry.id == entry_id)
     if domain:
         conds.append(SpoolEntry.domain == domain.lower())
+    if ids is not None:
+        conds.append(SpoolEntry.id.in_(list(ids)))
     async with store.session() as session:
-        ids = list((await session.execute(select(SpoolEntry.id).where(and_(*conds)))).scalars().all())
-        if entry_id is not None and not ids:
+        found = list((await session.execute(_scoped(select(SpoolEntry.id).where(and_(*conds)), domains)))
+                     .scalars().all())
+        if entry_id is not None and not found:
             raise NotFound(f"spool entry {entry_id} is not held (unknown or already done)")
-        if ids:
-            await session.execute(update(SpoolEntry).where(SpoolEntry.id.in_(ids)).values(next_attempt_at=utcnow()))
+        if found:
+            await session.execute(update(SpoolEntry).where(SpoolEntry.id.in_(found)).values(next_attempt_at=utcnow()))
             await session.commit()
-        return ids
+        return found
 
 
-async def delete_entry(store: Store, entry_id: int) -> SpoolEntry:
-    """Remove an entry and its attempts for good. Raises NotFound."""
+async def get_entries(store: Store, ids: Collection[int]) -> list[SpoolEntry]:
+    """The entries with these ids that still exist, by id."""
+    if not ids:
+        return []
+    async with store.session() as session:
+        return list((await session.execute(select(SpoolEntry).where(SpoolEntry.id.in_(list(ids)))
+                                           .order_by(SpoolEntry.id))).scalars().all())
+
+
+async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | None = None,
+                       before_commit: Callable[[AsyncSession, SpoolEntry], Awaitable[None]] | None = None,
+                       now: dt.datetime | None = None) -> SpoolEntry:
+    """Remove an entry and its attempts for good.
+
+    An entry under a live lease is refused: its worker may be handing it to the
+    downstream server at this moment, and a deleted message must never be
+    delivered. The lease is re-checked in the DELETE itself, so a worker cannot
+    claim the entry between the check and the delete.
+
+    Args:
+        domains: only entries of these domains (``None``: any).
+        before_commit: called inside the transaction (e.g. to add an audit entry).
+
+    Raises:
+        NotFound: no such entry, or not in ``domains``.
+        Conflict: a worker holds the entry's lease.
+    """
+    now = now or utcnow()
     async with store.session() as session:
         entry = await session.get(SpoolEntry, entry_id)
-        if entry is None:
+        if entry is None or (domains is not None and entry.domain not in domains):
             raise NotFound(f"spool entry {entry_id} does not exist")
+        free = or_(SpoolEntry.lease_until.is_(None), SpoolEntry.lease_until < now)
+        gone = await session.execute(delete(SpoolEntry).where(SpoolEntry.id == entry_id, free)
+                                     .returning(SpoolEntry.id).execution_options(synchronize_session=False))
+        if gone.first() is None:
+            await session.rollback()
+            raise Conflict(f"spool entry {entry_id} is being delivered right now; look again in a moment")
         await session.execute(delete(SpoolAttempt).where(SpoolAttempt.spool_id == entry_id))
-        await session.delete(entry)
+        if before_commit is not None:
+            await before_commit(session, entry)
         await session.commit()
         return entry
 
 
-async def stats(store: Store) -> dict[str, Any]:
-    """Counts by status, held messages and bytes by domain, the oldest held entry's age in seconds."""
-    async with store.session() as session:
-        by_status = dict((await session.execute(
-            select(SpoolEntry.status, func.count()).group_by(SpoolEntry.status))).all())
-        by_domain = [
-            {"domain": d, "messages": n, "bytes": int(b or 0)}
-            for d, n, b in (await session.execute(
-                select(SpoolEntry.domain, func.count(), func.sum(SpoolEntry.size))
-                .where(SpoolEntry.status == "queued").group_by(SpoolEntry.domain).order_by(SpoolEntry.domain))).all()]
-        oldest = (await session.execute(
-            select(func.min(SpoolEntry.created_at)).where(SpoolEntry.status == "queued"))).scalar()
-    age = None
-    if oldest is not None:
+async def stats(store: Store, *, domains: Collection[str] | None = None) -> dict[str, Any]:
+    """Counts by status; held messages, bytes and the oldest held entry's age (seconds) by domain.
+
+    Returns:
+        ``{"by_status": {status: n}, "held": n, "by_domain": [{"domain", "messages", "bytes",
+        "oldest_age_seconds"}], "oldest_age_seconds": float | None}``
+    """
+    now = utcnow()
+
+    def age(oldest: dt.datetime | None) -> float | None:
+        if oldest is None:
+            return None
+        if isinstance(oldest, str):  # SQLite may hand an aggregate back as text
+            oldest = dt.datetime.fromisoformat(oldest)
         if oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=dt.timezone.utc)
-        age = (utcnow() - oldest).total_seconds()
+        return max(0.0, (now - oldest).total_seconds())
+
+    async with store.session() as session:
+        by_status = dict((await session.execute(_scoped(
+            select(SpoolEntry.status, func.count()).group_by(SpoolEntry.status), domains))).all())
+        rows = (await session.execute(_scoped(
+            select(SpoolEntry.domain, func.count(), func.sum(SpoolEntry.size), func.min(SpoolEntry.created_at))
+            .where(SpoolEntry.status == "queued").group_by(SpoolEntry.domain).order_by(SpoolEntry.domain),
+            domains))).all()
+    by_domain = [{"domain": d, "messages": n, "bytes": int(b or 0), "oldest_age_seconds": age(o)}
+                 for d, n, b, o in rows]
+    ages = [d["oldest_age_seconds"] for d in by_domain if d["oldest_age_seconds"] is not None]
     return {"by_status": by_status, "held": by_status.get("queued", 0), "by_domain": by_domain,
-            "oldest_age_seconds": age}
+            "oldest_age_seconds": max(ages) if ages else None}
 
 
 async def reseal_all(store: Store, sealer: Sealer, *, batch: int = 200) -> int:

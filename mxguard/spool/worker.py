@@ -13,23 +13,18 @@ import os
 import socket
 from collections import defaultdict
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
 import structlog
 
 from mxguard.config import Settings
-from mxguard.netaddr import parse_host_port
 from mxguard.smtp.delivery import DownstreamLost, RouteFailure, deliver_once
 from mxguard.smtp.replies import Reply
-from mxguard.smtp.routing import DomainDirectory, Route
+from mxguard.smtp.routing import DomainDirectory, Route, external_route
 from mxguard.spool import queue
 from mxguard.spool.dsn import FailedRecipient, build_dsn
 from mxguard.storage.db import SQLAlchemyError, Store
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter
 from mxguard.storage.models import SpoolAttempt, SpoolEntry, utcnow
 from mxguard.storage.sealing import KeyRing, SealingError
-from mxguard.tls.policy import DownstreamTls
 
 log = structlog.get_logger("mxguard.spool")
 
@@ -189,26 +184,7 @@ class SpoolWorker:
         TLS is opportunistic: a DSN is never held back for want of TLS. ``None``
         when the domain has a null MX (RFC 7505) or does not exist.
         """
-        if self.settings.dsn.relay:
-            return Route(servers=(parse_host_port(self.settings.dsn.relay, default_port=25),),
-                         tls=DownstreamTls.OPPORTUNISTIC)
-        resolver = dns.asyncresolver.Resolver(configure=not self.resolver_nameservers)
-        if self.resolver_nameservers:
-            hosts = [parse_host_port(n, default_port=53) for n in self.resolver_nameservers]
-            resolver.nameservers = [h for h, _ in hosts]
-            resolver.port = hosts[0][1]
-        resolver.lifetime = 10
-        try:
-            answer = await resolver.resolve(domain, "MX")
-            mxs = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)
-            if mxs == [(0, "")]:
-                return None  # null MX: the domain accepts no mail
-            servers = tuple((host, 25) for _, host in mxs)
-        except dns.resolver.NoAnswer:
-            servers = ((domain, 25),)  # implicit MX: the domain's own address
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers, dns.exception.Timeout):
-            return None
-        return Route(servers=servers, tls=DownstreamTls.OPPORTUNISTIC)
+        return await external_route(domain, relay=self.settings.dsn.relay, nameservers=self.resolver_nameservers)
 
     # -- DSN and log -------------------------------------------------------------------
 

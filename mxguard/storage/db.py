@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -38,16 +39,22 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
-def _storable(value):
-    """A bound value made storable; containers (rows of an executemany, arrays) are walked."""
+def storable(value: Any) -> Any:
+    """``value`` with every string made storable: NUL and lone surrogates become U+FFFD.
+
+    Walks tuples, lists and dict values (rows of an executemany, JSON data);
+    copy-on-write: the very same object comes back when nothing needed a change.
+    """
     if isinstance(value, str):
-        if "\x00" in value if value.isascii() else _UNSTORABLE.search(value):
-            return _UNSTORABLE.sub("\ufffd", value)
-        return value
+        if value.isascii():
+            return value.replace("\x00", "\ufffd") if "\x00" in value else value
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
     if isinstance(value, (tuple, list)):
-        return type(value)(_storable(v) for v in value)
+        cleaned = [storable(v) for v in value]
+        return value if all(c is v for c, v in zip(cleaned, value)) else type(value)(cleaned)
     if isinstance(value, dict):
-        return {k: _storable(v) for k, v in value.items()}
+        changed = {k: c for k, v in value.items() if (c := storable(v)) is not v}
+        return {**value, **changed} if changed else value
     return value
 
 
@@ -60,7 +67,7 @@ def _storable_parameters(conn, cursor, statement, parameters, context, executema
     The parameters' shape varies (one row, many rows, one flattened
     insertmanyvalues batch), so it is walked rather than assumed.
     """
-    return statement, _storable(parameters)
+    return statement, storable(parameters)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -161,4 +168,4 @@ def _short(exc: BaseException) -> str:
     return text_.splitlines()[0] if text_ else type(exc).__name__
 
 
-__all__ = ["Store", "make_engine", "AsyncSession", "SQLAlchemyError"]
+__all__ = ["Store", "make_engine", "storable", "AsyncSession", "SQLAlchemyError"]

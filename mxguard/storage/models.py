@@ -71,6 +71,12 @@ class Domain(Base):
     attachment_rules: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     #: What to do when every server is unreachable: ``spool`` (accept, hold sealed) or ``defer`` (451).
     on_unreachable: Mapped[str] = mapped_column(String(8), default="spool")
+    #: Quarantine summaries (migration 0005_quarantine): hours between summaries (0: none), and the
+    #: hour of day (UTC) a daily summary goes out.
+    summary_interval: Mapped[int] = mapped_column(Integer, default=24)
+    summary_hour: Mapped[int] = mapped_column(Integer, default=8)
+    #: What mail from a sender on a recipient's block list gets: ``quarantine`` or ``reject``.
+    block_action: Mapped[str] = mapped_column(String(16), default="quarantine")
     #: The organization that owns the domain (``None``: only administrators see it).
     org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
     org: Mapped["Organization | None"] = relationship(lazy="joined")
@@ -113,6 +119,8 @@ class QuarantinedMessage(Base):
     released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    #: When a quarantine summary listed it (``None``: not yet; migration 0005_quarantine).
+    summarized_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class ConfigGeneration(Base):
@@ -168,7 +176,7 @@ class MessageLogEntry(Base):
     results: Mapped[list[Any]] = mapped_column(JSON, default=list)
     #: Filter verdict details (scores, matched rules), when filtering ran.
     verdict: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    #: delivered | rejected | deferred | quarantined | spooled | partial | aborted
+    #: delivered | rejected | deferred | quarantined | spooled | partial | aborted | released (from quarantine)
     disposition: Mapped[str] = mapped_column(String(16))
     final_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     final_reply: Mapped[str] = mapped_column(Text, default="")
@@ -251,6 +259,19 @@ class Organization(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    #: Message links (migration 0005_quarantine): summaries carry deliver/view links and the
+    #: Message Center offers "view". Off: users sign in and deliver to their inbox.
+    message_links: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Notifications and alerts, each switchable (see mxguard.notify); virus notifications are opt-in.
+    notify_virus_recipient: Mapped[bool] = mapped_column(Boolean, default=False)
+    notify_virus_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    notify_route_down: Mapped[bool] = mapped_column(Boolean, default=True)
+    notify_cert_expiry: Mapped[bool] = mapped_column(Boolean, default=True)
+    notify_engine_down: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Where the organization's alerts go (``None``: nowhere but the gateway's own admin address).
+    alert_address: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    #: A route spooling for longer than this many minutes raises an alert.
+    route_down_minutes: Mapped[int] = mapped_column(Integer, default=30)
 
 
 class User(Base):
@@ -338,3 +359,58 @@ class AuditEntry(Base):
     org_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+# -- quarantine users work through (migration 0005_quarantine) ------------------------------
+
+class SenderListEntry(Base):
+    """One entry of a user's allow or block list: an address (``a@b.example``) or a domain (``b.example``)."""
+
+    __tablename__ = "sender_lists"
+    __table_args__ = (Index("ix_sender_lists_user_pattern", "user_id", "pattern", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    #: ``allow`` or ``block``.
+    kind: Mapped[str] = mapped_column(String(8))
+    pattern: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class UsedToken(Base):
+    """A single-use link token that has been used (sign-in, deliver, view); kept until it would expire."""
+
+    __tablename__ = "used_tokens"
+    __table_args__ = (Index("ix_used_tokens_expires_at", "expires_at"),)
+
+    token_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    used_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class SummarySchedule(Base):
+    """When a domain's next quarantine summary is due."""
+
+    __tablename__ = "summary_schedule"
+
+    domain: Mapped[str] = mapped_column(String(253), primary_key=True)
+    next_due_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    last_run_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class AlertState(Base):
+    """A condition an alert was raised for (route down, certificate expiring, engine down).
+
+    ``active`` is cleared when the condition ends; an alert is sent when the
+    condition starts and again only after ``notify.repeat_after`` seconds.
+    """
+
+    __tablename__ = "alert_state"
+
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_notified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)

@@ -143,7 +143,8 @@ def describe_der(der: bytes) -> CertificateInfo:
     return describe(x509.load_der_x509_certificate(der))
 
 
-def load_chain(cert_path: Path, key_path: Path) -> list[x509.Certificate]:
+def load_chain(cert_path: Path, key_path: Path, *,
+               keys: tuple[str, str] = ("tls.cert_file", "tls.key_file")) -> list[x509.Certificate]:
     """Load and check a PEM certificate chain and its key.
 
     Checks that the files parse, that the key matches the leaf, and that the
@@ -151,27 +152,29 @@ def load_chain(cert_path: Path, key_path: Path) -> list[x509.Certificate]:
 
     Raises:
         ConfigError: a file is missing or unreadable, the chain is empty, the
-            key does not belong to the leaf, or the leaf has expired.
+            key does not belong to the leaf, or the leaf has expired; the message
+            names the setting (``keys``: the names of the two settings).
     """
+    cert_key, key_key = keys
     try:
         chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except FileNotFoundError:
-        raise ConfigError(f"tls.cert_file: {cert_path} does not exist") from None
+        raise ConfigError(f"{cert_key}: {cert_path} does not exist") from None
     except ValueError as exc:
-        raise ConfigError(f"tls.cert_file: {cert_path} holds no PEM certificate ({exc})") from None
+        raise ConfigError(f"{cert_key}: {cert_path} holds no PEM certificate ({exc})") from None
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise ConfigError(f"tls.key_file: {key_path} does not exist") from None
+        raise ConfigError(f"{key_key}: {key_path} does not exist") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"tls.key_file: {key_path} holds no unencrypted PEM private key ({exc})") from None
+        raise ConfigError(f"{key_key}: {key_path} holds no unencrypted PEM private key ({exc})") from None
     leaf = chain[0]
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
             leaf.public_key().public_bytes(serialization.Encoding.DER, pub):
-        raise ConfigError(f"tls.key_file: {key_path} does not match the certificate in {cert_path}")
+        raise ConfigError(f"{key_key}: {key_path} does not match the certificate in {cert_path}")
     if leaf.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
-        raise ConfigError(f"tls.cert_file: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+        raise ConfigError(f"{cert_key}: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
     return chain
 
 

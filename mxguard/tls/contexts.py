@@ -34,13 +34,17 @@ def _harden(ctx: ssl.SSLContext, min_version: str, ciphers: str) -> None:
     ctx.set_ciphers(ciphers)
 
 
-def server_context(cert_file: Path, key_file: Path, *, min_version: str = "1.2") -> ssl.SSLContext:
+def server_context(cert_file: Path, key_file: Path, *, min_version: str = "1.2",
+                   extra: tuple[Path, Path] | None = None) -> ssl.SSLContext:
     """Context for inbound STARTTLS and the HTTPS console.
 
     Args:
         cert_file: PEM certificate chain (leaf first).
         key_file: PEM private key.
         min_version: ``"1.2"`` or ``"1.3"``.
+        extra: a second ``(cert, key)`` of another key type (e.g. RSA beside ECDSA); OpenSSL
+            offers each client the one its signature algorithms allow. The main certificate
+            wins when both have the same key type.
 
     Raises:
         ConfigError: the files cannot be loaded into OpenSSL.
@@ -49,6 +53,12 @@ def server_context(cert_file: Path, key_file: Path, *, min_version: str = "1.2")
     _harden(ctx, min_version, FORWARD_SECRET_AEAD_TLS12)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.verify_mode = ssl.CERT_NONE  # senders do not present client certificates to an MX
+    if extra is not None:
+        try:  # loaded first, so that the main certificate replaces it if the key types match
+            ctx.load_cert_chain(str(extra[0]), str(extra[1]))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls.extra_cert_file/tls.extra_key_file: cannot load {extra[0]} / {extra[1]}: "
+                              f"{exc}") from None
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
@@ -124,10 +134,12 @@ class ReloadableServerContext:
         ConfigError: the files cannot be loaded.
     """
 
-    def __init__(self, cert_file: Path, key_file: Path, *, min_version: str = "1.2"):
+    def __init__(self, cert_file: Path, key_file: Path, *, min_version: str = "1.2",
+                 extra: tuple[Path, Path] | None = None):
         self.min_version = min_version
-        self.current = server_context(cert_file, key_file, min_version=min_version)
-        self.context = server_context(cert_file, key_file, min_version=min_version)
+        self.extra = extra
+        self.current = server_context(cert_file, key_file, min_version=min_version, extra=extra)
+        self.context = server_context(cert_file, key_file, min_version=min_version, extra=extra)
         self.context.sni_callback = self._select
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -140,4 +152,4 @@ class ReloadableServerContext:
         Raises:
             ConfigError: the files cannot be loaded; the old certificate stays in use.
         """
-        self.current = server_context(cert_file, key_file, min_version=self.min_version)
+        self.current = server_context(cert_file, key_file, min_version=self.min_version, extra=self.extra)

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mxguard import __version__
-from mxguard.errors import AlreadyExists, ConfigError, NotFound, PermissionDenied, ValidationFailed
+from mxguard.errors import AlreadyExists, ConfigError, Conflict, NotFound, PermissionDenied, ValidationFailed
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleForbidden, LoginRequired, PasswordChangeRequired
 from mxguard.web.security import SecurityHeaders
@@ -43,22 +43,23 @@ def create_app(ctx: WebContext) -> FastAPI:
     Args:
         ctx: settings, store, metrics and the gateway hooks.
     """
-    from mxguard.web.routes import account, audit, auth, dashboard, domains, messagelog, system, tls
+    from mxguard.web.routes import (account, audit, auth, dashboard, domains, messagecenter, messagelog, orgs,
+                                    spool, system, tls)
     from mxguard.web.routes.api_v1 import router as api_router
 
     app = FastAPI(
         title="mxguard REST API", version=__version__,
         description="Administration of an mxguard gateway: organizations, users, domains and their TLS policy, "
-                    "the message log, the gateway certificate and the audit log. Authenticate with "
-                    "`Authorization: Bearer <API key>` (`mxguard apikey create`).",
+                    "the message log, the spool (held mail), the gateway certificate and the audit log. "
+                    "Authenticate with `Authorization: Bearer <API key>` (`mxguard apikey create`).",
         docs_url=None, redoc_url=None, openapi_url=f"{API_PREFIX}/openapi.json",
     )
     app.state.ctx = ctx
     app.state.templates = make_templates()
     app.add_middleware(SecurityHeaders, hsts=not ctx.settings.web.plain_http)
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
-    # One router per resource; the spool page's router joins this list when it lands.
-    for module in (auth, account, dashboard, domains, tls, messagelog, audit, system):
+    # One router per resource.
+    for module in (auth, account, dashboard, domains, tls, messagelog, spool, audit, system, messagecenter, orgs):
         app.include_router(module.router)
     app.include_router(api_router, prefix=API_PREFIX)
 
@@ -70,8 +71,14 @@ def create_app(ctx: WebContext) -> FastAPI:
     async def _password_change(request: Request, exc: PasswordChangeRequired):
         return RedirectResponse("/account/password", status_code=303)
 
+    @app.exception_handler(messagecenter.SignInRequired)
+    async def _mc_signin(request: Request, exc: messagecenter.SignInRequired):
+        return RedirectResponse(f"/mc/signin?next={quote(exc.next_path, safe='/')}", status_code=303)
+
     @app.exception_handler(ConsoleForbidden)
     async def _forbidden_role(request: Request, exc: ConsoleForbidden):
+        if request.url.path == "/":
+            return RedirectResponse("/mc", status_code=303)  # a plain user's home is the Message Center
         return _page_error(request, 403, "Your account may use the Message Center only; the Administration "
                                          "Console needs the admin or org-admin role.")
 
@@ -90,6 +97,12 @@ def create_app(ctx: WebContext) -> FastAPI:
 
     @app.exception_handler(AlreadyExists)
     async def _exists(request: Request, exc: AlreadyExists):
+        if _is_api(request):
+            return JSONResponse({"detail": str(exc)}, status_code=409)
+        return _page_error(request, 409, str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict):
         if _is_api(request):
             return JSONResponse({"detail": str(exc)}, status_code=409)
         return _page_error(request, 409, str(exc))

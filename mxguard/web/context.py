@@ -23,6 +23,9 @@ class WebContext:
         refresh_directory: re-reads the domain table in this process, so a change
             made in the console applies to the next SMTP transaction.
         reload_certificate: makes the gateway use the certificate files now on disk.
+        spool_worker: the gateway's :class:`~mxguard.spool.worker.SpoolWorker`, which
+            "retry now" uses; ``None`` (another process runs it, or no gateway)
+            delivers in the request's process with a worker of its own.
     """
 
     settings: Settings
@@ -30,6 +33,12 @@ class WebContext:
     metrics: GatewayMetrics | None = None
     refresh_directory: Callable[[], Awaitable[Any]] | None = None
     reload_certificate: Callable[[], None] | None = None
+    spool_worker: Any | None = None
+    #: Sealing keys (opening quarantined messages), the link signer, and the console's URL
+    #: (for links); the Message Center needs them.
+    keyring: Any = None
+    links: Any = None
+    public_url: Callable[[], str | None] | None = None
 
     @property
     def login_policy(self) -> LoginPolicy:

@@ -51,7 +51,7 @@ class SecurityHeaders(BaseHTTPMiddleware):
             h.setdefault("Content-Security-Policy", CSP)
         h["X-Content-Type-Options"] = "nosniff"
         h["Referrer-Policy"] = "no-referrer"
-        h["X-Frame-Options"] = "DENY"
+        h.setdefault("X-Frame-Options", "DENY")  # the Message Center's sandboxed mail frame says SAMEORIGIN
         h["Cross-Origin-Opener-Policy"] = "same-origin"
         h["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
         if self.hsts:

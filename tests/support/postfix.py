@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.peers import free_port
+
 MASTER_CF = """\
 {listen} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -42,11 +44,6 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostfixInstance:

@@ -56,6 +56,8 @@ async def login(request: Request, email: str = Form(""), password: str = Form(""
     # A new session every login; any session cookie the browser brought is ignored and replaced.
     await users.end_session(ctx.store, request.cookies.get(SESSION_COOKIE))
     token, _csrf = await users.create_session(ctx.store, user, ip, ctx.settings.web.session_lifetime)
+    if user.role == "user" and not target.startswith("/mc") and not target.startswith("/account"):
+        target = "/mc"  # the Message Center is all a plain user may use
     response = RedirectResponse(target, status_code=303)
     set_cookie(response, SESSION_COOKIE, token, max_age=int(ctx.settings.web.session_lifetime))
     clear_cookie(response, LOGIN_CSRF_COOKIE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from mxguard.services import stats, status
+from mxguard.services import spool, stats, status
 from mxguard.web import charts
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleUser, console_user, get_ctx
@@ -21,7 +21,7 @@ async def dashboard(request: Request, me: ConsoleUser = Depends(console_user), c
     share = await stats.overall_tls(ctx.store, me.actor)
     return request.app.state.templates.TemplateResponse(request, "dashboard.html", {
         "me": me, "totals": totals, "total": sum(totals.values()), "share": share,
-        "spool": await status.spool_depth(), "engines": await status.engine_health(),
+        "spool": await spool.visible_depth(ctx.store, me.actor), "engines": await status.engine_health(),
     })
 
 

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from mxguard.web.routes.api_v1 import audit, dashboard, domains, me, messages, orgs, tls, users
+from mxguard.web.routes.api_v1 import audit, dashboard, domains, me, messages, orgs, spool, tls, users
 
 router = APIRouter()
-for _module in (me, orgs, users, domains, messages, tls, dashboard, audit):
+for _module in (me, orgs, users, domains, messages, spool, tls, dashboard, audit):
     router.include_router(_module.router)

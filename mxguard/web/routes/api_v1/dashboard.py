@@ -4,7 +4,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Depends
 
-from mxguard.services import stats, status
+from mxguard.services import spool, stats, status
 from mxguard.services.access import Actor
 from mxguard.web.context import WebContext
 from mxguard.web.deps import api_actor, get_ctx
@@ -20,5 +20,5 @@ async def dashboard(actor: Actor = Depends(api_actor), ctx: WebContext = Depends
     engines = await status.engine_health()
     return DashboardOut(hours=labels, messages_per_hour=series,
                         tls_24h=share_out(await stats.overall_tls(ctx.store, actor)),
-                        spool_depth=await status.spool_depth(),
+                        spool_depth=await spool.visible_depth(ctx.store, actor),
                         engines=[asdict(e) for e in engines] if engines is not None else None)

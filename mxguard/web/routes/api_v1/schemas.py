@@ -164,3 +164,82 @@ class ProbeOut(BaseModel):
     downstream_tls: str
     route_outcome: str
     servers: list[dict[str, Any]]
+
+
+# -- spool ----------------------------------------------------------------------------------
+
+SpoolStatus = Literal["queued", "delivered", "failed", "expired", "all"]
+
+
+class SpoolRecipientOut(BaseModel):
+    rcpt: str
+    status: Literal["pending", "delivered", "failed"]
+    reply: str = Field(description="The downstream server's last answer for this recipient")
+
+
+class SpoolEntryOut(BaseModel):
+    """A spool entry (never its body)."""
+
+    id: int
+    kind: Literal["message", "dsn"] = Field(description="'dsn': a delivery status notification to a sender")
+    txn_id: str
+    domain: str
+    mail_from: str = Field(description="Envelope sender ('' for the null reverse-path)")
+    subject: str
+    size: int = Field(description="Bytes")
+    status: Literal["queued", "delivered", "failed", "expired"] = Field(description="'queued': held")
+    attempts: int = Field(description="Delivery attempts from the spool")
+    created_at: dt.datetime
+    age_seconds: float
+    next_attempt_at: dt.datetime
+    last_attempt_at: dt.datetime | None
+    expires_at: dt.datetime
+    completed_at: dt.datetime | None
+    last_reply: str
+    pending: list[str] = Field(description="Recipients not yet delivered or refused")
+    recipients: list[SpoolRecipientOut]
+    delivering: bool = Field(description="A worker holds the entry and may be delivering it right now")
+
+
+class SpoolAttemptOut(BaseModel):
+    ts: dt.datetime
+    node: str
+    server: str | None = Field(description="host:port that answered, or why no server could be used")
+    tls: bool
+    tls_version: str | None
+    cipher: str | None
+    verified: bool = Field(description="Certificate chain and name (or pinned fingerprint) verified")
+    reply: str
+    results: dict[str, int] = Field(description="Reply code per recipient")
+
+
+class SpoolEntryDetailOut(SpoolEntryOut):
+    delivery_attempts: list[SpoolAttemptOut] = Field(description="Every attempt, oldest first")
+
+
+class SpoolDomainOut(BaseModel):
+    domain: str
+    messages: int
+    bytes: int
+    oldest_age_seconds: float | None
+
+
+class SpoolStatsOut(BaseModel):
+    held: int
+    by_status: dict[str, int]
+    by_domain: list[SpoolDomainOut]
+    oldest_age_seconds: float | None
+
+
+class SpoolRetryItemOut(BaseModel):
+    id: int
+    attempted: bool | None = Field(description="true: this request made a delivery attempt; false: another "
+                                               "worker holds the entry (it is due now); null: still running")
+    entry: SpoolEntryOut | None = Field(description="The entry afterwards (null: deleted meanwhile)")
+
+
+class SpoolRetryOut(BaseModel):
+    requested: int = Field(description="Held messages this request retried")
+    delivered: int
+    still_held: int
+    entries: list[SpoolRetryItemOut]

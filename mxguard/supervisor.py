@@ -1,0 +1,141 @@
+"""``serve --workers N``: several gateway processes sharing the listening sockets, so every core works.
+
+The parent binds the SMTP listeners once, then forks N workers that all accept
+on them (the kernel hands each new connection to one waiting worker). Each
+worker is a complete :class:`Gateway` with its own event loop, downstream
+connection pool and batched message log, on the same database. Worker 0 also
+runs the console and the spool delivery worker. The parent forwards SIGTERM and
+SIGINT, and restarts a worker that dies unexpectedly (at most a few times a
+minute, so a crash loop stops instead of spinning).
+
+Front-door limits (``smtp.max_connections`` and the per-client limit) count per
+worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+
+import structlog
+
+from mxguard.config import Settings
+from mxguard.errors import ConfigError, MxguardError
+from mxguard.netaddr import parse_host_port
+
+log = structlog.get_logger("mxguard.supervisor")
+
+#: A worker that dies is restarted, but not more often than this many times per minute.
+MAX_RESTARTS_PER_MINUTE = 5
+
+
+def bind_listeners(endpoints: list[str], backlog: int = 1024) -> list[socket.socket]:
+    """Bind and listen on every ``HOST:PORT`` (port 0 picks a free one, shared by all workers).
+
+    Raises:
+        ConfigError: an endpoint cannot be bound; the message names ``smtp.listen``.
+    """
+    socks = []
+    for endpoint in endpoints:
+        host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.create_server((host, port), family=family, backlog=backlog)
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            raise ConfigError(f"smtp.listen: cannot listen on {endpoint}: {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def _run_worker(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
+                web_plain_http: bool) -> int:
+    from mxguard.gateway import Gateway
+
+    structlog.contextvars.bind_contextvars(worker=index)
+    gateway = Gateway(settings, smtp_sockets=socks, web_listen=web_listen if index == 0 else None,
+                      web_plain_http=web_plain_http, spool_worker=index == 0)
+    try:
+        asyncio.run(gateway.run_forever())
+    except MxguardError as exc:
+        print(f"error: worker {index}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
+           web_plain_http: bool) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = 1
+        try:
+            code = _run_worker(index, settings, socks, web_listen, web_plain_http)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None, web_listen: str | None,
+                web_plain_http: bool) -> int:
+    """Run ``workers`` gateway processes until SIGTERM/SIGINT; returns the exit status.
+
+    Raises:
+        ConfigError: a listener cannot be bound.
+    """
+    socks = bind_listeners(smtp_listen or settings.smtp.listen)
+    for sock in socks:
+        log.info("listening", smtp="{}:{}".format(*sock.getsockname()[:2]), workers=workers,
+                 hostname=settings.hostname)
+    children: dict[int, int] = {}
+    stopping = False
+    restarts: list[float] = []
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(workers):
+        children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or (code if code > 0 else 0)
+            continue
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if code == 2 or len(restarts) > MAX_RESTARTS_PER_MINUTE:
+            # A configuration error will not go away by itself; a crash loop is stopped.
+            log.error("worker failed; stopping", worker=index, exit=code)
+            status = code or 1
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker died; restarting it", worker=index, exit=code)
+        children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+    for sock in socks:
+        sock.close()
+    return status

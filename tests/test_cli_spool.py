@@ -1,0 +1,88 @@
+"""``mxguard spool list|show|retry|delete|stats`` as a real process, through the same service as the console."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import subprocess
+import sys
+
+from mxguard.config import load_settings
+from mxguard.services import audit
+from mxguard.services.access import SYSTEM
+from mxguard.spool import queue
+from mxguard.storage.db import Store
+from mxguard.storage.sealing import KeyRing
+from tests.support.smtp import message
+
+
+def _cli(data_dir, *args):
+    proc = subprocess.run([sys.executable, "-m", "mxguard", "--data-dir", str(data_dir), *args],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, COLUMNS="200"))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _in_store(data_dir, func):
+    async def go():
+        settings = load_settings(data_dir, environ={})
+        store = Store(settings.effective_database_url)
+        try:
+            return await func(store, settings)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
+def _hold(data_dir, rcpts: list[str], subject: str) -> list[int]:
+    async def enqueue(store, settings):
+        entries = [queue.NewSpoolEntry(txn_id=f"CLI{i}", domain="example.com", mail_from="a@sender.test",
+                                       recipients=[rcpt], message=message(subject=f"{subject} {i}", to=rcpt),
+                                       subject=f"{subject} {i}", first_reply="451 4.4.1 connect failed")
+                   for i, rcpt in enumerate(rcpts)]
+        return await queue.enqueue(store, entries, KeyRing(settings.path(settings.sealing_key_file)).get(),
+                                   settings.spool)
+    return _in_store(data_dir, enqueue)
+
+
+def test_spool_commands_list_show_retry_delete_stats(data_dir, plain_sink):
+    assert _cli(data_dir, "domain", "add", "example.com", "--server", plain_sink.address)[0] == 0
+    first, second = _hold(data_dir, ["alice@example.com", "bob@example.com"], "CLI held")
+
+    code, out = _cli(data_dir, "spool", "list")
+    assert code == 0 and "Spool (2 held)" in out and "alice@example.com" in out and "451 4.4.1" in out
+    code, out = _cli(data_dir, "spool", "list", "--json")
+    rows = json.loads(out)
+    assert [(r["id"], r["status"], r["recipients"][0]["status"]) for r in rows] == [
+        (first, "queued", "pending"), (second, "queued", "pending")]
+    code, out = _cli(data_dir, "spool", "show", str(first))
+    assert code == 0 and "CLI held 0" in out and "alice@example.com  pending" in out and "Attempts" in out
+    code, out = _cli(data_dir, "spool", "stats", "--json")
+    stats = json.loads(out)
+    assert stats["held"] == 2 and stats["by_domain"][0]["domain"] == "example.com"
+    assert stats["by_domain"][0]["messages"] == 2 and stats["by_domain"][0]["oldest_age_seconds"] >= 0
+
+    # retry delivers in this process, at once, to the downstream server
+    code, out = _cli(data_dir, "spool", "retry", str(first))
+    assert code == 0 and f"#{first} delivered: alice@example.com: 250" in out, out
+    assert [m.rcpt_tos for m in plain_sink.messages] == [["alice@example.com"]]
+    code, out = _cli(data_dir, "spool", "retry", str(first))
+    assert code == 1 and f"spool entry {first} is delivered" in out and "Traceback" not in out
+
+    code, out = _cli(data_dir, "spool", "delete", str(second))
+    assert code == 0 and f"Deleted spool entry #{second} (a@sender.test → example.com)" in out
+    code, out = _cli(data_dir, "spool", "delete", str(second))
+    assert code == 1 and f"spool entry {second} does not exist" in out
+    code, out = _cli(data_dir, "spool", "retry")
+    assert code == 0 and "Nothing to retry" in out
+    assert [m.rcpt_tos for m in plain_sink.messages] == [["alice@example.com"]], "the deleted one never went out"
+    code, out = _cli(data_dir, "spool", "list", "--domain", "not a domain")
+    assert code == 2 and "domain: " in out and "Traceback" not in out
+
+    entries = _in_store(data_dir, lambda store, s: audit.list_entries(store, SYSTEM))
+    spool_entries = [e for e in entries if e.action.startswith("spool.")]
+    assert [e.action for e in spool_entries] == ["spool.delete", "spool.retry"]
+    assert {e.actor for e in spool_entries} == {f"cli:{getpass.getuser()}"}
+    assert spool_entries[1].changes["status"] == ("queued", "delivered")
