@@ -37,7 +37,7 @@ def parse_host_port(text: str, *, default_port: int, allow_zero: bool = False) -
         host, _, port_text = text.partition(":")
     if not host:
         raise ValueError(f"{text!r}: empty host")
-    if any(c.isspace() or c in "/@" for c in host):
+    if any(c.isspace() or not c.isprintable() or c in "/@" for c in host):  # NUL, controls
         raise ValueError(f"{text!r}: not a host name or address")
     if port_text:
         lowest = 0 if allow_zero else 1

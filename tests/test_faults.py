@@ -1,4 +1,5 @@
-"""Faults: the downstream dies mid-DATA; the database is unavailable for a while. Nothing accepted is lost."""
+"""Faults: the downstream dies mid-DATA; the database is unavailable for a while; clamd is killed
+mid-scan. Nothing accepted is lost, nothing is delivered unscanned."""
 
 from __future__ import annotations
 
@@ -87,4 +88,65 @@ def test_database_unavailable_for_ten_seconds(tmp_path, own_postgres, tls_sink, 
         assert {r.disposition for r in rows if r.subject == "cannot be stored" and r.client_ip != "spool"} == {
             "deferred", "spooled"}
     finally:
+        gw.stop()
+
+
+def _instream_open(port: int) -> bool:
+    """True while some local socket has an ESTABLISHED connection to ``port`` (a clamd INSTREAM in flight)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                return True
+    return False
+
+
+def test_clamd_killed_mid_scan_defers_and_the_retry_is_delivered(tmp_path, loopback_dns, clamd, tls_sink):
+    """clamd dies (SIGKILL) while it scans a large message: the sender gets 451 4.3.0, nothing is
+    delivered unscanned, and the sender's retry once clamd is back goes through."""
+    import os
+    import threading
+
+    from tests.support import mail
+
+    init_data_dir(tmp_path / "data")
+    env = gateway_environ(loopback_dns, MXGUARD_FILTERS__VIRUS_ENGINES="clamd",
+                          MXGUARD_FILTERS__CLAMD_ADDRESS=clamd.address, MXGUARD_FILTERS__TIMEOUT="60")
+    gw = ThreadedGateway(load_settings(tmp_path / "data", environ=env)).start()
+    body = mail.with_attachment(os.urandom(12 * 1024 * 1024), "archive.bin", subject="Large scan")
+    killed = threading.Event()
+
+    def kill_during_instream() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _instream_open(clamd.port):
+            time.sleep(0.002)
+        clamd.proc.kill()  # SIGKILL: no goodbye, the INSTREAM connection just breaks
+        clamd.proc.wait(10)
+        killed.set()
+
+    try:
+        gw.run(add_domain(gw.store, "example.com", [tls_sink.address]))
+        gw.reload()
+        killer = threading.Thread(target=kill_during_instream, daemon=True)
+        killer.start()
+        out = send(gw.port, ["alice@example.com"], body)
+        killer.join(10)
+        assert killed.is_set(), "clamd was killed while the scan was in flight"
+        assert out.data[0] == 451 and out.data[1].startswith("4.3.0"), out.data
+        rec = gw.wait_records(1)[-1]
+        assert rec.disposition == "deferred"
+        [error] = rec.verdict["errors"]
+        assert error["engine"] == "clamd" and "connection broke" in error["reason"], "killed mid-INSTREAM"
+        time.sleep(0.3)
+        assert tls_sink.messages == [], "never delivered unscanned"
+        clamd.proc = None
+        clamd.start()
+        out = send(gw.port, ["alice@example.com"], body)  # the sending MTA retries
+        assert out.data[0] == 250, out.data
+        assert tls_sink.wait_for(1) and tls_sink.messages[0].data.endswith(body)
+        assert b"X-MXGuard-Verdict: clean; action=deliver" in tls_sink.messages[0].data
+    finally:
+        if clamd.proc is None or clamd.proc.poll() is not None:
+            clamd.proc = None
+            clamd.start()
         gw.stop()

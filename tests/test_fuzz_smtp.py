@@ -1,8 +1,10 @@
 """A hypothesis state machine drives the real SMTP listener with valid and invalid dialogue.
 
-Invariants: every reply is a well-formed RFC 5321 reply with a known code; the gateway never
-hits an unhandled exception; and the downstream server only ever receives messages the
-gateway answered 250 for.
+Invariants: every reply is a well-formed RFC 5321 reply with a known code; every 2xx/4xx/5xx
+reply (but the greeting and the EHLO/HELO replies, RFC 2034) carries an enhanced status code of
+its own class, and 354 carries none (RFC 3463 has no class 3); the gateway never hits an
+unhandled exception; and the downstream server only ever receives messages the gateway
+answered 250 for.
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ from mxguard.smtp.inbound import InboundHandler
 KNOWN_CODES = {211, 214, 220, 221, 250, 251, 252, 354, 421, 450, 451, 452, 455, 500, 501, 502, 503, 504,
                521, 530, 550, 551, 552, 553, 554, 555, 556}
 REPLY_LINE = re.compile(r"^(\d{3})([ -])(.*)$")
+ENHANCED_CODE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def check_enhanced(verb: str, code: int, lines: list[str]) -> None:
+    """RFC 2034 / RFC 3463: the enhanced code is there, and of the reply's own class."""
+    if code == 354:
+        assert not any(re.match(r"\d\.\d{1,3}\.\d{1,3}", line) for line in lines), f"354 with a code: {lines}"
+        return
+    if verb in ("EHLO", "HELO"):
+        return
+    for line in lines:
+        m = ENHANCED_CODE.match(line)
+        assert m, f"{code} reply to {verb} without an enhanced code: {lines}"
+        assert m.group(1) == str(code)[0], f"enhanced code of another class: {code} {line}"
 
 junk = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
 local = st.sampled_from(["alice", "bob", "unknown", "x" * 70, "a.b", "", "\"q\""])
@@ -51,7 +67,7 @@ class SmtpDialogue(RuleBasedStateMachine):
         greeting = self._reply()
         assert greeting and greeting[0] in (220, 421)
 
-    def _reply(self):
+    def _reply(self, verb: str = ""):
         """(code, text) of one reply, or None if the server closed the connection."""
         lines = []
         while True:
@@ -70,15 +86,19 @@ class SmtpDialogue(RuleBasedStateMachine):
             assert code in KNOWN_CODES, f"unexpected code {code}: {line!r}"
             lines.append(m.group(3))
             if m.group(2) == " ":
+                if verb:
+                    check_enhanced(verb, code, lines)
                 return code, "\n".join(lines)
 
-    def _cmd(self, data: bytes):
+    def _cmd(self, data: bytes, verb: str | None = None):
+        if verb is None:
+            verb = data.split(b"\r\n", 1)[0].split(b" ", 1)[0].decode("ascii", "replace").upper()
         try:
             self.sock.sendall(data)
         except (ConnectionError, ssl.SSLError):
             self._connect()
             return None
-        reply = self._reply()
+        reply = self._reply(verb)
         if reply is None or reply[0] == 421:
             self._connect()
         return reply
@@ -102,8 +122,9 @@ class SmtpDialogue(RuleBasedStateMachine):
             return
         marker = uuid.uuid4().hex
         self.all_sent.add(marker)
-        payload = b"Subject: fuzz " + marker.encode() + b"\r\n\r\n" + body.replace(b"\r\n.", b"\r\n..")
-        final = self._cmd(payload + b"\r\n.\r\n")
+        # Dot-stuff every line that starts with a dot (RFC 5321 4.5.2), the body's first line too.
+        payload = re.sub(rb"(^|\r\n)\.", rb"\1..", b"Subject: fuzz " + marker.encode() + b"\r\n\r\n" + body)
+        final = self._cmd(payload + b"\r\n.\r\n", verb="end of DATA")
         if final and final[0] == 250:
             self.all_accepted.add(marker)
 

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from mxguard.sink import ThreadedSink, _SinkHandler
 from tests.support.postfix import PostfixInstance
-from tests.support.smtp import ENHANCED, message, send
+from tests.support.smtp import ENHANCED, Raw, message, send
 
 LOW_LIMITS = {
     "smtp.max_connections_per_client": 5, "smtp.max_connections": 8, "smtp.max_messages_per_connection": 3,
@@ -30,47 +30,6 @@ LOW_LIMITS = {
 @pytest.fixture
 def gateway_overrides():
     return dict(LOW_LIMITS)
-
-
-class Raw:
-    """A raw client socket: write exact bytes, read replies (for attacks smtplib would not send)."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.buf = b""
-        self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self, timeout: float = 5) -> str:
-        """One complete (possibly multi-line) reply."""
-        self.sock.settimeout(timeout)
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("closed: " + " | ".join(lines))
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode())
-            if len(line) < 4 or line[3:4] != b"-":
-                return "\r\n".join(lines)
-
-    def cmd(self, line: str) -> str:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def closed(self, timeout: float = 5) -> bool:
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except (ConnectionError, socket.timeout):
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _open_txn(raw: Raw, rcpt: str = "alice@example.com") -> None:
@@ -274,7 +233,9 @@ def test_idle_timeout_closes_the_connection(gateway):
     raw = Raw(gateway.port)
     raw.cmd("EHLO c.test")
     started = time.monotonic()
-    assert raw.closed(timeout=6)
+    # RFC 5321 4.5.3.2 / 3.8: the server says 421 before it closes an idle connection.
+    assert raw.reply(timeout=6).startswith("421 4.4.2 Idle timeout")
+    assert raw.closed(timeout=2)
     assert 1.5 < time.monotonic() - started < 5
 
 

@@ -18,12 +18,24 @@ from mxguard.config import FilterSettings, Settings
 from mxguard.filtering.engine import Engine, EngineOutput, EngineStatus, EngineUnavailable, ScanContext
 from mxguard.filtering.message import Envelope, ParsedMessage, parse_message
 from mxguard.filtering.sender_auth import SenderAuth
-from mxguard.filtering.verdict import AuthResults, EngineError, Verdict
+from mxguard.filtering.verdict import AuthResults, EngineError, PolicyHit, Verdict
 
 log = structlog.get_logger("mxguard.filtering")
 
 #: Messages bigger than this (bytes) are parsed in a worker thread.
 PARSE_THREAD_THRESHOLD = 1024 * 1024
+
+
+def unreadable(exc: Exception) -> PolicyHit:
+    """The policy hit for a message the MIME parser cannot read (it is refused, never passed).
+
+    Python's parser recurses once per nesting level (and per nested comment in
+    a structured header), so a ``RecursionError`` means a structure hundreds
+    of levels deep, far beyond ``filters.max_mime_depth``.
+    """
+    if isinstance(exc, RecursionError):
+        return PolicyHit("unreadable-mime", "reject", "", "MIME structure nested too deep to read")
+    return PolicyHit("unreadable-mime", "reject", "", f"message could not be parsed ({type(exc).__name__})")
 
 
 def build_engines(f: FilterSettings) -> list[Engine]:
@@ -134,8 +146,8 @@ class FilterPipeline:
 
         Returns:
             the verdict; ``verdict.errors`` lists engines that gave no answer.
-            Never raises for a bad message: an unparseable one is an error
-            (the caller fails it closed).
+            Never raises for a bad message: one the parser cannot read gets
+            the ``unreadable-mime`` policy hit (refused) and no engine runs.
         """
         verdict = Verdict(engines=[e.name for e in self.engines])
         if not self.enabled:
@@ -149,8 +161,10 @@ class FilterPipeline:
             else:
                 message = parse_message(raw, envelope, max_archive_member=self.settings.max_archive_member)
         except Exception as exc:  # noqa: BLE001 - fail closed on a message the parser cannot read
+            # The same bytes would fail again on every retry, so this is a permanent
+            # refusal (a policy hit), not an engine error that defers.
             log.warning("message could not be parsed", error=repr(exc)[:200])
-            verdict.errors.append(EngineError("parser", f"message could not be parsed: {type(exc).__name__}"))
+            verdict.policy.append(unreadable(exc))
             return verdict
         verdict.timings_ms["parse"] = round((time.perf_counter() - started) * 1000, 2)
         verdict.defects = message.defects

@@ -109,7 +109,15 @@ def summarize(raw: bytes) -> tuple[str, str]:
         message_id = str(headers.get("Message-ID", "") or "").strip()
     except Exception:  # noqa: BLE001 - a log summary must never fail a delivery
         return "", ""
-    return " ".join(subject.split())[:500], message_id[:500]
+    return _displayable(" ".join(subject.split()))[:500], _displayable(message_id)[:500]
+
+
+_NOT_DISPLAYABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _displayable(text: str) -> str:
+    """Control characters (NUL...) and undecodable bytes become U+FFFD: the summary is shown and stored."""
+    return _NOT_DISPLAYABLE.sub("\ufffd", text)
 
 
 def remove_fields_where(raw: bytes, predicate) -> bytes:

@@ -15,18 +15,33 @@ import asyncio
 import ssl
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
 from mxguard.config import SmtpSettings
-from mxguard.smtp import limits
+from mxguard.smtp import limits, syntax
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
 
 log = structlog.get_logger("mxguard.inbound")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; nothing was delivered, try again later")
+
+#: Refusals aiosmtpd words itself (by the start of its text), as mxguard's replies.
+#: Those in the DATA phase also end the transaction (see ``InboundSMTP.smtp_DATA``).
+_LIBRARY_REFUSALS: list[tuple[str, Reply, bool]] = [
+    ("502 5.5.1 Too many unrecognized commands", limits.TOO_MANY_UNRECOGNIZED, False),
+    ("552 Error: message size exceeds fixed maximum", limits.MESSAGE_TOO_BIG, False),  # MAIL ... SIZE=n
+    ("552 Error: Too much mail data", limits.MESSAGE_TOO_BIG, True),
+    ("500 Line too long", limits.LINE_TOO_LONG, True),
+    ("500 Command line too long", limits.COMMAND_TOO_LONG, False),
+]
+
+
+def _peer_ip(session: Session | None) -> str | None:
+    peer = session.peer if session else None
+    return str(peer[0]) if isinstance(peer, tuple) else (str(peer) if peer else None)
 
 
 def _ehlo_lines(lines: list[str]) -> list[str]:
@@ -70,6 +85,13 @@ class InboundSMTP(SMTP):
         self.junk_commands = 0
         self.errors_in_a_row = 0
         self.closing = False
+        #: True while mxguard itself is working on a command (downstream dialogue, filters):
+        #: the idle timeout is the client's, not ours.
+        self.working = False
+        #: True while the message data is being received (see ``_timeout_cb``).
+        self.receiving_data = False
+        self._data_refusal: Reply | None = None
+        self._gone = False
 
     _dir_names: list[str] | None = None
 
@@ -105,15 +127,20 @@ class InboundSMTP(SMTP):
         return addr, rest
 
     async def push(self, status) -> None:  # noqa: D401 - aiosmtpd API
+        if status is None or self.transport is None or self.transport.is_closing():
+            return  # the connection is going away: nobody would read it
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
-        if status.startswith("502 5.5.1 Too many unrecognized commands"):
-            # aiosmtpd's own limit on unknown commands; it closes the connection next,
-            # which RFC 5321 3.8 announces with 421.
-            peer = self.session.peer if self.session else None
-            log.warning("limit reached; closing", limit="unrecognized_commands",
-                        client=peer[0] if isinstance(peer, tuple) else peer)
-            status = "421 4.7.0 Too many unrecognized commands, closing"
+        for prefix, reply, ends_data in _LIBRARY_REFUSALS if status[:1] == "5" else ():
+            if status.startswith(prefix):
+                # A limit aiosmtpd enforces: our code and text, and a log line naming the limit.
+                # (After too many unknown commands aiosmtpd closes, which RFC 5321 3.8 announces with 421.)
+                log.warning("limit reached", limit=limits.limit_name(reply), client=_peer_ip(self.session),
+                            reply=reply.one_line())
+                status = str(reply)
+                if ends_data:
+                    self._data_refusal = reply
+                break
         if self._greeting_sent and not self._plain_replies:
             status = with_enhanced_code(status)
         self._greeting_sent = True
@@ -131,10 +158,10 @@ class InboundSMTP(SMTP):
 
     async def close_with(self, reply: Reply, limit: str) -> None:
         """Say ``reply`` (a 421) and close: a limit was reached. The process log names the limit."""
+        if self.closing:
+            return
         self.closing = True
-        peer = self.session.peer if self.session else None
-        log.warning("limit reached; closing", limit=limit, client=peer[0] if isinstance(peer, tuple) else peer,
-                    reply=reply.one_line())
+        log.warning("limit reached; closing", limit=limit, client=_peer_ip(self.session), reply=reply.one_line())
         await self.proxy.abort(limit)
         try:
             await super().push(str(reply))
@@ -165,9 +192,18 @@ class InboundSMTP(SMTP):
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         await super().smtp_HELP(arg)
 
+    async def _refuse_helo(self, hostname: str | None) -> bool:
+        problem = syntax.argument_problem(hostname) if hostname else None
+        if problem is not None:
+            await self.push(str(syntax.bad_helo(problem)))
+            return True
+        return False
+
     async def smtp_EHLO(self, hostname: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
+        if await self._refuse_helo(hostname):
+            return
         if hostname:
             await self.proxy.abort("EHLO")  # EHLO resets the session (RFC 5321 4.1.4)
         self._plain_replies = True
@@ -185,6 +221,8 @@ class InboundSMTP(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
+        if await self._refuse_helo(hostname):
+            return
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -203,6 +241,53 @@ class InboundSMTP(SMTP):
     async def smtp_EXPN(self, arg: str) -> None:
         await self.push("502 5.5.1 EXPN command is disabled")
 
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # Failed handshakes are routine on an MX (scanners, clients with only old
+            # protocols): one line, no trace. aiosmtpd closes the connection itself.
+            cause = error.__cause__
+            log.info("STARTTLS handshake failed", client=_peer_ip(self.session),
+                     reason=(getattr(cause, "reason", None) or type(cause).__name__) if cause else "unknown")
+            return "421 4.7.0 TLS handshake failed"
+        if isinstance(error, (asyncio.IncompleteReadError, ConnectionError)):
+            # The client went away between two commands: routine, not an error. (It can reach
+            # here when its EOF races our last reply and the cancellation aiosmtpd sends this
+            # task is lost, e.g. by asyncio.wait_for on Python 3.11.) Close, and yield so that
+            # connection_lost runs and ends this task; reading on would only fail again.
+            if not self._gone:
+                self._gone = True
+                log.info("client disconnected", client=_peer_ip(self.session))
+                if self.transport is not None:
+                    self.transport.close()
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.05)  # a TLS transport takes a moment to close
+            return "421 4.4.2 Connection closed"
+        return await super().handle_exception(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._data_refusal = None
+        self.receiving_data = True  # until the handler runs (it sets ``working``) or DATA is refused
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.receiving_data = False
+        refusal, self._data_refusal = self._data_refusal, None
+        if refusal is not None and self.proxy.tx is not None:
+            # aiosmtpd refused the data (size, line length) without calling the handler:
+            # end the downstream transaction too, and leave a message-log record.
+            await self.proxy.refuse(refusal, b"")
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes silently; RFC 5321 4.5.3.2 and 3.8 ask for a 421 first, and the log names the limit.
+        if self.working:
+            self._reset_timeout()  # the wait is ours (downstream, filters), not the client's
+            return
+        # aiosmtpd restarts this timer at each command only, so during DATA it bounds the
+        # whole transfer: a sender trickling its message is cut too.
+        reply = limits.DATA_TIMEOUT if self.receiving_data else limits.IDLE_TIMEOUT
+        self.loop.create_task(self.close_with(reply, "command_timeout"))
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         upgraded = self.transport is not None and self._original_transport is not None
         if not upgraded:
@@ -212,7 +297,8 @@ class InboundSMTP(SMTP):
             if refusal is not None:
                 # Refuse before the greeting (RFC 5321 3.1: 421 instead of 220), and log it.
                 self._refused = True
-                log.warning("limit reached; connection refused", client=client, reply=refusal.one_line())
+                log.warning("limit reached; connection refused", limit=limits.limit_name(refusal), client=client,
+                            reply=refusal.one_line())
                 transport.write(str(refusal).encode() + b"\r\n")
                 transport.close()
                 return
@@ -224,6 +310,11 @@ class InboundSMTP(SMTP):
             self.loop.create_task(self.proxy.abort("STARTTLS"))
 
     def _session_expired(self) -> None:
+        if self.working:
+            # Let our own work on the current command finish (bounded by the downstream and
+            # filter timeouts): closing now would cut a delivery in half.
+            self._session_timer = self.loop.call_later(1.0, self._session_expired)
+            return
         self.loop.create_task(self.close_with(limits.SESSION_TOO_LONG, "max_session_time"))
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -300,6 +391,9 @@ class InboundHandler:
             return str(limits.TOO_MANY_MESSAGES)
         sender = "" if address == "<>" else address
         smtputf8 = "SMTPUTF8" in mail_options
+        problem = syntax.argument_problem(sender)
+        if problem is not None:
+            return str(syntax.bad_sender(problem))
         if not smtputf8 and not sender.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
         server.proxy.begin(server.client_info(), sender, mail_options)
@@ -314,7 +408,12 @@ class InboundHandler:
         if tx is None:
             return str(BAD_SEQUENCE)
         if tx.attempts >= self.max_recipients:
+            log.warning("limit reached", limit="max_recipients", client=tx.client.ip, txn=tx.txn_id,
+                        reply=TOO_MANY_RECIPIENTS.one_line())
             return str(TOO_MANY_RECIPIENTS)
+        problem = syntax.argument_problem(address)
+        if problem is not None:
+            return str(syntax.bad_recipient(problem))
         if not tx.smtputf8 and not address.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
         if "@" not in address:
@@ -323,30 +422,41 @@ class InboundHandler:
             if address.lower() == "postmaster":
                 return "550 5.1.1 Use postmaster@<domain>: this gateway serves several domains"
             return "501 5.1.3 Bad recipient address syntax: a domain is required"
+        if syntax.source_routed(address):
+            return str(syntax.SOURCE_ROUTING)
+        server.working = True
         try:
             reply = await server.proxy.add_recipient(address)
         except Exception:  # noqa: BLE001 - the sender gets a 4xx, the log gets the trace
             log.exception("RCPT failed", rcpt=address)
             return str(INTERNAL_ERROR)
+        finally:
+            server.working = False
         if reply.is_positive:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         return str(reply)
 
     async def handle_DATA(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
+        server.receiving_data = False
         if server.proxy.tx is None:
             return str(BAD_SEQUENCE)
         refusal, content = limits.check_message(envelope.original_content, server.limits)
-        if refusal is not None:
-            log.warning("message refused by a limit", reply=refusal.one_line())
-            return str(await server.proxy.refuse(refusal, content))
+        server.working = True
         try:
-            reply = await server.proxy.finish(content)
-        except Exception:  # noqa: BLE001 - see handle_RCPT
-            log.exception("DATA failed")
-            await server.proxy.abort("internal error")
-            return str(INTERNAL_ERROR)
-        return str(reply)
+            if refusal is not None:
+                log.warning("message refused by a limit", limit=limits.limit_name(refusal),
+                            client=server.proxy.tx.client.ip, txn=server.proxy.tx.txn_id, reply=refusal.one_line())
+                return str(await server.proxy.refuse(refusal, content))
+            try:
+                reply = await server.proxy.finish(content)
+            except Exception:  # noqa: BLE001 - see handle_RCPT
+                log.exception("DATA failed")
+                await server.proxy.abort("internal error")
+                return str(INTERNAL_ERROR)
+            return str(reply)
+        finally:
+            server.working = False
 
     async def handle_RSET(self, server: InboundSMTP, session: Session, envelope: Envelope) -> str:
         await server.proxy.abort("RSET")

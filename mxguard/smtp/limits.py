@@ -13,7 +13,7 @@ import re
 
 from mxguard.config import SmtpSettings
 from mxguard.smtp.headers import header_block_end
-from mxguard.smtp.replies import Reply
+from mxguard.smtp.replies import TOO_MANY_RECIPIENTS, Reply
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
@@ -25,6 +25,42 @@ BARE_LINE_END = Reply(554, "5.6.0", "Message contains a bare CR or LF (RFC 5321 
 HEADER_TOO_LARGE = Reply(552, "5.3.4", "Message header too large")
 TOO_MANY_FIELDS = Reply(552, "5.3.4", "Too many header fields")
 MAIL_LOOP = Reply(554, "5.4.6", "Too many Received fields: mail loop detected (RFC 5321 6.3)")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing (RFC 5321 4.5.3.2)")
+#: The message data must arrive within ``command_timeout`` of the DATA command (a trickling sender).
+DATA_TIMEOUT = Reply(421, "4.4.2", "Message data too slow, closing (RFC 5321 4.5.3.2)")
+#: RFC 1870 section 6.1: 552 for a message over the fixed maximum size (RFC 3463 5.3.4: too big for system).
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+#: RFC 5321 4.5.3.1.6 (text line: 1000 octets with CRLF) and 4.5.3.1.10 ("500 Line too long").
+LINE_TOO_LONG = Reply(500, "5.6.0", "Line too long: a text line may hold 1000 octets with CRLF (RFC 5321 4.5.3.1.6)")
+#: RFC 5321 4.5.3.1.4 (command line: 512 octets with CRLF, more with extensions).
+COMMAND_TOO_LONG = Reply(500, "5.5.2", "Command line too long (RFC 5321 4.5.3.1.4)")
+TOO_MANY_UNRECOGNIZED = Reply(421, "4.7.0", "Too many unrecognized commands, closing")
+
+#: The setting (or RFC limit) behind each refusal, for the process log's ``limit=`` key.
+LIMIT_NAMES: dict[Reply, str] = {
+    TOO_MANY_CONNECTIONS: "max_connections",
+    TOO_MANY_FROM_CLIENT: "max_connections_per_client",
+    TOO_MANY_MESSAGES: "max_messages_per_connection",
+    SESSION_TOO_LONG: "max_session_time",
+    TOO_MANY_COMMANDS: "junk_command_limit",
+    TOO_MANY_ERRORS: "hard_error_limit",
+    BARE_LINE_END: "bare_line_endings",
+    HEADER_TOO_LARGE: "max_header_size",
+    TOO_MANY_FIELDS: "max_header_fields",
+    MAIL_LOOP: "max_received_headers",
+    IDLE_TIMEOUT: "command_timeout",
+    DATA_TIMEOUT: "command_timeout",
+    MESSAGE_TOO_BIG: "max_message_size",
+    LINE_TOO_LONG: "line_length",
+    COMMAND_TOO_LONG: "command_line_length",
+    TOO_MANY_UNRECOGNIZED: "unrecognized_commands",
+    TOO_MANY_RECIPIENTS: "max_recipients",
+}
+
+
+def limit_name(reply: Reply) -> str:
+    """The limit a refusal enforces (``max_header_size``...), ``"other"`` when it is none of ours."""
+    return LIMIT_NAMES.get(reply, "other")
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _FIELD_START = re.compile(rb"^[^ \t\r\n]", re.MULTILINE)

@@ -107,11 +107,13 @@ def with_enhanced_code(status: str) -> str:
     """Insert a default enhanced code into a reply line that lacks one.
 
     Used for replies aiosmtpd writes itself (``503 Error: need MAIL command``).
-    Multi-line replies (``250-...``) are handled line by line.
+    Multi-line replies (``250-...``) are handled line by line. Intermediate
+    replies (``354``) get none: RFC 3463 defines only the classes 2, 4 and 5,
+    and RFC 2034 section 4 puts enhanced codes on 2xx, 4xx and 5xx replies only.
     """
     out = []
     for line in status.split("\r\n"):
-        if len(line) >= 3 and line[:3].isdigit():
+        if len(line) >= 3 and line[:3].isdigit() and line[0] in "245":
             code = int(line[:3])
             rest = line[4:] if len(line) > 3 else ""
             if not ENHANCED_RE.match(rest):

@@ -7,7 +7,9 @@ record survives power loss; PostgreSQL commits are durable by default.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -30,6 +32,42 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+#: No text column stores these: NUL (PostgreSQL refuses it outright) and lone surrogates
+#: (undecodable bytes kept by ``surrogateescape``; neither driver can encode them).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every string made storable: NUL and lone surrogates become U+FFFD.
+
+    Walks tuples, lists and dict values (rows of an executemany, JSON data);
+    copy-on-write: the very same object comes back when nothing needed a change.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return value.replace("\x00", "\ufffd") if "\x00" in value else value
+        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+    if isinstance(value, (tuple, list)):
+        cleaned = [storable(v) for v in value]
+        return value if all(c is v for c, v in zip(cleaned, value)) else type(value)(cleaned)
+    if isinstance(value, dict):
+        changed = {k: c for k, v in value.items() if (c := storable(v)) is not v}
+        return {**value, **changed} if changed else value
+    return value
+
+
+def _storable_parameters(conn, cursor, statement, parameters, context, executemany):
+    """Every string bound to a statement becomes storable: NUL and lone surrogates turn into U+FFFD.
+
+    One place for the whole class: a NUL typed into a search field or a form
+    used to make PostgreSQL refuse the statement (a 500 and a dropped
+    connection), where SQLite stored it; now both store and match U+FFFD.
+    The parameters' shape varies (one row, many rows, one flattened
+    insertmanyvalues batch), so it is walked rather than assumed.
+    """
+    return statement, storable(parameters)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -57,6 +95,7 @@ def make_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     else:
         raise ConfigError(f"database_url: unsupported database {backend!r}; use sqlite+aiosqlite or postgresql+asyncpg")
+    event.listen(engine.sync_engine, "before_cursor_execute", _storable_parameters, retval=True)
     return engine
 
 
@@ -129,4 +168,4 @@ def _short(exc: BaseException) -> str:
     return text_.splitlines()[0] if text_ else type(exc).__name__
 
 
-__all__ = ["Store", "make_engine", "AsyncSession", "SQLAlchemyError"]
+__all__ = ["Store", "make_engine", "storable", "AsyncSession", "SQLAlchemyError"]

@@ -17,11 +17,10 @@ from typing import Any
 import structlog
 from sqlalchemy import false, insert, or_, select
 
-from mxguard.storage.db import SQLAlchemyError, Store
+from mxguard.storage.db import SQLAlchemyError, Store, storable
 from mxguard.storage.models import MessageLogEntry
 
 log = structlog.get_logger("mxguard.messagelog")
-
 
 @dataclass
 class RecipientResult:
@@ -74,9 +73,17 @@ class LogRecord:
     total_ms: float | None = None
 
     def as_row(self) -> dict[str, Any]:
+        """The row to insert: strings bounded to their columns; the JSON columns made storable.
+
+        The engine makes every bound string storable (:func:`mxguard.storage.db.storable`);
+        strings nested in the JSON columns are serialised before that, so they are
+        cleaned here (copy-on-write: nothing is copied when nothing needs it).
+        """
         # A shallow copy: the nested lists and dicts are plain data already, and
         # dataclasses.asdict's deep copy was a measurable cost per message.
         row = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        for name in ("downstream", "results", "verdict"):
+            row[name] = storable(row[name])
         row["subject"] = row["subject"][:500]
         row["message_id"] = row["message_id"][:500]
         row["mail_from"] = row["mail_from"][:500]
@@ -115,6 +122,8 @@ class MessageLogWriter:
         self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
+        #: Records the database refused on their own (while it answered otherwise): logged and dropped.
+        self.refused = 0
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
 
@@ -139,6 +148,9 @@ class MessageLogWriter:
                 failures = min(failures + 1, 4)
                 log.warning("message log write failed; will retry", pending=len(self.pending),
                             error=str(exc).splitlines()[0][:200])
+            except Exception:  # noqa: BLE001 - this task must outlive any one bad batch
+                failures = min(failures + 1, 4)
+                log.exception("message log write failed; will retry", pending=len(self.pending))
 
     async def flush(self) -> int:
         """Write everything queued now; returns the number written.
@@ -150,9 +162,11 @@ class MessageLogWriter:
             written = 0
             while self.pending:
                 batch = [self.pending[i] for i in range(min(1000, len(self.pending)))]
-                # Core executemany: no ORM unit of work for a plain append-only table.
-                async with self.store.engine.begin() as conn:
-                    await conn.execute(_INSERT, [r.as_row() for r in batch])
+                try:
+                    await self._insert(batch)
+                except Exception:  # noqa: BLE001 - one record may be at fault, or the database
+                    written += await self._one_by_one(len(batch))
+                    continue
                 for _ in batch:
                     self.pending.popleft()
                 written += len(batch)
@@ -161,6 +175,36 @@ class MessageLogWriter:
                 log.error("message log records dropped while the database was unavailable", count=self.dropped)
                 self.dropped = 0
             return written
+
+    async def _insert(self, records: list[LogRecord]) -> None:
+        # Core executemany: no ORM unit of work for a plain append-only table.
+        async with self.store.engine.begin() as conn:
+            await conn.execute(_INSERT, [r.as_row() for r in records])
+
+    async def _one_by_one(self, count: int) -> int:
+        """Write the first ``count`` queued records singly after their batch failed.
+
+        A record the database refuses while it answers ``SELECT 1`` is at
+        fault itself: it is logged and dropped, so it cannot hold back every
+        record after it. When the database does not answer, this raises and
+        the rest stays queued.
+
+        Raises:
+            SQLAlchemyError, OSError: the database is unavailable.
+        """
+        written = 0
+        for _ in range(count):
+            record = self.pending[0]
+            try:
+                await self._insert([record])
+                written += 1
+            except Exception as exc:  # noqa: BLE001 - decided by the probe below
+                await self.store.ping()
+                self.refused += 1
+                log.error("message log record refused by the database; dropped", txn=record.txn_id,
+                          error=(str(exc).splitlines() or [type(exc).__name__])[0][:200])
+            self.pending.popleft()
+        return written
 
     async def stop(self) -> None:
         """Stop the background task and write what is left (best effort)."""

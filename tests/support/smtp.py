@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 import ssl
 from dataclasses import dataclass, field
 
@@ -66,3 +67,44 @@ def send(port: int, rcpts: list[str], data: bytes | None = None, *, sender: str 
         else:
             client.rset()
     return out
+
+
+class Raw:
+    """A raw client socket: write exact bytes, read replies (for attacks smtplib would not send)."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buf = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self, timeout: float = 5) -> str:
+        """One complete (possibly multi-line) reply."""
+        self.sock.settimeout(timeout)
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed: " + " | ".join(lines))
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if len(line) < 4 or line[3:4] != b"-":
+                return "\r\n".join(lines)
+
+    def cmd(self, line: str) -> str:
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def closed(self, timeout: float = 5) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionError, socket.timeout):
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
