@@ -159,3 +159,22 @@ async def test_stats_per_domain_and_the_depth_provider(store, settings):
     assert com.bytes == sum(sizes) > 0
     assert 0.2 <= com.oldest_age_seconds < 60 and data.oldest_age_seconds >= net.oldest_age_seconds
     assert await spool_service.depth(store) == {"example.com": 3, "example.net": 1}
+
+
+async def test_a_domain_with_queued_mail_is_removed_only_with_force(store, settings):
+    await domains.add_domain(store, "held.test", ["127.0.0.1:9"])
+    entry_id = await _hold(store, settings, "held.test", "bob@held.test")
+    with pytest.raises(Conflict, match="1 message.*held.test.*spool"):
+        await domains.remove_domain(store, "held.test", actor=ADMIN)
+    assert (await domains.get_domain(store, "held.test")).name == "held.test"
+    # Once the spool is empty for it (delivered or deleted), no force is needed.
+    await spool_service.delete_entry(store, ADMIN, entry_id)
+    await domains.remove_domain(store, "held.test", actor=ADMIN)
+    with pytest.raises(NotFound):
+        await domains.get_domain(store, "held.test")
+    # With force the queued entry stays in the spool (the worker fails it: no route).
+    await domains.add_domain(store, "forced.test", ["127.0.0.1:9"])
+    kept = await _hold(store, settings, "forced.test", "eve@forced.test")
+    await domains.remove_domain(store, "forced.test", actor=ADMIN, force=True)
+    entry, _ = await spool_service.get_entry(store, ADMIN, kept)
+    assert entry.status == "queued"

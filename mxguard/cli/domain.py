@@ -162,9 +162,10 @@ def show(domain: str = typer.Argument(...), as_json: bool = typer.Option(False, 
 
 @domain_app.command("remove")
 @handle_errors
-def remove(domain: str = typer.Argument(...)) -> None:
+def remove(domain: str = typer.Argument(...),
+           force: bool = typer.Option(False, "--force", help="Remove even while messages for it are queued in the spool.")) -> None:
     """Stop serving a domain (its mail is refused with 550 5.7.1 from the next transaction)."""
-    view = run(with_store(lambda store: svc.remove_domain(store, domain, actor=Actor.cli())))
+    view = run(with_store(lambda store: svc.remove_domain(store, domain, actor=Actor.cli(), force=force)))
     console.print(f"Removed {view.name}")
 
 

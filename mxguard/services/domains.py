@@ -15,17 +15,17 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from mxguard.errors import AlreadyExists, NotFound, PermissionDenied, ValidationFailed
+from mxguard.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, ValidationFailed
 from mxguard.filtering.policy_content import DEFAULT_ATTACHMENT_RULES, validate_rules
 from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.services.orgs import org_id_for
 from mxguard.storage.db import Store
-from mxguard.storage.models import ConfigGeneration, Domain, utcnow
+from mxguard.storage.models import ConfigGeneration, Domain, SpoolEntry, utcnow
 from mxguard.tls.certs import normalize_fingerprint
 from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
 
@@ -356,15 +356,30 @@ async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **cha
         return before, after
 
 
-async def remove_domain(store: Store, name: str, *, actor: Actor = SYSTEM) -> DomainView:
+async def remove_domain(store: Store, name: str, *, actor: Actor = SYSTEM, force: bool = False) -> DomainView:
     """Delete a domain; mail for it is refused from the next transaction on.
+
+    Mail already in the spool for the domain would have no route left, so the
+    removal is refused while any is queued, unless ``force`` is true: the
+    queued entries then fail at their next attempt with 550 5.1.2 (and a DSN
+    to a sender that passed SPF or DKIM alignment), as the spool worker does
+    for any recipient without a route.
 
     Raises:
         NotFound: no such domain, or not the actor's.
+        Conflict: messages for the domain are still queued and ``force`` is false.
     """
     domain = normalize_domain_name(name)
     async with store.session() as session:
         row = await _scoped_row(session, domain, actor)
+        if not force:
+            queued = await session.scalar(
+                select(func.count()).select_from(SpoolEntry)
+                .where(SpoolEntry.domain == domain, SpoolEntry.status == "queued"))
+            if queued:
+                raise Conflict(
+                    f"{queued} message(s) for {domain} are still in the spool; deliver or delete them first, "
+                    "or remove the domain with force")
         view = _view(row)
         audit.record(session, actor, "domain.remove", domain, org_id=row.org_id, before=view.as_dict())
         await session.delete(row)

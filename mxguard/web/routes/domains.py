@@ -105,9 +105,10 @@ async def update(request: Request, name: str, me: ConsoleUser = Depends(csrf_che
 
 
 @router.post("/domains/{name}/delete")
-async def delete(name: str, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
-    """Remove a domain."""
-    await domain_service.remove_domain(ctx.store, name, actor=me.actor)
+async def delete(name: str, force: bool = Form(False), me: ConsoleUser = Depends(csrf_checked),
+                 ctx: WebContext = Depends(get_ctx)):
+    """Remove a domain (refused with 409 while mail for it is queued, unless forced)."""
+    await domain_service.remove_domain(ctx.store, name, actor=me.actor, force=force)
     await ctx.config_changed()
     return RedirectResponse("/domains", status_code=303)
 

@@ -43,8 +43,10 @@ async def update_domain(name: str, body: DomainPatch, actor: Actor = Depends(api
 
 
 @router.delete("/{name}", status_code=204, response_class=Response, summary="Remove a domain")
-async def remove_domain(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
-    await svc.remove_domain(ctx.store, name, actor=actor)
+async def remove_domain(name: str, force: bool = False, actor: Actor = Depends(api_actor),
+                        ctx: WebContext = Depends(get_ctx)):
+    """409 while messages for the domain are queued in the spool, unless ``?force=true``."""
+    await svc.remove_domain(ctx.store, name, actor=actor, force=force)
     await ctx.config_changed()
     return Response(status_code=204)
 
