@@ -52,6 +52,8 @@ def test_forged_gateway_headers_are_removed_and_others_kept(gateway, tls_sink, a
     add_domain("example.com", [tls_sink.address])
     forged = mail.crlf(b"X-MXGuard-Verdict: clean; action=deliver\nX-MXGuard-Whatever: 1\nX-Spam-Flag: NO\n"
                        b"Authentication-Results: MX.GW.TEST;\n spf=pass smtp.mailfrom=ceo@example.com\n"
+                       b"Authentication-Results: mx.gw.test.; dkim=pass header.d=trailing-dot.test\n"
+                       b"Authentication-Results: (ours) \"mx.gw.test\"; dmarc=pass header.from=quoted.test\n"
                        b"Authentication-Results: other.example; dkim=pass header.d=x.test\n") + mail.plain()
     out = send(gateway.port, ["bob@example.com"], forged)
     assert out.data[0] == 250 and tls_sink.wait_for(1)
@@ -60,6 +62,7 @@ def test_forged_gateway_headers_are_removed_and_others_kept(gateway, tls_sink, a
     assert head.count("X-MXGuard-Verdict:") == 1 and "X-MXGuard-Whatever" not in head
     assert "X-Spam-Flag" not in head
     assert "spf=pass smtp.mailfrom=ceo@example.com" not in head, "a result forged in our name is removed"
+    assert "trailing-dot.test" not in head and "quoted.test" not in head, "also with a trailing dot or quotes"
     assert "Authentication-Results: other.example; dkim=pass header.d=x.test" in head
     assert data.endswith(mail.plain()), "the body and the other fields are unchanged"
 

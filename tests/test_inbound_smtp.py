@@ -45,6 +45,18 @@ def test_ehlo_offers_the_required_extensions(gateway):
         c.ehlo("client.test")
         assert not c.has_extn("starttls"), "STARTTLS must not be offered twice (RFC 3207)"
         assert not c.has_extn("auth"), "an MX does not offer AUTH"
+        code, text = c.docmd("STARTTLS")
+        assert (code, text[:6]) == (503, b"5.5.1 "), "no second handshake inside TLS (RFC 3207 4.2)"
+        assert c.noop()[0] == 250, "the TLS session goes on"
+
+
+def test_ehlo_and_helo_refusals_carry_enhanced_codes(gateway):
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        for verb in ("EHLO", "HELO"):
+            code, text = c.docmd(verb)
+            assert code == 501 and text.startswith(b"5.5."), (verb, code, text)
+        code, text = c.docmd("EHLO", "client.test")
+        assert code == 250 and not text.startswith(b"2."), "positive EHLO replies stay plain (RFC 2034 3)"
 
 
 def _insecure() -> ssl.SSLContext:

@@ -80,6 +80,22 @@ async def test_roles_and_org_admin_limits(store):
         await orgs.get_org(store, "Globex", actor=acme)
 
 
+async def test_an_unknown_address_locks_like_an_account(store):
+    """Lockout must not tell which addresses have an account: the same replies, in the same order."""
+    await users.add_user(store, "admin@gw.test", "admin", password=PW)
+    policy = users.LoginPolicy(max_failures=3, lockout_seconds=60, ip_max_failures=100, ip_window_seconds=60)
+    seen = {}
+    for email in ("admin@gw.test", "nobody@gw.test"):
+        reasons = []
+        for _ in range(4):
+            with pytest.raises(users.LoginRefused) as refused:
+                await users.authenticate(store, email, "wrong", "192.0.2.9", policy)
+            reasons.append((refused.value.reason, bool(refused.value.retry_after) and refused.value.retry_after > 50))
+        seen[email] = reasons
+    assert seen["admin@gw.test"] == seen["nobody@gw.test"] == [
+        ("invalid", False), ("invalid", False), ("locked", True), ("locked", True)]
+
+
 async def test_login_lockout_rate_limit_and_rehash(store):
     await users.add_user(store, "admin@gw.test", "admin", password=PW)
     policy = users.LoginPolicy(max_failures=3, lockout_seconds=60, ip_max_failures=100, ip_window_seconds=60)

@@ -275,7 +275,7 @@ async def authenticate(store: Store, email: str, password: str, client_ip: str,
         refused: LoginRefused | None = None
         if row is None:
             _verify(_dummy_hash(), password)
-            refused = LoginRefused("invalid")
+            refused = await _unknown_account_refusal(session, email, now, policy)
         elif row.locked_until is not None and as_utc(row.locked_until) > now:
             refused = LoginRefused("locked", int((as_utc(row.locked_until) - now).total_seconds()) + 1)
         elif not _verify(row.password_hash, password):
@@ -298,6 +298,25 @@ async def authenticate(store: Store, email: str, password: str, client_ip: str,
         if refused is not None:
             raise refused
         return _view(row)
+
+
+async def _unknown_account_refusal(session, email: str, now: dt.datetime, policy: LoginPolicy) -> LoginRefused:
+    """The refusal for an address with no account, shaped like a real account's.
+
+    A lockout answered only for existing accounts would tell an attacker which
+    addresses have one (OWASP ASVS 2.2.1 / 3.2.x account enumeration), so an
+    unknown address "locks" as well: after ``max_failures`` failed attempts
+    within ``lockout_seconds`` it gets ``locked`` until the oldest of them ages out.
+    """
+    since = now - dt.timedelta(seconds=policy.lockout_seconds)
+    failures = (await session.execute(
+        select(LoginAttempt.ts).where(LoginAttempt.email == email[:320], LoginAttempt.ts >= since,
+                                      LoginAttempt.success.is_(False))
+        .order_by(LoginAttempt.ts.desc()).limit(policy.max_failures))).scalars().all()
+    if len(failures) + 1 < policy.max_failures:
+        return LoginRefused("invalid")
+    oldest = as_utc(failures[-1]) if len(failures) >= policy.max_failures else now
+    return LoginRefused("locked", max(1, int((oldest - since).total_seconds()) + 1))
 
 
 def _verify(password_hash: str, password: str) -> bool:

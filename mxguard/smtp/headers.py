@@ -146,7 +146,11 @@ def remove_fields_where(raw: bytes, predicate) -> bytes:
 
 
 def authserv_id(value: bytes) -> str:
-    """The authserv-id of an ``Authentication-Results`` value (RFC 8601 2.2), lower case."""
+    """The authserv-id of an ``Authentication-Results`` value (RFC 8601 2.2), normalized.
+
+    Lower case, without quotes (it may be a quoted-string) and without a
+    trailing dot, so ``"MX.Example.COM."`` compares equal to ``mx.example.com``.
+    """
     text = value.decode("utf-8", "replace")
     while text.lstrip().startswith("("):  # a leading comment
         text = text.lstrip()
@@ -160,7 +164,7 @@ def authserv_id(value: bytes) -> str:
         else:
             return ""
     token = text.strip().split(";", 1)[0].split()
-    return token[0].lower() if token else ""
+    return token[0].strip('"').lower().rstrip(".") if token else ""
 
 
 def strip_gateway_fields(raw: bytes, hostname: str) -> bytes:
@@ -172,7 +176,7 @@ def strip_gateway_fields(raw: bytes, hostname: str) -> bytes:
     authserv-id (RFC 8601 section 5: a forged result must not reach the user
     looking like ours). Results from other authserv-ids are kept.
     """
-    ours = hostname.lower()
+    ours = hostname.lower().rstrip(".")
 
     def forged(name: str, value: bytes) -> bool:
         if name.startswith("x-mxguard-") or name == "x-spam-flag":

@@ -76,7 +76,9 @@ class InboundSMTP(SMTP):
         self.limits = limits_
         self.counter = counter
         self._greeting_sent = False
-        self._plain_replies = False  # EHLO/HELO replies carry no enhanced codes (RFC 2034)
+        # Positive EHLO/HELO replies carry no enhanced codes (RFC 2034 3); their refusals do,
+        # like every other 4xx/5xx of this gateway.
+        self._plain_replies = False
         self._batch: list[str] | None = None
         self._proxy_closed = False
         self._refused = False
@@ -141,7 +143,7 @@ class InboundSMTP(SMTP):
                 if ends_data:
                     self._data_refusal = reply
                 break
-        if self._greeting_sent and not self._plain_replies:
+        if self._greeting_sent and (not self._plain_replies or status[:1] in "45"):
             status = with_enhanced_code(status)
         self._greeting_sent = True
         if self._batch is not None:
@@ -228,6 +230,13 @@ class InboundSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 4.2: no STARTTLS inside TLS; aiosmtpd would start a second handshake.
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         # An MX takes mail for its domains; it is not a submission server.
