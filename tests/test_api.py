@@ -114,7 +114,7 @@ def test_domain_crud(web, tls_sink):
     ({"name": "example.com", "servers": []}, "servers"),
     ({"name": "example.com", "servers": ["a.test:99999"]}, "servers"),
     ({"name": "example.com", "servers": ["a.test", "a.test:25"]}, "servers"),
-    ({"name": "not a domain", "servers": ["a.test"]}, "domain"),
+    ({"name": "not a domain", "servers": ["a.test"]}, "name"),  # the body's own field name
     ({"name": "example.com", "servers": ["a.test"], "tls_min_version": "1.1"}, "tls_min_version"),
     ({"name": "example.com", "servers": ["a.test"], "downstream_tls": "verify", "tls_fingerprint": "abc"},
      "tls_fingerprint"),

@@ -20,6 +20,7 @@ from mxguard.quarantine.summary import send_summaries
 from mxguard.services import domains as domain_service
 from mxguard.services import orgsettings
 from mxguard.storage.models import AuditEntry, MessageLogEntry
+from mxguard.web.security import LOGIN_CSRF_COOKIE
 from sqlalchemy import select
 from tests.support import mail
 from tests.support.smtp import send
@@ -68,7 +69,13 @@ def follow(client, url: str):
     if page.status_code != 200:
         return page, None
     token = re.search(r'name="token" value="([^"]+)"', page.text).group(1)
-    return page, client.post("/mc/link", data={"token": token})
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    return page, client.post("/mc/link", data={"token": token, "csrf_token": csrf})
+
+
+def post_link(client, token: str):
+    """Post a link token directly (as a replaying client would), with this browser's CSRF cookie."""
+    return client.post("/mc/link", data={"token": token, "csrf_token": client.cookies.get(LOGIN_CSRF_COOKIE)})
 
 
 def test_gtube_summary_deliver_link_releases_the_original_byte_identical_over_tls(mc):
@@ -111,7 +118,7 @@ def test_gtube_summary_deliver_link_releases_the_original_byte_identical_over_tl
     again, _ = follow(client, deliver_url.replace(web.url, ""))
     assert again.status_code == 410 and "already been used" in again.text
     token = deliver_url.rsplit("/", 1)[1]
-    replay = client.post("/mc/link", data={"token": token})
+    replay = post_link(client, token)
     assert replay.status_code == 410 and "already been used" in replay.text
     time.sleep(0.3)
     assert len(sink.messages) == 2
@@ -133,19 +140,20 @@ def test_links_cannot_be_used_expired_or_altered(mc):
     held = hold_gtube(web)
     signer = web.gw.gateway.links
     client = web.client()
+    client.get("/mc/signin")  # this browser's CSRF cookie, so the posts below are judged on their tokens
     lifetime = web.gw.gateway.settings.quarantine.link_lifetime
 
     expired = signer.make("deliver", held.id, issued_at=time.time() - lifetime - 60)
     page, _ = follow(client, f"/mc/link/{expired}")
     assert page.status_code == 410 and "expired" in page.text
-    assert client.post("/mc/link", data={"token": expired}).status_code == 410
+    assert post_link(client, expired).status_code == 410
 
     good = signer.make("deliver", held.id)
     i = len(good) // 2
     altered = good[:i] + ("A" if good[i] != "A" else "B") + good[i + 1:]
     page, _ = follow(client, f"/mc/link/{altered}")
     assert page.status_code == 400 and "not valid" in page.text and "Traceback" not in page.text
-    assert client.post("/mc/link", data={"token": altered}).status_code == 400
+    assert post_link(client, altered).status_code == 400
     assert client.get("/mc/link/not-a-token").status_code == 400
 
     # A view link cannot be used to deliver: the purpose is signed too.
@@ -159,6 +167,21 @@ def test_links_cannot_be_used_expired_or_altered(mc):
     # The unaltered link still works.
     _, done = follow(client, f"/mc/link/{good}")
     assert done.status_code == 200 and sink.wait_for(1)
+
+
+def test_a_link_posted_from_another_site_is_refused_and_stays_usable(mc):
+    """Login CSRF: a page elsewhere must not make this browser use a link (e.g. sign it in as someone else)."""
+    web, sink = mc, mc.sink
+    held = hold_gtube(web)
+    good = web.gw.gateway.links.make("deliver", held.id)
+    client = web.client()
+    forged = client.post("/mc/link", data={"token": good})
+    assert forged.status_code == 403 and "has not been used" in forged.text
+    assert client.post("/mc/link", data={"token": good, "csrf_token": "guessed"}).status_code == 403
+    time.sleep(0.2)
+    assert sink.messages == [], "nothing was delivered"
+    page, done = follow(client, f"/mc/link/{good}")
+    assert page.status_code == 200 and done.status_code == 200 and "Delivered" in done.text
 
 
 def test_links_switched_off_no_links_view_forbidden_deliver_still_works(mc):

@@ -305,7 +305,7 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         try:
             await session.flush()
         except IntegrityError:
-            raise AlreadyExists(f"domain {domain} exists already; use 'domain set' to change it") from None
+            raise AlreadyExists(f"domain {domain} exists already; change its settings instead") from None
         await bump_generation(session)
         row = (await session.execute(select(Domain).where(Domain.name == domain))).unique().scalar_one()
         view = _view(row)

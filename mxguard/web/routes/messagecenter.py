@@ -162,13 +162,23 @@ async def link_page(request: Request, token: str, ctx: WebContext = Depends(get_
         return _link_page(request, str(exc), 400 if exc.reason == "invalid" else 410)
     except NotFound:
         return _link_page(request, "The message this link is for is no longer in the quarantine.", 404)
-    return _page(request, "mc_link.html", {"me": None, "token": token, "purpose": claim.purpose,
-                                           "subject": claim.subject, "row": row})
+    # The confirmation form carries a CSRF token (double-submit cookie, as the sign-in forms):
+    # another site must not post its own link from this browser, e.g. to sign it in to
+    # someone else's quarantine (login CSRF).
+    csrf = request.cookies.get(LOGIN_CSRF_COOKIE) or new_token()
+    response = _page(request, "mc_link.html", {"me": None, "token": token, "purpose": claim.purpose,
+                                               "subject": claim.subject, "row": row, "csrf_token": csrf})
+    set_cookie(response, LOGIN_CSRF_COOKIE, csrf, max_age=3600)
+    return response
 
 
 @router.post("/mc/link")
-async def use_link(request: Request, token: str = Form(""), ctx: WebContext = Depends(get_ctx)):
-    """Use a mailed link once: sign in, deliver the message, or show it."""
+async def use_link(request: Request, token: str = Form(""), csrf_token: str = Form(""),
+                   ctx: WebContext = Depends(get_ctx)):
+    """Use a mailed link once: sign in, deliver the message, or show it (403 without the form's CSRF token)."""
+    if not tokens_match(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token):
+        return _link_page(request, "This confirmation did not come from this site's page. Open the link from "
+                                   "your mail again; it has not been used.", 403)
     try:
         claim = await _claim(ctx, token)
         row = None if claim.purpose == "signin" else await _message_for_link(ctx, claim)

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Depends, Response
 
+from mxguard.errors import ValidationFailed
 from mxguard.services import domains as svc
 from mxguard.services.access import Actor
 from mxguard.services.probe import probe_domain
@@ -24,7 +25,12 @@ async def list_domains(actor: Actor = Depends(api_actor), ctx: WebContext = Depe
 @router.post("", response_model=DomainOut, status_code=201, summary="Add a domain")
 async def add_domain(body: DomainIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
     fields = body.model_dump(exclude={"name", "servers", "org"})
-    view = await svc.add_domain(ctx.store, body.name, body.servers, actor=actor, org=body.org, **fields)
+    try:
+        view = await svc.add_domain(ctx.store, body.name, body.servers, actor=actor, org=body.org, **fields)
+    except ValidationFailed as exc:
+        if exc.field == "domain":  # the service's name for it; this body calls it "name"
+            raise ValidationFailed("name", exc.message) from None
+        raise
     await ctx.config_changed()
     return _out(view)
 
