@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import structlog
+
 from mxguard.config import Settings
 from mxguard.smtp.proxy import Transaction, sender_aligned
 from mxguard.smtp.replies import Reply
@@ -9,6 +11,8 @@ from mxguard.spool import queue
 from mxguard.spool.dsn import FailedRecipient, build_dsn
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import KeyRing
+
+log = structlog.get_logger("mxguard.spool")
 
 
 class StoreSpooler:
@@ -43,6 +47,10 @@ class StoreSpooler:
         did not pass SPF or DKIM alignment (no backscatter to forged senders).
         """
         if not self.settings.dsn.enabled or not tx.mail_from or not sender_aligned(tx):
+            if tx.mail_from:
+                log.warning("refused after DATA and no DSN sent: sender not authenticated (SPF/DKIM alignment) "
+                            "or DSNs disabled", txn=tx.txn_id, sender=tx.mail_from,
+                            recipients=[rcpt for rcpt, _, _ in failed])
             return None
         body = build_dsn(
             reporting_host=self.settings.hostname, original_sender=tx.mail_from, original_message=message,

@@ -195,8 +195,10 @@ class SpoolWorker:
         if not entry.mail_from:
             return  # null reverse-path: nobody to tell (RFC 5321 4.5.5)
         if not self.settings.dsn.enabled or not entry.sender_aligned:
-            log.info("no DSN: sender not authenticated (SPF/DKIM alignment) or DSNs disabled",
-                     id=entry.id, sender=entry.mail_from, recipients=[f.rcpt for f in failed])
+            # The message is undeliverable and its sender will not hear of it: an operator should.
+            log.warning("undeliverable and no DSN sent: sender not authenticated (SPF/DKIM alignment) or "
+                        "DSNs disabled", id=entry.id, txn=entry.txn_id, sender=entry.mail_from,
+                        recipients=[f.rcpt for f in failed])
             return
         expired = any(f.status == "4.4.7" for f in failed)
         reason = ("It stayed undeliverable for the maximum holding time." if expired
