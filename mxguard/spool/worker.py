@@ -73,11 +73,18 @@ class SpoolWorker:
 
     async def _run(self) -> None:
         while True:
+            full_batch = False
             try:
-                await self.run_once()
+                claimed = await self.run_once()
+                # A full batch means more may be due: go on at once instead of sleeping a poll
+                # interval between batches (a backlog drains at delivery speed).
+                full_batch = len(claimed) >= self.settings.spool.batch
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("spool worker cannot reach the database", error=str(exc).splitlines()[0][:200])
-            await asyncio.sleep(self.settings.spool.poll_interval)
+            if not full_batch:
+                await asyncio.sleep(self.settings.spool.poll_interval)
+            else:
+                await asyncio.sleep(0)
 
     async def run_once(self, ids: list[int] | None = None) -> list[SpoolEntry]:
         """Claim due entries (or the given ids) and deliver them; waits until they are done."""
