@@ -15,8 +15,30 @@ from collections import defaultdict
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _threads_run_seconds(pid: int) -> float:
+    """Run time of the process's live threads from ``/proc/PID/task/*/schedstat`` (nanoseconds, precise)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 def _stat(pid: int) -> tuple[int, float] | None:
-    """``(ppid, cpu_seconds)`` of one process (own + reaped children), or ``None`` if it is gone."""
+    """``(ppid, cpu_seconds)`` of one process (own + reaped children), or ``None`` if it is gone.
+
+    ``utime``/``stime`` are whole clock ticks (10 ms), each rounded down: summed
+    over Postfix's many small processes that loses most of a short run. So a
+    process's own CPU is the larger of that and its threads' precise run time
+    (which misses threads that already exited; the tick figure keeps them).
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
@@ -26,7 +48,8 @@ def _stat(pid: int) -> tuple[int, float] | None:
     rest = data[data.rindex(b")") + 2:].split()
     ppid = int(rest[1])
     utime, stime, cutime, cstime = (int(x) for x in rest[11:15])
-    return ppid, (utime + stime + cutime + cstime) / CLK_TCK
+    own = max((utime + stime) / CLK_TCK, _threads_run_seconds(pid))
+    return ppid, own + (cutime + cstime) / CLK_TCK
 
 
 def tree(root: int) -> dict[int, float]:
