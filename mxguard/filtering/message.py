@@ -173,7 +173,21 @@ class ParsedMessage:
     envelope: Envelope
 
     def header(self, name: str) -> str:
-        """A header's decoded value (``""`` when absent or unreadable)."""
+        """The first ``name`` field's decoded, unfolded value (``""`` when absent or unreadable).
+
+        A plain ASCII value without RFC 2047 encoded-words reads as it is
+        (unfolded): the structured parse of ``policy.default`` would give the
+        same text at many times the cost. Anything else (encoded-words, 8-bit
+        bytes) goes through that parse, which decodes it.
+        """
+        wanted = name.lower()
+        for field_name, raw in self.msg.raw_items():
+            if field_name.lower() == wanted:
+                break
+        else:
+            return ""
+        if isinstance(raw, str) and raw.isascii() and "=?" not in raw:
+            return _FOLD.sub("", raw).strip()
         try:
             value = self.msg.get(name)
         except Exception:  # noqa: BLE001 - a malformed header reads as absent
@@ -184,6 +198,7 @@ class ParsedMessage:
         return name in self.msg
 
 
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _PRINTABLE = frozenset(range(32, 127)) | {9, 10, 13}
 
 
