@@ -68,11 +68,26 @@ class _MemoHeaderRegistry:
             cls = self._classes[base] = self._registry[name]
         return cls
 
+    #: Parsed MIME structure fields shared by all messages: their values repeat from message
+    #: to message (``text/plain; charset="utf-8"``), parsed headers are immutable, and the
+    #: parser reads Content-Type of every part. Short values only, and a bounded table.
+    _SHARED_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition", "mime-version"})
+    _shared: dict[tuple[str, str], object] = {}
+    _SHARED_MAX = 2048
+
     def __call__(self, name: str, value: str):
         key = (name.lower(), value)
         header = self.memo.get(key)
         if header is None:
-            header = self.memo[key] = self[name](name, value)
+            shared = key[0] in self._SHARED_FIELDS and len(value) <= 200
+            header = self._shared.get(key) if shared else None
+            if header is None:
+                header = self[name](name, value)
+                if shared:
+                    if len(self._shared) >= self._SHARED_MAX:
+                        self._shared.clear()  # bounded whatever the traffic; refills with what recurs
+                    self._shared[key] = header
+            self.memo[key] = header
         return header
 
 
