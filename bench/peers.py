@@ -496,6 +496,10 @@ class MxguardTarget(Target):
             env["MXGUARD_FILTERS__ENABLED"] = "true" if self.filters else "false"
             # Sender checks ask a DNS server on loopback: nothing leaves the machine.
             env["MXGUARD_FILTERS__DNS_SERVERS"] = loopback_dns().address
+        # Every bench session comes from 127.0.0.1: the per-client connection limit (50) would
+        # refuse the 200-session rows. Postfix exempts $mynetworks (loopback included) from its
+        # own per-client limit, so the same load is fair only with this one raised too.
+        env["MXGUARD_SMTP__MAX_CONNECTIONS_PER_CLIENT"] = "100000"
         if getattr(self, "extra_cert", None):
             env["MXGUARD_TLS__EXTRA_CERT_FILE"], env["MXGUARD_TLS__EXTRA_KEY_FILE"] = map(str, self.extra_cert)
         env.update(self.env)
