@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import procstat  # noqa: E402
-from run import machine_description, write_results  # noqa: E402
+from run import command_line, machine_description, write_results  # noqa: E402
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(row, indent=1) + "\n")
     if args.results:
         text = [f"## Idle sessions (goal 4) — {dt.date.today().isoformat()}", "",
-                "Command: `bench/idle.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+                command_line("bench/idle.py", argv if argv is not None else sys.argv[1:]), "",
                 *[f"- {line}" for line in machine_description()],
                 f"- mxguard serve (SQLite, {args.cert.upper()} certificate); sessions stop after EHLO, "
                 f"{result['tls']} of them after STARTTLS + EHLO; opened in {result['open_s']:.1f} s; "

@@ -544,4 +544,5 @@ class MxguardTarget(Target):
         wired = ("MXGUARD_FILTERS__ENABLED=" + ("true" if self.filters else "false")
                  if mxguard_has_filter_settings() else "no [filters] section in this build: filters do not exist yet")
         extra = " ".join(f"{k}={v}" for k, v in self.env.items())
-        return f"mxguard serve (SQLite, message log on), {wired}{(' ' + extra) if extra else ''}"
+        args = " ".join(getattr(self, "serve_args", []) or [])
+        return f"mxguard serve{(' ' + args) if args else ''} (SQLite, message log on), {wired}{(' ' + extra) if extra else ''}"

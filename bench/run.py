@@ -142,6 +142,19 @@ def build_targets(names: list[str], workdir: Path, cert: tuple[Path, Path], args
     return out
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command as recorded in RESULTS.md: output files outside the repository by name only
+    (a path of the machine that ran it means nothing to a reader)."""
+    repo = Path(__file__).resolve().parents[1]
+    shown = []
+    for arg in argv:
+        path = Path(arg)
+        if path.is_absolute() and repo not in path.resolve().parents:
+            arg = path.name
+        shown.append(arg)
+    return f"Command: `{script} " + " ".join(shown) + "`"
+
+
 def machine_description() -> list[str]:
     cpu = "?"
     try:
@@ -396,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         mode = "quick" if args.quick else "full"
         text = [f"## {'Quick run' if args.quick else 'Full matrix'} — {dt.date.today().isoformat()}", "",
-                "Command: `bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+                command_line("bench/run.py", argv if argv is not None else sys.argv[1:]), "",
                 *[f"- {line}" for line in machine_description()],
                 f"- {args.runs} run(s) per row, medians; {args.messages} messages per run (at least one connection "
                 f"per session); {args.cert.upper()} certificate; took {duration / 60:.1f} min", "",

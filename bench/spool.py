@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import procstat  # noqa: E402
-from run import machine_description, percentile, write_results  # noqa: E402
+from run import command_line, machine_description, percentile, write_results  # noqa: E402
 
 DOMAIN = "spool.bench.test"
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.results:
         text = [f"## Spool (issue 4) — {dt.date.today().isoformat()}", "",
-                "Command: `bench/spool.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`", "",
+                command_line("bench/spool.py", argv if argv is not None else sys.argv[1:]), "",
                 *[f"- {line}" for line in machine_description()],
                 f"- {args.sessions} sending sessions, {'STARTTLS' if args.tls else 'plain'}; downstream down "
                 "during the intake (first retry an hour away), then smtp-sink comes up and every entry is made "
