@@ -134,6 +134,24 @@ def test_delivered_message_carries_received_with_tls_details(gateway, tls_sink, 
     assert data.endswith(body), "the message itself is unchanged"
 
 
+def test_a_tls_session_reads_with_a_small_buffer_and_large_mail_arrives_intact(gateway, tls_sink, add_domain,
+                                                                              gateway_client_ctx):
+    """asyncio's 256 KiB TLS read buffer per connection is cut to TLS_READ_BUFFER (idle-session memory)."""
+    from mxguard.smtp.inbound import TLS_READ_BUFFER
+
+    add_domain("example.com", [tls_sink.address])
+    big = message(subject="big over TLS", body=("0123456789abcdef" * 4 + "\n") * 9000)  # ~600 KB
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as c:
+        c.ehlo("client.test")
+        c.starttls(context=gateway_client_ctx)
+        c.ehlo("client.test")
+        buffers = [len(s._tls_protocol._ssl_buffer) for s in list(gateway.gateway.sessions) if s._tls_protocol]
+        assert buffers == [TLS_READ_BUFFER], buffers
+        c.sendmail("a@sender.test", ["bob@example.com"], big)
+    assert tls_sink.wait_for(1)
+    assert tls_sink.messages[0].data.endswith(big), "the message went through unchanged"
+
+
 def test_plain_session_gets_esmtp_received(gateway, tls_sink, add_domain):
     add_domain("example.com", [tls_sink.address])
     send(gateway.port, ["alice@example.com"], starttls=False)
