@@ -137,7 +137,7 @@ def test_delivered_message_carries_received_with_tls_details(gateway, tls_sink, 
 def test_a_tls_session_reads_with_a_small_buffer_and_large_mail_arrives_intact(gateway, tls_sink, add_domain,
                                                                               gateway_client_ctx):
     """asyncio's 256 KiB TLS read buffer per connection is cut to TLS_READ_BUFFER (idle-session memory)."""
-    from mxguard.smtp.inbound import TLS_READ_BUFFER
+    from mxguard.tls.buffers import TLS_READ_BUFFER
 
     add_domain("example.com", [tls_sink.address])
     big = message(subject="big over TLS", body=("0123456789abcdef" * 4 + "\n") * 9000)  # ~600 KB
@@ -150,6 +150,13 @@ def test_a_tls_session_reads_with_a_small_buffer_and_large_mail_arrives_intact(g
         c.sendmail("a@sender.test", ["bob@example.com"], big)
     assert tls_sink.wait_for(1)
     assert tls_sink.messages[0].data.endswith(big), "the message went through unchanged"
+    # The downstream TLS connection (kept in the connection cache) reads with the same buffer.
+    deadline = time.monotonic() + 5  # parked when the inbound session has ended
+    while not (cached := [conn for conns in list(gateway.gateway.pool._idle.values()) for _, conn in conns]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sizes = [len(c.client.transport._ssl_protocol._ssl_buffer) for c in cached]
+    assert sizes == [TLS_READ_BUFFER], sizes
 
 
 def test_plain_session_gets_esmtp_received(gateway, tls_sink, add_domain):

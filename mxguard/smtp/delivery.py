@@ -31,6 +31,7 @@ from aiosmtplib import errors as smtperr
 from mxguard.config import DownstreamSettings
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import Route
+from mxguard.tls.buffers import shrink_tls_read_buffer
 from mxguard.tls.certs import describe_der
 from mxguard.tls.contexts import client_context
 from mxguard.tls.policy import DownstreamTls
@@ -222,6 +223,7 @@ class DownstreamConnection:
         sslobj = _ssl_object(self.client)
         if sslobj is None:
             raise _ServerSkipped("connection lost after STARTTLS", tls_related=True)
+        shrink_tls_read_buffer(getattr(self.client.transport, "_ssl_protocol", None))
         der = sslobj.getpeercert(binary_form=True)
         cert = describe_der(der) if der else None
         info.tls = True

@@ -23,6 +23,7 @@ from mxguard.config import SmtpSettings
 from mxguard.smtp import limits, syntax
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
+from mxguard.tls.buffers import shrink_tls_read_buffer
 
 log = structlog.get_logger("mxguard.inbound")
 
@@ -52,26 +53,6 @@ def _ehlo_lines(lines: list[str]) -> list[str]:
     keep = [line[4:] for line in lines if not line[4:].upper().startswith(("AUTH", "HELP"))]
     keep += ["PIPELINING", "ENHANCEDSTATUSCODES"]
     return [f"250-{item}" for item in keep[:-1]] + [f"250 {keep[-1]}"]
-
-
-#: Bytes asyncio's SSL layer reads from the socket at a time on an inbound TLS session.
-#: Its default, 256 KiB, is allocated and zeroed for every TLS connection: three quarters
-#: of an idle STARTTLS session's memory. Two full TLS records (16 KiB each) are plenty
-#: for a mail client's pace.
-TLS_READ_BUFFER = 32 * 1024
-
-
-def _shrink_tls_read_buffer(tls_protocol) -> None:
-    """Give an ``asyncio.sslproto.SSLProtocol`` a :data:`TLS_READ_BUFFER`-sized read buffer.
-
-    Sets the instance's ``max_size`` (the read size its ``get_buffer`` asks for) and
-    replaces the buffer; a protocol of another shape is left alone.
-    """
-    if tls_protocol is None or not hasattr(tls_protocol, "_ssl_buffer"):
-        return
-    tls_protocol.max_size = TLS_READ_BUFFER
-    tls_protocol._ssl_buffer = bytearray(TLS_READ_BUFFER)
-    tls_protocol._ssl_buffer_view = memoryview(tls_protocol._ssl_buffer)
 
 
 class InboundSMTP(SMTP):
@@ -257,7 +238,7 @@ class InboundSMTP(SMTP):
             await self.push("503 5.5.1 TLS already active")
             return
         await super().smtp_STARTTLS(arg)
-        _shrink_tls_read_buffer(self._tls_protocol)
+        shrink_tls_read_buffer(self._tls_protocol)
 
     async def smtp_AUTH(self, arg: str) -> None:
         # An MX takes mail for its domains; it is not a submission server.
