@@ -37,7 +37,8 @@ async def test_the_printed_way_in_releases_the_gtube_message():
             page = await client.get(link)
             assert page.status_code == 200 and "Sign in to the Message Center" in page.text
             token = re.search(r'name="token" value="([^"]+)"', page.text).group(1)
-            signed_in = await client.post(center + "/link", data={"token": token})
+            link_csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+            signed_in = await client.post(center + "/link", data={"token": token, "csrf_token": link_csrf})
             assert signed_in.status_code == 303
             listing = await client.get(center)
             assert listing.status_code == 200 and "You have won" in listing.text
