@@ -91,14 +91,15 @@ def test_database_unavailable_for_ten_seconds(tmp_path, own_postgres, tls_sink, 
         gw.stop()
 
 
-def _instream_open(port: int) -> bool:
-    """True while some local socket has an ESTABLISHED connection to ``port`` (a clamd INSTREAM in flight)."""
+def _established(port: int) -> int:
+    """How many local sockets have an ESTABLISHED connection to ``port``."""
+    count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                return True
-    return False
+                count += 1
+    return count
 
 
 def test_clamd_killed_mid_scan_defers_and_the_retry_is_delivered(tmp_path, loopback_dns, clamd, tls_sink):
@@ -117,8 +118,11 @@ def test_clamd_killed_mid_scan_defers_and_the_retry_is_delivered(tmp_path, loopb
     killed = threading.Event()
 
     def kill_during_instream() -> None:
+        # A connection to clamd that exists already (another client, a health check) is not
+        # the scan: wait for one more than there were before the message was sent.
+        baseline = _established(clamd.port)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _instream_open(clamd.port):
+        while time.monotonic() < deadline and _established(clamd.port) <= baseline:
             time.sleep(0.002)
         clamd.proc.kill()  # SIGKILL: no goodbye, the INSTREAM connection just breaks
         clamd.proc.wait(10)
