@@ -8,6 +8,7 @@ their own config and queue; smtp-sink drops to the ``postfix`` user).
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 import os
 import pty
 import re
@@ -289,7 +290,7 @@ class DiscardSink:
 
 # -- targets -------------------------------------------------------------------------------------------
 
-class Target:
+class Target(ABC):
     """A mail system under test, started for one TLS mode.
 
     Attributes:
@@ -302,20 +303,23 @@ class Target:
     label = ""
     filters = False
 
+    @abstractmethod
     def start(self, tls: bool, plain_sink: SmtpSink, tls_sink: "TlsSink | DiscardSink") -> None:
-        raise NotImplementedError
+        """Start the target relaying to ``tls_sink`` (STARTTLS on both hops) or ``plain_sink``."""
 
     @property
+    @abstractmethod
     def port(self) -> int:
-        raise NotImplementedError
+        """The loopback port the load client connects to."""
 
     @property
+    @abstractmethod
     def pids(self) -> list[int]:
         """Root pids of the target's processes (CPU and memory include all descendants)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop every process of the target."""
 
     def describe(self) -> str:
         return self.label
