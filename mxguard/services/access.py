@@ -51,6 +51,13 @@ class Actor:
         """True when this actor may see objects owned by ``org_id``."""
         return self.is_admin or (self.role == Role.ORG_ADMIN and org_id is not None and org_id == self.org_id)
 
+    def scope(self, query, org_column):
+        """``query`` limited to this actor's organization (``org_column == org_id``), unchanged for an admin.
+
+        The one place list queries apply tenancy, the query-side twin of :meth:`may_see_org`.
+        """
+        return query if self.is_admin else query.where(org_column == self.org_id)
+
     def require_admin(self) -> None:
         """Raises PermissionDenied unless the actor is an admin."""
         if not self.is_admin:

@@ -398,9 +398,7 @@ async def get_domain(store: Store, name: str, *, actor: Actor = SYSTEM) -> Domai
 async def list_domains(store: Store, *, actor: Actor = SYSTEM) -> list[DomainView]:
     """Every domain the actor may see, sorted by name."""
     actor.require_console()
-    q = select(Domain).order_by(Domain.name)
-    if not actor.is_admin:
-        q = q.where(Domain.org_id == actor.org_id)
+    q = actor.scope(select(Domain).order_by(Domain.name), Domain.org_id)
     async with store.session() as session:
         rows = (await session.execute(q)).unique().scalars().all()
         return [_view(r) for r in rows]

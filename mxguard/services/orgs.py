@@ -76,9 +76,7 @@ async def add_org(store: Store, name: str, *, actor: Actor = SYSTEM) -> OrgView:
 
 async def list_orgs(store: Store, *, actor: Actor = SYSTEM) -> list[OrgView]:
     """Every organization (admins) or the actor's own (org-admins), by name."""
-    q = select(Organization).order_by(Organization.name)
-    if not actor.is_admin:
-        q = q.where(Organization.id == actor.org_id)
+    q = actor.scope(select(Organization).order_by(Organization.name), Organization.id)
     async with store.session() as session:
         return [_view(r) for r in (await session.execute(q)).scalars().all()]
 

@@ -117,9 +117,7 @@ async def get_settings(store: Store, name: str, *, actor: Actor = SYSTEM) -> Org
 async def list_settings(store: Store, *, actor: Actor = SYSTEM) -> list[OrgSettings]:
     """The settings of every organization the actor may see, by name."""
     actor.require_console()
-    q = select(Organization).order_by(Organization.name)
-    if not actor.is_admin:
-        q = q.where(Organization.id == actor.org_id)
+    q = actor.scope(select(Organization).order_by(Organization.name), Organization.id)
     async with store.session() as session:
         return [_view(r) for r in (await session.execute(q)).scalars().all()]
 

@@ -233,9 +233,7 @@ async def change_own_password(store: Store, user_id: int, current: str, new: str
 async def list_users(store: Store, *, actor: Actor = SYSTEM) -> list[UserView]:
     """Users the actor may see, by e-mail address."""
     actor.require_console()
-    q = select(User).order_by(User.email)
-    if not actor.is_admin:
-        q = q.where(User.org_id == actor.org_id)
+    q = actor.scope(select(User).order_by(User.email), User.org_id)
     async with store.session() as session:
         return [_view(r) for r in (await session.execute(q)).scalars().all()]
 

@@ -81,10 +81,7 @@ class SpoolWorker:
                 full_batch = len(claimed) >= self.settings.spool.batch
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("spool worker cannot reach the database", error=str(exc).splitlines()[0][:200])
-            if not full_batch:
-                await asyncio.sleep(self.settings.spool.poll_interval)
-            else:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0 if full_batch else self.settings.spool.poll_interval)
 
     async def run_once(self, ids: list[int] | None = None) -> list[SpoolEntry]:
         """Claim due entries (or the given ids) and deliver them; waits until they are done."""

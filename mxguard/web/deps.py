@@ -73,12 +73,21 @@ async def signed_in(request: Request, current: ConsoleUser | None = Depends(opti
     return current
 
 
-async def csrf_checked(request: Request, current: ConsoleUser = Depends(console_user)) -> ConsoleUser:
-    """For POST handlers: the form's ``csrf_token`` must be the session's (403 otherwise)."""
+async def require_form_csrf(request: Request, current: ConsoleUser) -> ConsoleUser:
+    """The posted form's ``csrf_token`` must be ``current``'s session token.
+
+    Raises:
+        HTTPException: 403 when it is missing or wrong.
+    """
     form = await request.form()
     if not tokens_match(current.csrf_token, form.get("csrf_token")):
         raise HTTPException(403, "CSRF token missing or wrong; reload the page and try again")
     return current
+
+
+async def csrf_checked(request: Request, current: ConsoleUser = Depends(console_user)) -> ConsoleUser:
+    """For console POST handlers: a console user, with the form's CSRF token checked (403 otherwise)."""
+    return await require_form_csrf(request, current)
 
 
 _bearer = HTTPBearer(auto_error=False, description="API key from `mxguard apikey create`")

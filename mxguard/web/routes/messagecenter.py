@@ -36,7 +36,8 @@ from mxguard.services import users
 from mxguard.services.access import SYSTEM, Actor, Role
 from mxguard.services.orgsettings import settings_for_domain
 from mxguard.web.context import WebContext
-from mxguard.web.deps import ConsoleUser, PasswordChangeRequired, client_ip, get_ctx, optional_session
+from mxguard.web.deps import (ConsoleUser, PasswordChangeRequired, client_ip, get_ctx, optional_session,
+                               require_form_csrf)
 from mxguard.web.security import LOGIN_CSRF_COOKIE, SESSION_COOKIE, new_token, set_cookie, tokens_match
 
 log = structlog.get_logger("mxguard.web.mc")
@@ -64,10 +65,7 @@ async def mc_user(request: Request, current: ConsoleUser | None = Depends(option
 
 async def mc_csrf(request: Request, current: ConsoleUser = Depends(mc_user)) -> ConsoleUser:
     """POST handlers: the form's ``csrf_token`` must be the session's (403 otherwise)."""
-    form = await request.form()
-    if not tokens_match(current.csrf_token, form.get("csrf_token")):
-        raise HTTPException(403, "CSRF token missing or wrong; reload the page and try again")
-    return current
+    return await require_form_csrf(request, current)
 
 
 def _page(request: Request, template: str, values: dict, status: int = 200):
