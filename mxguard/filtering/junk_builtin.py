@@ -18,10 +18,9 @@ results:
 from __future__ import annotations
 
 import re
-from email.utils import getaddresses
 
 from mxguard.filtering.engine import Engine, EngineOutput, ScanContext
-from mxguard.filtering.message import ParsedMessage
+from mxguard.filtering.message import ParsedMessage, parse_addresses
 from mxguard.filtering.sender_auth import organizational_domain
 from mxguard.filtering.verdict import AuthResults, JunkResult
 
@@ -133,7 +132,7 @@ class BuiltinJunkEngine(Engine):
     @staticmethod
     def _from_rules(from_value: str, reply_to: str, hits: list[str]) -> None:
         try:
-            (name, address), = getaddresses([from_value])[:1] or [("", "")]
+            (name, address), = parse_addresses(from_value)[:1] or [("", "")]
         except (ValueError, TypeError):
             return
         from_org = organizational_domain(_domain(address)) if "@" in address else ""
@@ -142,7 +141,7 @@ class BuiltinJunkEngine(Engine):
             hits.append("FROM_NAME_OTHER_ADDRESS")
         if reply_to and from_org:
             try:
-                replies = [a for _, a in getaddresses([reply_to]) if "@" in a]
+                replies = [a for _, a in parse_addresses(reply_to) if "@" in a]
             except (ValueError, TypeError):
                 replies = []
             if replies and all(organizational_domain(_domain(a)) != from_org for a in replies):

@@ -13,6 +13,7 @@ their members become parts too, as do uuencoded blocks inside text bodies.
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import re
 import zipfile
@@ -21,6 +22,7 @@ from email import policy
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.utils import getaddresses
 
 import filetype
 
@@ -211,6 +213,21 @@ class ParsedMessage:
 
     def has_header(self, name: str) -> bool:
         return name in self.msg
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_addresses(value: str) -> tuple[tuple[str, str], ...]:
+    """``(display name, address)`` pairs of an address header's value (``From``, ``Reply-To``...).
+
+    The stdlib's ``getaddresses`` (strict mode: a malformed list gives
+    ``[("", "")]``). Several engines read the same ``From`` and a sender's
+    ``From`` recurs from message to message, so results are remembered
+    (bounded: 4,096 values, least recently used go first).
+
+    Raises:
+        ValueError, TypeError: as ``getaddresses`` does on values it cannot read.
+    """
+    return tuple(getaddresses([value]))
 
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])")

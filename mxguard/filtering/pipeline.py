@@ -96,8 +96,9 @@ class FilterPipeline:
     async def _auth(self, message: ParsedMessage, verdict: Verdict) -> AuthResults:
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.sender_auth.check(message),
-                                          self.settings.timeout_for("sender_auth"))
+            # asyncio.timeout, not wait_for: no extra task per message (3.11's wait_for makes one).
+            async with asyncio.timeout(self.settings.timeout_for("sender_auth")):
+                return await self.sender_auth.check(message)
         except asyncio.TimeoutError:
             return AuthResults(spf="temperror", dmarc="temperror")
         except Exception as exc:  # noqa: BLE001 - never let the checks fail a delivery
@@ -110,7 +111,8 @@ class FilterPipeline:
                    verdict: Verdict) -> EngineOutput | None:
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(engine.scan(message, ctx), engine.timeout)
+            async with asyncio.timeout(engine.timeout):
+                return await engine.scan(message, ctx)
         except asyncio.TimeoutError:
             verdict.errors.append(EngineError(engine.name, f"no answer within {engine.timeout:g} s"))
         except EngineUnavailable as exc:

@@ -24,7 +24,6 @@ import ipaddress
 import time
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import getaddresses
 
 import dkim
 import dns.asyncresolver
@@ -34,7 +33,7 @@ import dns.resolver
 import spf
 from publicsuffixlist import PublicSuffixList
 
-from mxguard.filtering.message import ParsedMessage
+from mxguard.filtering.message import ParsedMessage, parse_addresses
 from mxguard.filtering.verdict import AuthResults
 from mxguard.netaddr import parse_host_port
 
@@ -287,7 +286,7 @@ class SenderAuth:
         env = message.envelope
         from_domain = ""
         try:
-            addresses = getaddresses([message.header("From")])
+            addresses = parse_addresses(message.header("From"))
             if addresses and addresses[0][1]:
                 from_domain = _domain_of(addresses[0][1])
         except (TypeError, ValueError, IndexError):

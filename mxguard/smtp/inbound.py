@@ -12,6 +12,7 @@ phase, the way aiosmtpd intends: the protocol stays in the library.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 
 import structlog
@@ -53,6 +54,29 @@ def _ehlo_lines(lines: list[str]) -> list[str]:
     keep = [line[4:] for line in lines if not line[4:].upper().startswith(("AUTH", "HELP"))]
     keep += ["PIPELINING", "ENHANCEDSTATUSCODES"]
     return [f"250-{item}" for item in keep[:-1]] + [f"250 {keep[-1]}"]
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_path(arg: str) -> tuple[str | None, str | None]:
+    """``(address, rest)`` of a MAIL/RCPT argument, ``(None, None)`` when it does not parse.
+
+    Args:
+        arg: the text after ``FROM:``/``TO:`` (``"<user@example.org> SIZE=100"``), non-empty.
+
+    The stdlib's RFC 5322 parser reads it (about 35 microseconds per address
+    here); the result depends on the text alone, so it is remembered for the
+    addresses that recur: an MX's recipients are its own users, and a sender
+    writes to it again and again. Bounded (8,192 entries, least recently used
+    go first), so a flood of distinct addresses costs the parse and no more.
+    """
+    try:
+        if arg.lstrip().startswith("<"):
+            address, rest = get_angle_addr(arg)
+        else:
+            address, rest = get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    return address.addr_spec, rest
 
 
 class InboundSMTP(SMTP):
@@ -117,15 +141,8 @@ class InboundSMTP(SMTP):
         """
         if not arg:
             return "", ""
-        try:
-            if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
-            else:
-                address, rest = get_addr_spec(arg)
-        except HeaderParseError:
-            return None, None
-        addr = address.addr_spec
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+        addr, rest = parse_path(arg)
+        if addr is None or (self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit):
             return None, None
         return addr, rest
 
