@@ -451,6 +451,52 @@ class HarakaTarget(Target):
                 f"connections), default log level")
 
 
+class BareForwarderTarget(Target):
+    """``bench/bare_forwarder.py``: aiosmtpd → aiosmtplib with nothing else (the issue's anchor row).
+
+    The floor of a Python asyncio relay on this machine and Python: what
+    aiosmtpd, aiosmtplib and the event loop cost with no filters, no message
+    log, no routing and a new downstream connection per message.
+    """
+
+    name = "aiosmtpd"
+    label = "aiosmtpd bare"
+
+    def __init__(self, workdir: Path, cert: tuple[Path, Path]):
+        self.workdir, self.cert = workdir, cert
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, tls, plain_sink, tls_sink):
+        sink = tls_sink if tls else plain_sink
+        self._port = free_port()
+        args = [sys.executable, str(BENCH_DIR / "bare_forwarder.py"), "--listen", str(self._port),
+                "--sink", str(sink.port)]
+        if tls:
+            args += ["--cert", str(self.cert[0]), "--key", str(self.cert[1])]
+        self.log = open(self.workdir / "bare-forwarder.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_port(self._port, 30, self.proc, "bare forwarder")
+
+    @property
+    def port(self):
+        return self._port
+
+    @property
+    def pids(self):
+        return [self.proc.pid]
+
+    def stop(self):
+        stop_process(self.proc)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def describe(self):
+        from importlib.metadata import version
+        return (f"bench/bare_forwarder.py: aiosmtpd {version('aiosmtpd')} → aiosmtplib {version('aiosmtplib')}, "
+                f"Python {sys.version.split()[0]}, no filters, no log, a new downstream connection per message")
+
+
 def mxguard_has_filter_settings() -> bool:
     """True when this mxguard build has a ``[filters]`` settings section (the filtering branch)."""
     from mxguard.config import Settings

@@ -129,6 +129,8 @@ def build_targets(names: list[str], workdir: Path, cert: tuple[Path, Path], args
             out.append(peers.HarakaTarget(workdir, cert, nodes=cores))
         elif name in ("mxguard", "mxguard-filters"):
             out.append(peers.MxguardTarget(workdir, cert, filters=True, env=args.mxguard_env))
+        elif name == "aiosmtpd-bare":
+            out.append(peers.BareForwarderTarget(workdir, cert))
         elif name == "mxguard-nofilters":
             out.append(peers.MxguardTarget(workdir, cert, filters=False, env=args.mxguard_env))
         elif name == "mxguard-cores":
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds: no new message after this, per run")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for the sink per run")
     p.add_argument("--targets", help="comma list of direct,postfix,haraka,haraka-cores,mxguard-nofilters,"
-                                     "mxguard-filters,mxguard-cores (default: all; --quick: direct,postfix,haraka,"
-                                     "mxguard-filters,mxguard-cores)")
+                                     "mxguard-filters,mxguard-cores,aiosmtpd-bare (default: all but aiosmtpd-bare; "
+                                     "--quick: direct,postfix,haraka,mxguard-filters,mxguard-cores)")
     p.add_argument("--tls", default="plain,starttls", help="comma list of plain,starttls")
     p.add_argument("--concurrency", help="comma list of concurrent sessions (default 20,200; --quick 20)")
     p.add_argument("--sizes", help="comma list of message sizes in bytes (default 4096,102400; --quick 4096)")

@@ -44,3 +44,15 @@ def test_quick_bench_runs_every_target(tmp_path):
     assert any(label.startswith("mxguard +filters x") for label in labels), labels  # serve --workers
     assert "goal 1, plain (mxguard +filters): messages/s" in proc.stdout
     assert "goal 1, STARTTLS (mxguard +filters): messages/s" in proc.stdout
+
+
+def test_bare_forwarder_floor_runs(tmp_path):
+    """The aiosmtpd → aiosmtplib floor (``--targets aiosmtpd-bare``) relays every message, plain and STARTTLS."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--targets", "aiosmtpd-bare", "--messages", "20",
+         "--runs", "1", "--warmup", "0", "--json-all", str(tmp_path / "all.json")],
+        capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = json.loads((tmp_path / "all.json").read_text())
+    assert [(r["target"], r["tls"]) for r in rows] == [("aiosmtpd", False), ("aiosmtpd", True)]
+    assert all(r["errors"] == 0 and r["delivered"] == 20 and r["cpu_ms_per_msg"] > 0 for r in rows), rows
