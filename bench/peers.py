@@ -385,7 +385,31 @@ class PostfixTarget(Target):
         return f"Postfix {version} relay, queue on disk (fsync), connection cache on"
 
 
-class HarakaTarget(Target):
+class ProcessTarget(Target):
+    """A target that is one child process (and its children) listening on ``self._port``.
+
+    Subclasses start ``self.proc`` (writing to ``self.log``) in :meth:`start`.
+    """
+
+    proc: subprocess.Popen | None = None
+    _port = 0
+
+    @property
+    def port(self):
+        return self._port
+
+    @property
+    def pids(self):
+        return [self.proc.pid]
+
+    def stop(self):
+        stop_process(self.proc)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+
+
+class HarakaTarget(ProcessTarget):
     """Haraka from npm as a forwarder: ``rcpt_to.in_host_list`` + ``queue/smtp_forward`` (+ ``tls``).
 
     Args:
@@ -429,19 +453,6 @@ class HarakaTarget(Target):
         wait_port(self._port, 60, self.proc, "haraka")
         time.sleep(0.5 if self.nodes > 1 else 0.1)  # let every worker come up
 
-    @property
-    def port(self):
-        return self._port
-
-    @property
-    def pids(self):
-        return [self.proc.pid]
-
-    def stop(self):
-        stop_process(self.proc)
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
 
     def describe(self):
         pkg = CACHE / "haraka" / "node_modules" / "Haraka" / "package.json"
@@ -451,7 +462,7 @@ class HarakaTarget(Target):
                 f"connections), default log level")
 
 
-class BareForwarderTarget(Target):
+class BareForwarderTarget(ProcessTarget):
     """``bench/bare_forwarder.py``: aiosmtpd → aiosmtplib with nothing else (the issue's anchor row).
 
     The floor of a Python asyncio relay on this machine and Python: what
@@ -477,19 +488,6 @@ class BareForwarderTarget(Target):
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_port(self._port, 30, self.proc, "bare forwarder")
 
-    @property
-    def port(self):
-        return self._port
-
-    @property
-    def pids(self):
-        return [self.proc.pid]
-
-    def stop(self):
-        stop_process(self.proc)
-        self.proc = None
-        if getattr(self, "log", None):
-            self.log.close()
 
     def describe(self):
         from importlib.metadata import version

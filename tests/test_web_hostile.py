@@ -156,10 +156,13 @@ def test_another_organizations_objects_are_not_found_on_every_route(web, tenants
                             [(h.id, h.released_at, h.deleted_at) for h in web.run(list_quarantine(web.gw.store))],
                             admin.get("/audit", params={"target": "Globex"}).json())
     before = globex_state()
-    theirs = {"domain": "globex.test", "entry": ids["globex.test"], "servers": tenants["servers"],
-              "held": tenants["held"]["globex.test"], "spooled": tenants["spooled"]["globex.test"][0],
-              "spooled_last": tenants["spooled"]["globex.test"][-1],
-              "list": tenants["lists"]["globex.test"], "org": "Globex"}
+    def objects_of(tenant: str, domain: str, org: str) -> dict:
+        """The ids a scoped call needs, of ``tenant``'s objects (``domain`` is the one it may delete)."""
+        return {"domain": domain, "entry": ids[tenant], "servers": tenants["servers"],
+                "held": tenants["held"][tenant], "spooled": tenants["spooled"][tenant][0],
+                "spooled_last": tenants["spooled"][tenant][-1], "list": tenants["lists"][tenant], "org": org}
+
+    theirs = objects_of("globex.test", "globex.test", "Globex")
     for (method, path), call in SCOPED.items():
         reply = call(console, api, theirs)
         assert reply.status_code == 404, (method, path, reply.status_code)
@@ -167,10 +170,7 @@ def test_another_organizations_objects_are_not_found_on_every_route(web, tenants
     assert globex_state() == before, "nothing of Globex's changed"
     # The same calls on Acme's own objects work: the 404s above were the tenancy rule, not broken routes.
     # (409: the own message was already delivered by the call before; it was found all the same.)
-    mine = {"domain": "spare.acme.test", "entry": ids["acme.test"], "servers": tenants["servers"],
-            "held": tenants["held"]["acme.test"], "spooled": tenants["spooled"]["acme.test"][0],
-            "spooled_last": tenants["spooled"]["acme.test"][-1],
-            "list": tenants["lists"]["acme.test"], "org": "Acme"}
+    mine = objects_of("acme.test", "spare.acme.test", "Acme")
     for (method, path), call in SCOPED.items():
         reply = call(console, api, mine)
         assert reply.status_code in (200, 204, 303, 409), (method, path, reply.status_code, reply.text[:200])

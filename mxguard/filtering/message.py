@@ -42,6 +42,11 @@ _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _UU_BEGIN = re.compile(rb"^begin [0-7]{3,4} ([^\r\n]+)\r?$", re.M)
 _MAX_ARCHIVE_MEMBERS = 1000
 _MAX_ARCHIVE_TOTAL = 100 * 1024 * 1024
+#: What ``zipfile`` raises on an archive or member it cannot read: a damaged archive
+#: (``BadZipFile``, ``EOFError``...), a compression method it lacks (Deflate64, PPMd:
+#: it raises ``NotImplementedError`` for these) or a member that needs a password
+#: (``RuntimeError``). Such a member is listed by name only; the policy still sees it.
+_ZIP_UNREADABLE = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
 
 
 class _MemoHeaderRegistry:
@@ -336,7 +341,7 @@ def _zip_members(container: Part, max_member: int, budget: list[int], level: int
     try:
         archive = zipfile.ZipFile(io.BytesIO(container.data))
         infos = archive.infolist()[:_MAX_ARCHIVE_MEMBERS]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+    except _ZIP_UNREADABLE:
         return members
     for info in infos:
         if info.is_dir():
@@ -347,7 +352,7 @@ def _zip_members(container: Part, max_member: int, budget: list[int], level: int
             try:
                 data = archive.read(info)[:max_member]
                 budget[0] -= len(data)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+            except _ZIP_UNREADABLE:
                 data = b""
         member = Part(path=f"{container.path}/{info.filename}", depth=container.depth,
                       content_type="", filename=info.filename.rsplit("/", 1)[-1] or info.filename,
