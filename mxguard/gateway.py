@@ -158,6 +158,9 @@ class Gateway:
             except ConfigError:
                 await self.stop()
                 raise
+        if self._lock_waiter is not None:
+            # Said only once start-up has succeeded: a failed start prints only its reason.
+            log.info("another process runs the spool worker for this data dir; waiting to take over")
 
     async def _start_web(self) -> None:
         from mxguard.web.app import create_app
@@ -223,9 +226,6 @@ class Gateway:
         try:
             fcntl.flock(self._worker_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            if not getattr(self, "_lock_logged", False):
-                log.info("another process runs the spool worker for this data dir; waiting to take over")
-                self._lock_logged = True
             self._worker_lock.close()
             return False
         return True

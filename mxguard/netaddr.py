@@ -49,6 +49,14 @@ def parse_host_port(text: str, *, default_port: int, allow_zero: bool = False) -
     return host.lower(), port
 
 
+def has_port(text: str) -> bool:
+    """Whether ``text`` (as accepted by :func:`parse_host_port`) names a port explicitly."""
+    text = text.strip()
+    if text.startswith("["):
+        return "]:" in text
+    return text.count(":") == 1
+
+
 def format_host_port(host: str, port: int) -> str:
     """Inverse of :func:`parse_host_port`, bracketing IPv6 hosts."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -46,6 +46,9 @@ def test_summary_send_release_purge_and_signin_link(gateway, tls_sink, held, dat
     released = mx(data_dir, "quarantine", "release", held.id)
     assert released.returncode == 0, released.stderr
     assert f"Delivered {held.id} to bob@example.com" in released.stdout and "TLSv1.3" in released.stdout
+    # Command output and the process log are separate streams: stdout holds only the answer.
+    assert len(released.stdout.strip().splitlines()) == 1, released.stdout
+    assert "quarantine_released" in released.stderr or "released" in released.stderr.lower(), released.stderr
     assert tls_sink.wait_for(2) and tls_sink.messages[1].data.endswith(mail.gtube())
     twice = mx(data_dir, "quarantine", "release", held.id)
     assert twice.returncode == 1 and "not sent again" in twice.stderr and "Traceback" not in twice.stderr

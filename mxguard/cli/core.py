@@ -11,7 +11,7 @@ from rich.table import Table
 from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
 from mxguard.errors import ConfigError
 from mxguard.gateway import Gateway
-from mxguard.netaddr import parse_host_port
+from mxguard.netaddr import has_port, parse_host_port
 from mxguard.services.setup import initialize
 from mxguard.storage.messagelog import entry_as_dict, recent
 
@@ -57,6 +57,10 @@ def serve(
 ) -> None:
     """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers, and the console."""
     s = settings()
+    for endpoint in smtp or []:
+        _check_endpoint("--smtp", endpoint, "127.0.0.1:25")
+    if web:
+        _check_endpoint("--web", web, "127.0.0.1:8443")
     web_listen = None if no_web or (not s.web.enabled and not web) else (web or s.web.listen)
     if web_listen:
         try:
@@ -72,6 +76,21 @@ def serve(
         from mxguard.supervisor import run_workers
         raise typer.Exit(run_workers(s, workers, smtp or None, web_listen, plain))
     run(Gateway(s, smtp_listen=smtp or None, web_listen=web_listen, web_plain_http=plain).run_forever())
+
+
+def _check_endpoint(option: str, endpoint: str, example: str) -> None:
+    """A listener given on the command line names its port: ``--smtp 127.0.0.1`` silently
+    meaning port 25 surprised operators.
+
+    Raises:
+        ConfigError: the endpoint is malformed or has no port (the message names ``option``).
+    """
+    try:
+        parse_host_port(endpoint, default_port=0, allow_zero=True)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+    if not has_port(endpoint):
+        raise ConfigError(f"{option} {endpoint}: give the port too, e.g. {option} {example}")
 
 
 @handle_errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 from mxguard.config import (CONFIG_FILE_NAME, Settings, describe_validation_error, load_settings,
                             render_settings_file)
 from mxguard.errors import ConfigError
+from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import create_key_file
 from mxguard.tls.certs import generate_self_signed, write_private
@@ -19,6 +21,38 @@ def default_hostname() -> str:
     """This machine's FQDN, or ``localhost`` when it has none."""
     name = socket.getfqdn()
     return name if name and "." in name else "localhost"
+
+
+def certificate_names(settings: Settings) -> list[str]:
+    """The subject alternative names of a generated certificate.
+
+    The host name first, then ``localhost``, ``127.0.0.1`` and ``::1`` (so
+    ``curl --cacert cert.pem https://127.0.0.1:8443/`` verifies), then every
+    specific address or name in ``smtp.listen`` and ``web.listen`` (wildcards
+    such as ``0.0.0.0`` and ``::`` name no host and are left out).
+
+    Args:
+        settings: validated settings of the data dir.
+
+    Returns:
+        Names in order, without duplicates (case-insensitive).
+    """
+    names = [settings.hostname, "localhost", "127.0.0.1", "::1"]
+    for endpoint in [*settings.smtp.listen, settings.web.listen]:
+        try:
+            host, _ = parse_host_port(endpoint, default_port=25, allow_zero=True)
+        except ValueError:
+            continue
+        try:
+            if ipaddress.ip_address(host).is_unspecified:
+                continue
+        except ValueError:
+            pass  # a host name: kept as a DNS name
+        names.append(host)
+    unique: dict[str, str] = {}
+    for name in names:
+        unique.setdefault(name.lower(), name)
+    return list(unique.values())
 
 
 async def initialize(data_dir: Path, *, hostname: str | None = None, database_url: str | None = None,
@@ -59,14 +93,15 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
             raise ConfigError(f"{config_path} exists with another database_url; edit the file to change it")
     cert, key = settings.path(settings.tls.cert_file), settings.path(settings.tls.key_file)
     if not cert.exists() and not key.exists():
-        cert_pem, key_pem = generate_self_signed(settings.hostname)
+        cert_pem, key_pem = generate_self_signed(settings.hostname, extra_names=certificate_names(settings))
         write_private(key, key_pem)
         write_private(cert, cert_pem)
     if created and settings.tls.extra_cert_file:
         # RSA-2048 beside the ECDSA certificate, for senders that cannot use ECDSA.
         extra_cert, extra_key = settings.path(settings.tls.extra_cert_file), settings.path(settings.tls.extra_key_file)
         if not extra_cert.exists() and not extra_key.exists():
-            cert_pem, key_pem = generate_self_signed(settings.hostname, key_type="rsa")
+            cert_pem, key_pem = generate_self_signed(settings.hostname, extra_names=certificate_names(settings),
+                                                     key_type="rsa")
             write_private(extra_key, key_pem)
             write_private(extra_cert, cert_pem)
     sealing = settings.path(settings.sealing_key_file)

@@ -1,0 +1,96 @@
+"""``mxguard serve`` start-up as a new operator meets it: listeners named with their ports,
+a certificate that ``curl --cacert`` accepts on the listen address, and a failed start
+that prints only its reason."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from mxguard.config import load_settings
+from tests.support.gateway import init_data_dir
+from tests.support.peers import free_port, stop_process, wait_until
+
+MXGUARD = str(Path(sys.executable).with_name("mxguard"))
+
+
+def serve(data_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
+    return subprocess.run([MXGUARD, "--data-dir", str(data_dir), "serve", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("option, endpoint", [("--smtp", "127.0.0.1"), ("--smtp", "[::1]"),
+                                              ("--smtp", "localhost"), ("--web", "127.0.0.1"),
+                                              ("--web", "::1")])
+def test_a_listener_without_port_is_refused_naming_the_option(tmp_path, option, endpoint):
+    init_data_dir(tmp_path / "data")
+    out = serve(tmp_path / "data", option, endpoint, "--no-web" if option == "--smtp" else "--smtp=127.0.0.1:0")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.strip().splitlines() == [
+        f"error: {option} {endpoint}: give the port too, e.g. {option} "
+        f"{'127.0.0.1:25' if option == '--smtp' else '127.0.0.1:8443'}"]
+    assert out.stdout == ""
+
+
+def test_a_failed_start_prints_only_its_reason(tmp_path):
+    """Another node holding the spool-worker lock used to print "waiting to take over" before the bind error."""
+    data = tmp_path / "data"
+    init_data_dir(data)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with open(data / "spool-worker.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = serve(data, "--no-web", "--smtp", f"127.0.0.1:{port}")
+    busy.close()
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: smtp.listen: cannot listen on 127.0.0.1:{port}:")
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_generated_certificate_names_the_listen_addresses(tmp_path):
+    data = tmp_path / "data"
+    init_data_dir(data, hostname="mx1.example.test")
+    s = load_settings(data, environ={})
+    for cert_file in (s.tls.cert_file, s.tls.extra_cert_file):
+        cert = x509.load_pem_x509_certificate(s.path(cert_file).read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName)[:2] == ["mx1.example.test", "localhost"]
+        assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+
+
+def test_curl_with_the_generated_certificate_reaches_the_console_on_127_0_0_1(tmp_path):
+    """The README's ``curl --cacert .../tls/cert.pem https://127.0.0.1:PORT/`` example, for real."""
+    data = tmp_path / "data"
+    init_data_dir(data, hostname="mx1.example.test")
+    web_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([MXGUARD, "--data-dir", str(data), "serve", "--smtp", "127.0.0.1:0",
+                             "--web", f"127.0.0.1:{web_port}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "wb"))
+    try:
+        def up() -> bool:
+            with socket.create_connection(("127.0.0.1", web_port), timeout=1):
+                return True
+        wait_until(up, 30, "mxguard serve", log, proc)
+        for host in ("127.0.0.1", "localhost"):
+            out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                                  str(data / "tls" / "cert.pem"), f"https://{host}:{web_port}/login"],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            assert out.stdout == "200"
+        assert "listening" in log.read_text() and f"127.0.0.1:{web_port}" in log.read_text()
+    finally:
+        stop_process(proc)
