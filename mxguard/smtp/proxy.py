@@ -166,6 +166,18 @@ def sender_aligned(tx: Transaction) -> bool:
     return bool(getattr(auth, "sender_aligned", False))
 
 
+def _ended_reply(reason: str | None, results: list[RecipientResult]) -> str:
+    """The message log's reply column for a transaction that ended before DATA.
+
+    Each recipient refused at RCPT is named with its reply, so a session whose
+    recipients were all refused does not read as a plain "(ended by QUIT)".
+    """
+    refused = [f"{r.rcpt}: {r.code} {r.enhanced} {r.text}".strip() for r in results
+               if r.disposition != "aborted" and r.code >= 400]
+    ended = f"(ended by {reason})"
+    return f"{ended} refused at RCPT: " + "; ".join(refused) if refused else ended
+
+
 def _disposition_for(reply: Reply) -> str:
     if reply.is_positive:
         return "delivered"
@@ -247,6 +259,10 @@ class ProxySession:
                 return self._accept_for_spool(leg, address, domain)
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
+            if reply.enhanced == "2.0.0":
+                # RFC 3463 3.2: X.1.5 "destination address valid" is the code for an accepted
+                # RCPT; many servers (Postfix, aiosmtpd) send 2.0.0 or none at all.
+                reply = Reply(reply.code, "2.1.5", reply.text)
             leg.accepted.append(address)
             leg.rcpt_domains[address] = domain
         else:
@@ -645,7 +661,7 @@ class ProxySession:
             downstream_verified=first.verified if first else None,
             downstream=infos, results=[r.__dict__ for r in tx.results], disposition=disposition,
             final_code=final.code if final else None,
-            final_reply=final.one_line() if final else f"(ended by {abort_reason})",
+            final_reply=final.one_line() if final else _ended_reply(abort_reason, tx.results),
             accept_ms=accept_ms, connect_ms=tx.connect_ms or None, tls_ms=tx.tls_ms or None,
             relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
             verdict=tx.filter_plan.as_log() if tx.filter_plan else {},
