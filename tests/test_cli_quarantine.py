@@ -75,3 +75,21 @@ def test_org_and_domain_settings_from_the_cli(gateway, held, data_dir):
     assert bad.returncode == 2 and "summary_hour" in bad.stderr
     bad = mx(data_dir, "domain", "set", "example.com", "--block-action", "bounce")
     assert bad.returncode == 2 and "block_action" in bad.stderr
+
+
+def test_domain_add_without_org_says_the_message_center_needs_one(tmp_path):
+    from tests.support.gateway import init_data_dir
+    data = tmp_path / "data"
+    init_data_dir(data)
+    out = mx(data, "domain", "add", "noorg.example", "--server", "127.0.0.1:2525")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Added noorg.example")
+    assert "noorg.example has no organization" in out.stderr and "--org ORG" in out.stderr
+    link = mx(data, "quarantine", "signin-link", "bob@noorg.example")
+    assert link.returncode == 1 and "has no organization" in link.stderr
+    assert mx(data, "org", "add", "Example Corp").returncode == 0
+    assert mx(data, "domain", "set", "noorg.example", "--org", "Example Corp").returncode == 0
+    link = mx(data, "quarantine", "signin-link", "bob@noorg.example")
+    assert link.returncode == 0 and "/mc/link/" in link.stdout
+    with_org = mx(data, "domain", "add", "org.example", "--server", "127.0.0.1:2525", "--org", "Example Corp")
+    assert with_org.returncode == 0 and "no organization" not in with_org.stderr

@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from mxguard.cli.common import console, handle_errors, run, settings, with_store
+from mxguard.cli.common import console, err_console, handle_errors, run, settings, with_store
 from mxguard.services import domains as svc
 from mxguard.services.access import Actor
 
@@ -88,6 +88,9 @@ def add(
         on_unreachable=on_unreachable, **filters)))
     console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
                   f"inbound TLS {view.inbound_tls})", highlight=False)
+    if not org:
+        err_console.print(f"note: {view.name} has no organization: its recipients cannot use the Message Center "
+                          f"until it has one (mxguard domain set {view.name} --org ORG)", highlight=False, soft_wrap=True)
 
 
 @domain_app.command("set")
