@@ -20,6 +20,46 @@ class ValidationFailed(MxguardError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        #: Every problem found in the request as ``(field, message)``; the first is ``field``.
+        self.errors: list[tuple[str, str]] = [(field, message)]
+
+    @classmethod
+    def combine(cls, failures: list["ValidationFailed"]) -> "ValidationFailed":
+        """One exception carrying every failure (the API lists them all, as FastAPI does).
+
+        Args:
+            failures: at least one :class:`ValidationFailed`, in the order found.
+        """
+        first = failures[0]
+        combined = cls(first.field, first.message)
+        combined.errors = [e for f in failures for e in f.errors]
+        combined.args = ("; ".join(f"{f}: {m}" for f, m in combined.errors),)
+        return combined
+
+
+class ValidationCollector:
+    """Collects :class:`ValidationFailed` raised inside ``with collector:`` blocks.
+
+    Each block checks one field; a failure is recorded and the next block runs,
+    so one request is told about every bad field at once.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[ValidationFailed] = []
+
+    def __enter__(self) -> "ValidationCollector":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, ValidationFailed):
+            self.failures.append(exc)
+            return True
+        return False
+
+    def raise_if_any(self) -> None:
+        """Raises: ValidationFailed: the combined failures, when there was one."""
+        if self.failures:
+            raise ValidationFailed.combine(self.failures)
 
 
 class NotFound(MxguardError):

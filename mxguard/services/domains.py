@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from mxguard.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, ValidationFailed
+from mxguard.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, ValidationCollector, ValidationFailed
 from mxguard.filtering.policy_content import DEFAULT_ATTACHMENT_RULES, validate_rules
 from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.services import audit
@@ -146,59 +146,75 @@ def normalize_servers(servers: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Normalise and check every given field.
+
+    Raises:
+        ValidationFailed: every invalid field at once (``errors`` lists them).
+    """
     out = dict(fields)
+    check = ValidationCollector()
     if "servers" in out:
-        out["servers"] = normalize_servers(out["servers"])
+        with check:
+            out["servers"] = normalize_servers(out["servers"])
     for key, enum in (("inbound_tls", InboundTls), ("downstream_tls", DownstreamTls), ("tls_min_version", TlsVersion)):
         if key in out:
-            try:
-                out[key] = enum(str(out[key]).lower()).value
-            except ValueError:
-                allowed = ", ".join(e.value for e in enum)
-                raise ValidationFailed(key, f"{out[key]!r} is not one of: {allowed}") from None
+            with check:
+                try:
+                    out[key] = enum(str(out[key]).lower()).value
+                except ValueError:
+                    allowed = ", ".join(e.value for e in enum)
+                    raise ValidationFailed(key, f"{out[key]!r} is not one of: {allowed}") from None
     if "on_unreachable" in out and out["on_unreachable"] not in ("spool", "defer"):
-        raise ValidationFailed("on_unreachable", f"{out['on_unreachable']!r} is not one of: spool, defer")
+        with check:
+            raise ValidationFailed("on_unreachable", f"{out['on_unreachable']!r} is not one of: spool, defer")
     if out.get("tls_fingerprint"):
-        try:
-            out["tls_fingerprint"] = normalize_fingerprint(out["tls_fingerprint"])
-        except ValueError as exc:
-            raise ValidationFailed("tls_fingerprint", str(exc)) from None
+        with check:
+            try:
+                out["tls_fingerprint"] = normalize_fingerprint(out["tls_fingerprint"])
+            except ValueError as exc:
+                raise ValidationFailed("tls_fingerprint", str(exc)) from None
     elif "tls_fingerprint" in out:
         out["tls_fingerprint"] = None
     for key in THRESHOLD_FIELDS:
         if key in out:
-            out[key] = _threshold(key, out[key])
+            with check:
+                out[key] = _threshold(key, out[key])
     for key, low, high in (("summary_interval", 0, 24 * 31), ("summary_hour", 0, 23)):
         if key in out:
-            try:
-                out[key] = int(str(out[key]).strip())
-            except ValueError:
-                raise ValidationFailed(key, f"{out[key]!r} is not a whole number") from None
-            if not low <= out[key] <= high:
-                raise ValidationFailed(key, f"must be between {low} and {high}")
+            with check:
+                try:
+                    out[key] = int(str(out[key]).strip())
+                except ValueError:
+                    raise ValidationFailed(key, f"{out[key]!r} is not a whole number") from None
+                if not low <= out[key] <= high:
+                    raise ValidationFailed(key, f"must be between {low} and {high}")
     for key, allowed in (("virus_action", VIRUS_ACTIONS), ("engine_failure", ENGINE_FAILURE_ACTIONS),
                          ("block_action", BLOCK_ACTIONS)):
         if key in out:
-            value = str(out[key]).strip().lower()
-            if value not in allowed:
-                raise ValidationFailed(key, f"{out[key]!r} is not one of: {', '.join(allowed)}")
-            out[key] = value
+            with check:
+                value = str(out[key]).strip().lower()
+                if value not in allowed:
+                    raise ValidationFailed(key, f"{out[key]!r} is not one of: {', '.join(allowed)}")
+                out[key] = value
     if "attachment_rules" in out:
-        rules = out["attachment_rules"]
-        if isinstance(rules, str):
-            try:
-                rules = json.loads(rules)
-            except ValueError as exc:
-                raise ValidationFailed("attachment_rules", f"not valid JSON: {exc}") from None
-        out["attachment_rules"] = None if rules is None else validate_rules(list(rules) if isinstance(
-            rules, tuple) else rules)
+        with check:
+            rules = out["attachment_rules"]
+            if isinstance(rules, str):
+                try:
+                    rules = json.loads(rules)
+                except ValueError as exc:
+                    raise ValidationFailed("attachment_rules", f"not valid JSON: {exc}") from None
+            out["attachment_rules"] = None if rules is None else validate_rules(list(rules) if isinstance(
+                rules, tuple) else rules)
     if out.get("tls_ca_file"):
-        path = os.path.abspath(out["tls_ca_file"])
-        if not os.path.isfile(path):
-            raise ValidationFailed("tls_ca_file", f"{path} does not exist")
-        out["tls_ca_file"] = path
+        with check:
+            path = os.path.abspath(out["tls_ca_file"])
+            if not os.path.isfile(path):
+                raise ValidationFailed("tls_ca_file", f"{path} does not exist")
+            out["tls_ca_file"] = path
     elif "tls_ca_file" in out:
         out["tls_ca_file"] = None
+    check.raise_if_any()
     return out
 
 
@@ -216,17 +232,27 @@ def _threshold(key: str, value: Any) -> float | None:
 
 
 def _check_consistent(values: dict[str, Any]) -> None:
+    """Checks across fields (after each field is valid on its own).
+
+    Raises:
+        ValidationFailed: every inconsistency at once.
+    """
+    check = ValidationCollector()
     mode = values["downstream_tls"]
     if values.get("tls_fingerprint") and mode != DownstreamTls.VERIFY:
-        raise ValidationFailed("tls_fingerprint", "a pinned fingerprint is only used with downstream TLS 'verify'")
+        with check:
+            raise ValidationFailed("tls_fingerprint", "a pinned fingerprint is only used with downstream TLS 'verify'")
     if values.get("tls_ca_file") and mode != DownstreamTls.VERIFY:
-        raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify'")
+        with check:
+            raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify'")
     # Junk thresholds must be ordered: tag <= quarantine <= reject (when set).
     order = [(k, values.get(k)) for k in ("junk_tag", "junk_quarantine", "junk_reject") if values.get(k) is not None]
     for (low_key, low), (high_key, high) in zip(order, order[1:]):
         if low > high:
-            raise ValidationFailed(high_key, f"{high:g} is below {low_key} {low:g}; "
-                                             "expected junk_tag <= junk_quarantine <= junk_reject")
+            with check:
+                raise ValidationFailed(high_key, f"{high:g} is below {low_key} {low:g}; "
+                                                 "expected junk_tag <= junk_quarantine <= junk_reject")
+    check.raise_if_any()
 
 
 async def bump_generation(session) -> None:
@@ -287,13 +313,17 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         PermissionDenied: the actor is a plain user.
     """
     actor.require_console()
-    domain = normalize_domain_name(name)
+    check = ValidationCollector()
+    with check:
+        domain = normalize_domain_name(name)
     values = {**DOMAIN_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
-    unknown = set(values) - set(DOMAIN_DEFAULTS)
-    if unknown:
-        raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
+    for key in sorted(set(values) - set(DOMAIN_DEFAULTS)):
+        with check:
+            raise ValidationFailed(key, "unknown domain setting")
     values["servers"] = servers
-    values = _validate_fields(values)
+    with check:
+        values = _validate_fields(values)
+    check.raise_if_any()
     if values.get("attachment_rules") is None:
         values["attachment_rules"] = json.loads(json.dumps(DEFAULT_ATTACHMENT_RULES))
     _check_consistent(values)
@@ -331,7 +361,7 @@ async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **cha
     changes = {k: v for k, v in changes.items() if v is not None}
     unknown = set(changes) - set(DOMAIN_DEFAULTS) - {"servers"}
     if unknown:
-        raise ValidationFailed(sorted(unknown)[0], "unknown domain setting")
+        raise ValidationFailed.combine([ValidationFailed(key, "unknown domain setting") for key in sorted(unknown)])
     changes = _validate_fields(changes)
     async with store.session() as session:
         row = await _scoped_row(session, domain, actor)

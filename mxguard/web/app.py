@@ -85,8 +85,8 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.exception_handler(ValidationFailed)
     async def _invalid(request: Request, exc: ValidationFailed):
         if _is_api(request):
-            return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": exc.message,
-                                             "type": "value_error"}]}, status_code=422)
+            return JSONResponse({"detail": [{"loc": ["body", field], "msg": message, "type": "value_error"}
+                                            for field, message in exc.errors]}, status_code=422)
         return _page_error(request, 422, str(exc))
 
     @app.exception_handler(NotFound)

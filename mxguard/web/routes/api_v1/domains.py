@@ -28,9 +28,9 @@ async def add_domain(body: DomainIn, actor: Actor = Depends(api_actor), ctx: Web
     try:
         view = await svc.add_domain(ctx.store, body.name, body.servers, actor=actor, org=body.org, **fields)
     except ValidationFailed as exc:
-        if exc.field == "domain":  # the service's name for it; this body calls it "name"
-            raise ValidationFailed("name", exc.message) from None
-        raise
+        # The service calls the domain's name "domain"; this body calls it "name".
+        raise ValidationFailed.combine([ValidationFailed("name" if field == "domain" else field, message)
+                                        for field, message in exc.errors]) from None
     await ctx.config_changed()
     return _out(view)
 
