@@ -21,14 +21,16 @@ import smtplib
 import socket
 import ssl
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from mxguard.config import load_settings
 from mxguard.demo_dns import DemoDNS
@@ -362,12 +364,14 @@ def verdict_text(record: LogRecord | None, rcpt: str) -> str:
     return (disposition["reason"] if disposition["category"] != "clean" else "clean") + auth_text
 
 
-def results_table(results: list[SendResult], title: str) -> Table:
-    """A table with one row per recipient."""
-    table = Table(title=title, show_lines=False)
-    for col in ("message", "recipient", "inbound TLS", "downstream TLS", "verdict", "reply to sender", "disposition",
-                "ms"):
-        table.add_column(col, overflow="fold")
+#: Below this many columns the results are listed per recipient instead of as a table:
+#: eight columns in 80 would cut words in half.
+WIDE_TABLE_COLUMNS = 120
+
+
+def _result_rows(results: list[SendResult]) -> list[dict[str, str]]:
+    """One dict per recipient: message, recipient, TLS in/out, verdict, reply, disposition, ms."""
+    rows = []
     for res in results:
         by_rcpt = {r["rcpt"]: r for r in (res.record.results if res.record else [])}
         for rcpt in res.message.recipients:
@@ -376,10 +380,51 @@ def results_table(results: list[SendResult], title: str) -> Table:
             if code in (250, 251) and res.final:
                 code, text = res.final
             reply = f"{code} {text}" if code else (res.error or "")
-            table.add_row(res.message.label, rcpt, res.tls or "none", _downstream_tls(res.record, r and r["route"]),
-                          verdict_text(res.record, rcpt), reply[:90], r["disposition"] if r else "-",
-                          f"{res.record.total_ms:.1f}" if res.record and res.record.total_ms else "")
+            rows.append({"message": res.message.label, "recipient": rcpt, "inbound TLS": res.tls or "none",
+                         "downstream TLS": _downstream_tls(res.record, r and r["route"]),
+                         "verdict": verdict_text(res.record, rcpt), "reply to sender": textwrap.shorten(reply, 90, placeholder=" ..."),
+                         "disposition": r["disposition"] if r else "-",
+                         "ms": f"{res.record.total_ms:.1f}" if res.record and res.record.total_ms else ""})
+    return rows
+
+
+def results_table(results: list[SendResult], title: str) -> Table:
+    """A table with one row per recipient (for terminals of :data:`WIDE_TABLE_COLUMNS` or more)."""
+    table = Table(title=title, show_lines=False)
+    rows = _result_rows(results)
+    for col in ("message", "recipient", "inbound TLS", "downstream TLS", "verdict", "reply to sender", "disposition",
+                "ms"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
     return table
+
+
+def results_list(results: list[SendResult], title: str) -> Group:
+    """The same facts as :func:`results_table`, one short block per recipient, for narrow terminals.
+
+    Text wraps at spaces, so no word is cut at 80 columns.
+    """
+    blocks: list = [Text(title, style="bold")]
+    for row in _result_rows(results):
+        block = Text()
+        block.append(f"{row['disposition']}", style="bold")
+        block.append(f"  {row['recipient']}  ({row['message']})\n")
+        block.append(f"  TLS in {row['inbound TLS']}, downstream {row['downstream TLS']}"
+                     + (f", {row['ms']} ms" if row["ms"] else "") + "\n")
+        block.append(f"  verdict: {row['verdict']}\n")
+        block.append(f"  reply: {row['reply to sender']}")
+        blocks.append(block)
+    return Group(*blocks)
+
+
+def results_view(results: list[SendResult], title: str, width: int) -> Table | Group:
+    """:func:`results_table` on a wide console, :func:`results_list` on a narrow one.
+
+    Args:
+        width: the console's width in columns.
+    """
+    return results_table(results, title) if width >= WIDE_TABLE_COLUMNS else results_list(results, title)
 
 
 async def run_demo(corpus: Path | None = None, keep_running: bool = False, console: Console | None = None) -> int:
@@ -402,7 +447,8 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
         if not corpus:
             results.append(await _spool_round_trip(env, console))
         await env.gateway.message_log.flush()
-        console.print(results_table(results, "Corpus through the gateway" if corpus else "What happened to each recipient"))
+        console.print(results_view(results, "Corpus through the gateway" if corpus else "What happened to each recipient",
+                                   console.width))
         status = _report(console, env, results, corpus is not None)
         if not corpus:
             await _print_spool(env, console)
@@ -438,13 +484,20 @@ async def _print_spool(env: DemoEnvironment, console: Console) -> None:
     table = Table(title="Spool: held while the branch server was down, then delivered")
     for col in ("entry", "recipient", "attempt", "server", "downstream TLS", "reply"):
         table.add_column(col, overflow="fold")
+    narrow = Text()
     for entry in entries:
         _, attempts = await queue.get_entry(env.gateway.store, entry.id)
         for n, a in enumerate(attempts, 1):
             tls = f"{a.tls_version}" if a.tls else "none"
-            table.add_row(f"#{entry.id} {entry.status}", ", ".join(r["rcpt"] for r in entry.recipients), str(n),
-                          (a.server or "-")[:60], tls, a.reply[:70])
-    console.print(table)
+            cells = (f"#{entry.id} {entry.status}", ", ".join(r["rcpt"] for r in entry.recipients), str(n),
+                     (a.server or "-")[:60], tls, a.reply[:70])
+            table.add_row(*cells)
+            narrow.append(f"\n{cells[0]}  {cells[1]}  attempt {cells[2]} via {cells[3]}, TLS {cells[4]}\n"
+                          f"  reply: {cells[5]}")
+    if console.width >= WIDE_TABLE_COLUMNS:
+        console.print(table)
+    else:
+        console.print(Group(Text(table.title or "", style="bold"), narrow))
     if env.sink_branch.messages:
         m = env.sink_branch.messages[0]
         console.print(f"The branch server received the spooled message over {m.tls_version}.", highlight=False)

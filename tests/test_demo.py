@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from mxguard.demo import DemoEnvironment, corpus_messages, default_messages, identical_apart_from_added_headers, run_demo
+from mxguard.demo import (DemoEnvironment, corpus_messages, default_messages, identical_apart_from_added_headers,
+                          results_view, run_demo)
 
 #: What the gateway does with each corpus file sent over SMTP. The binary files
 #: are not messages: sent as DATA, their line ends are normalised (so the zip
@@ -51,6 +53,20 @@ async def test_default_messages_show_each_verdict():
     assert got["junk (GTUBE test string)"] == ("quarantined", 250)
     assert got["blocked attachment (.exe in a zip)"] == ("rejected", 550)
     assert got["HTML + PDF, two routes"] == ("delivered", 250)
+    # On an 80-column terminal the results are listed, and no word is cut in half.
+    narrow = Console(file=io.StringIO(), width=80, record=True)
+    narrow.print(results_view(list(results.values()), "What happened to each recipient", 80))
+    lines = narrow.export_text().splitlines()
+    assert lines and max(len(line) for line in lines) <= 80
+    words = {w for line in lines for w in re.findall(r"[\w@.\-]*\w", line)}
+    for word in ("quarantined", "rejected", "delivered", "alice@example.com", "EICAR-Test-File", "verified",
+                 "Relay", "TLSv1.3", "downstream"):
+        assert word in words, (word, lines)
+    wide = Console(file=io.StringIO(), width=200, record=True)
+    wide.print(results_view(list(results.values()), "What happened to each recipient", 200))
+    wide_words = {w for line in wide.export_text().splitlines() for w in re.findall(r"[\w@.\-]*\w", line)}
+    assert {w for w in wide_words if w.isalpha() and len(w) > 3} - words <= {"message", "recipient", "inbound",
+                                                                          "verdict", "sender", "disposition"}
     signed = results["plain text, DKIM-signed"].record.verdict["auth"]
     assert (signed["spf"], signed["dkim_result"], signed["dmarc"]) == ("pass", "pass", "pass")
     assert "EICAR-Test-File" in results["virus (EICAR test file)"].final[1]

@@ -31,7 +31,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    data_dir: str = typer.Option(None, "--data-dir", metavar="DIR",
+    data_dir: str = typer.Option(None, "--data-dir", show_default=False, metavar="DIR",
                                  help="Data directory (default: $MXGUARD_DATA_DIR, else ./mxguard-data)"),
 ) -> None:
     common.state.data_dir_option = data_dir

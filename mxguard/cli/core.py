@@ -24,9 +24,9 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def init(
-    hostname: str = typer.Option(None, "--hostname", metavar="NAME",
+    hostname: str = typer.Option(None, "--hostname", show_default=False, metavar="NAME",
                                  help="Gateway host name (greeting, Received, certificate) (default: this host's FQDN)"),
-    database_url: str = typer.Option(None, "--database-url", metavar="URL",
+    database_url: str = typer.Option(None, "--database-url", show_default=False, metavar="URL",
                                      help="postgresql+asyncpg://user:pass@host/db (default: SQLite in the data dir)"),
 ) -> None:
     """Create the data dir: settings, self-signed certificate, sealing key, database schema."""
@@ -44,14 +44,14 @@ def init(
 
 @handle_errors
 def serve(
-    smtp: list[str] = typer.Option(None, "--smtp", metavar="HOST:PORT",
+    smtp: list[str] = typer.Option(None, "--smtp", show_default=False, metavar="HOST:PORT",
                                    help="Inbound SMTP listener(s) (default: smtp.listen in mxguard.toml)"),
-    web: str = typer.Option(None, "--web", metavar="HOST:PORT",
+    web: str = typer.Option(None, "--web", show_default=False, metavar="HOST:PORT",
                             help="Administration Console and REST API over HTTPS (default: web.listen, 127.0.0.1:8443)"),
-    web_plain_http: bool = typer.Option(None, "--web-plain-http",
+    web_plain_http: bool = typer.Option(None, "--web-plain-http",show_default=False, 
                                         help="Serve the console over plain HTTP: only behind a TLS-terminating proxy"),
     no_web: bool = typer.Option(False, "--no-web", help="Do not serve the console and API"),
-    workers: int = typer.Option(None, "--workers", min=0, max=64, metavar="N",
+    workers: int = typer.Option(None, "--workers", show_default=False, min=0, max=64, metavar="N",
                                 help="Gateway processes sharing the SMTP listeners; 0 = one per CPU "
                                      "(default: smtp.workers, 1)"),
 ) -> None:

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def demo(
-    corpus: Path = typer.Option(None, "--corpus", metavar="DIR", exists=True, file_okay=False,
+    corpus: Path = typer.Option(None, "--corpus", show_default=False, metavar="DIR", exists=True, file_okay=False,
                                 help="Send every file under DIR (any depth) instead of the built-in messages"),
     keep_running: bool = typer.Option(False, "--keep-running", help="Keep the gateway up after sending, until Ctrl-C"),
 ) -> None:

@@ -60,24 +60,24 @@ def _print_domain(view: svc.DomainView) -> None:
 @domain_app.command("add")
 @handle_errors
 def add(
-    domain: str = typer.Argument(..., help="The domain, e.g. example.com"),
-    server: list[str] = typer.Option(..., "--server", metavar="HOST[:PORT]", help=SERVER_HELP),
-    downstream_tls: str = typer.Option(None, "--downstream-tls", metavar="MODE", help=DOWNSTREAM_HELP),
-    inbound_tls: str = typer.Option(None, "--inbound-tls", metavar="MODE", help=INBOUND_HELP),
-    tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
-    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
-    tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
-    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
-    org: str = typer.Option(None, "--org", metavar="ORG", help=ORG_HELP),
-    junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
-    junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
-    junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
-    virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
-    engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
-    attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
-    summary_interval: int = typer.Option(None, "--summary-interval", metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
-    summary_hour: int = typer.Option(None, "--summary-hour", metavar="HOUR", help=SUMMARY_HOUR_HELP),
-    block_action: str = typer.Option(None, "--block-action", metavar="ACTION", help=BLOCK_HELP),
+    domain: str = typer.Argument(..., show_default=False, help="The domain, e.g. example.com"),
+    server: list[str] = typer.Option(..., "--server", show_default=False, metavar="HOST[:PORT]", help=SERVER_HELP),
+    downstream_tls: str = typer.Option(None, "--downstream-tls", show_default=False, metavar="MODE", help=DOWNSTREAM_HELP),
+    inbound_tls: str = typer.Option(None, "--inbound-tls", show_default=False, metavar="MODE", help=INBOUND_HELP),
+    tls_ca_file: str = typer.Option(None, "--tls-ca-file", show_default=False, metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
+    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", show_default=False, metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
+    tls_min_version: str = typer.Option(None, "--tls-min-version", show_default=False, metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", show_default=False, metavar="spool|defer", help=UNREACHABLE_HELP),
+    org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help=ORG_HELP),
+    junk_quarantine: str = typer.Option(None, "--junk-quarantine", show_default=False, metavar="SCORE", help=JUNK_Q_HELP),
+    junk_reject: str = typer.Option(None, "--junk-reject", show_default=False, metavar="SCORE", help=JUNK_R_HELP),
+    junk_tag: str = typer.Option(None, "--junk-tag", show_default=False, metavar="SCORE", help=JUNK_T_HELP),
+    virus_action: str = typer.Option(None, "--virus-action", show_default=False, metavar="ACTION", help=VIRUS_HELP),
+    engine_failure: str = typer.Option(None, "--engine-failure", show_default=False, metavar="ACTION", help=FAILURE_HELP),
+    attachment_rules: str = typer.Option(None, "--attachment-rules", show_default=False, metavar="JSON|@FILE", help=RULES_HELP),
+    summary_interval: int = typer.Option(None, "--summary-interval", show_default=False, metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
+    summary_hour: int = typer.Option(None, "--summary-hour", show_default=False, metavar="HOUR", help=SUMMARY_HOUR_HELP),
+    block_action: str = typer.Option(None, "--block-action", show_default=False, metavar="ACTION", help=BLOCK_HELP),
 ) -> None:
     """Serve a domain: accept its mail and relay it to its downstream server(s)."""
     filters = _filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure, attachment_rules,
@@ -96,24 +96,24 @@ def add(
 @domain_app.command("set")
 @handle_errors
 def set_(
-    domain: str = typer.Argument(...),
-    server: list[str] = typer.Option(None, "--server", metavar="HOST[:PORT]", help=SERVER_HELP + " (replaces the list)"),
-    downstream_tls: str = typer.Option(None, "--downstream-tls", metavar="MODE", help=DOWNSTREAM_HELP),
-    inbound_tls: str = typer.Option(None, "--inbound-tls", metavar="MODE", help=INBOUND_HELP),
-    tls_ca_file: str = typer.Option(None, "--tls-ca-file", metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
-    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
-    tls_min_version: str = typer.Option(None, "--tls-min-version", metavar="1.2|1.3"),
-    on_unreachable: str = typer.Option(None, "--on-unreachable", metavar="spool|defer", help=UNREACHABLE_HELP),
-    org: str = typer.Option(None, "--org", metavar="ORG", help=ORG_HELP + " ('' for none)"),
-    junk_quarantine: str = typer.Option(None, "--junk-quarantine", metavar="SCORE", help=JUNK_Q_HELP),
-    junk_reject: str = typer.Option(None, "--junk-reject", metavar="SCORE", help=JUNK_R_HELP),
-    junk_tag: str = typer.Option(None, "--junk-tag", metavar="SCORE", help=JUNK_T_HELP),
-    virus_action: str = typer.Option(None, "--virus-action", metavar="ACTION", help=VIRUS_HELP),
-    engine_failure: str = typer.Option(None, "--engine-failure", metavar="ACTION", help=FAILURE_HELP),
-    attachment_rules: str = typer.Option(None, "--attachment-rules", metavar="JSON|@FILE", help=RULES_HELP),
-    summary_interval: int = typer.Option(None, "--summary-interval", metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
-    summary_hour: int = typer.Option(None, "--summary-hour", metavar="HOUR", help=SUMMARY_HOUR_HELP),
-    block_action: str = typer.Option(None, "--block-action", metavar="ACTION", help=BLOCK_HELP),
+    domain: str = typer.Argument(..., show_default=False),
+    server: list[str] = typer.Option(None, "--server", show_default=False, metavar="HOST[:PORT]", help=SERVER_HELP + " (replaces the list)"),
+    downstream_tls: str = typer.Option(None, "--downstream-tls", show_default=False, metavar="MODE", help=DOWNSTREAM_HELP),
+    inbound_tls: str = typer.Option(None, "--inbound-tls", show_default=False, metavar="MODE", help=INBOUND_HELP),
+    tls_ca_file: str = typer.Option(None, "--tls-ca-file", show_default=False, metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
+    tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", show_default=False, metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
+    tls_min_version: str = typer.Option(None, "--tls-min-version", show_default=False, metavar="1.2|1.3"),
+    on_unreachable: str = typer.Option(None, "--on-unreachable", show_default=False, metavar="spool|defer", help=UNREACHABLE_HELP),
+    org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help=ORG_HELP + " ('' for none)"),
+    junk_quarantine: str = typer.Option(None, "--junk-quarantine", show_default=False, metavar="SCORE", help=JUNK_Q_HELP),
+    junk_reject: str = typer.Option(None, "--junk-reject", show_default=False, metavar="SCORE", help=JUNK_R_HELP),
+    junk_tag: str = typer.Option(None, "--junk-tag", show_default=False, metavar="SCORE", help=JUNK_T_HELP),
+    virus_action: str = typer.Option(None, "--virus-action", show_default=False, metavar="ACTION", help=VIRUS_HELP),
+    engine_failure: str = typer.Option(None, "--engine-failure", show_default=False, metavar="ACTION", help=FAILURE_HELP),
+    attachment_rules: str = typer.Option(None, "--attachment-rules", show_default=False, metavar="JSON|@FILE", help=RULES_HELP),
+    summary_interval: int = typer.Option(None, "--summary-interval", show_default=False, metavar="HOURS", help=SUMMARY_INTERVAL_HELP),
+    summary_hour: int = typer.Option(None, "--summary-hour", show_default=False, metavar="HOUR", help=SUMMARY_HOUR_HELP),
+    block_action: str = typer.Option(None, "--block-action", show_default=False, metavar="ACTION", help=BLOCK_HELP),
 ) -> None:
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
@@ -154,7 +154,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> 
 
 @domain_app.command("show")
 @handle_errors
-def show(domain: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def show(domain: str = typer.Argument(..., show_default=False), as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one domain's settings."""
     view = run(with_store(lambda store: svc.get_domain(store, domain, actor=Actor.cli())))
     if as_json:
@@ -165,7 +165,7 @@ def show(domain: str = typer.Argument(...), as_json: bool = typer.Option(False, 
 
 @domain_app.command("remove")
 @handle_errors
-def remove(domain: str = typer.Argument(...),
+def remove(domain: str = typer.Argument(..., show_default=False),
            force: bool = typer.Option(False, "--force", help="Remove even while messages for it are queued in the spool.")) -> None:
     """Stop serving a domain (its mail is refused with 550 5.7.1 from the next transaction)."""
     view = run(with_store(lambda store: svc.remove_domain(store, domain, actor=Actor.cli(), force=force)))
@@ -174,7 +174,7 @@ def remove(domain: str = typer.Argument(...),
 
 @domain_app.command("test")
 @handle_errors
-def test(domain: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def test(domain: str = typer.Argument(..., show_default=False), as_json: bool = typer.Option(False, "--json")) -> None:
     """Connect to each downstream server now: STARTTLS, certificate, and what the policy would do."""
     from mxguard.services.probe import probe_domain
 

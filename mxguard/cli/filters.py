@@ -62,9 +62,9 @@ def engines(as_json: bool = typer.Option(False, "--json", help="JSON output")) -
 
 @handle_errors
 def scan(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A message file (RFC 5322, as received)"),
+    file: Path = typer.Argument(..., show_default=False, exists=True, dir_okay=False, help="A message file (RFC 5322, as received)"),
     as_json: bool = typer.Option(False, "--json", help="The verdict and disposition as JSON"),
-    domain: str = typer.Option(None, "--domain", metavar="DOMAIN",
+    domain: str = typer.Option(None, "--domain", show_default=False, metavar="DOMAIN",
                                help="Decide with this served domain's settings (default: a new domain's defaults)"),
     client_ip: str = typer.Option("", "--client-ip", metavar="IP", help="Sending MTA's address (for SPF)"),
     helo: str = typer.Option("", "--helo", metavar="NAME", help="Its EHLO name"),
@@ -154,7 +154,7 @@ def verdict_table(verdict, title: str, policy_hits: list | None = None) -> Table
 @quarantine_app.command("list")
 @handle_errors
 def quarantine_list(
-    recipient: str = typer.Option(None, "--recipient", metavar="ADDRESS", help="Only this recipient's messages"),
+    recipient: str = typer.Option(None, "--recipient", show_default=False, metavar="ADDRESS", help="Only this recipient's messages"),
     last: int = typer.Option(50, "--last", min=1, max=10000, metavar="N", help="How many (newest first)"),
     all_: bool = typer.Option(False, "--all", help="Include released and deleted messages"),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per message, one per line"),
@@ -196,7 +196,7 @@ def _quarantine_context():
 @handle_errors
 def quarantine_summary(
     send: bool = typer.Option(False, "--send", help="Send the summaries now (without it: show who would get one)"),
-    domain: str = typer.Option(None, "--domain", metavar="DOMAIN", help="Only this domain's recipients"),
+    domain: str = typer.Option(None, "--domain", show_default=False, metavar="DOMAIN", help="Only this domain's recipients"),
 ) -> None:
     """Quarantine summaries: each recipient with new held messages gets a list (with links, if the
     organization allows them), through the delivery path."""
@@ -247,7 +247,7 @@ def quarantine_purge() -> None:
 
 @quarantine_app.command("release")
 @handle_errors
-def quarantine_release(qid: str = typer.Argument(..., metavar="ID", help="Quarantine id (mxguard quarantine list)")) -> None:
+def quarantine_release(qid: str = typer.Argument(..., show_default=False, metavar="ID", help="Quarantine id (mxguard quarantine list)")) -> None:
     """Deliver a held message to its recipient through the delivery path (domain TLS policy applies)."""
     from mxguard.quarantine.service import release
     from mxguard.services.access import Actor
@@ -262,7 +262,7 @@ def quarantine_release(qid: str = typer.Argument(..., metavar="ID", help="Quaran
 
 @quarantine_app.command("delete")
 @handle_errors
-def quarantine_delete(qid: str = typer.Argument(..., metavar="ID")) -> None:
+def quarantine_delete(qid: str = typer.Argument(..., show_default=False, metavar="ID")) -> None:
     """Delete a held message (its sealed copy is erased)."""
     from mxguard.quarantine.service import delete_message
     from mxguard.services.access import Actor
@@ -275,7 +275,7 @@ def quarantine_delete(qid: str = typer.Argument(..., metavar="ID")) -> None:
 @quarantine_app.command("signin-link")
 @handle_errors
 def quarantine_signin_link(
-    email: str = typer.Argument(..., help="A recipient address of a domain with an organization"),
+    email: str = typer.Argument(..., show_default=False, help="A recipient address of a domain with an organization"),
 ) -> None:
     """Print a one-time Message Center sign-in link for a recipient (creates the account if missing)."""
     from mxguard.errors import NotFound

@@ -19,10 +19,10 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def sink(
     listen: str = typer.Option("127.0.0.1:2526", "--listen", metavar="HOST:PORT"),
-    tls_cert: Path = typer.Option(None, "--tls-cert", help="Offer STARTTLS with this PEM certificate"),
-    tls_key: Path = typer.Option(None, "--tls-key", help="Key for --tls-cert"),
+    tls_cert: Path = typer.Option(None, "--tls-cert", show_default=False, help="Offer STARTTLS with this PEM certificate"),
+    tls_key: Path = typer.Option(None, "--tls-key", show_default=False, help="Key for --tls-cert"),
     require_tls: bool = typer.Option(False, "--require-tls", help="Refuse mail before STARTTLS"),
-    outdir: Path = typer.Option(None, "--outdir", help="Write each message as NNNNN.eml + NNNNN.json"),
+    outdir: Path = typer.Option(None, "--outdir", show_default=False, help="Write each message as NNNNN.eml + NNNNN.json"),
 ) -> None:
     """Run a test downstream mail server that records what it receives (not for production)."""
     from mxguard.sink import DownstreamSink

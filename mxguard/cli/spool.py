@@ -41,7 +41,7 @@ def _age(seconds: float | None) -> str:
 
 @spool_app.command("list")
 @handle_errors
-def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
+def list_(domain: str = typer.Option(None, "--domain", show_default=False, help="Only this domain"),
           all_: bool = typer.Option(False, "--all", help="Also delivered, failed and expired entries"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Held messages: id, age, domain, sender, pending recipients, attempts, next attempt, last reply."""
@@ -67,7 +67,7 @@ def list_(domain: str = typer.Option(None, "--domain", help="Only this domain"),
 
 @spool_app.command("show")
 @handle_errors
-def show(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
+def show(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) -> None:
     """One held message and every delivery attempt (time, server, TLS, reply)."""
     entry, attempts = run(_with(lambda store, s: spool_service.get_entry(store, Actor.cli(), entry_id)))
     for key in ("id", "kind", "txn_id", "status", "domain", "mail_from", "subject", "size", "attempts",
@@ -87,8 +87,8 @@ def show(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
 
 @spool_app.command("retry")
 @handle_errors
-def retry(entry_id: int = typer.Argument(None, metavar="[ID]"),
-          domain: str = typer.Option(None, "--domain", help="Every held message of this domain")) -> None:
+def retry(entry_id: int = typer.Argument(None, show_default=False, metavar="[ID]"),
+          domain: str = typer.Option(None, "--domain", show_default=False, help="Every held message of this domain")) -> None:
     """Deliver held messages now (one, a domain's, or with no argument every held message)."""
     done = run(_with(lambda store, s: spool_service.retry(store, s, Actor.cli(), entry_id=entry_id, domain=domain)))
     if not done:
@@ -106,7 +106,7 @@ def retry(entry_id: int = typer.Argument(None, metavar="[ID]"),
 
 @spool_app.command("delete")
 @handle_errors
-def delete(entry_id: int = typer.Argument(..., metavar="ID")) -> None:
+def delete(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) -> None:
     """Remove a held message for good (it is never delivered; no DSN is sent)."""
     entry = run(_with(lambda store, s: spool_service.delete_entry(store, Actor.cli(), entry_id)))
     console.print(f"Deleted spool entry #{entry.id} ({entry.mail_from or '<>'} → {entry.domain})", highlight=False)

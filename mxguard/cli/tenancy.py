@@ -23,7 +23,7 @@ ROLE_HELP = "admin (everything) | org-admin (own organization) | user (Message C
 
 @org_app.command("add")
 @handle_errors
-def org_add(name: str = typer.Argument(..., help="Organization name")) -> None:
+def org_add(name: str = typer.Argument(..., show_default=False, help="Organization name")) -> None:
     """Create an organization."""
     view = run(with_store(lambda store: org_service.add_org(store, name, actor=Actor.cli())))
     console.print(f"Added organization {view.name}", highlight=False)
@@ -54,21 +54,21 @@ SWITCH_HELP = {
 @org_app.command("set")
 @handle_errors
 def org_set(
-    name: str = typer.Argument(..., help="Organization name"),
-    message_links: str = typer.Option(None, "--message-links", metavar="on|off", help=SWITCH_HELP["message_links"]),
-    notify_virus_recipient: str = typer.Option(None, "--notify-virus-recipient", metavar="on|off",
+    name: str = typer.Argument(..., show_default=False, help="Organization name"),
+    message_links: str = typer.Option(None, "--message-links", show_default=False, metavar="on|off", help=SWITCH_HELP["message_links"]),
+    notify_virus_recipient: str = typer.Option(None, "--notify-virus-recipient", show_default=False, metavar="on|off",
                                                help=SWITCH_HELP["notify_virus_recipient"]),
-    notify_virus_admin: str = typer.Option(None, "--notify-virus-admin", metavar="on|off",
+    notify_virus_admin: str = typer.Option(None, "--notify-virus-admin", show_default=False, metavar="on|off",
                                            help=SWITCH_HELP["notify_virus_admin"]),
-    notify_route_down: str = typer.Option(None, "--notify-route-down", metavar="on|off",
+    notify_route_down: str = typer.Option(None, "--notify-route-down", show_default=False, metavar="on|off",
                                           help=SWITCH_HELP["notify_route_down"]),
-    notify_cert_expiry: str = typer.Option(None, "--notify-cert-expiry", metavar="on|off",
+    notify_cert_expiry: str = typer.Option(None, "--notify-cert-expiry", show_default=False, metavar="on|off",
                                            help=SWITCH_HELP["notify_cert_expiry"]),
-    notify_engine_down: str = typer.Option(None, "--notify-engine-down", metavar="on|off",
+    notify_engine_down: str = typer.Option(None, "--notify-engine-down", show_default=False, metavar="on|off",
                                            help=SWITCH_HELP["notify_engine_down"]),
-    alert_address: str = typer.Option(None, "--alert-address", metavar="EMAIL",
+    alert_address: str = typer.Option(None, "--alert-address", show_default=False, metavar="EMAIL",
                                       help="Where the organization's alerts go ('' to clear)"),
-    route_down_minutes: int = typer.Option(None, "--route-down-minutes", metavar="N",
+    route_down_minutes: int = typer.Option(None, "--route-down-minutes", show_default=False, metavar="N",
                                            help="Minutes of spooling before a route-down alert (default 30)"),
 ) -> None:
     """Change an organization's message-links switch and notification settings."""
@@ -84,7 +84,7 @@ def org_set(
 
 @org_app.command("show")
 @handle_errors
-def org_show(name: str = typer.Argument(..., help="Organization name"),
+def org_show(name: str = typer.Argument(..., show_default=False, help="Organization name"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Show an organization's message-links switch and notification settings."""
     from mxguard.services import orgsettings
@@ -110,9 +110,9 @@ def _prompt_password() -> str:
 @user_app.command("add")
 @handle_errors
 def user_add(
-    email: str = typer.Argument(..., help="Login e-mail address"),
-    role: str = typer.Option(..., "--role", metavar="ROLE", help=ROLE_HELP),
-    org: str = typer.Option(None, "--org", metavar="ORG", help="Organization (for org-admin and user)"),
+    email: str = typer.Argument(..., show_default=False, help="Login e-mail address"),
+    role: str = typer.Option(..., "--role", show_default=False, metavar="ROLE", help=ROLE_HELP),
+    org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help="Organization (for org-admin and user)"),
     generate: bool = typer.Option(False, "--generate-password",
                                   help="Print a generated one-time password instead of prompting"),
 ) -> None:
@@ -128,7 +128,7 @@ def user_add(
 @user_app.command("passwd")
 @handle_errors
 def user_passwd(
-    email: str = typer.Argument(...),
+    email: str = typer.Argument(..., show_default=False),
     generate: bool = typer.Option(False, "--generate-password", help="Print a generated password"),
 ) -> None:
     """Set a user's password (also unlocks a locked account and ends its sessions)."""
@@ -158,7 +158,7 @@ def user_list(as_json: bool = typer.Option(False, "--json")) -> None:
 @apikey_app.command("create")
 @handle_errors
 def apikey_create(
-    user: str = typer.Option(..., "--user", metavar="EMAIL", help="The key acts as this user, with their role"),
+    user: str = typer.Option(..., "--user", show_default=False, metavar="EMAIL", help="The key acts as this user, with their role"),
     name: str = typer.Option("", "--name", help="A label for the key"),
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
@@ -170,7 +170,7 @@ def apikey_create(
 
 @apikey_app.command("list")
 @handle_errors
-def apikey_list(user: str = typer.Option(None, "--user", metavar="EMAIL")) -> None:
+def apikey_list(user: str = typer.Option(None, "--user", show_default=False, metavar="EMAIL")) -> None:
     """List API keys (prefix, user, last use)."""
     views = run(with_store(lambda store: apikey_service.list_api_keys(store, actor=Actor.cli(), email=user)))
     table = Table(title="API keys")
@@ -183,7 +183,7 @@ def apikey_list(user: str = typer.Option(None, "--user", metavar="EMAIL")) -> No
 
 @apikey_app.command("revoke")
 @handle_errors
-def apikey_revoke(prefix: str = typer.Argument(..., help="The key's prefix (the 8 characters after mxg_)")) -> None:
+def apikey_revoke(prefix: str = typer.Argument(..., show_default=False, help="The key's prefix (the 8 characters after mxg_)")) -> None:
     """Revoke an API key."""
     view = run(with_store(lambda store: apikey_service.revoke_api_key(store, prefix, actor=Actor.cli())))
     console.print(f"Revoked {view.prefix} ({view.user})", highlight=False)
