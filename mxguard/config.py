@@ -256,6 +256,13 @@ class LogSettings(_Section):
     format: Literal["console", "json"] = "console"
     #: Message-log records are written in batches at most this often, seconds.
     flush_interval: float = Field(default=0.2, gt=0, le=10)
+    #: Write the process log to this file (relative to the data dir) instead of stderr;
+    #: empty: stderr, which journald collects under systemd.
+    file: str = ""
+    #: A log file is rotated when it reaches this size, bytes (stdlib RotatingFileHandler).
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    #: How many rotated files (``mxguard.log.1`` ...) are kept.
+    backup_count: int = Field(default=10, ge=0, le=1000)
 
 
 class WebSettings(_Section):

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from mxguard.config import Settings, load_settings, resolve_data_dir
 from mxguard.errors import ConfigError, MxguardError, ValidationFailed
-from mxguard.logsetup import configure as configure_logging
+from mxguard.logsetup import configure_from_settings as configure_logging
 from mxguard.storage.db import Store
 
 console = Console()
@@ -69,7 +69,7 @@ def run(coro: Awaitable[T]) -> T:
 def settings() -> Settings:
     """The settings of the selected data dir (ConfigError if it is not initialised)."""
     s = load_settings(state.data_dir)
-    configure_logging(s.log.level, s.log.format)
+    configure_logging(s)
     return s
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
 from mxguard.config import load_settings
-from mxguard.logsetup import configure as configure_logging
+from mxguard.logsetup import configure_from_settings as configure_logging
 
 quarantine_app = typer.Typer(help="Messages the filters held.", no_args_is_help=True)
 
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 def _settings_or_defaults():
     """The data dir's settings when it is initialised, else the defaults (``scan`` works anywhere)."""
     s = load_settings(state.data_dir, require_file=False)
-    configure_logging(s.log.level, s.log.format)
+    configure_logging(s)
     return s
 
 
