@@ -17,7 +17,7 @@ is on, and always to the operator's ``notify.admin_address`` when set. They
 are remembered in ``alert_state``: an alert is sent when its condition
 starts, again only after ``notify.repeat_after`` seconds while it lasts, and
 forgotten when the condition ends — no alert storm. Messages go out with
-:func:`mxguard.outbound.send_own_message`.
+:func:`mxguard.own_mail.send_own_message`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.config import Settings
-from mxguard.outbound import SendResult, send_own_message
+from mxguard.own_mail import SendResult, send_own_message
 from mxguard.services.domains import list_domains
 from mxguard.services.orgsettings import DEFAULTS, OrgSettings, settings_by_domain
 from mxguard.storage.db import Store

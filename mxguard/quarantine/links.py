@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from mxguard.errors import ConfigError, MxguardError
 from mxguard.storage.db import Store
 from mxguard.storage.models import UsedToken, utcnow
-from mxguard.tls.certs import write_private
+from mxguard.storage.sealing import ensure_secret_file
 
 PURPOSES = ("signin", "deliver", "view", "frame")
 SINGLE_USE = ("signin", "deliver", "view")
@@ -70,9 +70,12 @@ class LinkClaim:
 
 
 def ensure_link_key(path: Path) -> None:
-    """Create the link-signing secret (256 random bits, hex, mode 0600) unless it exists."""
-    if not path.exists():
-        write_private(path, secrets.token_hex(32).encode() + b"\n")
+    """Create the link-signing secret (256 random bits, hex, mode 0600) unless it exists.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    ensure_secret_file(path)
 
 
 def _fixed_clock(timestamp: int) -> type[TimestampSigner]:

@@ -17,7 +17,7 @@ import structlog
 from mxguard.config import Settings
 from mxguard.errors import ValidationFailed
 from mxguard.notify import own_message
-from mxguard.outbound import SendResult, send_own_message
+from mxguard.own_mail import SendResult, send_own_message
 from mxguard.quarantine.links import LinkSigner
 from mxguard.quarantine.service import ensure_recipient_user
 from mxguard.services.users import normalize_email

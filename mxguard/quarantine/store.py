@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 
 from mxguard.errors import NotFound
+from mxguard.smtp.dispositions import HeldCopy  # noqa: F401 - the proxy builds them; re-exported here
 from mxguard.storage.db import Store
 from mxguard.storage.models import QuarantinedMessage, utcnow
 from mxguard.storage.sealing import Sealer
@@ -34,16 +34,6 @@ def new_quarantine_id() -> str:
 
 def _associated(qid: str) -> bytes:
     return b"quarantine:" + qid.encode("ascii")
-
-
-@dataclass
-class HeldCopy:
-    """One recipient's copy to hold (input of :func:`quarantine_many`)."""
-
-    recipient: str
-    reason: str
-    category: str
-    content: bytes
 
 
 async def quarantine_many(store: Store, sealer: Sealer, *, txn_id: str, sender: str, subject: str,

@@ -10,7 +10,7 @@ them off, the summary carries the list and the Message Center address only.
 Messages held for a virus are listed to administrators only (never in a
 summary): a recipient cannot release them.
 
-It is sent with :func:`mxguard.outbound.send_own_message`, through the
+It is sent with :func:`mxguard.own_mail.send_own_message`, through the
 recipient domain's route and downstream TLS policy. Messages are marked
 summarized only once the downstream server took the summary.
 
@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from mxguard.config import Settings
 from mxguard.netaddr import parse_host_port
-from mxguard.outbound import SendResult, send_own_message
+from mxguard.own_mail import SendResult, send_own_message
 from mxguard.quarantine.links import LinkSigner
 from mxguard.quarantine.service import mark_summarized
 from mxguard.services.domains import DomainView, list_domains

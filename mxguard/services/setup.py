@@ -13,7 +13,7 @@ from mxguard.config import (CONFIG_FILE_NAME, Settings, describe_validation_erro
 from mxguard.errors import ConfigError
 from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
-from mxguard.storage.sealing import create_key_file
+from mxguard.storage.sealing import create_key_file, ensure_secret_file
 from mxguard.tls.certs import generate_self_signed, write_private
 
 
@@ -107,8 +107,7 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
     sealing = settings.path(settings.sealing_key_file)
     if not sealing.exists():
         create_key_file(sealing)
-    from mxguard.quarantine.links import ensure_link_key
-    ensure_link_key(settings.path(settings.quarantine.link_key_file))  # signs Message Center links
+    ensure_secret_file(settings.path(settings.quarantine.link_key_file))  # signs Message Center links
     store = Store(settings.effective_database_url)
     try:
         await store.migrate()

@@ -24,15 +24,13 @@ quarantine instead of being silently dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from mxguard.filtering.disposition import SUBJECT_TAG, Disposition, DomainFilterPolicy, decide, verdict_header_value
 from mxguard.filtering.verdict import Verdict
 from mxguard.smtp import headers
+from mxguard.smtp.legs import RouteLeg
 from mxguard.smtp.replies import Reply
 
-if TYPE_CHECKING:
-    from mxguard.smtp.proxy import RouteLeg
 
 DEFER_REPLY = Reply(451, "4.3.0", "Temporary filtering failure; nothing was delivered, try again later")
 
@@ -41,17 +39,35 @@ DEFER_REPLY = Reply(451, "4.3.0", "Temporary filtering failure; nothing was deli
 class Copy:
     """One downstream transaction: a route's recipients whose copies are identical."""
 
-    leg: "RouteLeg"
+    leg: RouteLeg
     rcpts: list[str]
     disposition: Disposition
     verdict_value: str
 
 
 @dataclass
+class HeldCopy:
+    """One recipient's copy to hold, as the quarantine stores it
+    (input of :func:`mxguard.quarantine.store.quarantine_many`).
+
+    Attributes:
+        recipient: the envelope recipient.
+        reason: why it is held (shown to the recipient).
+        category: ``junk``, ``virus`` or ``policy``.
+        content: the message as the recipient would receive it, bytes.
+    """
+
+    recipient: str
+    reason: str
+    category: str
+    content: bytes
+
+
+@dataclass
 class Held:
     """One recipient's copy to hold in quarantine."""
 
-    leg: "RouteLeg"
+    leg: RouteLeg
     rcpt: str
     disposition: Disposition
     reason: str
@@ -74,7 +90,7 @@ class FilterPlan:
     by_rcpt: dict[str, Disposition] = field(default_factory=dict)
     copies: list[Copy] = field(default_factory=list)
     held: list[Held] = field(default_factory=list)
-    rejected: list[tuple["RouteLeg", str, Disposition]] = field(default_factory=list)
+    rejected: list[tuple[RouteLeg, str, Disposition]] = field(default_factory=list)
     deferred: bool = False
 
     def leg_is_whole(self, copy: Copy) -> bool:
@@ -106,7 +122,7 @@ def apply_sender_list(disposition: Disposition, kind: str | None, sender: str, b
     return disposition
 
 
-def plan(verdict: Verdict, legs: list["RouteLeg"], txn_id: str, *, sender: str = "", lists=None) -> FilterPlan:
+def plan(verdict: Verdict, legs: list[RouteLeg], txn_id: str, *, sender: str = "", lists=None) -> FilterPlan:
     """Dispositions per recipient and the copies to send (see the module docstring).
 
     Args:

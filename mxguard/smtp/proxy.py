@@ -34,7 +34,9 @@ from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.filtering.verdict import Verdict
 from mxguard.services.domains import DomainView
 from mxguard.smtp import dispositions, headers
+from mxguard.smtp.dispositions import HeldCopy
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure
+from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import DomainDirectory, Route
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
@@ -48,6 +50,10 @@ class Spooler(Protocol):
 
     async def hold(self, entries: list) -> None:
         """Store entries durably; raise (SQLAlchemyError, OSError) if nothing could be stored."""
+
+    def entry(self, **fields: Any) -> object:
+        """One spool entry for :meth:`hold`, from the fields of a held leg (txn_id, domain,
+        mail_from, recipients, message, subject, body_8bit, smtputf8, sender_aligned, first_reply)."""
 
     def dsn(self, tx: "Transaction", failed: list[tuple[str, "Reply", str | None]], message: bytes) -> object | None:
         """A DSN entry for permanently failed recipients, or ``None`` when none may be sent."""
@@ -108,33 +114,6 @@ class ProxyContext:
     @property
     def hostname(self) -> str:
         return self.settings.hostname
-
-
-@dataclass
-class RouteLeg:
-    """One route's part of a transaction."""
-
-    route: Route
-    domain: DomainView
-    conn: DownstreamConnection | None = None
-    reused: bool = False
-    failure: RouteFailure | None = None
-    mail_reply: Reply | None = None
-    accepted: list[str] = field(default_factory=list)
-    lost: str | None = None
-    #: Every server of the route was unreachable: accepted recipients go to the spool.
-    spool: bool = False
-    #: Each accepted recipient's own domain (a route may serve several domains).
-    rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class LegOutcome:
-    """What happened to one leg at the end of DATA (``reply`` is ``None`` when it went straight to the spool)."""
-
-    leg: RouteLeg
-    message: bytes
-    reply: Reply | None
 
 
 @dataclass
@@ -459,8 +438,6 @@ class ProxySession:
 
     async def _hold(self, tx: Transaction, plan: dispositions.FilterPlan, stripped: bytes) -> Reply | None:
         """Quarantine the held copies; returns a failure reply when they could not be stored."""
-        from mxguard.quarantine.store import HeldCopy
-
         copies = []
         for held in plan.held:
             fields = dispositions.filter_fields(
@@ -577,9 +554,8 @@ class ProxySession:
         return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool"
 
     def _spool_entry(self, tx: Transaction, o: "LegOutcome", subject: str):
-        from mxguard.spool.queue import NewSpoolEntry
         reply = o.reply or (o.leg.failure.reply if o.leg.failure else None)
-        return NewSpoolEntry(
+        return self.ctx.spooler.entry(
             txn_id=tx.txn_id, domain=o.leg.domain.name, mail_from=tx.mail_from, recipients=list(o.leg.accepted),
             message=o.message, subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8,
             sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")

@@ -30,6 +30,10 @@ class StoreSpooler:
         self.settings = settings
         self.held = 0
 
+    def entry(self, **fields) -> queue.NewSpoolEntry:
+        """A spool entry from the proxy's fields (see :class:`mxguard.spool.queue.NewSpoolEntry`)."""
+        return queue.NewSpoolEntry(**fields)
+
     async def hold(self, entries: list[queue.NewSpoolEntry]) -> None:
         """Commit the entries; returns only when they are durable.
 

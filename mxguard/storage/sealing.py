@@ -37,6 +37,18 @@ def new_key_line() -> str:
     return f"{key_id} {base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()}\n"
 
 
+def ensure_secret_file(path: Path) -> None:
+    """Create a signing secret (256 random bits as hex, mode 0600) at ``path`` unless it exists.
+
+    Used for the Message Center's link-signing key (``quarantine.link_key_file``).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    if not path.exists():
+        write_private(path, secrets.token_hex(32).encode() + b"\n")
+
+
 def create_key_file(path: Path) -> None:
     """Write a new key file with one key (mode 0600). Refuses to overwrite."""
     if path.exists():

@@ -34,7 +34,7 @@ from mxguard.storage.db import Store
 from mxguard.storage.messagelog import LogRecord
 from mxguard.storage.models import MessageLogEntry, utcnow
 
-log = structlog.get_logger("mxguard.outbound")
+log = structlog.get_logger("mxguard.own_mail")
 
 
 @dataclass(frozen=True)

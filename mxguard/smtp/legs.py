@@ -1,0 +1,42 @@
+"""One route's part of a transaction (:class:`RouteLeg`) and what became of it (:class:`LegOutcome`).
+
+Kept apart from :mod:`mxguard.smtp.proxy` so that :mod:`mxguard.smtp.dispositions`
+can name legs without importing the proxy (the import graph goes one way:
+proxy -> dispositions -> legs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mxguard.services.domains import DomainView
+from mxguard.smtp.delivery import DownstreamConnection, RouteFailure
+from mxguard.smtp.replies import Reply
+from mxguard.smtp.routing import Route
+
+
+@dataclass
+class RouteLeg:
+    """One route's part of a transaction."""
+
+    route: Route
+    domain: DomainView
+    conn: DownstreamConnection | None = None
+    reused: bool = False
+    failure: RouteFailure | None = None
+    mail_reply: Reply | None = None
+    accepted: list[str] = field(default_factory=list)
+    lost: str | None = None
+    #: Every server of the route was unreachable: accepted recipients go to the spool.
+    spool: bool = False
+    #: Each accepted recipient's own domain (a route may serve several domains).
+    rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class LegOutcome:
+    """What happened to one leg at the end of DATA (``reply`` is ``None`` when it went straight to the spool)."""
+
+    leg: RouteLeg
+    message: bytes
+    reply: Reply | None
