@@ -7,7 +7,7 @@ set -euo pipefail
 
 PACKAGES=(postfix swaks clamav clamav-daemon rspamd spamassassin spamc spamd postgresql testssl.sh
           chromium chromium-driver fonts-dejavu-core openssl gcc libc6-dev libssl-dev
-          clamav-testfiles systemd)
+          clamav-testfiles systemd nsd unbound ldnsutils bind9-dnsutils)
 # The test corpus (scripts/build_corpus.py) reads CPython's test_email data: an interpreter
 # without its 'test' package gets it from the distribution's testsuite package of the same
 # version (Debian: libpython3.11-testsuite). Where the distribution has none for that version,
