@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite runs against (Debian packages), when run as root.
-# Postfix, swaks, clamd, Rspamd, SpamAssassin (spamd), PostgreSQL, testssl.sh, Chromium; gcc and the
+# Postfix, swaks, clamd, Rspamd, SpamAssassin (spamd), PostgreSQL, testssl.sh, Chromium, NSD + unbound
+# + ldns (DNSSEC on loopback), systemd-analyze; gcc and the
 # OpenSSL headers for the benchmark's compiled load client and sink (tests/test_bench_smoke.py).
 # Nothing is started here: each test starts its own private instance on loopback.
 set -euo pipefail
