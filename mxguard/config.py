@@ -111,6 +111,19 @@ class DownstreamSettings(_Section):
     pool_idle_timeout: float = Field(default=5.0, gt=0)
     #: Seconds after which a connection is not reused any more (Postfix smtp_connection_reuse_time_limit).
     pool_max_age: float = Field(default=300.0, gt=0)
+    #: Validating DNS resolver(s) for DANE, ``HOST`` or ``HOST:PORT`` (empty: the system's, from
+    #: /etc/resolv.conf). Its AD bit is trusted, so it must be on a trusted path: loopback, as Postfix asks.
+    dns_servers: list[str] = Field(default_factory=list)
+    #: Seconds for one TLSA or address lookup.
+    dns_timeout: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _valid_dns_servers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host, _ = parse_host_port(item, default_port=53)
+            ipaddress.ip_address(host)  # an address: a resolver named by a name would need a resolver
+        return value
 
 
 class FilterSettings(_Section):

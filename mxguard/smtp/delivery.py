@@ -35,6 +35,7 @@ from mxguard.tls.buffers import shrink_tls_read_buffer
 from mxguard.tls.certs import describe_der
 from mxguard.tls.contexts import client_context
 from mxguard.tls.policy import DownstreamTls
+from mxguard.tls.resolver import PolicyRefusal, ServerPolicy, resolve_server_policy
 
 log = structlog.get_logger("mxguard.delivery")
 
@@ -58,6 +59,10 @@ class ConnectionInfo:
     tls_fallback: str | None = None
     connect_ms: float = 0.0
     tls_ms: float = 0.0
+    #: What decided the TLS policy: ``setting`` (the domain's mode) or ``dane`` (TLSA records).
+    policy: str = "setting"
+    #: With DANE: the TLSA record the certificate matched (``3 1 1 ab12...``).
+    tlsa: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))  # every field is a plain value: no deep copy needed
@@ -65,7 +70,8 @@ class ConnectionInfo:
     def describe_tls(self) -> str:
         if not self.tls:
             return "none" + (f" ({self.tls_fallback})" if self.tls_fallback else "")
-        return f"{self.tls_version} {self.cipher}" + (" verified" if self.verified else "")
+        checked = (" DANE-verified" if self.policy == "dane" else " verified") if self.verified else ""
+        return f"{self.tls_version} {self.cipher}{checked}"
 
 
 @dataclass
@@ -158,34 +164,42 @@ class DownstreamConnection:
         raise RouteFailure(reply, tls_related, attempts)
 
     async def _open_one(self, host: str, port: int) -> ConnectionInfo:
-        mode = self.route.tls
-        info = ConnectionInfo(host=host, port=port)
-        await self._connect_and_ehlo(host, port, info)
+        try:
+            policy = await resolve_server_policy(self.route.tls, host, port, dns_servers=self.settings.dns_servers,
+                                                 timeout=self.settings.dns_timeout)
+        except PolicyRefusal as refusal:
+            log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
+                        result_type=refusal.result_type)
+            raise _ServerSkipped(refusal.reason, tls_related=True) from None
+        mode = policy.mode
+        info = ConnectionInfo(host=host, port=port, policy=policy.source)
+        await self._connect_and_ehlo(host, port, info, address=policy.connect_host)
         if mode is DownstreamTls.OFF:
             return info
         info.starttls_offered = self.client.supports_extension("starttls")
         if not info.starttls_offered:
-            if mode.mandatory:
+            if policy.mandatory:
                 raise _ServerSkipped("STARTTLS not offered", tls_related=True)
             return info
         started = time.perf_counter()
         try:
-            await self._starttls(host, info)
+            await self._starttls(host, info, policy)
         except _ServerSkipped as skip:
-            if mode.mandatory:
+            if policy.mandatory:
                 raise
             # Opportunistic: the handshake failed; deliver in clear on a new connection.
             log.warning("opportunistic TLS failed; delivering in clear", server=f"{host}:{port}", reason=skip.note)
             await self._discard()
-            fallback = ConnectionInfo(host=host, port=port, starttls_offered=True, tls_fallback=skip.note)
-            await self._connect_and_ehlo(host, port, fallback)
+            fallback = ConnectionInfo(host=host, port=port, starttls_offered=True, tls_fallback=skip.note,
+                                      policy=policy.source)
+            await self._connect_and_ehlo(host, port, fallback, address=policy.connect_host)
             return fallback
         info.tls_ms = (time.perf_counter() - started) * 1000
         return info
 
-    async def _connect_and_ehlo(self, host: str, port: int, info: ConnectionInfo) -> None:
+    async def _connect_and_ehlo(self, host: str, port: int, info: ConnectionInfo, *, address: str | None = None) -> None:
         started = time.perf_counter()
-        self.client = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self.local_hostname,
+        self.client = aiosmtplib.SMTP(hostname=address or host, port=port, local_hostname=self.local_hostname,
                                       timeout=self.settings.command_timeout, start_tls=False, use_tls=False)
         try:
             await self.client.connect(timeout=self.settings.connect_timeout)
@@ -207,10 +221,12 @@ class DownstreamConnection:
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise _ServerSkipped(f"EHLO failed: {_reason(exc)}") from None
 
-    async def _starttls(self, host: str, info: ConnectionInfo) -> None:
+    async def _starttls(self, host: str, info: ConnectionInfo, policy: ServerPolicy) -> None:
         route = self.route
-        pinned = bool(route.fingerprint) and route.tls is DownstreamTls.VERIFY
-        ctx = client_context(route.tls, route.ca_file, route.min_version, pinned)
+        pinned = bool(route.fingerprint) and policy.verify_pkix
+        # DANE checks the certificate against TLSA below, not against a CA (RFC 7672 section 3.1).
+        ctx = client_context(DownstreamTls.VERIFY if policy.verify_pkix else DownstreamTls.REQUIRED,
+                             route.ca_file, route.min_version, pinned)
         try:
             await self.client.starttls(server_hostname=host, tls_context=ctx,
                                        timeout=self.settings.connect_timeout)
@@ -232,7 +248,16 @@ class DownstreamConnection:
         info.cipher, info.bits = (cipher[0], cipher[2]) if cipher else (None, None)
         info.cert_sha256 = cert.sha256 if cert else None
         info.cert_subject = cert.subject if cert else None
-        if route.tls is DownstreamTls.VERIFY:
+        try:
+            tlsa = policy.check_certificate([der] if der else [])
+        except PolicyRefusal as refusal:
+            log.warning("TLS policy refuses the server", server=f"{host}:{info.port}", reason=refusal.reason,
+                        result_type=refusal.result_type)
+            raise _ServerSkipped(refusal.reason, tls_related=True) from None
+        if tlsa is not None:
+            info.verified = True
+            info.tlsa = tlsa
+        if policy.verify_pkix:
             if pinned:
                 if not cert or cert.sha256 != route.fingerprint:
                     raise _ServerSkipped("certificate fingerprint does not match the pinned one", tls_related=True)

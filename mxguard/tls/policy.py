@@ -11,6 +11,13 @@ what a gateway administrator picks per domain:
 * ``verify`` – ``required`` plus a chain that verifies against the system
   trust store or the domain's CA file, and a matching name; or a pinned
   SHA-256 certificate fingerprint (Postfix ``secure`` / ``fingerprint``).
+* ``dane`` – DANE (RFC 7672) when the server has DNSSEC-validated, usable TLSA
+  records: TLS is then mandatory and the certificate must match them;
+  otherwise ``opportunistic`` (Postfix ``dane``). A bogus (failed-validation)
+  TLSA answer defers the delivery.
+* ``dane-only`` – DANE or nothing (Postfix ``dane-only``).
+
+Which of these applies to one server is decided by :mod:`mxguard.tls.resolver`.
 """
 
 from __future__ import annotations
@@ -23,11 +30,18 @@ class DownstreamTls(StrEnum):
     OPPORTUNISTIC = "opportunistic"
     REQUIRED = "required"
     VERIFY = "verify"
+    DANE = "dane"
+    DANE_ONLY = "dane-only"
 
     @property
     def mandatory(self) -> bool:
-        """True when the message must not travel without TLS."""
-        return self in (DownstreamTls.REQUIRED, DownstreamTls.VERIFY)
+        """True when the message must not travel without TLS, whatever DNS says."""
+        return self in (DownstreamTls.REQUIRED, DownstreamTls.VERIFY, DownstreamTls.DANE_ONLY)
+
+    @property
+    def uses_dane(self) -> bool:
+        """The mode looks up TLSA records (RFC 7672)."""
+        return self in (DownstreamTls.DANE, DownstreamTls.DANE_ONLY)
 
 
 class InboundTls(StrEnum):

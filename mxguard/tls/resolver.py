@@ -1,0 +1,168 @@
+"""The TLS policy resolver: "may this message go to this server, and how".
+
+Every delivery path (the in-line downstream leg, spool retries, quarantine
+releases, the gateway's own mail) connects through
+:class:`mxguard.smtp.delivery.DownstreamConnection`, which asks
+:func:`resolve_server_policy` before it connects to each server and
+:meth:`ServerPolicy.check_certificate` after the handshake. So the rule lives
+here once.
+
+Sources, in the order they can decide:
+
+* the domain's setting (``off``, ``opportunistic``, ``required``, ``verify``);
+* DANE (RFC 7672) for the modes ``dane`` and ``dane-only``: DNSSEC-validated
+  TLSA records make TLS mandatory and the certificate must match them; a bogus
+  answer defers (``4.7.5``), never falls back to clear text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.resolver
+
+from mxguard.netaddr import parse_host_port
+from mxguard.tls.dane import DaneLookup, DnssecStatus, lookup_tlsa, matching_record
+from mxguard.tls.policy import DownstreamTls
+
+
+class PolicyRefusal(Exception):
+    """The policy forbids using this server now (the caller tries the next, then defers with 4.7.5).
+
+    Attributes:
+        reason: a short text for the log and the message log.
+        result_type: the RFC 8460 (TLS-RPT) result type, e.g. ``dnssec-invalid``.
+    """
+
+    def __init__(self, reason: str, result_type: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.result_type = result_type
+
+
+@dataclass
+class ServerPolicy:
+    """The effective TLS policy for one server.
+
+    Attributes:
+        mode: the mode that applies after resolution (``dane`` falls back to
+            ``opportunistic`` when DANE does not apply).
+        source: what decided it: ``setting`` or ``dane``.
+        connect_host: where to connect (an address from the validating resolver
+            when DANE looked the name up, else the configured host).
+        dane: the TLSA lookup, when one was made.
+    """
+
+    mode: DownstreamTls
+    source: str
+    connect_host: str
+    dane: DaneLookup | None = None
+
+    @property
+    def mandatory(self) -> bool:
+        return self.mode.mandatory or self.source == "dane"
+
+    @property
+    def verify_pkix(self) -> bool:
+        """The chain and name are checked by the TLS library (``verify``); DANE checks TLSA instead."""
+        return self.mode is DownstreamTls.VERIFY and self.source == "setting"
+
+    def check_certificate(self, chain_der: list[bytes]) -> str | None:
+        """After the handshake: the matching TLSA record's text, or ``None`` when DANE does not apply.
+
+        Raises:
+            PolicyRefusal: DANE applies and no usable record matches (``validation-failure``,
+                RFC 7672 section 2.2 and RFC 8460 section 4.3).
+        """
+        if self.source != "dane" or self.dane is None:
+            return None
+        record = matching_record(self.dane, chain_der)
+        if record is None:
+            raise PolicyRefusal(f"certificate matches none of the TLSA records of {self.dane.host}",
+                                "validation-failure")
+        return record.describe()
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolver(dns_servers: list[str], timeout: float) -> tuple[list[str] | None, int]:
+    if not dns_servers:
+        return None, 53
+    parsed = [parse_host_port(s, default_port=53) for s in dns_servers]
+    return [host for host, _ in parsed], parsed[0][1]
+
+
+async def _address(host: str, nameservers: list[str] | None, port: int, timeout: float, *,
+                   secure: bool = True) -> str:
+    """An IPv4 address of ``host`` from the configured resolver; with ``secure``, from a
+    DNSSEC-validated answer only (RFC 7672 section 2.2.1).
+
+    Raises:
+        PolicyRefusal: no address, or (``secure``) the answer is bogus or unsigned.
+    """
+    resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
+    if nameservers is not None:
+        resolver.nameservers = nameservers
+        resolver.port = port
+    resolver.lifetime = timeout
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    try:
+        answer = await resolver.resolve(host, "A")
+    except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+        raise PolicyRefusal(f"DNSSEC validation failed for the address of {host}", "dnssec-invalid") from None
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        raise PolicyRefusal(f"{host} has no address", "dnssec-invalid") from None
+    if secure and not answer.response.flags & dns.flags.AD:
+        raise PolicyRefusal(f"the address of {host} is not DNSSEC-signed", "dnssec-invalid")
+    return answer[0].address
+
+
+async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dns_servers: list[str],
+                                timeout: float = 5.0) -> ServerPolicy:
+    """Decide the TLS policy for one server before connecting.
+
+    Args:
+        mode: the domain's downstream TLS mode.
+        host: the server's host name or address, as configured (or from MX).
+        port: its TCP port; the TLSA name is ``_<port>._tcp.<host>`` (RFC 6698 section 3).
+        dns_servers: the validating resolver(s), ``HOST[:PORT]`` (empty: the system's).
+        timeout: seconds per lookup.
+
+    Returns:
+        The :class:`ServerPolicy`; for ``dane``, DANE when usable TLSA records exist,
+        else ``opportunistic`` (RFC 7672 section 2.2: no usable TLSA, no DANE).
+
+    Raises:
+        PolicyRefusal: ``dane``/``dane-only`` with a bogus TLSA answer (``dnssec-invalid``),
+            or ``dane-only`` without usable TLSA (``tlsa-invalid``).
+    """
+    if not mode.uses_dane:
+        return ServerPolicy(mode, "setting", host)
+    if _is_address(host):
+        if mode is DownstreamTls.DANE_ONLY:
+            raise PolicyRefusal(f"{host} is an address: DANE needs a host name with TLSA records", "tlsa-invalid")
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", host)
+    nameservers, ns_port = _resolver(dns_servers, timeout)
+    lookup = await lookup_tlsa(host, port, nameservers=nameservers, nameserver_port=ns_port, timeout=timeout)
+    if lookup.status is DnssecStatus.BOGUS:
+        raise PolicyRefusal(f"DNSSEC validation of the TLSA records of {host} failed ({lookup.error})",
+                            "dnssec-invalid")
+    if not lookup.applies:
+        if mode is DownstreamTls.DANE_ONLY:
+            raise PolicyRefusal(f"{host} has no usable DNSSEC-signed TLSA records ({lookup.status})",
+                                "tlsa-invalid")
+        # The configured resolver also names the address (unsigned is fine without DANE).
+        address = await _address(host, nameservers, ns_port, timeout, secure=False) if nameservers else host
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address, lookup)
+    address = await _address(host, nameservers, ns_port, timeout)
+    return ServerPolicy(DownstreamTls.REQUIRED, "dane", address, lookup)

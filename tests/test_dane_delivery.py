@@ -1,0 +1,98 @@
+"""Delivery under the ``dane`` and ``dane-only`` modes (RFC 7672): the gateway relays through a
+real validating resolver (unbound) over zones NSD serves signed, unsigned and bogus, to a real
+downstream server with STARTTLS."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mxguard.sink import ThreadedSink
+from tests.support.dnssec import LoopbackDnssec, Zone
+from tests.support.smtp import message, send
+
+
+@pytest.fixture(scope="module")
+def dane_sink(downstream_cert):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    downstream_cert.configure_cert(ctx)
+    with ThreadedSink(tls_context=ctx, hostname="mx1.dane.test") as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def dnssec(dane_sink, downstream_cert):
+    leaf = x509.load_pem_x509_certificate(downstream_cert.cert_chain_pems[0].bytes())
+    spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    good, bad = hashlib.sha256(spki).hexdigest(), "11" * 32
+    tlsa = f"_{dane_sink.port}._tcp"
+    zones = [
+        Zone("dane.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1",
+                           f"{tlsa}.mx2 IN TLSA 3 1 1 {bad}", "mx2 IN A 127.0.0.1"]),
+        Zone("plain.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1"], signed=False),
+        Zone("bogus.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1"], tamper=[(good, bad)]),
+    ]
+    with LoopbackDnssec(zones) as servers:
+        yield servers
+
+
+@pytest.fixture
+def gateway_overrides(dnssec) -> dict:
+    return {"downstream.dns_servers": [f"127.0.0.1:{dnssec.resolver_port}"], "downstream.dns_timeout": 3.0,
+            "downstream.pool_max_idle": 0}
+
+
+def relay(gateway, add_domain, sink, server: str, mode: str):
+    sink.messages.clear()
+    add_domain("example.com", [f"{server}:{sink.port}"], downstream_tls=mode)
+    before = len(gateway.records)
+    out = send(gateway.port, ["bob@example.com"], message(to="bob@example.com"))
+    record = gateway.wait_records(before + 1)[before]
+    return out, record
+
+
+def test_matching_tlsa_delivers_over_dane_verified_tls(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx1.dane.test", "dane")
+    assert out.data and out.data[0] == 250, out
+    assert dane_sink.wait_for(1) and dane_sink.messages[0].tls_version
+    leg = record.downstream[0]
+    assert leg["policy"] == "dane" and leg["verified"] and leg["tlsa"].startswith("3 1 1 ")
+
+
+def test_mismatching_tlsa_defers_and_sends_nothing(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx2.dane.test", "dane")
+    code, text = out.rcpt["bob@example.com"]
+    assert (code, text[:5]) == (451, "4.7.5"), out
+    assert dane_sink.messages == []
+    assert "matches none of the TLSA records" in record.downstream[0]["failure"]
+
+
+def test_bogus_tlsa_defers_never_falls_back(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx1.bogus.test", "dane")
+    assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
+    assert dane_sink.messages == []
+    assert "DNSSEC validation" in record.downstream[0]["failure"]
+
+
+def test_unsigned_zone_falls_back_to_opportunistic_with_dane(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx1.plain.test", "dane")
+    assert out.data and out.data[0] == 250
+    leg = record.downstream[0]
+    assert leg["policy"] == "setting" and leg["tls"] and not leg["verified"]
+
+
+def test_dane_only_refuses_an_unsigned_zone(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx1.plain.test", "dane-only")
+    assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
+    assert dane_sink.messages == []
+    assert "no usable DNSSEC-signed TLSA records" in record.downstream[0]["failure"]
+
+
+def test_dane_only_with_matching_tlsa_delivers(gateway, add_domain, dane_sink):
+    out, record = relay(gateway, add_domain, dane_sink, "mx1.dane.test", "dane-only")
+    assert out.data and out.data[0] == 250
+    assert record.downstream[0]["policy"] == "dane"
