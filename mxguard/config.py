@@ -114,8 +114,12 @@ class DownstreamSettings(_Section):
     #: Validating DNS resolver(s) for DANE, ``HOST`` or ``HOST:PORT`` (empty: the system's, from
     #: /etc/resolv.conf). Its AD bit is trusted, so it must be on a trusted path: loopback, as Postfix asks.
     dns_servers: list[str] = Field(default_factory=list)
-    #: Seconds for one TLSA or address lookup.
+    #: Seconds for one TLSA, TXT or address lookup, and for an MTA-STS policy fetch.
     dns_timeout: float = Field(default=5.0, gt=0, le=60)
+    #: CA bundle that MTA-STS policy hosts are verified against (empty: the system trust store).
+    mta_sts_ca_file: str = ""
+    #: The policy hosts' HTTPS port: 443 (RFC 8461 section 3.3); another only for tests.
+    mta_sts_port: int = Field(default=443, ge=1, le=65535)
 
     @field_validator("dns_servers")
     @classmethod

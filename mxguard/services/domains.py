@@ -242,9 +242,9 @@ def _check_consistent(values: dict[str, Any]) -> None:
     if values.get("tls_fingerprint") and mode != DownstreamTls.VERIFY:
         with check:
             raise ValidationFailed("tls_fingerprint", "a pinned fingerprint is only used with downstream TLS 'verify'")
-    if values.get("tls_ca_file") and mode != DownstreamTls.VERIFY:
+    if values.get("tls_ca_file") and mode not in (DownstreamTls.VERIFY, DownstreamTls.MTA_STS):
         with check:
-            raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify'")
+            raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify' or 'mta-sts'")
     # Junk thresholds must be ordered: tag <= quarantine <= reject (when set).
     order = [(k, values.get(k)) for k in ("junk_tag", "junk_quarantine", "junk_reject") if values.get(k) is not None]
     for (low_key, low), (high_key, high) in zip(order, order[1:]):

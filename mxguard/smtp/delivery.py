@@ -35,7 +35,7 @@ from mxguard.tls.buffers import shrink_tls_read_buffer
 from mxguard.tls.certs import describe_der
 from mxguard.tls.contexts import client_context
 from mxguard.tls.policy import DownstreamTls
-from mxguard.tls.resolver import PolicyRefusal, ServerPolicy, resolve_server_policy
+from mxguard.tls.resolver import PolicyRefusal, ServerPolicy, resolve_server_policy, sts_fetcher
 
 log = structlog.get_logger("mxguard.delivery")
 
@@ -165,8 +165,11 @@ class DownstreamConnection:
 
     async def _open_one(self, host: str, port: int) -> ConnectionInfo:
         try:
-            policy = await resolve_server_policy(self.route.tls, host, port, dns_servers=self.settings.dns_servers,
-                                                 timeout=self.settings.dns_timeout)
+            d = self.settings
+            policy = await resolve_server_policy(
+                self.route.tls, host, port, dns_servers=d.dns_servers, timeout=d.dns_timeout,
+                policy_domain=self.route.policy_domain,
+                sts=sts_fetcher(d.dns_servers, d.dns_timeout, d.mta_sts_ca_file, d.mta_sts_port))
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
                         result_type=refusal.result_type)

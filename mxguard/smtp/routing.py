@@ -46,15 +46,20 @@ class Route:
     ca_file: str | None = None
     fingerprint: str | None = None
     min_version: str = "1.2"
+    #: The recipient domain whose MTA-STS policy applies (``mta-sts`` mode only; RFC 8461
+    #: policies belong to a domain, so such routes are not shared between domains).
+    policy_domain: str | None = None
 
     @classmethod
     def for_domain(cls, domain: DomainView) -> "Route":
+        tls = DownstreamTls(domain.downstream_tls)
         return cls(
             servers=tuple(parse_host_port(s, default_port=25) for s in domain.servers),
-            tls=DownstreamTls(domain.downstream_tls),
+            tls=tls,
             ca_file=domain.tls_ca_file,
             fingerprint=domain.tls_fingerprint,
             min_version=domain.tls_min_version,
+            policy_domain=domain.name if tls is DownstreamTls.MTA_STS else None,
         )
 
     def describe(self) -> str:

@@ -16,6 +16,9 @@ what a gateway administrator picks per domain:
   otherwise ``opportunistic`` (Postfix ``dane``). A bogus (failed-validation)
   TLSA answer defers the delivery.
 * ``dane-only`` – DANE or nothing (Postfix ``dane-only``).
+* ``mta-sts`` – the recipient domain's MTA-STS policy (RFC 8461): ``enforce``
+  means TLS with a PKIX-valid certificate to an MX host its ``mx`` patterns
+  match, or nothing; ``testing``, ``none`` or no policy mean ``opportunistic``.
 
 Which of these applies to one server is decided by :mod:`mxguard.tls.resolver`.
 """
@@ -32,6 +35,7 @@ class DownstreamTls(StrEnum):
     VERIFY = "verify"
     DANE = "dane"
     DANE_ONLY = "dane-only"
+    MTA_STS = "mta-sts"
 
     @property
     def mandatory(self) -> bool:

@@ -12,22 +12,29 @@ Sources, in the order they can decide:
 * the domain's setting (``off``, ``opportunistic``, ``required``, ``verify``);
 * DANE (RFC 7672) for the modes ``dane`` and ``dane-only``: DNSSEC-validated
   TLSA records make TLS mandatory and the certificate must match them; a bogus
-  answer defers (``4.7.5``), never falls back to clear text.
+  answer defers (``4.7.5``), never falls back to clear text;
+* MTA-STS (RFC 8461) for the mode ``mta-sts``: an ``enforce`` policy allows
+  only matching MX hosts, over PKIX-verified TLS.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.resolver
+import structlog
 
 from mxguard.netaddr import parse_host_port
 from mxguard.tls.dane import DaneLookup, DnssecStatus, lookup_tlsa, matching_record
+from mxguard.tls.mta_sts import PolicyError, StsFetcher
 from mxguard.tls.policy import DownstreamTls
+
+log = structlog.get_logger("mxguard.tls")
 
 
 class PolicyRefusal(Exception):
@@ -68,8 +75,9 @@ class ServerPolicy:
 
     @property
     def verify_pkix(self) -> bool:
-        """The chain and name are checked by the TLS library (``verify``); DANE checks TLSA instead."""
-        return self.mode is DownstreamTls.VERIFY and self.source == "setting"
+        """The chain and name are checked by the TLS library (``verify``, MTA-STS ``enforce``);
+        DANE checks TLSA instead."""
+        return self.mode is DownstreamTls.VERIFY and self.source in ("setting", "mta-sts")
 
     def check_certificate(self, chain_der: list[bytes]) -> str | None:
         """After the handshake: the matching TLSA record's text, or ``None`` when DANE does not apply.
@@ -127,8 +135,52 @@ async def _address(host: str, nameservers: list[str] | None, port: int, timeout:
     return answer[0].address
 
 
+_fetchers: dict[tuple, StsFetcher] = {}
+
+
+def sts_fetcher(dns_servers: list[str], timeout: float, ca_file: str = "", https_port: int = 443) -> StsFetcher:
+    """The process's MTA-STS fetcher (and so its policy cache) for these settings."""
+    key = (tuple(dns_servers), timeout, ca_file, https_port)
+    fetcher = _fetchers.get(key)
+    if fetcher is None:
+        nameservers, ns_port = _resolver(dns_servers, timeout)
+        verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=ca_file) if ca_file else True
+        fetcher = _fetchers[key] = StsFetcher(nameservers, ns_port, timeout, verify, https_port)
+    return fetcher
+
+
+async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_servers: list[str],
+                          timeout: float, sts: StsFetcher) -> ServerPolicy:
+    """RFC 8461 section 4 for one MX host of ``policy_domain``."""
+    nameservers, ns_port = _resolver(dns_servers, timeout)
+    address = host
+    if nameservers and not _is_address(host):
+        address = await _address(host, nameservers, ns_port, timeout, secure=False)
+    if not policy_domain:
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
+    try:
+        policy = await sts.policy(policy_domain)
+    except PolicyError as exc:
+        # No policy could be had and none is cached: MTA-STS does not apply (section 5.1).
+        log.warning("MTA-STS policy unavailable; opportunistic TLS", domain=policy_domain, reason=str(exc),
+                    result_type=exc.result_type)
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
+    if policy is None or policy.mode == "none":
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
+    if not policy.matches(host):
+        if policy.mode == "enforce":
+            raise PolicyRefusal(f"{host} does not match the MTA-STS mx patterns of {policy_domain} "
+                                f"({', '.join(policy.mx)})", "validation-failure")
+        log.warning("MTA-STS testing: MX host does not match the policy", domain=policy_domain, host=host)
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address)
+    if policy.mode == "testing":
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address)
+    return ServerPolicy(DownstreamTls.VERIFY, "mta-sts", address)
+
+
 async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dns_servers: list[str],
-                                timeout: float = 5.0) -> ServerPolicy:
+                                timeout: float = 5.0, policy_domain: str | None = None,
+                                sts: StsFetcher | None = None) -> ServerPolicy:
     """Decide the TLS policy for one server before connecting.
 
     Args:
@@ -137,6 +189,8 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
         port: its TCP port; the TLSA name is ``_<port>._tcp.<host>`` (RFC 6698 section 3).
         dns_servers: the validating resolver(s), ``HOST[:PORT]`` (empty: the system's).
         timeout: seconds per lookup.
+        policy_domain: the recipient domain (``mta-sts`` mode).
+        sts: the MTA-STS fetcher (default: the process's, see :func:`sts_fetcher`).
 
     Returns:
         The :class:`ServerPolicy`; for ``dane``, DANE when usable TLSA records exist,
@@ -144,8 +198,12 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
 
     Raises:
         PolicyRefusal: ``dane``/``dane-only`` with a bogus TLSA answer (``dnssec-invalid``),
-            or ``dane-only`` without usable TLSA (``tlsa-invalid``).
+            ``dane-only`` without usable TLSA (``tlsa-invalid``), or an MTA-STS ``enforce``
+            policy whose ``mx`` patterns do not match ``host`` (``validation-failure``).
     """
+    if mode is DownstreamTls.MTA_STS:
+        return await _mta_sts_policy(host, port, policy_domain, dns_servers, timeout,
+                                     sts or sts_fetcher(dns_servers, timeout))
     if not mode.uses_dane:
         return ServerPolicy(mode, "setting", host)
     if _is_address(host):

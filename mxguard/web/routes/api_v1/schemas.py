@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 InboundTlsMode = Literal["optional", "required"]
-DownstreamTlsMode = Literal["off", "opportunistic", "required", "verify", "dane", "dane-only"]
+DownstreamTlsMode = Literal["off", "opportunistic", "required", "verify", "dane", "dane-only", "mta-sts"]
 TlsVersion = Literal["1.2", "1.3"]
 RoleName = Literal["admin", "org-admin", "user"]
 
