@@ -96,3 +96,18 @@ def test_dane_only_with_matching_tlsa_delivers(gateway, add_domain, dane_sink):
     out, record = relay(gateway, add_domain, dane_sink, "mx1.dane.test", "dane-only")
     assert out.data and out.data[0] == 250
     assert record.downstream[0]["policy"] == "dane"
+
+
+async def test_test_connection_names_dane_and_the_matching_record(dnssec, dane_sink):
+    """The console's Test connection uses the same resolver: it says DANE decided, and which record matched."""
+    from mxguard.config import DownstreamSettings
+    from mxguard.services.domains import DomainView
+    from mxguard.services.probe import probe_domain
+
+    settings = DownstreamSettings(dns_servers=[f"127.0.0.1:{dnssec.resolver_port}"], dns_timeout=3.0)
+    view = DomainView(name="example.com", servers=(f"mx1.dane.test:{dane_sink.port}",), inbound_tls="optional",
+                      downstream_tls="dane", tls_ca_file=None, tls_fingerprint=None, tls_min_version="1.2", org=None)
+    result = await probe_domain(view, settings, "mx.gw.test")
+    server = result.servers[0]
+    assert server.policy_outcome == "deliver-tls" and server.policy_source == "dane"
+    assert server.tlsa.startswith("3 1 1 ") and "DANE-verified" in server.policy_detail

@@ -63,6 +63,8 @@ class ServerProbe:
         fingerprint_match: the pinned fingerprint matched (``None`` when no pin).
         policy_outcome: ``deliver-tls``, ``deliver-clear``, ``defer`` or ``unreachable``.
         policy_detail: the reply the sender would get, or the TLS that would be used.
+        policy_source: what decided the policy (the setting, DANE or MTA-STS).
+        tlsa: the matching TLSA record, when DANE decided.
         error: connection or handshake error text.
     """
 
@@ -78,6 +80,10 @@ class ServerProbe:
     fingerprint_match: bool | None = None
     policy_outcome: str = "unreachable"
     policy_detail: str = ""
+    #: What decided the TLS policy (``setting``, ``dane``, ``mta-sts``, ``mta-sts-testing``).
+    policy_source: str | None = None
+    #: With DANE: the TLSA record the certificate matched.
+    tlsa: str | None = None
     error: str | None = None
     elapsed_ms: float = 0.0
 
@@ -125,6 +131,7 @@ async def _policy_check(route: Route, settings: DownstreamSettings, hostname: st
         probe.policy_outcome = "defer"
         probe.policy_detail = str(exc)
         return
+    probe.policy_source, probe.tlsa = info.policy, info.tlsa
     try:
         if info.tls:
             probe.policy_outcome = "deliver-tls"
@@ -219,7 +226,7 @@ async def probe_domain(domain: DomainView, settings: DownstreamSettings, local_h
         probe = ServerProbe(server=f"{host}:{port}")
         started = asyncio.get_running_loop().time()
         single = Route(servers=((host, port),), tls=base.tls, ca_file=base.ca_file, fingerprint=base.fingerprint,
-                       min_version=base.min_version)
+                       min_version=base.min_version, policy_domain=base.policy_domain)
         await _policy_check(single, settings, local_hostname, probe)
         await _diagnose(host, port, domain, settings, local_hostname, probe)
         probe.elapsed_ms = round((asyncio.get_running_loop().time() - started) * 1000, 1)
