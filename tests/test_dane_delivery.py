@@ -69,6 +69,7 @@ def test_mismatching_tlsa_defers_and_sends_nothing(gateway, add_domain, dane_sin
     assert (code, text[:5]) == (451, "4.7.5"), out
     assert dane_sink.messages == []
     assert "matches none of the TLSA records" in record.downstream[0]["failure"]
+    assert record.downstream[0]["tls_rpt"] == {f"mx2.dane.test:{dane_sink.port}": "validation-failure"}
 
 
 def test_bogus_tlsa_defers_never_falls_back(gateway, add_domain, dane_sink):
@@ -76,6 +77,7 @@ def test_bogus_tlsa_defers_never_falls_back(gateway, add_domain, dane_sink):
     assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
     assert dane_sink.messages == []
     assert "DNSSEC validation" in record.downstream[0]["failure"]
+    assert record.downstream[0]["tls_rpt"] == {f"mx1.bogus.test:{dane_sink.port}": "dnssec-invalid"}
 
 
 def test_unsigned_zone_falls_back_to_opportunistic_with_dane(gateway, add_domain, dane_sink):
@@ -90,6 +92,7 @@ def test_dane_only_refuses_an_unsigned_zone(gateway, add_domain, dane_sink):
     assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
     assert dane_sink.messages == []
     assert "no usable DNSSEC-signed TLSA records" in record.downstream[0]["failure"]
+    assert record.downstream[0]["tls_rpt"] == {f"mx1.plain.test:{dane_sink.port}": "tlsa-invalid"}
 
 
 def test_dane_only_with_matching_tlsa_delivers(gateway, add_domain, dane_sink):

@@ -64,6 +64,7 @@ def test_mandatory_tls_without_starttls_defers_and_sends_nothing(gateway, plain_
     rec = gateway.wait_records(1)[-1]
     assert rec.disposition == "deferred"
     assert "STARTTLS not offered" in rec.downstream[0]["failure"]
+    assert rec.downstream[0]["tls_rpt"] == {plain_sink.address: "starttls-not-supported"}  # RFC 8460 4.3
 
 
 def test_required_accepts_a_self_signed_certificate(gateway, self_signed_sink, add_domain):
@@ -80,6 +81,7 @@ def test_verify_refuses_a_self_signed_certificate(gateway, self_signed_sink, add
     time.sleep(0.3)
     assert self_signed_sink.messages == []
     assert "certificate not verified" in gateway.wait_records(1)[-1].downstream[0]["failure"]
+    assert gateway.wait_records(1)[-1].downstream[0]["tls_rpt"] == {self_signed_sink.address: "certificate-not-trusted"}
 
 
 def test_verify_refuses_a_certificate_for_the_wrong_name(gateway, wrong_name_sink, add_domain, ca_file):
@@ -90,6 +92,8 @@ def test_verify_refuses_a_certificate_for_the_wrong_name(gateway, wrong_name_sin
     assert wrong_name_sink.messages == []
     failure = gateway.wait_records(1)[-1].downstream[0]["failure"]
     assert "certificate not verified" in failure and ("mismatch" in failure or "match" in failure)
+    tls_rpt = gateway.wait_records(1)[-1].downstream[0]["tls_rpt"]
+    assert tls_rpt == {wrong_name_sink.address: "certificate-host-mismatch"}
 
 
 def test_verify_by_pinned_fingerprint(gateway, self_signed_sink, add_domain):

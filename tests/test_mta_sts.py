@@ -112,6 +112,7 @@ def test_enforce_with_a_non_matching_mx_sends_nothing(gateway, add_domain, sts_s
     assert code == 451 and text.startswith("4.7.5"), out
     assert sts_sink.messages == []
     assert "does not match the MTA-STS mx patterns" in record.downstream[0]["failure"]
+    assert record.downstream[0]["tls_rpt"] == {f"mx9.sts.test:{sts_sink.port}": "validation-failure"}
 
 
 def test_testing_mode_delivers_and_says_so(gateway, add_domain, sts_sink, ca_file):

@@ -89,6 +89,8 @@ class RouteFailure(Exception):
     reply: Reply
     tls_related: bool = False
     attempts: list[str] = field(default_factory=list)
+    #: ``{"host:port": result type}`` for servers skipped for a TLS reason (RFC 8460 section 4.3).
+    tls_results: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.reply.one_line()} [{'; '.join(self.attempts)}]"
@@ -99,10 +101,22 @@ class DownstreamLost(Exception):
 
 
 class _ServerSkipped(Exception):
-    def __init__(self, note: str, tls_related: bool = False):
+    def __init__(self, note: str, tls_related: bool = False, result_type: str | None = None):
         super().__init__(note)
         self.note = note
         self.tls_related = tls_related
+        #: RFC 8460 section 4.3 result type of a TLS failure (for TLS-RPT).
+        self.result_type = result_type
+
+
+def _certificate_result_type(exc: ssl.SSLCertVerificationError) -> str:
+    """RFC 8460 section 4.3 result type for a failed certificate check (OpenSSL's verify code)."""
+    code = getattr(exc, "verify_code", None)
+    if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+        return "certificate-host-mismatch"
+    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return "certificate-expired"
+    return "certificate-not-trusted"
 
 
 def _ssl_object(client: aiosmtplib.SMTP) -> ssl.SSLObject | None:
@@ -145,6 +159,7 @@ class DownstreamConnection:
         """
         attempts: list[str] = []
         tls_related = False
+        tls_results: dict[str, str] = {}
         for host, port in self.route.servers:
             try:
                 self.info = await self._open_one(host, port)
@@ -155,13 +170,15 @@ class DownstreamConnection:
             except _ServerSkipped as skip:
                 attempts.append(f"{host}:{port}: {skip.note}")
                 tls_related = tls_related or skip.tls_related
+                if skip.result_type:
+                    tls_results[f"{host}:{port}"] = skip.result_type
                 await self._discard()
         if tls_related:
             reply = Reply(451, "4.7.5", "TLS to the downstream server is required by policy but could not "
                                         "be established; nothing was sent, try again later")
         else:
             reply = Reply(451, "4.4.1", "Downstream server unreachable, try again later")
-        raise RouteFailure(reply, tls_related, attempts)
+        raise RouteFailure(reply, tls_related, attempts, tls_results)
 
     async def _open_one(self, host: str, port: int) -> ConnectionInfo:
         try:
@@ -173,7 +190,7 @@ class DownstreamConnection:
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
                         result_type=refusal.result_type)
-            raise _ServerSkipped(refusal.reason, tls_related=True) from None
+            raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         mode = policy.mode
         info = ConnectionInfo(host=host, port=port, policy=policy.source)
         await self._connect_and_ehlo(host, port, info, address=policy.connect_host)
@@ -182,7 +199,7 @@ class DownstreamConnection:
         info.starttls_offered = self.client.supports_extension("starttls")
         if not info.starttls_offered:
             if policy.mandatory:
-                raise _ServerSkipped("STARTTLS not offered", tls_related=True)
+                raise _ServerSkipped("STARTTLS not offered", tls_related=True, result_type="starttls-not-supported")
             return info
         started = time.perf_counter()
         try:
@@ -234,11 +251,14 @@ class DownstreamConnection:
             await self.client.starttls(server_hostname=host, tls_context=ctx,
                                        timeout=self.settings.connect_timeout)
         except smtperr.SMTPResponseException as exc:
-            raise _ServerSkipped(f"STARTTLS refused: {exc.code} {exc.message[:80]}", tls_related=True) from None
+            raise _ServerSkipped(f"STARTTLS refused: {exc.code} {exc.message[:80]}", tls_related=True,
+                                 result_type="starttls-not-supported") from None
         except ssl.SSLCertVerificationError as exc:
-            raise _ServerSkipped(f"certificate not verified: {exc.verify_message}", tls_related=True) from None
+            raise _ServerSkipped(f"certificate not verified: {exc.verify_message}", tls_related=True,
+                                 result_type=_certificate_result_type(exc)) from None
         except (ssl.SSLError, smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise _ServerSkipped(f"TLS handshake failed: {_reason(exc)}", tls_related=True) from None
+            raise _ServerSkipped(f"TLS handshake failed: {_reason(exc)}", tls_related=True,
+                                 result_type="validation-failure") from None
         sslobj = _ssl_object(self.client)
         if sslobj is None:
             raise _ServerSkipped("connection lost after STARTTLS", tls_related=True)
@@ -256,14 +276,15 @@ class DownstreamConnection:
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{info.port}", reason=refusal.reason,
                         result_type=refusal.result_type)
-            raise _ServerSkipped(refusal.reason, tls_related=True) from None
+            raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         if tlsa is not None:
             info.verified = True
             info.tlsa = tlsa
         if policy.verify_pkix:
             if pinned:
                 if not cert or cert.sha256 != route.fingerprint:
-                    raise _ServerSkipped("certificate fingerprint does not match the pinned one", tls_related=True)
+                    raise _ServerSkipped("certificate fingerprint does not match the pinned one", tls_related=True,
+                                         result_type="validation-failure")
             info.verified = True
         await self._ehlo()  # RFC 3207 4.2: forget what was learnt in clear
 

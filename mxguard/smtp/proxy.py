@@ -619,6 +619,8 @@ class ProxySession:
                 first = first or leg.conn.info
             if leg.failure is not None:
                 item["failure"] = str(leg.failure)
+                if leg.failure.tls_results:
+                    item["tls_rpt"] = dict(leg.failure.tls_results)
             if leg.lost:
                 item["lost"] = leg.lost
             infos.append(item)
