@@ -65,6 +65,8 @@ def test_orgs_create_list_and_validation(web):
 def test_users_create_list_roles_and_validation(web):
     api = web.api(web.admin_key)
     api.post("/orgs", json={"name": "Acme"})
+    # Message Center users need an address in one of their organization's domains.
+    assert api.post("/domains", json={"name": "acme.test", "servers": ["a.test"], "org": "Acme"}).status_code == 201
     reply = api.post("/users", json={"email": "Boss@Acme.test", "role": "org-admin", "org": "Acme"})
     assert reply.status_code == 201, reply.text
     body = reply.json()

@@ -112,6 +112,7 @@ def test_allow_and_block_change_only_what_they_may():
 
 async def test_sender_list_cache_follows_changes(store):
     await orgs.add_org(store, "Acme")
+    await domain_service.add_domain(store, "acme.test", ["a.test"], org="Acme")
     user, _ = await users.add_user(store, "bob@acme.test", "user", org="Acme", password="x" * 12)
     cache = senderlists.SenderLists(store)
     await cache.load()

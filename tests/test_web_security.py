@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from mxguard.services import domains as domain_service
 from mxguard.web.security import safe_next
 from tests.support.smtp import message, send
 from tests.support.web import PASSWORD, csrf_token
@@ -147,6 +148,7 @@ def test_security_headers_and_csp(web):
 
 def test_plain_user_may_not_use_the_console(web):
     web.add_org("Acme")
+    web.run(domain_service.add_domain(web.gw.store, "acme.test", ["a.test"], org="Acme"))
     web.add_user("clerk@acme.test", "user", "Acme")
     client, reply = web.login("clerk@acme.test")
     assert reply.status_code == 303

@@ -61,6 +61,7 @@ async def test_every_domain_change_is_audited_with_before_and_after(store):
 async def test_roles_and_org_admin_limits(store):
     acme = await _tenant(store, "Acme", "ops@acme.test")
     await _tenant(store, "Globex", "ops@globex.test")
+    await domains.add_domain(store, "acme.test", ["a.test"], org="Acme")  # the clerk's address is Acme's
     with pytest.raises(PermissionDenied):
         await orgs.add_org(store, "Mine", actor=acme)
     with pytest.raises(PermissionDenied):

@@ -14,6 +14,7 @@ import typer
 from mxguard.cli import common
 from mxguard.cli.core import register as register_core
 from mxguard.cli.demo import register as register_demo
+from mxguard.cli.doctor import register as register_doctor
 from mxguard.cli.domain import domain_app
 from mxguard.cli.filters import register as register_filters
 from mxguard.cli.sink import register as register_sink
@@ -46,6 +47,7 @@ app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
 register_demo(app)
+register_doctor(app)
 register_sink(app)
 
 

@@ -90,6 +90,14 @@ async def _scope_clause(store: Store, actor: Actor):
             return QuarantinedMessage.id.is_(None)
         return or_(*(func.lower(QuarantinedMessage.recipient).like(f"%@{d}") for d in domains))
     if actor.email:
+        if actor.org_id is not None:
+            # A user sees mail to their address only while its domain is their organization's:
+            # an address in another organization's domain reads nothing (see services.tenancy).
+            async with store.session() as session:
+                owner = (await session.execute(select(Domain.org_id).where(
+                    Domain.name == recipient_domain(actor.email)))).scalar_one_or_none()
+            if owner != actor.org_id:
+                return QuarantinedMessage.id.is_(None)
         return func.lower(QuarantinedMessage.recipient) == actor.email.lower()
     return QuarantinedMessage.id.is_(None)
 

@@ -24,6 +24,7 @@ from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.services.orgs import org_id_for
+from mxguard.services.tenancy import check_domain_claim
 from mxguard.storage.db import Store
 from mxguard.storage.models import ConfigGeneration, Domain, SpoolEntry, utcnow
 from mxguard.tls.certs import normalize_fingerprint
@@ -310,6 +311,8 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
     Raises:
         ValidationFailed: a value is invalid (the exception names the field).
         AlreadyExists: the domain is configured already.
+        Conflict: an org-admin asks for a domain that is, or is a subdomain or parent of,
+            one another organization serves (:mod:`mxguard.services.tenancy`).
         PermissionDenied: the actor is a plain user.
     """
     actor.require_console()
@@ -330,6 +333,7 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
     _check_ca_file_allowed(actor, values.get("tls_ca_file"))
     async with store.session() as session:
         org_id = await _org_for_actor(session, org, actor)
+        await check_domain_claim(store, session, actor, domain, org_id)
         row = Domain(name=domain, org_id=org_id, **values)
         session.add(row)
         try:

@@ -26,6 +26,7 @@ from mxguard.errors import AlreadyExists, MxguardError, NotFound, PermissionDeni
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor, Role, as_utc
 from mxguard.services.orgs import org_id_for
+from mxguard.services.tenancy import check_user_address
 from mxguard.storage.db import Store
 from mxguard.storage.models import LoginAttempt, User, WebSession, utcnow
 
@@ -135,7 +136,9 @@ async def add_user(store: Store, email: str, role: str, *, org: str | None = Non
         ``(user, generated password or None)``.
 
     Raises:
-        ValidationFailed, AlreadyExists, PermissionDenied.
+        ValidationFailed: a bad value; field ``email`` also when the address belongs to
+            another organization's domain (:func:`mxguard.services.tenancy.check_user_address`).
+        AlreadyExists, PermissionDenied.
     """
     actor.require_console()
     email = normalize_email(email)
@@ -155,6 +158,7 @@ async def add_user(store: Store, email: str, role: str, *, org: str | None = Non
         org_id = await org_id_for(session, org) if org else None
         if not actor.is_admin and (role == Role.ADMIN or org_id != actor.org_id):
             raise PermissionDenied("an org-admin may only add org-admins and users of their own organization")
+        await check_user_address(store, session, actor, email, role, org_id, org)
         row = User(email=email, password_hash=_hasher.hash(password), role=role, org_id=org_id, failed_logins=0,
                    must_change_password=generated is not None)
         session.add(row)

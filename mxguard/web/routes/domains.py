@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import FormData
 
-from mxguard.errors import AlreadyExists, ValidationFailed
+from mxguard.errors import AlreadyExists, Conflict, ValidationFailed
 from mxguard.services import domains as domain_service
 from mxguard.services import orgs as org_service
 from mxguard.services.probe import probe_domain
@@ -70,9 +70,9 @@ async def create(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx:
         view = await domain_service.add_domain(
             ctx.store, name, values.pop("servers"), actor=me.actor, org=values.pop("org") or None,
             **{k: v or None for k, v in values.items()})
-    except (ValidationFailed, AlreadyExists) as exc:
+    except (ValidationFailed, AlreadyExists, Conflict) as exc:
         return await _render_form(request, me, ctx, domain={"name": name, **_form_values(form)}, is_new=True,
-                                  error=exc, status=409 if isinstance(exc, AlreadyExists) else 422)
+                                  error=exc, status=422 if isinstance(exc, ValidationFailed) else 409)
     await ctx.config_changed()
     return RedirectResponse(f"/domains/{view.name}?saved=1", status_code=303)
 
