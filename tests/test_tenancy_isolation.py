@@ -203,3 +203,23 @@ async def _scenario(domain_owner, people, recipients):
                     assert view.email in flagged
         finally:
             await store.close()
+
+
+async def test_sender_lists_of_an_account_in_another_orgs_domain_are_ignored(store):
+    from mxguard.quarantine import senderlists
+    for org, domain in (("OrgA", "a.test"), ("OrgB", "b.test")):
+        await orgs.add_org(store, org)
+        await domain_service.add_domain(store, domain, ["mx.test"], org=org)
+    legit, _ = await users.add_user(store, "carol@b.test", "user", org="OrgB", password="x" * 12)
+    async with store.session() as session:  # an account from before the rules
+        org_a = (await session.execute(select(Organization).where(Organization.name == "OrgA"))).scalar_one()
+        session.add(User(email="dave@b.test", password_hash="x", role="user", org_id=org_a.id, failed_logins=0,
+                         must_change_password=False))
+        await session.commit()
+        dave = (await session.execute(select(User).where(User.email == "dave@b.test"))).scalar_one()
+    await senderlists.add_entry(store, dave.id, "allow", "spam.example", actor=Actor("t"))
+    await senderlists.add_entry(store, legit.id, "allow", "shop.example", actor=Actor("t"))
+    cache = senderlists.SenderLists(store)
+    await cache.load()
+    assert cache.lookup("dave@b.test", "x@spam.example") is None
+    assert cache.lookup("carol@b.test", "x@shop.example") == "allow"

@@ -31,7 +31,7 @@ from mxguard.services import audit
 from mxguard.services.access import Actor
 from mxguard.services.domains import bump_generation, normalize_domain_name
 from mxguard.storage.db import Store
-from mxguard.storage.models import SenderListEntry, User, utcnow
+from mxguard.storage.models import Domain, SenderListEntry, User, utcnow
 
 log = structlog.get_logger("mxguard.senderlists")
 
@@ -164,10 +164,15 @@ class SenderLists:
     async def load(self) -> None:
         """Read every entry now (raises SQLAlchemyError if the database is down)."""
         async with self.store.session() as session:
-            rows = (await session.execute(select(User.email, SenderListEntry.kind, SenderListEntry.pattern)
+            rows = (await session.execute(select(User.email, User.org_id, SenderListEntry.kind, SenderListEntry.pattern)
                                           .join(User, User.id == SenderListEntry.user_id))).all()
+            owners = dict((await session.execute(select(Domain.name, Domain.org_id))).all())
         by_rcpt: dict[str, dict[str, str]] = {}
-        for email, kind, pattern in rows:
+        for email, org_id, kind, pattern in rows:
+            # Only a user of the organization owning the address's domain decides for its mail
+            # (an account from before the tenancy rules cannot steer another organization's mail).
+            if org_id is not None and owners.get(email.rpartition("@")[2].rstrip(".").lower()) != org_id:
+                continue
             entries = by_rcpt.setdefault(email.lower(), {})
             if entries.get(pattern) != "block":  # cannot happen (unique), but block wins
                 entries[pattern] = kind
