@@ -147,6 +147,9 @@ class FilterSettings(_Section):
     content_policy: bool = True
     #: SPF, DKIM and DMARC checks (RFC 7208, 6376, 7489) for Authentication-Results.
     sender_auth: bool = True
+    #: A DKIM signature whose body length ``l=`` is shorter than the body: "fail" (the default,
+    #: as Rspamd: the unsigned tail could say anything, RFC 6376 8.2) or "allow" (counts as pass).
+    dkim_body_length: Literal["fail", "allow"] = "fail"
     #: clamd address: "HOST:PORT" (TCP) or "unix:/path/clamd.ctl" (or an absolute socket path).
     clamd_address: str = "127.0.0.1:3310"
     #: Rspamd normal worker base URL (the /checkv2 endpoint is appended).

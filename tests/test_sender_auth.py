@@ -113,3 +113,67 @@ def test_gateway_records_auth_results(gateway, tls_sink, add_domain, loopback_dn
     rec = gateway.wait_records(1)[-1]
     assert rec.verdict["auth"]["sender_aligned"] is True
     assert "DMARC_PASS" in rec.verdict["junk"][0]["rules"]
+
+
+# -- DKIM body length (l=): text appended after signing is not covered ------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from mxguard.filtering.message import parse_message as _parse  # noqa: E402
+
+
+def _tail_message(loopback_dns, tail: bytes, canonicalize=(b"relaxed", b"relaxed")):
+    raw = loopback_dns.sign(mail.plain(sender="alice@pass.test"), "pass.test", length=True, canonicalize=canonicalize)
+    env = Envelope(client_ip="203.0.113.7", helo="mx.pass.test", mail_from="alice@pass.test")
+    return _parse(raw + tail, env)
+
+
+async def test_signature_with_l_covering_the_whole_body_passes(auth, loopback_dns):
+    result = await auth.check(_tail_message(loopback_dns, b""))
+    assert result.dkim[0]["result"] == "pass" and result.dmarc == "pass"
+
+
+async def test_text_appended_after_an_l_signature_fails_dkim_and_dmarc(auth, loopback_dns):
+    """p=reject domain, SPF fails (forwarded), the only pass would be the l= signature: now dmarc=fail."""
+    result = await auth.check(_tail_message(loopback_dns, b"\r\nClick https://evil.example/ now.\r\n"))
+    sig = result.dkim[0]
+    assert sig["result"] == "fail" and "shorter than the body" in sig["reason"]
+    assert result.dmarc == "fail" and result.dmarc_policy == "reject" and not result.sender_aligned
+    field = authentication_results_field("mx.gw.test", result, sender="alice@pass.test")
+    assert 'dkim=fail reason="body length l=' in field
+
+
+async def test_body_length_allow_keeps_rfc_6376_behaviour(loopback_dns):
+    checker = SenderAuth([loopback_dns.address], timeout=2.0, hostname="mx.gw.test", body_length="allow")
+    try:
+        result = await checker.check(_tail_message(loopback_dns, b"\r\nappended\r\n"))
+    finally:
+        checker.close()
+    assert result.dkim[0]["result"] == "pass" and "reason" not in result.dkim[0]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tail=st.binary(min_size=1, max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
+       canon=st.sampled_from([(b"relaxed", b"relaxed"), (b"relaxed", b"simple"), (b"simple", b"simple")]))
+async def test_any_tail_that_changes_the_canonical_body_is_never_a_pass(loopback_dns, tail, canon):
+    """The class: whatever is appended, in either canonicalization, a pass is only given when the
+    canonicalized body is still exactly what l= counted (e.g. only trailing empty lines were added)."""
+    from mxguard.filtering.sender_auth import _body_coverage
+    checker = SenderAuth([loopback_dns.address], timeout=2.0, hostname="mx.gw.test")
+    try:
+        message = _tail_message(loopback_dns, tail, canonicalize=canon)
+        result = await checker.check(message)
+    finally:
+        checker.close()
+    import dkim as _dkim
+    sig = _dkim.rfc822_parse(message.raw)[0]
+    tags = dict(part.strip().split("=", 1) for part in
+                b"".join(v for k, v in sig if k.lower() == b"dkim-signature").decode().replace("\r\n", "").split(";")
+                if "=" in part)
+    covered, total = _body_coverage(message.raw, tags["c"].strip(), tags["l"].strip())
+    if tail.strip(b" \t\r\n"):  # visible text appended: never covered, whatever the canonicalization
+        assert covered < total and result.dkim[0]["result"] == "fail"
+    if covered < total:
+        assert result.dkim[0]["result"] == "fail"
+    else:
+        assert result.dkim[0]["result"] == "pass"

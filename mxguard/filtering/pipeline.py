@@ -86,7 +86,7 @@ class FilterPipeline:
     def from_settings(cls, settings: Settings) -> "FilterPipeline":
         """Build the pipeline of a gateway's settings (``[filters]`` and ``hostname``)."""
         f = settings.filters
-        auth = SenderAuth(f.dns_servers, f.dns_timeout, settings.hostname) if f.sender_auth else None
+        auth = SenderAuth(f.dns_servers, f.dns_timeout, settings.hostname, body_length=f.dkim_body_length) if f.sender_auth else None
         return cls(build_engines(f), auth, f)
 
     @property

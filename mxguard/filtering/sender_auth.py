@@ -26,6 +26,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import dkim
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
@@ -101,6 +102,22 @@ def parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
+def _body_coverage(raw: bytes, canonicalization: str, length: str) -> tuple[int, int]:
+    """``(l= value, canonicalized body length)`` in bytes for a DKIM signature (RFC 6376 3.4, 3.5).
+
+    The body is canonicalized with dkimpy's own policy for the signature's ``c=`` tag, so the
+    count is the one the signer's ``l=`` refers to. An ``l=`` that is not a number counts as 0.
+    """
+    _, body = dkim.rfc822_parse(raw)
+    try:
+        policy = CanonicalizationPolicy.from_c_value(canonicalization.strip().encode())
+    except InvalidCanonicalizationPolicyError:
+        policy = CanonicalizationPolicy.from_c_value(b"simple/simple")
+    total = len(policy.canonicalize_body(body))
+    covered = int(length) if length.strip().isdigit() and len(length.strip()) <= 76 else 0
+    return covered, total
+
+
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().strip(">").lower().rstrip(".")
 
@@ -112,10 +129,15 @@ class SenderAuth:
         dns_servers: ``HOST[:PORT]`` resolvers; empty for the system resolver.
         timeout: seconds per DNS query.
         hostname: the gateway's name (pyspf's receiver, for explanations).
+        body_length: what a passing signature whose ``l=`` covers less than the whole body
+            counts as: ``fail`` (default; the unsigned tail could say anything, RFC 6376
+            section 8.2) or ``allow`` (a pass, as RFC 6376 permits).
     """
 
-    def __init__(self, dns_servers: list[str] | None = None, timeout: float = 3.0, hostname: str = "localhost"):
+    def __init__(self, dns_servers: list[str] | None = None, timeout: float = 3.0, hostname: str = "localhost",
+                 body_length: str = "fail"):
         self.timeout = timeout
+        self.body_length = body_length
         self.hostname = hostname
         self.resolver = self._configure(dns.resolver.Resolver(configure=not dns_servers), dns_servers)
         self.aresolver = self._configure(dns.asyncresolver.Resolver(configure=not dns_servers), dns_servers)
@@ -217,10 +239,12 @@ class SenderAuth:
         results: list[dict[str, str]] = []
         keys: dict[bytes, bytes | None] = {}
         wanted = []
+        lengths: list[tuple[str, str | None]] = []  # (c=, l=) of each signature
         for sig in signatures[:5]:
             tags = parse_tags(" ".join(str(sig).split()))
             domain, selector = tags.get("d", "").lower(), tags.get("s", "")
             wanted.append((domain, selector))
+            lengths.append((tags.get("c", "simple/simple"), tags.get("l")))
             if domain and selector:
                 name = f"{selector}._domainkey.{domain}"
                 if name.encode() not in keys:
@@ -258,10 +282,18 @@ class SenderAuth:
             verdicts = await asyncio.get_running_loop().run_in_executor(self._pool, verify_all)
         else:
             verdicts = verify_all()
-        for (domain, selector), verdict in zip(wanted, verdicts):
+        for (domain, selector), verdict, (canon, length) in zip(wanted, verdicts, lengths):
             if verdict == "fail" and domain and keys.get(f"{selector}._domainkey.{domain}".encode()) == b"":
                 verdict = "permerror"  # no key published (RFC 6376 6.1.2)
-            results.append({"result": verdict, "domain": domain, "selector": selector})
+            result = {"result": verdict, "domain": domain, "selector": selector}
+            if verdict == "pass" and length is not None and self.body_length == "fail":
+                covered, total = _body_coverage(message.raw, canon, length)
+                if covered < total:
+                    # RFC 6376 8.2: text after the l= count is unsigned; the signature does not
+                    # vouch for this message, so it does not count (Rspamd's default too).
+                    result = {**result, "result": "fail",
+                              "reason": f"body length l={covered} is shorter than the body ({total} bytes)"}
+            results.append(result)
         return results
 
     # -- DMARC ---------------------------------------------------------------------------

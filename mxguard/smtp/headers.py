@@ -224,7 +224,8 @@ def authentication_results_field(hostname: str, auth, *, sender: str = "", helo:
         items.append(f"spf={auth.spf}")
     if auth.dkim:
         for sig in auth.dkim[:5]:
-            items.append(f"dkim={sig['result']} header.d={_ar_value(sig['domain'] or 'unknown')}"
+            reason = f" reason={_ar_value(sig['reason'])}" if sig.get("reason") else ""
+            items.append(f"dkim={sig['result']}{reason} header.d={_ar_value(sig['domain'] or 'unknown')}"
                          f" header.s={_ar_value(sig['selector'] or 'unknown')}")
     else:
         items.append("dkim=none")

@@ -108,14 +108,15 @@ class LoopbackDNS:
     def queries(self) -> list[tuple[str, str]]:
         return list(self.resolver.queries)
 
-    def sign(self, message: bytes, domain: str = "pass.test", *, wrong_key: bool = False) -> bytes:
-        """DKIM-sign ``message`` as ``d=domain; s=sel`` (relaxed/relaxed).
+    def sign(self, message: bytes, domain: str = "pass.test", *, wrong_key: bool = False,
+             length: bool = False, canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed")) -> bytes:
+        """DKIM-sign ``message`` as ``d=domain; s=sel`` (relaxed/relaxed by default).
 
         Args:
             wrong_key: sign with a key whose public half is not published (verification fails).
+            length: add the body length tag ``l=`` (dkimpy ``length=True``).
         """
         key = self.other_key if wrong_key else self.dkim_key
-        signature = dkim.sign(message, b"sel", domain.encode(), key,
-                              canonicalize=(b"relaxed", b"relaxed"),
+        signature = dkim.sign(message, b"sel", domain.encode(), key, canonicalize=canonicalize, length=length,
                               include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
         return signature.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") + message
