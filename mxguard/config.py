@@ -150,6 +150,10 @@ class FilterSettings(_Section):
     #: A DKIM signature whose body length ``l=`` is shorter than the body: "fail" (the default,
     #: as Rspamd: the unsigned tail could say anything, RFC 6376 8.2) or "allow" (counts as pass).
     dkim_body_length: Literal["fail", "allow"] = "fail"
+    #: A part whose file names disagree (filename vs filename* vs Content-Type name, ...):
+    #: "quarantine" (default), "reject", or "deliver" (logged only). Every name is checked
+    #: against the attachment rules whatever this says.
+    conflicting_names: Literal["quarantine", "reject", "deliver"] = "quarantine"
     #: clamd address: "HOST:PORT" (TCP) or "unix:/path/clamd.ctl" (or an absolute socket path).
     clamd_address: str = "127.0.0.1:3310"
     #: Rspamd normal worker base URL (the /checkv2 endpoint is appended).

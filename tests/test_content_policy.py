@@ -177,3 +177,81 @@ async def test_text_that_starts_with_mz_is_not_an_executable(pipeline):
     raw = mail.with_attachment(b"MZ Corp. minutes of the meeting\r\n" * 20, "minutes.txt", "text", "plain")
     verdict, disposition = await _decide(pipeline, raw)
     assert disposition.action == "deliver"
+
+
+# -- one attachment, two names: every name is checked, and disagreeing names are suspicious ----
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+def _named_part(disposition_params: bytes, type_params: bytes = b"", payload: bytes = b"aGVsbG8=") -> bytes:
+    return (HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n'
+            b"--b\r\nContent-Type: application/octet-stream" + type_params + b"\r\n"
+            b"Content-Disposition: attachment" + disposition_params + b"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + payload + b"\r\n--b--\r\n")
+
+
+async def test_the_issue_example_is_caught(pipeline):
+    raw = _named_part(b"; filename=\"invoice.pdf\";\r\n filename*0*=us-ascii''invoice.e; filename*1=\"xe\"")
+    verdict, disposition = await _decide(pipeline, raw)
+    names = sorted(a["filename"] for a in verdict.attachments)
+    assert names == ["invoice.exe", "invoice.pdf"]
+    assert disposition.action == "reject" and "executable-extension (invoice.exe)" in disposition.reason
+    assert any(h.rule == "conflicting-names" and h.action == "quarantine" for h in verdict.policy)
+
+
+async def test_disagreeing_harmless_names_are_quarantined(pipeline):
+    raw = _named_part(b'; filename="report.pdf"', b'; name="summary.pdf"')
+    verdict, disposition = await _decide(pipeline, raw)
+    assert disposition.action == "quarantine" and "conflicting-names" in disposition.reason
+    same = _named_part(b'; filename="Report.PDF"', b'; name="report.pdf"')
+    assert (await _decide(pipeline, same))[1].action == "deliver"  # a case difference is not a conflict
+
+
+async def test_conflicting_names_action_is_configurable():
+    p = FilterPipeline.from_settings(Settings.model_validate(
+        {"filters": {"sender_auth": False, "conflicting_names": "reject"}}))
+    try:
+        verdict = await p.scan(_named_part(b'; filename="a.pdf"', b'; name="b.pdf"'))
+    finally:
+        await p.close()
+    assert decide(verdict, _policy()).action == "reject"
+
+
+def _encodings(name: str):
+    """Every way a parameter can carry ``name`` (RFC 2045, RFC 2231 extended and split, RFC 2047)."""
+    import base64
+    raw = name.encode()
+    half = max(1, len(name) // 2)
+    return st.sampled_from([
+        lambda key: b'; ' + key + b'="' + raw + b'"',
+        lambda key: b"; " + key + b"*=utf-8''" + raw.replace(b".", b"%2E"),
+        lambda key: b'; ' + key + b'*0="' + name[:half].encode() + b'"; ' + key + b'*1="' + name[half:].encode() + b'"',
+        lambda key: b"; " + key + b"*0*=us-ascii''" + name[:half].encode() + b"; " + key + b'*1="'
+        + name[half:].encode() + b'"',
+        lambda key: b'; ' + key + b'="=?utf-8?B?' + base64.b64encode(raw) + b'?="',
+    ])
+
+
+stems = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), stem=stems, bad_ext=st.sampled_from(["exe", "scr", "js", "bat", "vbs"]),
+       decoy_ext=st.sampled_from(["pdf", "docx", "jpg", "txt"]),
+       bad_in=st.sampled_from(["filename", "name"]), bad_first=st.booleans())
+async def test_an_executable_name_anywhere_in_the_part_is_never_delivered(pipeline, data, stem, bad_ext, decoy_ext,
+                                                                          bad_in, bad_first):
+    """The class: a decoy name plus an executable name, each in any encoding and in either header,
+    in either order. Whichever name a client shows, the message is refused (the executable rule)."""
+    bad, decoy = f"{stem}.{bad_ext}", f"{stem}.{decoy_ext}"
+    bad_params = data.draw(_encodings(bad))(b"filename" if bad_in == "filename" else b"name")
+    decoy_params = data.draw(_encodings(decoy))(b"name" if bad_in == "filename" else b"filename")
+    disp, ctype = (bad_params, decoy_params) if bad_in == "filename" else (decoy_params, bad_params)
+    if bad_first and bad_in == "filename":
+        disp = bad_params + data.draw(_encodings(decoy))(b"filename")  # both names in one header
+    raw = _named_part(disp, ctype)
+    verdict, disposition = await _decide(pipeline, raw)
+    names = {a["filename"] for a in verdict.attachments}
+    assert bad in names, (raw, names)
+    assert disposition.action == "reject", (raw, disposition)

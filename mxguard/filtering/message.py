@@ -13,6 +13,10 @@ their members become parts too, as do uuencoded blocks inside text bodies.
 from __future__ import annotations
 
 import binascii
+import email.errors
+import email.header
+import email.message
+import email.utils
 import functools
 import io
 import re
@@ -138,6 +142,8 @@ class Part:
             ``archive``, ``office``, ``pdf``, ``html``, ``image``, ``other`` or ``None``.
         origin: ``mime``, ``archive`` or ``uuencode``.
         encrypted: a password-protected archive member (content not readable).
+        names: every file name given for the part; more than one distinct name is itself
+            suspicious (clients differ in which they show and save).
     """
 
     path: str
@@ -149,6 +155,9 @@ class Part:
     kind: str | None = None
     origin: str = "mime"
     encrypted: bool = False
+    #: Every file name the part carries, decoded (``filename``, ``filename*`` and its
+    #: continuations, Content-Type ``name``, encoded words), in header order, distinct.
+    names: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -312,6 +321,69 @@ def _filename(part: EmailMessage) -> str | None:
     return " ".join(str(name).split())[:255] or None
 
 
+_NAME_PARAMS = {"content-disposition": "filename", "content-type": "name"}
+
+
+def _decoded_name(value) -> str:
+    """A parameter value as a client would show it: RFC 2231 collapsed, RFC 2047 words decoded."""
+    text = email.utils.collapse_rfc2231_value(value)
+    if "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except (ValueError, LookupError, email.errors.HeaderParseError):
+            pass
+    return " ".join(text.split())[:255]
+
+
+def all_names(part: EmailMessage) -> tuple[str, ...]:
+    """Every file name ``part`` carries, decoded, distinct (case and spacing kept).
+
+    Each ``Content-Disposition`` ``filename`` and ``Content-Type`` ``name``
+    occurrence counts, plain (RFC 2045), extended or split (RFC 2231 section 3
+    and 4: ``filename*``, ``filename*0*``/``filename*1``), and RFC 2047 encoded
+    words inside a value (not allowed there, but decoded by many clients). The
+    parameters are read by the stdlib parser (:meth:`email.message.Message.get_params`)
+    from each header field as received, so duplicates are not merged away.
+    """
+    names: list[str] = []
+    for header, raw in part.raw_items():
+        key = _NAME_PARAMS.get(header.lower())
+        if key is None:
+            continue
+        text = " ".join(str(raw).split())
+        # The stdlib's reading of the whole field (continuations merged, as Python's own
+        # get_filename() does), then each occurrence on its own: a plain ``filename=``, an
+        # extended ``filename*=`` and the ``filename*N`` continuation set, as other clients
+        # may pick any one of them (RFC 2231 leaves a mixture undefined).
+        pieces = [p for p in email.message._parseparam(text)[1:] if "=" in p]
+        own = [p for p in pieces if p.split("=", 1)[0].strip().lower().split("*", 1)[0] == key]
+        singles = [p for p in own if not p.split("=", 1)[0].strip().rstrip("*")[len(key):].lstrip("*").isdigit()]
+        sets: list[list[str]] = []  # continuation sets; a new "*0" starts another
+        for piece in (p for p in own if p not in singles):
+            index = piece.split("=", 1)[0].strip().rstrip("*")[len(key):].lstrip("*")
+            if index == "0" or not sets:
+                sets.append([])
+            sets[-1].append(piece)
+        readings = [text] + [f"x; {p}" for p in singles] + [f"x; {'; '.join(group)}" for group in sets]
+        for reading in readings:
+            shim = email.message.Message()
+            shim[header] = reading
+            try:
+                params = shim.get_params(header=header, failobj=[]) or []
+            except Exception:  # noqa: BLE001 - the stdlib trips on hostile mixtures (TypeError in decode_params)
+                continue
+            for name, value in params[1:]:
+                if name.strip().lower().split("*", 1)[0] != key:
+                    continue
+                try:
+                    decoded = _decoded_name(value)
+                except Exception:  # noqa: BLE001 - as above: an unreadable value is no name
+                    continue
+                if decoded and decoded not in names:
+                    names.append(decoded)
+    return tuple(names)
+
+
 def _uuencoded(data: bytes) -> list[tuple[str, bytes]]:
     """Inline uuencoded files (``begin 644 name`` ... ``end``) inside a text body."""
     found = []
@@ -402,7 +474,8 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
             return
         ctype = node.get_content_type()
         data = _decode_payload(node)
-        part = Part(path=path or "1", depth=depth, content_type=ctype, filename=_filename(node), data=data)
+        part = Part(path=path or "1", depth=depth, content_type=ctype, filename=_filename(node), data=data,
+                    names=all_names(node))
         part.detected, part.kind = detect(data)
         parts.append(part)
         if part.kind == "archive" and part.detected == "application/zip":

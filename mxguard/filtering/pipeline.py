@@ -64,7 +64,8 @@ def build_engines(f: FilterSettings) -> list[Engine]:
             engines.append(SpamdEngine(f.spamd_address, f.timeout_for("spamd")))
     if f.content_policy:
         from mxguard.filtering.policy_content import ContentPolicyEngine
-        engines.append(ContentPolicyEngine(f.max_mime_parts, f.max_mime_depth, f.timeout_for("policy")))
+        engines.append(ContentPolicyEngine(f.max_mime_parts, f.max_mime_depth, f.timeout_for("policy"),
+                                           conflicting_names=f.conflicting_names))
     return engines
 
 

@@ -163,19 +163,56 @@ def match_rules(attachments: list[dict[str, Any]], rules: list[dict[str, Any]]) 
     return hits
 
 
+def _extension(name: str | None) -> str:
+    name = (name or "").strip().rstrip(".").lower()
+    return name.rsplit(".", 1)[1] if "." in name else ""
+
+
+def same_name(a: str, b: str) -> bool:
+    """Two file names a client would treat as the same (case and surrounding space ignored)."""
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+def distinct_names(names: tuple[str, ...] | list[str]) -> list[str]:
+    """``names`` without the ones :func:`same_name` calls equal to an earlier one."""
+    out: list[str] = []
+    for name in names:
+        if not any(same_name(name, seen) for seen in out):
+            out.append(name)
+    return out
+
+
 def attachments_of(message: ParsedMessage) -> list[dict[str, Any]]:
-    """The parts a rule can look at: anything with a name, a non-text type, or found inside another."""
+    """The parts a rule can look at: anything with a name, a non-text type, or found inside another.
+
+    A part that carries several different file names (``filename`` and ``filename*``,
+    Content-Type ``name``...) is listed once per name, so every rule sees every name a
+    mail client might show or save it under.
+    """
     out = []
     for part in message.parts:
-        is_body_text = (part.origin == "mime" and part.filename is None
+        is_body_text = (part.origin == "mime" and part.filename is None and not part.names
                         and (part.content_type.startswith("text/") or part.content_type == "")
                         and part.kind in (None, "html"))
         if is_body_text:
             continue
-        out.append({"path": part.path, "filename": part.filename, "extension": part.extension,
-                    "content_type": part.content_type, "detected": part.detected, "kind": part.kind,
-                    "size": part.size, "origin": part.origin, "encrypted": part.encrypted})
+        names = distinct_names([n for n in (part.filename, *part.names) if n]) or [None]
+        for name in names:
+            out.append({"path": part.path, "filename": name, "extension": _extension(name),
+                        "content_type": part.content_type, "detected": part.detected, "kind": part.kind,
+                        "size": part.size, "origin": part.origin, "encrypted": part.encrypted})
     return out
+
+
+def conflicting_name_hits(message: ParsedMessage, action: str) -> list[PolicyHit]:
+    """A ``conflicting-names`` hit for each part whose file names disagree (at most 5)."""
+    hits = []
+    for part in message.parts:
+        names = distinct_names([n for n in (part.filename, *part.names) if n])
+        if len(names) > 1:
+            hits.append(PolicyHit("conflicting-names", action, part.path,
+                                  "the part's file names disagree: " + ", ".join(repr(n) for n in names[:4])))
+    return hits[:5]
 
 
 class ContentPolicyEngine(Engine):
@@ -189,10 +226,13 @@ class ContentPolicyEngine(Engine):
     name = "policy"
     kind = "policy"
 
-    def __init__(self, max_parts: int = 500, max_depth: int = 20, timeout: float = 20.0):
+    def __init__(self, max_parts: int = 500, max_depth: int = 20, timeout: float = 20.0,
+                 conflicting_names: str = "quarantine"):
         super().__init__(timeout)
         self.max_parts = max_parts
         self.max_depth = max_depth
+        #: The action for a part whose file names disagree (``filters.conflicting_names``).
+        self.conflicting_names = conflicting_names
 
     def version(self) -> str:
         return f"mxguard content policy (max {self.max_parts} parts, depth {self.max_depth})"
@@ -205,6 +245,7 @@ class ContentPolicyEngine(Engine):
             hits.append(PolicyHit("mime-depth", "reject", "", f"nesting depth {message.max_depth} > {self.max_depth}"))
         for path, name in message.duplicate_fields[:5]:
             hits.append(PolicyHit("ambiguous-mime-header", "reject", path, f"{name} given twice in one part"))
+        hits.extend(conflicting_name_hits(message, self.conflicting_names))
         return hits
 
     async def scan(self, message: ParsedMessage, ctx: ScanContext) -> EngineOutput:
