@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import time
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -110,8 +111,26 @@ def _resolver(dns_servers: list[str], timeout: float) -> tuple[list[str] | None,
     return [host for host, _ in parsed], parsed[0][1]
 
 
+_address_cache: dict[tuple, tuple[float, str]] = {}
+
+
 async def _address(host: str, nameservers: list[str] | None, port: int, timeout: float, *,
                    secure: bool = True) -> str:
+    """:func:`_lookup_address`, cached like the TLSA answers (refusals are not cached)."""
+    key = (host.rstrip(".").lower(), tuple(nameservers or ()), port, secure)
+    now = time.monotonic()
+    hit = _address_cache.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    address = await _lookup_address(host, nameservers, port, timeout, secure=secure)
+    if len(_address_cache) >= TLSA_CACHE_SIZE:
+        _address_cache.clear()
+    _address_cache[key] = (now + TLSA_CACHE_SECONDS, address)
+    return address
+
+
+async def _lookup_address(host: str, nameservers: list[str] | None, port: int, timeout: float, *,
+                          secure: bool = True) -> str:
     """An IPv4 address of ``host`` from the configured resolver; with ``secure``, from a
     DNSSEC-validated answer only (RFC 7672 section 2.2.1).
 
@@ -136,6 +155,36 @@ async def _address(host: str, nameservers: list[str] | None, port: int, timeout:
 
 
 _fetchers: dict[tuple, StsFetcher] = {}
+
+#: TLSA answers by (host, port, resolver), kept for :data:`TLSA_CACHE_SECONDS` (a bogus answer
+#: for :data:`BOGUS_CACHE_SECONDS`): the validating resolver caches too, but a lookup per
+#: connection would cost a round trip and its CPU on every message.
+TLSA_CACHE_SECONDS = 300.0
+BOGUS_CACHE_SECONDS = 30.0
+TLSA_CACHE_SIZE = 10000
+_tlsa_cache: dict[tuple, tuple[float, DaneLookup]] = {}
+
+
+async def _cached_tlsa(host: str, port: int, nameservers: list[str] | None, ns_port: int,
+                       timeout: float) -> DaneLookup:
+    key = (host.rstrip(".").lower(), port, tuple(nameservers or ()), ns_port)
+    now = time.monotonic()
+    hit = _tlsa_cache.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    lookup = await lookup_tlsa(host, port, nameservers=nameservers, nameserver_port=ns_port, timeout=timeout)
+    if len(_tlsa_cache) >= TLSA_CACHE_SIZE:
+        _tlsa_cache.clear()
+    ttl = BOGUS_CACHE_SECONDS if lookup.status is DnssecStatus.BOGUS else TLSA_CACHE_SECONDS
+    _tlsa_cache[key] = (now + ttl, lookup)
+    return lookup
+
+
+def forget_cached_lookups() -> None:
+    """Drop every cached TLSA answer and MTA-STS policy (tests; an operator's zone change)."""
+    _tlsa_cache.clear()
+    _address_cache.clear()
+    _fetchers.clear()
 
 
 def sts_fetcher(dns_servers: list[str], timeout: float, ca_file: str = "", https_port: int = 443) -> StsFetcher:
@@ -211,7 +260,7 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
             raise PolicyRefusal(f"{host} is an address: DANE needs a host name with TLSA records", "tlsa-invalid")
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", host)
     nameservers, ns_port = _resolver(dns_servers, timeout)
-    lookup = await lookup_tlsa(host, port, nameservers=nameservers, nameserver_port=ns_port, timeout=timeout)
+    lookup = await _cached_tlsa(host, port, nameservers, ns_port, timeout)
     if lookup.status is DnssecStatus.BOGUS:
         raise PolicyRefusal(f"DNSSEC validation of the TLSA records of {host} failed ({lookup.error})",
                             "dnssec-invalid")
