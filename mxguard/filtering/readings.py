@@ -115,7 +115,7 @@ def split_at(source: bytes, boundary: bytes, prefix: bool) -> list[bytes]:
     parsers match it. What precedes the first delimiter (the preamble) is
     not a segment.
     """
-    tail = rb"[^\r\n]*" if prefix else rb"(?:--)?[ \t]*"
+    tail = rb"[^\r\n]*" if prefix else rb"(--)?[ \t]*"
     line = re.compile(rb"^--" + re.escape(boundary) + tail + rb"\r?$", re.M)
     segments: list[bytes] = []
     start = None
@@ -124,8 +124,7 @@ def split_at(source: bytes, boundary: bytes, prefix: bool) -> list[bytes]:
             segments.append(source[start:m.start()].removesuffix(b"\n").removesuffix(b"\r"))
             if len(segments) >= MAX_SEGMENTS:
                 return segments
-        closing = m.group(0).rstrip().endswith(b"--") and not prefix
-        if closing:
+        if not prefix and m.group(1):  # the close delimiter: what follows is the epilogue
             return segments
         start = m.end() + (2 if source[m.end():m.end() + 2] == b"\r\n" else 1)
     if start is not None and start < len(source):
@@ -242,6 +241,20 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
         body = _raw(payload)
         declared = _declared_boundaries(node)
         read(body, label, depth, declared)
+        container = str(node.get("content-type", "") or "").strip().lower()
+        if container.startswith(("multipart", "message")):
+            # A container encoded base64/QP (RFC 2045 6.4 forbids it): some readers decode, then split.
+            try:
+                decoded = node.get_payload(decode=True)
+            except Exception:  # noqa: BLE001 - a broken encoding gives no other reading
+                decoded = None
+            if decoded and decoded != body and budget.bytes >= len(decoded):
+                budget.bytes -= len(decoded)
+                read(decoded, f"{label}~decoded", depth, declared)
+                if container.startswith("message"):
+                    found = _parse_segment(decoded, f"{label}~decoded", depth, level, budget, max_archive_member)
+                    budget.parts -= len(found)
+                    parts.extend(found)
         for encoding, data in decoded_candidates(node, body):
             if budget.bytes < len(data) or budget.parts <= 0:
                 return
