@@ -285,9 +285,12 @@ def benign_messages(draw):
             content = draw(st.sampled_from([b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
                                             b"\x89PNG\r\n\x1a\n" + b"\x00" * 40]))
             msg.add_attachment(content, maintype="application", subtype="octet-stream", filename=name)
-    if msg.is_multipart() and draw(st.booleans()):
-        # An explicit boundary from all of RFC 2046's bchars, quoted as the stdlib quotes it.
-        msg.set_boundary(draw(st.text(alphabet=BCHARS, min_size=1, max_size=60)) + "Z")
+    for n, part in enumerate(p for p in msg.walk() if p.is_multipart()):
+        # A boundary from all of RFC 2046's bchars (quoted as the stdlib quotes it), or the stdlib's
+        # own style ("=" signs), drawn here rather than by the stdlib's random generator.
+        own = "=" * 15 + str(draw(st.integers(0, 10**19))) + f"=={n}"
+        part.set_boundary(draw(st.sampled_from([own, draw(st.text(alphabet=BCHARS + " ", min_size=1, max_size=60))
+                                                + f"Z{n}"])))
     return mail.crlf(msg.as_bytes())
 
 
@@ -410,6 +413,48 @@ async def test_clamd_scans_what_only_another_reading_finds(clamd):
     finally:
         await pipeline.close()
     assert verdict.errors == []
-    reading_hits = [v for v in verdict.viruses if v.engine == "clamd" and "~" in v.part]
-    assert reading_hits and reading_hits[0].name.startswith("Eicar"), verdict.viruses
+    # One hit for the message as received (clamd's own MIME reading), one for the part that the
+    # other reading found, sent as a stream of its own (named by its file name).
+    assert {(v.engine, v.part) for v in verdict.viruses} == {("clamd", ""), ("clamd", "a.bin")}, verdict.viruses
+    assert all(v.name.startswith("Eicar") for v in verdict.viruses)
     assert decide(verdict, DomainFilterPolicy.defaults()).action == "reject"
+
+
+# -- through the real gateway over SMTP -----------------------------------------------------------
+
+def _issue_message(hidden: bytes) -> bytes:
+    """The issue's message: two boundary parameters, the parts delimited by the second."""
+    return (HEAD + b"Content-Type: multipart/mixed; boundary=\"aaa\";\r\n boundary=\"bbb\"\r\n\r\n"
+            + multipart_body(b"bbb", [TEXT, hidden]))
+
+
+def test_gateway_refuses_eicar_behind_two_boundaries(gateway, tls_sink, add_domain):
+    from tests.support.smtp import send
+    add_domain("example.com", [tls_sink.address])
+    exe = (b"Content-Type: application/octet-stream; name=\"setup.exe\"\r\nContent-Transfer-Encoding: base64"
+           b"\r\n\r\n" + _b64(EICAR) + b"\r\n")
+    out = send(gateway.port, ["bob@example.com"], _issue_message(exe))
+    code, text = out.data
+    assert code == 554 and text.startswith("5.7.1") and "EICAR-Test-File" in text, out.data
+    rec = gateway.wait_records(1)[-1]
+    assert rec.disposition == "rejected"
+    assert {f["name"] for f in rec.verdict["findings"]} == {"duplicate-parameter", "boundary-missing"}
+    assert any(a["filename"] == "setup.exe" and "~" in a["path"] for a in rec.verdict["attachments"])
+    assert tls_sink.messages == [], "nothing reached the downstream server"
+
+
+def test_gateway_quarantines_a_harmless_ambiguous_message(gateway, tls_sink, add_domain):
+    from mxguard.quarantine.store import list_quarantine
+    from tests.support.smtp import send
+    add_domain("example.com", [tls_sink.address])
+    pdf = (b"Content-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           + _b64(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n") + b"\r\n")
+    out = send(gateway.port, ["bob@example.com"], _issue_message(pdf))
+    assert out.data[0] == 250, out.data
+    rec = gateway.wait_records(1)[-1]
+    assert rec.disposition == "quarantined"
+    assert "ambiguous-structure" in rec.verdict["dispositions"]["bob@example.com"]["reason"]
+    assert "duplicate-parameter" in {f["name"] for f in rec.verdict["findings"]}
+    held = gateway.run(list_quarantine(gateway.store, recipient="bob@example.com"))
+    assert len(held) == 1 and held[0].category == "policy"
+    assert tls_sink.messages == []
