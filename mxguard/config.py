@@ -173,12 +173,21 @@ class FilterSettings(_Section):
     #: Largest MIME part count and nesting depth; beyond them the message is refused (policy).
     max_mime_parts: int = Field(default=500, ge=1)
     max_mime_depth: int = Field(default=20, ge=1)
+    #: What a structural ambiguity (a MIME structure two parsers read two ways: a parameter
+    #: given twice, an RFC 2231 boundary, a boundary outside RFC 2046 bchars...) does to the
+    #: message: "deliver" (recorded only), "quarantine" or "reject". Every reading is scanned
+    #: whatever this says.
+    ambiguous_structure: Literal["deliver", "quarantine", "reject"] = "quarantine"
+    #: Findings recorded but not acted on. "stray-delimiter" by default: Outlook Express for
+    #: Mac nests a multipart under its parent's own boundary, which leaves the last part in the
+    #: epilogue, and the epilogue is scanned as a reading of its own anyway.
+    ambiguous_structure_ignore: list[str] = Field(default_factory=lambda: ["stray-delimiter"])
     #: Largest archive member scanned inside a zip, bytes (bigger members: names only).
     max_archive_member: int = Field(default=10 * 1024 * 1024, ge=1024)
     #: Days a quarantined message is kept before it expires.
     quarantine_days: int = Field(default=30, ge=1, le=3650)
 
-    @field_validator("virus_engines", "junk_engines", "dns_servers", mode="before")
+    @field_validator("virus_engines", "junk_engines", "dns_servers", "ambiguous_structure_ignore", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -195,6 +204,12 @@ class FilterSettings(_Section):
             except ValueError:
                 raise ValueError(f"{item!r}: a DNS server is an IP address, optionally with :PORT") from None
         return value
+
+    @field_validator("ambiguous_structure_ignore")
+    @classmethod
+    def _valid_findings(cls, value: list[str]) -> list[str]:
+        from mxguard.filtering.structure import validate_ignored
+        return validate_ignored(value)
 
     @field_validator("spamd_address")
     @classmethod

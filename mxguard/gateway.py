@@ -117,7 +117,7 @@ class Gateway:
                                       pool=self.pool,
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold, sender_lists=self.sender_lists,
-                                      on_virus=self.notifier.virus_found)
+                                      on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal)
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
         self._lock_waiter: asyncio.Task | None = None

@@ -40,6 +40,8 @@ class GatewayMetrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.relay_seconds = Histogram("mxguard_relay_seconds", "End of DATA to the downstream's final reply, seconds",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.smtp_refusals = Counter("mxguard_smtp_refusals", "Command lines the front door refused unread, "
+                                     "by reason (bare_lf: a line ended by LF alone)", ["reason"], registry=r)
         self.engine_errors = Counter("mxguard_engine_errors", "Filtering engine errors", ["engine"], registry=r)
         self.config_generation = Gauge("mxguard_config_generation", "Configuration generation loaded",
                                        registry=r)
@@ -59,6 +61,10 @@ class GatewayMetrics:
             self.connect_seconds.observe(record.connect_ms / 1000)
         if record.relay_ms is not None:
             self.relay_seconds.observe(record.relay_ms / 1000)
+
+    def smtp_refusal(self, reason: str) -> None:
+        """Count a command line the front door refused (called by the SMTP session)."""
+        self.smtp_refusals.labels(reason).inc()
 
     def engine_error(self, engine: str) -> None:
         """Count an error of a filtering engine (called by the filter pipeline)."""

@@ -192,22 +192,26 @@ def test_control_characters_in_a_recipient_never_reach_the_downstream_dialogue(g
     assert crashes == [], "a refused argument is not an internal error (451)"
 
 
-def test_bare_lf_ends_a_command_but_only_canonical_commands_go_downstream(gateway, tls_sink, add_domain):
+def test_bare_lf_command_lines_are_refused_and_only_canonical_commands_go_downstream(gateway, tls_sink, add_domain):
     add_domain("example.com", [tls_sink.address])
     raw = Raw(gateway.port)
     raw.cmd("EHLO c.test")
-    # The LF splits the line in two commands: both are checked like any other command.
+    # RFC 5321 2.3.8: the LF alone does not end a command line; that line is refused (500 5.5.2)
+    # and the CRLF line after it is read on its own.
     raw.send(b"MAIL FROM:<a@sender.test>\nRCPT TO:<alice@example.com>\r\n")
-    assert raw.reply().startswith("250 2.1.0") and raw.reply().startswith("250")
+    first, second = raw.reply(), raw.reply()
+    assert first.startswith("500 5.5.2") and second.startswith("503"), (first, second)
+    assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250 2.1.0")
+    assert raw.cmd("RCPT TO:<alice@example.com>").startswith("250")
     raw.send(b"RCPT TO:<bob@example.com\n>\r\n")
     first, second = raw.reply(), raw.reply()
-    assert first.startswith("250") and second.startswith("500 5.5.2"), (first, second)
+    assert first.startswith("500 5.5.2") and second.startswith("500 5.5.2"), (first, second)
     raw.cmd("DATA")
     raw.send(message() + b".\r\n")
     assert raw.reply().startswith("250")
     raw.close()
     assert tls_sink.wait_for(1)
-    assert tls_sink.messages[0].rcpt_tos == ["alice@example.com", "bob@example.com"], "only clean addresses"
+    assert tls_sink.messages[0].rcpt_tos == ["alice@example.com"], "only clean addresses"
 
 
 @pytest.mark.parametrize("verb", ["EHLO", "HELO"])

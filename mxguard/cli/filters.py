@@ -104,6 +104,9 @@ def scan(
         typer.echo(json.dumps(data, indent=2, default=str))
         return
     console.print(verdict_table(verdict, file.name, list(disposition.policy_hits)))
+    for f in verdict.findings[:10]:  # structural ambiguities, acted on or not (filters.ambiguous_structure)
+        console.print(f"Ambiguous structure: {f['name']} in part {f['path']}: {f['detail']}", highlight=False,
+                      markup=False)
     colour = {"deliver": "green", "tag": "yellow", "quarantine": "yellow", "reject": "red", "defer": "red"}
     console.print(f"Disposition: [{colour[disposition.action]}]{disposition.action}[/] ({disposition.reason})"
                   + (f" with the settings of {view.name}" if view else ""), highlight=False)

@@ -30,6 +30,8 @@ from email.utils import getaddresses
 
 import filetype
 
+from mxguard.filtering import structure
+
 #: Header fields that decide how a part is read; two of one in a part is an
 #: evasion attempt (mail clients disagree on which one wins).
 STRUCTURAL_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
@@ -190,6 +192,8 @@ class ParsedMessage:
         text: decoded text of text/plain parts (bounded).
         html: decoded text of text/html parts (bounded).
         envelope: SMTP context.
+        findings: places where the structure can be read two ways
+            (:mod:`mxguard.filtering.structure`), in message order.
     """
 
     raw: bytes
@@ -202,6 +206,7 @@ class ParsedMessage:
     text: str
     html: str
     envelope: Envelope
+    findings: list[structure.Finding] = field(default_factory=list)
 
     def header(self, name: str) -> str:
         """The first ``name`` field's decoded, unfolded value (``""`` when absent or unreadable).
@@ -437,28 +442,41 @@ def _zip_members(container: Part, max_member: int, budget: list[int], level: int
 
 
 def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_member: int = 10 * 1024 * 1024,
-                  text_limit: int = 200_000) -> ParsedMessage:
+                  text_limit: int = 200_000, level: int = 0, budget=None) -> ParsedMessage:
     """Parse ``raw`` once for every engine. Never raises on malformed input.
+
+    Besides the stdlib's reading, the parts that other readings of the same
+    bytes find are added (:mod:`mxguard.filtering.readings`), and every
+    structural ambiguity is recorded in ``findings``.
 
     Args:
         raw: the message as received (CRLF or LF line ends).
         envelope: SMTP context (defaults to an empty one).
         max_archive_member: zip members larger than this (bytes) are listed by name only.
         text_limit: characters of text/plain and text/html kept for the junk rules.
+        level: how many readings deep ``raw`` is (0: the message as received; the readings
+            parse their segments with this function, one level deeper each time).
+        budget: the :class:`~mxguard.filtering.readings.Budget` shared by one message's
+            readings (``None``: a new one, sized for ``raw``).
     """
+    from mxguard.filtering.readings import Budget, other_readings
     msg = BytesParser(policy=message_policy()).parsebytes(raw)
     parts: list[Part] = []
     defects: list[str] = []
     duplicates: list[tuple[str, str]] = []
     texts: list[str] = []
     htmls: list[str] = []
+    findings: list[structure.Finding] = []
     counters = {"parts": 0, "depth": 0}
-    budget = [_MAX_ARCHIVE_TOTAL]
+    archive_budget = [_MAX_ARCHIVE_TOTAL]
 
     def visit(node: EmailMessage, path: str, depth: int) -> None:
         counters["parts"] += 1
         counters["depth"] = max(counters["depth"], depth)
         defects.extend(type(d).__name__ for d in node.defects)
+        if level == 0 and len(findings) < 100:
+            findings.extend(structure.field_findings(path or "0", node))
+            findings.extend(structure.body_findings(path or "0", node))
         keys = [k.lower() for k in node.keys()]
         for name in STRUCTURAL_FIELDS:
             if keys.count(name) > 1:
@@ -479,7 +497,7 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
         part.detected, part.kind = detect(data)
         parts.append(part)
         if part.kind == "archive" and part.detected == "application/zip":
-            parts.extend(_zip_members(part, max_archive_member, budget))
+            parts.extend(_zip_members(part, max_archive_member, archive_budget))
         if ctype.startswith("text/") and part.filename is None:
             charset = node.get_content_charset() or "utf-8"
             try:
@@ -495,7 +513,10 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
                 parts.append(member)
 
     visit(msg, "", 0)
+    if counters["parts"] <= 5000:
+        parts.extend(other_readings(msg, level=level, budget=budget or Budget.for_message(len(raw)),
+                                    max_archive_member=max_archive_member))
     return ParsedMessage(raw=raw, msg=msg, parts=parts, mime_parts=counters["parts"], max_depth=counters["depth"],
                          defects=sorted(set(defects)), duplicate_fields=duplicates,
                          text="\n".join(texts)[:text_limit], html="\n".join(htmls)[:text_limit],
-                         envelope=envelope or Envelope())
+                         envelope=envelope or Envelope(), findings=findings)

@@ -65,6 +65,7 @@ def build_engines(f: FilterSettings) -> list[Engine]:
     if f.content_policy:
         from mxguard.filtering.policy_content import ContentPolicyEngine
         engines.append(ContentPolicyEngine(f.max_mime_parts, f.max_mime_depth, f.timeout_for("policy"),
+                                           f.ambiguous_structure, tuple(f.ambiguous_structure_ignore),
                                            conflicting_names=f.conflicting_names))
     return engines
 
@@ -171,6 +172,10 @@ class FilterPipeline:
             return verdict
         verdict.timings_ms["parse"] = round((time.perf_counter() - started) * 1000, 2)
         verdict.defects = message.defects
+        verdict.findings = [f.as_dict() for f in message.findings]
+        if message.findings:
+            log.info("ambiguous MIME structure", txn=message.envelope.txn_id,
+                     findings=sorted({f.name for f in message.findings}))
         # The message log takes these from this parse instead of reading the headers again.
         verdict.subject = " ".join(message.header("Subject").split())[:500]
         verdict.message_id = message.header("Message-ID").strip()[:500]

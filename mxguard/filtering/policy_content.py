@@ -40,6 +40,7 @@ from typing import Any
 from mxguard.errors import ValidationFailed
 from mxguard.filtering.engine import Engine, EngineOutput, ScanContext
 from mxguard.filtering.message import ParsedMessage
+from mxguard.filtering.structure import ambiguity_hits
 from mxguard.filtering.verdict import POLICY_ACTIONS, PolicyHit
 
 EXECUTABLE_EXTENSIONS = ["exe", "scr", "com", "pif", "bat", "cmd", "cpl", "vbs", "vbe", "js", "jse", "wsf", "wsh",
@@ -191,7 +192,7 @@ def attachments_of(message: ParsedMessage) -> list[dict[str, Any]]:
     """
     out = []
     for part in message.parts:
-        is_body_text = (part.origin == "mime" and part.filename is None and not part.names
+        is_body_text = (part.origin in ("mime", "reading") and part.filename is None and not part.names
                         and (part.content_type.startswith("text/") or part.content_type == "")
                         and part.kind in (None, "html"))
         if is_body_text:
@@ -221,16 +222,21 @@ class ContentPolicyEngine(Engine):
     Args:
         max_parts: most MIME parts allowed (containers included).
         max_depth: deepest MIME nesting allowed.
+        ambiguous_action: the action of ``ambiguous-structure`` hits (``filters.ambiguous_structure``).
+        ambiguous_ignore: finding names not acted on (``filters.ambiguous_structure_ignore``).
     """
 
     name = "policy"
     kind = "policy"
 
     def __init__(self, max_parts: int = 500, max_depth: int = 20, timeout: float = 20.0,
+                 ambiguous_action: str = "quarantine", ambiguous_ignore: tuple[str, ...] = ("stray-delimiter",),
                  conflicting_names: str = "quarantine"):
         super().__init__(timeout)
         self.max_parts = max_parts
         self.max_depth = max_depth
+        self.ambiguous_action = ambiguous_action
+        self.ambiguous_ignore = frozenset(ambiguous_ignore)
         #: The action for a part whose file names disagree (``filters.conflicting_names``).
         self.conflicting_names = conflicting_names
 
@@ -249,4 +255,6 @@ class ContentPolicyEngine(Engine):
         return hits
 
     async def scan(self, message: ParsedMessage, ctx: ScanContext) -> EngineOutput:
-        return EngineOutput(policy=self.structure_hits(message), attachments=attachments_of(message))
+        hits = self.structure_hits(message)
+        hits += ambiguity_hits(message.findings, self.ambiguous_action, self.ambiguous_ignore)
+        return EngineOutput(policy=hits, attachments=attachments_of(message))

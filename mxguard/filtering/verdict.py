@@ -133,6 +133,8 @@ class Verdict:
         timings_ms: per engine, milliseconds.
         scanned: False when filtering is switched off.
         defects: MIME defects the parser tolerated (names), for the log.
+        findings: structural ambiguities (``{"name", "path", "detail"}``; names in
+            :mod:`mxguard.filtering.structure`), for the log and the console.
         subject, message_id: decoded from the one parse, for the message log (``None``: not parsed).
     """
 
@@ -146,6 +148,7 @@ class Verdict:
     timings_ms: dict[str, float] = field(default_factory=dict)
     scanned: bool = True
     defects: list[str] = field(default_factory=list)
+    findings: list[dict[str, str]] = field(default_factory=list)
     subject: str | None = None
     message_id: str | None = None
 
@@ -187,6 +190,7 @@ class Verdict:
         for key in ("viruses", "junk", "policy", "errors"):
             data[key] = [dict(vars(item)) for item in data[key]]
         data["attachments"] = [dict(a) for a in self.attachments]
+        data["findings"] = [dict(f) for f in self.findings]
         data["engines"], data["defects"] = list(self.engines), list(self.defects)
         data["timings_ms"] = dict(self.timings_ms)
         if self.auth is not None:

@@ -1,7 +1,12 @@
 """ClamAV through clamd's ``INSTREAM`` command, over TCP or a unix socket.
 
 The whole message goes to clamd as it was received; clamd decodes MIME
-(base64, quoted-printable, uuencode) and opens archives itself. Protocol
+(base64, quoted-printable, uuencode) and opens archives itself, so a second
+parser, independent of Python's, reads every message. What only *other*
+readings of the message found (:mod:`mxguard.filtering.readings`: parts
+hidden in a preamble, an epilogue, a text body or behind an ambiguous
+boundary) goes to clamd too, each part as a stream of its own, since clamd's
+MIME parser may pick the same reading as Python's. Protocol
 (clamd(8)): ``zINSTREAM\\0``, then chunks as ``<4-byte big-endian length><data>``,
 then a zero length; the reply ends with ``\\0`` and reads ``stream: OK``,
 ``stream: <name> FOUND`` or ``<reason> ERROR``.
@@ -19,6 +24,8 @@ from mxguard.filtering.verdict import VirusHit
 from mxguard.netaddr import parse_host_port
 
 CHUNK = 64 * 1024
+#: Most parts of other readings sent to clamd per message (each is one more INSTREAM).
+MAX_READING_STREAMS = 32
 
 
 class ClamdEngine(Engine):
@@ -83,7 +90,11 @@ class ClamdEngine(Engine):
 
     async def scan(self, message: ParsedMessage, ctx: ScanContext) -> EngineOutput:
         reply = await self._command(b"INSTREAM", message.raw)
-        return EngineOutput(viruses=parse_reply(reply))
+        viruses = parse_reply(reply)
+        for part in reading_parts(message)[:MAX_READING_STREAMS]:
+            for hit in parse_reply(await self._command(b"INSTREAM", part.data)):
+                viruses.append(VirusHit(hit.engine, hit.name, part.label))
+        return EngineOutput(viruses=viruses)
 
     async def probe(self) -> EngineStatus:
         started = time.perf_counter()
@@ -93,6 +104,19 @@ class ClamdEngine(Engine):
             return EngineStatus(self.name, self.kind, self.address, False, error=str(exc) or "timeout")
         return EngineStatus(self.name, self.kind, self.address, True, version,
                             latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def reading_parts(message: ParsedMessage) -> list:
+    """The parts only another reading found (``origin="reading"``, with content), largest first.
+
+    Text bodies (``text/*`` without a file name) are left out: their bytes are
+    in the message clamd scans whole (a delimiter-like line in prose, such as
+    ``-----Original Message-----``, gives such readings). Archive members of
+    such parts are not sent on their own: clamd opens the archive itself.
+    """
+    found = [p for p in message.parts if p.origin == "reading" and p.data
+             and not (p.content_type.startswith("text/") and p.filename is None)]
+    return sorted(found, key=lambda p: -len(p.data))
 
 
 def parse_reply(reply: str) -> list[VirusHit]:

@@ -17,6 +17,7 @@ import ssl
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import syntax as command_syntax
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
@@ -79,6 +80,33 @@ def parse_path(arg: str) -> tuple[str | None, str | None]:
     return address.addr_spec, rest
 
 
+class CommandLineReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, with command lines that end in a bare LF refused.
+
+    aiosmtpd reads a command line up to LF and message data up to CRLF; a
+    command line that ends in LF alone is answered ``500 5.5.2``
+    (:data:`~mxguard.smtp.syntax.BARE_LF_COMMAND`) by ``on_bare_lf`` and the
+    next line is read in its place, so the line never runs as a command.
+    """
+
+    on_bare_lf = None  # async callable(line: bytes); set by InboundSMTP
+    _draining = False
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        while True:
+            try:
+                line = await super().readuntil(separator)
+            except asyncio.LimitOverrunError:
+                self._draining = True  # aiosmtpd reads the rest of the long line, then refuses it
+                raise
+            if self._draining:
+                self._draining = False
+                return line
+            if separator != b"\n" or line.endswith(b"\r\n") or self.on_bare_lf is None:
+                return line
+            await self.on_bare_lf(line)
+
+
 class InboundSMTP(SMTP):
     """aiosmtpd's SMTP protocol with enhanced status codes and an attached proxy session.
 
@@ -119,6 +147,9 @@ class InboundSMTP(SMTP):
         self.receiving_data = False
         self._data_refusal: Reply | None = None
         self._gone = False
+        #: The MAIL/RCPT being handled, and why its path was refused (see ``_getaddr``).
+        self._path_verb: str | None = None
+        self._path_problem: str | None = None
 
     _dir_names: list[str] | None = None
 
@@ -141,6 +172,10 @@ class InboundSMTP(SMTP):
         """
         if not arg:
             return "", ""
+        problem = syntax.path_problem(arg)
+        if problem is not None:
+            self._path_problem = problem  # push() words aiosmtpd's refusal with it
+            return None, None
         addr, rest = parse_path(arg)
         if addr is None or (self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit):
             return None, None
@@ -151,6 +186,13 @@ class InboundSMTP(SMTP):
             return  # the connection is going away: nobody would read it
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
+        if self._path_verb is not None and status.startswith("553 5.1.3 Error: malformed address"):
+            # RFC 5321 4.1.2 path syntax: 501 with the sender's or the recipient's code (RFC 3463).
+            problem, self._path_problem = self._path_problem, None
+            if self._path_verb == "MAIL":
+                status = str(syntax.bad_sender(problem) if problem else syntax.malformed_sender())
+            elif problem:
+                status = str(syntax.bad_recipient(problem))
         for prefix, reply, ends_data in _LIBRARY_REFUSALS if status[:1] == "5" else ():
             if status.startswith(prefix):
                 # A limit aiosmtpd enforces: our code and text, and a log line naming the limit.
@@ -196,6 +238,38 @@ class InboundSMTP(SMTP):
             return False
         self.junk_commands += 1
         return self.junk_commands > self.limits.junk_command_limit
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The reader aiosmtpd made for this connection, with bare-LF command lines refused
+        # (the same object: aiosmtpd keeps using it across STARTTLS).
+        reader.__class__ = CommandLineReader
+        reader.on_bare_lf = self._bare_lf
+        super()._cb_client_connected(reader, writer)
+
+    async def _bare_lf(self, line: bytes) -> None:
+        """A command line ended by a bare LF: refused, logged and counted (``bare_lf``)."""
+        log.warning("command line with a bare LF refused", client=_peer_ip(self.session),
+                    reply=syntax.BARE_LF_COMMAND.one_line())
+        count = self.proxy.ctx.on_refusal
+        if count is not None:
+            count("bare_lf")
+        await self.push(str(syntax.BARE_LF_COMMAND))
+
+    @command_syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._path_verb, self._path_problem = "MAIL", None
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._path_verb = self._path_problem = None
+
+    @command_syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self._path_verb, self._path_problem = "RCPT", None
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._path_verb = self._path_problem = None
 
     async def smtp_NOOP(self, arg: str) -> None:
         if self.count_junk():

@@ -110,6 +110,8 @@ class ProxyContext:
     sender_lists: Any = None
     #: Called (not awaited) when the filters found a virus: ``on_virus(tx, plan, content)`` (notifications).
     on_virus: Callable[..., None] | None = None
+    #: Called with a reason (``"bare_lf"``) when the front door refuses a command line (metrics).
+    on_refusal: Callable[[str], None] | None = None
 
     @property
     def hostname(self) -> str:

@@ -22,6 +22,11 @@ _SURROGATES = re.compile(r"[\ud800-\udfff]")
 #: (``user@elsewhere@domain``, ``user%elsewhere@domain``, ``elsewhere!user@domain``).
 ROUTING_CHARS = "@%!"
 
+#: RFC 5321 2.3.8: lines end in CRLF. A command line ended by a bare LF is refused, as Postfix's
+#: ``smtpd_forbid_bare_newline`` does: servers that split on LF and servers that split on CRLF
+#: would read a different dialogue (the root of SMTP smuggling).
+BARE_LF_COMMAND = Reply(500, "5.5.2", "Command line ends in a bare LF; lines end in CRLF (RFC 5321 2.3.8)")
+
 
 def argument_problem(text: str) -> str | None:
     """Why a command argument cannot be used, or ``None`` when it can.
@@ -42,6 +47,47 @@ def argument_problem(text: str) -> str | None:
     return None
 
 
+def path_problem(arg: str) -> str | None:
+    """Why a MAIL/RCPT argument does not start with an RFC 5321 4.1.2 ``Path``, or ``None``.
+
+    ``Path = "<" [ A-d-l ":" ] Mailbox ">"``: the angle brackets are required,
+    no space or comment may stand inside them (outside a quoted local part),
+    and a quoted string must end. The stdlib's RFC 5322 parser, which reads
+    the mailbox itself, forgives all three (it allows folding white space and
+    comments, and a missing ``>``), so they are checked here first.
+
+    Args:
+        arg: the text after ``FROM:``/``TO:``, stripped (``"<a@b.example> SIZE=10"``).
+
+    Returns:
+        ``"the path must be in angle brackets"``, ``"missing closing '>'"``,
+        ``"unbalanced quotes"``, ``"spaces inside the path"``, ``"a comment inside
+        the path"``, ``"'<' inside the path"`` or ``"text after the path"``; ``None`` when the path is well formed
+        (or is the null path ``<>``).
+    """
+    if not arg.startswith("<"):
+        return "the path must be in angle brackets"
+    quoted = escaped = False
+    for i, ch in enumerate(arg[1:], 1):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == ">":
+            rest = arg[i + 1:]
+            return None if not rest or rest[0] == " " else "text after the path"
+        elif ch in " \t()":
+            return "spaces inside the path" if ch in " \t" else "a comment inside the path"
+        elif ch == "<":
+            return "'<' inside the path"
+    return "unbalanced quotes" if quoted or escaped else "missing closing '>'"
+
+
 def source_routed(address: str) -> bool:
     """True when the local part holds routing characters (sender-specified routing).
 
@@ -58,6 +104,12 @@ def source_routed(address: str) -> bool:
 def bad_sender(problem: str) -> Reply:
     """``501 5.1.7`` (RFC 3463: bad sender's mailbox address syntax)."""
     return Reply(501, "5.1.7", f"Bad sender address syntax: {problem}")
+
+
+def malformed_sender() -> Reply:
+    """``553 5.1.7``: a sender the mailbox parser cannot read (aiosmtpd words it ``553 5.1.3``,
+    the recipient's code; RFC 3463 gives 5.1.7 for the sender)."""
+    return Reply(553, "5.1.7", "Bad sender address syntax: malformed address")
 
 
 def bad_recipient(problem: str) -> Reply:
