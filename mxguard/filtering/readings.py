@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import quopri
 import re
 from dataclasses import dataclass
@@ -44,7 +45,13 @@ MAX_CANDIDATES = 16
 MAX_SEGMENTS = 200
 MAX_PARTS = 1000
 _DECODED_CTE = frozenset({"base64", "quoted-printable", "x-uuencode", "uuencode", "x-uue", "uue"})
-_B64_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
+#: Lines of base64 alphabet (padding only at a line's end), blank lines and spaces around them.
+_B64_BODY = re.compile(rb"(?:[ \t]*(?:[A-Za-z0-9+/]+={0,2})?[ \t]*(?:\r?\n|\Z))+")
+_NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
+#: A header field naming how a part is read, in a segment's header block: a segment without
+#: one is 7bit text/plain to every reader (RFC 2045 5.2, 6.1), bytes already scanned in its source.
+_CONTENT_FIELD = re.compile(rb"(?im)^content-[a-z-]*[ \t]*:")
+_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
 _QP_ESCAPE = re.compile(rb"=[0-9A-Fa-f]{2}")
 _QP_SOFT_BREAK = re.compile(rb"[^=]=\r?\n")
 
@@ -134,8 +141,7 @@ def split_at(source: bytes, boundary: bytes, prefix: bool) -> list[bytes]:
 
 def looks_base64(data: bytes) -> bool:
     """Every non-empty line is base64 alphabet only, with at least 16 characters in all."""
-    lines = [line.strip() for line in data.splitlines() if line.strip()]
-    return bool(lines) and sum(map(len, lines)) >= 16 and all(_B64_LINE.fullmatch(line) for line in lines)
+    return _B64_BODY.fullmatch(data) is not None and len(_NOT_B64.sub(b"", data)) >= 16
 
 
 def decoded_candidates(node: EmailMessage, body: bytes) -> list[tuple[str, bytes]]:
@@ -162,6 +168,17 @@ def decoded_candidates(node: EmailMessage, body: bytes) -> list[tuple[str, bytes
     return [(name, data) for name, data in out if data and data != body]
 
 
+def worth_parsing(segment: bytes) -> bool:
+    """True when a segment starts with header fields and one of them is a Content-* field,
+    or it holds a uuencoded block: anything else reads as the plain text it already was."""
+    if b"\nbegin " in segment or segment.startswith(b"begin "):
+        return True
+    if not _HEADER_LINE.match(segment):
+        return False
+    end = re.search(rb"\r?\n\r?\n", segment[:65536])
+    return _CONTENT_FIELD.search(segment[:end.start() if end else 65536]) is not None
+
+
 def _parse_segment(segment: bytes, label: str, depth: int, level: int, budget: Budget,
                    max_archive_member: int) -> list["Part"]:
     from mxguard.filtering.message import parse_message
@@ -179,13 +196,16 @@ def _parse_segment(segment: bytes, label: str, depth: int, level: int, budget: B
     return out
 
 
-def _read_source(source: bytes, label: str, depth: int, declared: list[bytes], level: int, budget: Budget,
+def _read_source(source: bytes, label: str, depth: int, declared, level: int, budget: Budget,
                  max_archive_member: int) -> list["Part"]:
+    """``declared``: a callable giving the part's declared boundaries (asked only when needed)."""
     parts: list[Part] = []
     if b"--" not in source or not DELIMITER_LIKE.search(source):
         return parts
-    for n, (boundary, prefix) in enumerate(_candidates(source, declared), 1):
+    for n, (boundary, prefix) in enumerate(_candidates(source, declared()), 1):
         for i, segment in enumerate(split_at(source, boundary, prefix), 1):
+            if not worth_parsing(segment):
+                continue
             if budget.bytes < len(segment) or budget.parts <= 0:
                 return parts
             budget.bytes -= len(segment)
@@ -216,7 +236,7 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
         budget = Budget.for_message(0)
     parts: list[Part] = []
 
-    def read(source: bytes, label: str, depth: int, declared: list[bytes]) -> None:
+    def read(source: bytes, label: str, depth: int, declared) -> None:
         parts.extend(_read_source(source, label, depth, declared, level, budget, max_archive_member))
 
     def visit(node: EmailMessage, path: str, depth: int) -> None:
@@ -226,8 +246,16 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
             label = path or "0"
             for where in ("preamble", "epilogue"):
                 text = getattr(node, where, None)
-                if text:
-                    read(_raw(text), f"{label}~{where}", depth, _declared_boundaries(node))
+                source = _raw(text) if text else b""
+                if b"--" in source and DELIMITER_LIKE.search(source) and budget.parts > 0:
+                    # The preamble or epilogue is a part to another reading: scanned as it is too
+                    # (its header-less segments are left to this, see worth_parsing).
+                    part = Part(path=f"{label}~{where}", depth=depth, content_type="text/plain", filename=None,
+                                data=source, origin="reading")
+                    part.detected, part.kind = detect(source)
+                    parts.append(part)
+                    budget.parts -= 1
+                    read(source, f"{label}~{where}", depth, lambda: _declared_boundaries(node))
             children = node.get_payload()
             if isinstance(children, list):
                 for i, child in enumerate(children, 1):
@@ -239,7 +267,7 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
             return
         label = path or "1"  # as the part itself is numbered in ParsedMessage.parts
         body = _raw(payload)
-        declared = _declared_boundaries(node)
+        declared = functools.partial(_declared_boundaries, node)
         read(body, label, depth, declared)
         container = str(node.get("content-type", "") or "").strip().lower()
         if container.startswith(("multipart", "message")):

@@ -172,9 +172,12 @@ class InboundSMTP(SMTP):
         """
         if not arg:
             return "", ""
+        # The RFC 5321 path form first (the mailbox parser below forgives spaces and comments);
+        # control characters and bad UTF-8 are named as such, whoever refuses them.
+        control = syntax.argument_problem(arg)
         problem = syntax.path_problem(arg)
+        self._path_problem = control or problem  # push() words aiosmtpd's refusal with it
         if problem is not None:
-            self._path_problem = problem  # push() words aiosmtpd's refusal with it
             return None, None
         addr, rest = parse_path(arg)
         if addr is None or (self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit):
