@@ -267,11 +267,6 @@ class DemoEnvironment:
         await self.gateway.start()
         store = self.gateway.store
         await org_service.add_org(store, DEMO_ORG)
-        if self.web:
-            _, self.admin_password = await user_service.add_user(store, DEMO_ADMIN, "admin")
-            self.recipient_password = user_service.generate_password()
-            await user_service.add_user(store, DEMO_RECIPIENT, "user", org=DEMO_ORG,
-                                        password=self.recipient_password)
         await domain_service.add_domain(store, "example.com", [f"127.0.0.1:{self.sink_tls.port}"],
                                         downstream_tls="verify", tls_ca_file=str(self.ca_file), org=DEMO_ORG)
         await domain_service.add_domain(store, "example.net", [f"127.0.0.1:{self.sink_tls.port}"],
@@ -280,6 +275,12 @@ class DemoEnvironment:
                                         downstream_tls="required")
         await domain_service.add_domain(store, "branch.example.com", [f"127.0.0.1:{self.sink_branch.port}"],
                                         downstream_tls="required")
+        if self.web:
+            # After the domains: a Message Center user's address must be in one of its organization's domains.
+            _, self.admin_password = await user_service.add_user(store, DEMO_ADMIN, "admin")
+            self.recipient_password = user_service.generate_password()
+            await user_service.add_user(store, DEMO_RECIPIENT, "user", org=DEMO_ORG,
+                                        password=self.recipient_password)
         await self.gateway.directory.refresh_if_changed()
 
     async def stop(self) -> None:

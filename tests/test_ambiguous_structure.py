@@ -264,6 +264,29 @@ def test_hidden_payload_is_never_delivered(default_scan, deliver_scan, cls, data
     assert decide(relaxed, DomainFilterPolicy.defaults()).action == "reject"
 
 
+HIDDEN_EXE = (b"Content-Type: application/octet-stream; name=\"invoice.exe\"\r\n"
+              b"Content-Disposition: attachment; filename=\"invoice.exe\"\r\n"
+              b"Content-Transfer-Encoding: base64\r\n\r\n" + _b64(mail.FAKE_PE) + b"\r\n")
+
+
+@pytest.mark.parametrize("field", [
+    # Found by the property test: an unquoted "'" makes the stdlib's tokenizer drop the parameter
+    # (no boundary at all), while a reader splitting at ";" and "=" takes it.
+    b"multipart/mixed; Boundary=b6TbfDE'h; Boundary=b6TbfDE'h",
+    b"multipart/mixed; boundary=a'b",
+    # No usable boundary declared: the delimiter lines themselves name it.
+    b"multipart/mixed; boundary*=x",
+])
+def test_parts_after_an_early_close_delimiter_are_read(default_scan, deliver_scan, field):
+    """The same boundary closed, then opened again: the parts after the close delimiter are read."""
+    boundary = b"a'b" if b"a'b" in field else b"b6TbfDE'h" if b"'h" in field else b"zz"
+    body = multipart_body(boundary, [TEXT]) + multipart_body(boundary, [TEXT, HIDDEN_EXE])
+    raw = HEAD + b"Content-Type: " + field + b"\r\n\r\n" + body
+    assert decide(default_scan(raw), DomainFilterPolicy.defaults()).action in ("quarantine", "reject")
+    relaxed = deliver_scan(raw)
+    assert named(relaxed, "exe"), relaxed.attachments
+
+
 @st.composite
 def benign_messages(draw):
     """Well-formed messages as the stdlib writes them: text, HTML alternative, attachments, nesting."""

@@ -31,6 +31,7 @@ from email.utils import getaddresses
 import filetype
 
 from mxguard.filtering import structure
+from mxguard.filtering.readings import Budget, other_readings, use_parser
 
 #: Header fields that decide how a part is read; two of one in a part is an
 #: evasion attempt (mail clients disagree on which one wins).
@@ -355,12 +356,15 @@ def all_names(part: EmailMessage) -> tuple[str, ...]:
         key = _NAME_PARAMS.get(header.lower())
         if key is None:
             continue
-        text = " ".join(str(raw).split())
+        try:
+            text = " ".join(str(raw).split())
+            pieces = [p for p in email.message._parseparam(text)[1:] if "=" in p]
+        except Exception:  # noqa: BLE001 - an unreadable field gives no name, never a crash
+            continue
         # The stdlib's reading of the whole field (continuations merged, as Python's own
         # get_filename() does), then each occurrence on its own: a plain ``filename=``, an
         # extended ``filename*=`` and the ``filename*N`` continuation set, as other clients
         # may pick any one of them (RFC 2231 leaves a mixture undefined).
-        pieces = [p for p in email.message._parseparam(text)[1:] if "=" in p]
         own = [p for p in pieces if p.split("=", 1)[0].strip().lower().split("*", 1)[0] == key]
         singles = [p for p in own if not p.split("=", 1)[0].strip().rstrip("*")[len(key):].lstrip("*").isdigit()]
         sets: list[list[str]] = []  # continuation sets; a new "*0" starts another
@@ -459,7 +463,6 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
         budget: the :class:`~mxguard.filtering.readings.Budget` shared by one message's
             readings (``None``: a new one, sized for ``raw``).
     """
-    from mxguard.filtering.readings import Budget, other_readings
     msg = BytesParser(policy=message_policy()).parsebytes(raw)
     parts: list[Part] = []
     defects: list[str] = []
@@ -520,3 +523,6 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
                          defects=sorted(set(defects)), duplicate_fields=duplicates,
                          text="\n".join(texts)[:text_limit], html="\n".join(htmls)[:text_limit],
                          envelope=envelope or Envelope(), findings=findings)
+
+
+use_parser(parse_message=parse_message, Part=Part, zip_members=_zip_members, detect=detect)

@@ -33,12 +33,19 @@ import quopri
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
 
 from mxguard.filtering.structure import DELIMITER_LIKE
 
-if TYPE_CHECKING:
-    from mxguard.filtering.message import Part
+#: The message parser's pieces (``parse_message``, ``Part``, ``zip_members``, ``detect``), handed
+#: over by :mod:`mxguard.filtering.message` when it is imported: a reading is parsed by the same
+#: parser, and this way the import goes one way (message -> readings).
+_parser = SimpleNamespace()
+
+
+def use_parser(**pieces) -> None:
+    """Called once by :mod:`mxguard.filtering.message` with its parser functions and ``Part``."""
+    _parser.__dict__.update(pieces)
 
 MAX_LEVEL = 3
 MAX_CANDIDATES = 16
@@ -52,6 +59,8 @@ _NOT_B64 = re.compile(rb"[^A-Za-z0-9+/]")
 #: one is 7bit text/plain to every reader (RFC 2045 5.2, 6.1), bytes already scanned in its source.
 _CONTENT_FIELD = re.compile(rb"(?im)^content-[a-z-]*[ \t]*:")
 _HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+#: ``boundary=value`` anywhere in a Content-Type field, value up to ";" or white space, or quoted.
+_LENIENT_BOUNDARY = re.compile(r'(?i)(?:^|[;\s])boundary[ \t]*=[ \t]*(?:"([^"\r\n]*)"?|([^;\s"]+))')
 _QP_ESCAPE = re.compile(rb"=[0-9A-Fa-f]{2}")
 _QP_SOFT_BREAK = re.compile(rb"[^=]=\r?\n")
 
@@ -91,6 +100,12 @@ def _declared_boundaries(node: EmailMessage) -> list[bytes]:
                 for candidate in (p.value, p.raw, p.raw.strip('"')):
                     if candidate:
                         out.append(_raw(candidate))
+        # As readers that split the field at ";" and "=" take it: a value the tokenizer calls an
+        # invalid parameter (an unquoted "'" in it, say) is still a boundary to them.
+        for m in _LENIENT_BOUNDARY.finditer(str(value)):
+            candidate = m.group(2) if m.group(2) is not None else m.group(1)
+            if candidate:
+                out.append(_raw(candidate))
         try:
             legacy = node.get_boundary()  # the stdlib's own (first, RFC 2231-decoded) value
         except Exception:  # noqa: BLE001 - an unreadable parameter gives no candidate
@@ -111,6 +126,8 @@ def _candidates(source: bytes, declared: list[bytes]) -> list[tuple[bytes, bool]
     found = sorted(counts, key=lambda v: -counts[v])[:MAX_CANDIDATES]
     out = [(b, True) for b in declared if any(line.startswith(b) for line in counts)]
     out += [(b, False) for b in found if (b, True) not in out]
+    # A value that also closes: a reader that does not stop at the close delimiter reads on past it.
+    out += [(b, True) for b in found if b + b"--" in counts and (b, True) not in out]
     return out[:MAX_CANDIDATES]
 
 
@@ -181,9 +198,8 @@ def worth_parsing(segment: bytes) -> bool:
 
 def _parse_segment(segment: bytes, label: str, depth: int, level: int, budget: Budget,
                    max_archive_member: int) -> list["Part"]:
-    from mxguard.filtering.message import parse_message
     try:
-        sub = parse_message(segment, max_archive_member=max_archive_member, level=level + 1, budget=budget)
+        sub = _parser.parse_message(segment, max_archive_member=max_archive_member, level=level + 1, budget=budget)
     except Exception:  # noqa: BLE001 - an unreadable segment is one reading fewer, not a failure
         return []
     out = []
@@ -229,7 +245,7 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
         parts with ``origin="reading"`` (or ``archive``/``uuencode`` for what
         was found inside them), in message order; empty when no other reading exists.
     """
-    from mxguard.filtering.message import Part, _zip_members, detect
+    Part, _zip_members, detect = _parser.Part, _parser.zip_members, _parser.detect
     if level >= MAX_LEVEL:
         return []
     if budget is None:
