@@ -50,6 +50,14 @@ class _SinkHandler:
     def __init__(self, sink: "DownstreamSink"):
         self.sink = sink
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.offer_requiretls and session.ssl is not None and responses:
+            # RFC 8689 4.1: offered inside TLS only.
+            responses = responses[:-1] + [responses[-1].replace("250 ", "250-", 1), "250 REQUIRETLS"]
+        return responses
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options):
         reply = self.sink.rcpt_replies.get(address.lower())
         if reply is None:
@@ -84,6 +92,26 @@ class _SinkHandler:
         return f"250 2.0.0 Ok: queued as S{len(self.sink.messages):05d}"
 
 
+class _SinkSMTP(SMTP):
+    """aiosmtpd, plus the REQUIRETLS MAIL parameter (RFC 8689) when the sink offers it."""
+
+    def __init__(self, *args, offer_requiretls: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offer_requiretls = offer_requiretls
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.offer_requiretls and arg and self.session.ssl is not None:
+            words = arg.split()
+            if any(w.upper() == "REQUIRETLS" for w in words[1:]):
+                # aiosmtpd refuses parameters it does not know: it gets the rest, the envelope gets this.
+                arg = " ".join(w for w in words if w.upper() != "REQUIRETLS")
+                await super().smtp_MAIL(arg)
+                if self.envelope.mail_from is not None:
+                    self.envelope.mail_options.append("REQUIRETLS")
+                return
+        await super().smtp_MAIL(arg)
+
+
 class DownstreamSink:
     """An SMTP server that records what it receives.
 
@@ -94,6 +122,7 @@ class DownstreamSink:
         require_tls: refuse MAIL before STARTTLS (``530``).
         outdir: also write each message as ``NNNNN.eml`` plus ``NNNNN.json``.
         hostname: name in the greeting.
+        offer_requiretls: offer REQUIRETLS (RFC 8689) after STARTTLS and take the MAIL parameter.
 
     Attributes:
         messages: received messages, in order.
@@ -105,8 +134,10 @@ class DownstreamSink:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls_context: ssl.SSLContext | None = None,
-                 require_tls: bool = False, outdir: Path | None = None, hostname: str = "downstream.test"):
+                 require_tls: bool = False, outdir: Path | None = None, hostname: str = "downstream.test",
+                 offer_requiretls: bool = False):
         self.host = host
+        self.offer_requiretls = offer_requiretls
         self.port = port
         self.tls_context = tls_context
         self.require_tls = require_tls
@@ -135,10 +166,11 @@ class DownstreamSink:
 
     def _factory(self) -> SMTP:
         self.connections += 1
-        protocol = SMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
-                        require_starttls=self.require_tls and self.tls_context is not None,
-                        enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
-                        loop=asyncio.get_running_loop())
+        protocol = _SinkSMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
+                             offer_requiretls=self.offer_requiretls,
+                             require_starttls=self.require_tls and self.tls_context is not None,
+                             enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
+                             loop=asyncio.get_running_loop())
         self._protocols.add(protocol)
         return protocol
 

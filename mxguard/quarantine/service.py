@@ -239,7 +239,7 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
         info, results = await deliver_once(
             route, settings.downstream, settings.hostname, row.sender, [row.recipient], content,
             body="8BITMIME" if any(b > 127 for b in content) else None,
-            smtputf8=not (row.sender + row.recipient).isascii())
+            smtputf8=not (row.sender + row.recipient).isascii(), requiretls=row.requiretls)
         reply = results[row.recipient]
         detail = ""
     except RouteFailure as failure:

@@ -56,7 +56,7 @@ async def quarantine_many(store: Store, sealer: Sealer, *, txn_id: str, sender: 
         rows.append(QuarantinedMessage(
             id=qid, created=now, txn_id=txn_id, recipient=copy.recipient[:500], sender=sender[:500],
             subject=subject[:500], reason=copy.reason, category=copy.category, score=score, verdict=verdict,
-            size=len(copy.content), key_id=key_id, sealed=blob,
+            size=len(copy.content), key_id=key_id, sealed=blob, requiretls=copy.requiretls,
             expires_at=now + dt.timedelta(days=retention_days)))
         ids.append(qid)
     async with store.session() as session:

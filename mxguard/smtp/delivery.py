@@ -315,8 +315,18 @@ class DownstreamConnection:
             raise DownstreamLost(_reason(exc)) from None
         return Reply.from_downstream(response.code, response.message)
 
+    def requiretls_refusal(self) -> Reply | None:
+        """Why a REQUIRETLS message may not go on this connection (RFC 8689 4.2.1), or ``None``."""
+        info = self.info
+        if info is None or not info.tls or not info.verified:
+            return Reply(550, "5.7.10", "REQUIRETLS: the connection to the downstream server is not TLS verified "
+                                        "by DANE or PKIX (RFC 8689)")
+        if not self.supports("requiretls"):
+            return Reply(550, "5.7.10", "REQUIRETLS: the downstream server does not offer REQUIRETLS (RFC 8689)")
+        return None
+
     async def mail(self, sender: str, *, size: int | None = None, body: str | None = None,
-                   smtputf8: bool = False) -> Reply:
+                   smtputf8: bool = False, requiretls: bool = False) -> Reply:
         """Send ``MAIL FROM``; ESMTP parameters only where the server offers them.
 
         Args:
@@ -324,12 +334,19 @@ class DownstreamConnection:
             size: message size in bytes (RFC 1870), if known.
             body: ``"8BITMIME"`` or ``"7BIT"`` (RFC 6152).
             smtputf8: the transaction needs SMTPUTF8 (RFC 6531).
+            requiretls: the sender asked for REQUIRETLS (RFC 8689 4.2.1): the connection must be TLS
+                verified by DANE or PKIX and the server must offer REQUIRETLS, else ``550 5.7.10``
+                without sending anything (nothing is sent to the server then).
 
         Raises:
             DownstreamLost: the connection broke.
         """
         if smtputf8 and not self.supports("smtputf8"):
             return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531)")
+        if requiretls:
+            refusal = self.requiretls_refusal()
+            if refusal is not None:
+                return refusal
         args = [b"FROM:<" + sender.encode("utf-8", "surrogateescape") + b">"]
         if size and self.supports("size"):
             args.append(b"SIZE=%d" % size)
@@ -337,6 +354,8 @@ class DownstreamConnection:
             args.append(b"BODY=8BITMIME")
         if smtputf8:
             args.append(b"SMTPUTF8")
+        if requiretls:
+            args.append(b"REQUIRETLS")
         reply = await self._command(b"MAIL", *args)
         self.in_transaction = reply.is_positive
         return reply
@@ -386,7 +405,8 @@ class DownstreamConnection:
             await self._discard()
 
     async def resend_envelope(self, sender: str, recipients: list[str], *, size: int | None = None,
-                              body: str | None = None, smtputf8: bool = False) -> tuple[Reply, dict[str, Reply]]:
+                              body: str | None = None, smtputf8: bool = False,
+                              requiretls: bool = False) -> tuple[Reply, dict[str, Reply]]:
         """Start a new transaction for a subset of recipients: ``RSET`` (if one is open), ``MAIL``, ``RCPT``s.
 
         Used when the filters split one inbound transaction into copies with
@@ -403,7 +423,7 @@ class DownstreamConnection:
             await self.rset()
             if not self.is_connected:
                 raise DownstreamLost("connection closed after RSET")
-        mail = await self.mail(sender, size=size, body=body, smtputf8=smtputf8)
+        mail = await self.mail(sender, size=size, body=body, smtputf8=smtputf8, requiretls=requiretls)
         replies: dict[str, Reply] = {}
         if mail.is_positive:
             for rcpt in recipients:
@@ -430,8 +450,10 @@ def _reason(exc: BaseException) -> str:
 
 async def deliver_once(route: Route, settings: DownstreamSettings, local_hostname: str, sender: str,
                        recipients: list[str], message: bytes, *, body: str | None = None,
-                       smtputf8: bool = False) -> tuple[ConnectionInfo, dict[str, Reply]]:
+                       smtputf8: bool = False, requiretls: bool = False) -> tuple[ConnectionInfo, dict[str, Reply]]:
     """Open a connection, send one transaction, close. Used by the spool and notifications.
+
+    ``requiretls``: as for :meth:`DownstreamConnection.mail` (RFC 8689).
 
     Returns:
         ``(connection info, {recipient: reply})``; a recipient refused at RCPT
@@ -445,7 +467,7 @@ async def deliver_once(route: Route, settings: DownstreamSettings, local_hostnam
     conn = DownstreamConnection(route, settings, local_hostname)
     info = await conn.open()
     try:
-        mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8)
+        mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8, requiretls=requiretls)
         if not mail.is_positive:
             return info, {r: mail for r in recipients}
         results: dict[str, Reply] = {}

@@ -55,12 +55,14 @@ class HeldCopy:
         reason: why it is held (shown to the recipient).
         category: ``junk``, ``virus`` or ``policy``.
         content: the message as the recipient would receive it, bytes.
+        requiretls: the sender asked for REQUIRETLS (RFC 8689): released only over verified TLS.
     """
 
     recipient: str
     reason: str
     category: str
     content: bytes
+    requiretls: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import re
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -47,13 +48,19 @@ def _peer_ip(session: Session | None) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) else (str(peer) if peer else None)
 
 
-def _ehlo_lines(lines: list[str]) -> list[str]:
+#: The REQUIRETLS MAIL parameter (RFC 8689 4.1), a word of its own after the path.
+_REQUIRETLS_PARAM = re.compile(r"(?i)(?<=\s)REQUIRETLS(?=\s|$)")
+REQUIRETLS_WITHOUT_TLS = Reply(555, "5.5.4", "REQUIRETLS is offered only after STARTTLS (RFC 8689 4.1)")
+
+
+def _ehlo_lines(lines: list[str], tls: bool = False) -> list[str]:
     """aiosmtpd's EHLO reply as this MX offers it: no AUTH (not a submission server), no HELP,
-    and PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034) added."""
+    and PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034) added; REQUIRETLS (RFC 8689)
+    inside TLS only."""
     if len(lines) < 2 or not lines[0].startswith("250"):
         return lines  # a syntax error, not the extension list
     keep = [line[4:] for line in lines if not line[4:].upper().startswith(("AUTH", "HELP"))]
-    keep += ["PIPELINING", "ENHANCEDSTATUSCODES"]
+    keep += ["PIPELINING", "ENHANCEDSTATUSCODES"] + (["REQUIRETLS"] if tls else [])
     return [f"250-{item}" for item in keep[:-1]] + [f"250 {keep[-1]}"]
 
 
@@ -138,6 +145,8 @@ class InboundSMTP(SMTP):
         self._client_key: str | None = None
         self._session_timer: asyncio.TimerHandle | None = None
         self.junk_commands = 0
+        #: The current MAIL command carried REQUIRETLS (RFC 8689).
+        self.requiretls = False
         self.errors_in_a_row = 0
         self.closing = False
         #: True while mxguard itself is working on a command (downstream dialogue, filters):
@@ -261,6 +270,14 @@ class InboundSMTP(SMTP):
     @command_syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._path_verb, self._path_problem = "MAIL", None
+        self.requiretls = False
+        if arg and _REQUIRETLS_PARAM.search(arg):
+            # RFC 8689 4.1: REQUIRETLS is offered only after STARTTLS; aiosmtpd would not know it.
+            if self._tls_protocol is None:
+                await self.push(str(REQUIRETLS_WITHOUT_TLS))
+                return
+            arg = _REQUIRETLS_PARAM.sub("", arg)
+            self.requiretls = True
         try:
             await super().smtp_MAIL(arg)
         finally:
@@ -311,7 +328,7 @@ class InboundSMTP(SMTP):
             self._plain_replies = False
             lines, self._batch = self._batch, None
             if lines:
-                await SMTP.push(self, "\r\n".join(_ehlo_lines(lines)))
+                await SMTP.push(self, "\r\n".join(_ehlo_lines(lines, tls=self._tls_protocol is not None)))
                 if lines[-1].startswith("2"):
                     self.errors_in_a_row = 0
 
@@ -501,7 +518,7 @@ class InboundHandler:
             return str(syntax.bad_sender(problem))
         if not smtputf8 and not sender.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
-        server.proxy.begin(server.client_info(), sender, mail_options)
+        server.proxy.begin(server.client_info(), sender, mail_options, requiretls=server.requiretls)
         server.junk_commands = 0
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

@@ -128,6 +128,8 @@ class Transaction:
     body: str | None
     smtputf8: bool
     size_hint: int | None
+    #: REQUIRETLS (RFC 8689) was asked for in MAIL.
+    requiretls: bool = False
     started: float = field(default_factory=time.perf_counter)
     started_wall: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     legs: dict[Route, RouteLeg] = field(default_factory=dict)
@@ -180,13 +182,15 @@ class ProxySession:
 
     # -- transaction life cycle ------------------------------------------------------
 
-    def begin(self, client: ClientInfo, mail_from: str, options: list[str]) -> None:
+    def begin(self, client: ClientInfo, mail_from: str, options: list[str], *, requiretls: bool = False) -> None:
         """Start a transaction after MAIL FROM was accepted by syntax checks.
 
         Args:
             client: who is sending (fixed for the transaction).
             mail_from: envelope sender, ``""`` for the null reverse-path.
             options: ESMTP MAIL parameters, upper-cased (``SIZE=n``, ``BODY=8BITMIME``, ``SMTPUTF8``).
+            requiretls: MAIL carried REQUIRETLS (RFC 8689): every hop must be verified TLS to a
+                server that offers REQUIRETLS (in line, from the spool, on release).
         """
         body = None
         size = None
@@ -199,7 +203,7 @@ class ProxySession:
                 size = int(value)
             elif key == "SMTPUTF8":
                 smtputf8 = True
-        self.tx = Transaction(new_txn_id(), client, mail_from, body, smtputf8, size)
+        self.tx = Transaction(new_txn_id(), client, mail_from, body, smtputf8, size, requiretls=requiretls)
 
     async def add_recipient(self, address: str) -> Reply:
         """Decide one RCPT: relay check, inbound TLS policy, then the downstream's own answer.
@@ -298,7 +302,8 @@ class ProxySession:
                           tls=info.describe_tls())
             leg.conn = conn
             try:
-                leg.mail_reply = await conn.mail(tx.mail_from, size=tx.size_hint, body=tx.body, smtputf8=tx.smtputf8)
+                leg.mail_reply = await conn.mail(tx.mail_from, size=tx.size_hint, body=tx.body, smtputf8=tx.smtputf8,
+                                                  requiretls=tx.requiretls)
                 return
             except DownstreamLost as exc:
                 self.conns.pop(leg.route, None)
@@ -420,7 +425,8 @@ class ProxySession:
         """A copy for part of the leg's recipients: RSET, MAIL and RCPT again for them, then DATA."""
         try:
             mail, replies = await leg.conn.resend_envelope(tx.mail_from, list(leg.accepted), size=tx.size_hint,
-                                                           body=tx.body, smtputf8=tx.smtputf8)
+                                                           body=tx.body, smtputf8=tx.smtputf8,
+                                                           requiretls=tx.requiretls)
         except DownstreamLost as exc:
             leg.lost = str(exc)
             self.conns.pop(leg.route, None)
@@ -448,7 +454,8 @@ class ProxySession:
                 sender=tx.mail_from, helo=tx.client.helo, tagged=False)
             single = replace(held.leg, accepted=[held.rcpt])
             copies.append(HeldCopy(held.rcpt, held.reason, held.disposition.category,
-                                   self._copy_for(tx, single, headers.prepend_fields(stripped, fields))))
+                                   self._copy_for(tx, single, headers.prepend_fields(stripped, fields)),
+                                   requiretls=tx.requiretls))
         scores = [j.score for j in plan.verdict.junk]
         try:
             ids = await self.ctx.hold(tx=tx, copies=copies, verdict=plan.as_log(),
@@ -560,7 +567,7 @@ class ProxySession:
         return self.ctx.spooler.entry(
             txn_id=tx.txn_id, domain=o.leg.domain.name, mail_from=tx.mail_from, recipients=list(o.leg.accepted),
             message=o.message, subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8,
-            sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")
+            requiretls=tx.requiretls, sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")
 
     def _results(self, tx: Transaction, leg: RouteLeg, reply: Reply, disposition: str) -> None:
         for rcpt in leg.accepted:

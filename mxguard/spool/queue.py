@@ -42,6 +42,8 @@ class NewSpoolEntry:
     subject: str = ""
     body_8bit: bool = False
     smtputf8: bool = False
+    #: REQUIRETLS (RFC 8689) was asked for: delivered only over verified TLS to a REQUIRETLS server.
+    requiretls: bool = False
     sender_aligned: bool = False
     kind: str = "message"
     first_reply: str = ""
@@ -74,7 +76,8 @@ def add_entries(session: AsyncSession, entries: list[NewSpoolEntry], sealer: Sea
             kind=e.kind, txn_id=e.txn_id, created_at=now, expires_at=now + dt.timedelta(seconds=settings.max_age),
             domain=e.domain, mail_from=e.mail_from,
             recipients=[{"rcpt": r, "status": "pending", "reply": e.first_reply} for r in e.recipients],
-            size=len(e.message), body_8bit=e.body_8bit, smtputf8=e.smtputf8, sender_aligned=e.sender_aligned,
+            size=len(e.message), body_8bit=e.body_8bit, smtputf8=e.smtputf8, requiretls=e.requiretls,
+            sender_aligned=e.sender_aligned,
             subject=e.subject[:500], key_id=key_id, body=blob, status="queued", attempts=0,
             next_attempt_at=now if e.due_now else now + dt.timedelta(seconds=backoff(1, settings)),
             last_reply=e.first_reply)

@@ -161,7 +161,8 @@ class SpoolWorker:
             try:
                 info, results = await deliver_once(
                     route, self.settings.downstream, self.settings.hostname, entry.mail_from, rcpts, message,
-                    body="8BITMIME" if entry.body_8bit else None, smtputf8=entry.smtputf8)
+                    body="8BITMIME" if entry.body_8bit else None, smtputf8=entry.smtputf8,
+                    requiretls=entry.requiretls)
             except RouteFailure as failure:
                 attempt.server = "; ".join(failure.attempts)[:300]
                 return {r: failure.reply for r in rcpts}

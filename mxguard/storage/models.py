@@ -121,6 +121,8 @@ class QuarantinedMessage(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
     #: When a quarantine summary listed it (``None``: not yet; migration 0005_quarantine).
     summarized_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    #: The sender asked for REQUIRETLS (RFC 8689): a release goes only over verified TLS (migration 0006).
+    requiretls: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ConfigGeneration(Base):
@@ -214,6 +216,8 @@ class SpoolEntry(Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     body_8bit: Mapped[bool] = mapped_column(Boolean, default=False)
     smtputf8: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The sender asked for REQUIRETLS (RFC 8689): only verified TLS to a REQUIRETLS server.
+    requiretls: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The sender passed SPF or DKIM alignment: a DSN may be sent to it.
     sender_aligned: Mapped[bool] = mapped_column(Boolean, default=False)
     subject: Mapped[str] = mapped_column(String(512), default="")
