@@ -622,7 +622,8 @@ class ProxySession:
         infos: list[dict[str, Any]] = []
         first: ConnectionInfo | None = None
         for leg in tx.legs.values():
-            item: dict[str, Any] = {"route": leg.route.describe(), "reused": leg.reused}
+            item: dict[str, Any] = {"route": leg.route.describe(), "reused": leg.reused,
+                                    "domain": leg.domain.name}  # the policy domain (TLS-RPT)
             if leg.conn is not None and leg.conn.info is not None and leg.failure is None:
                 item.update(leg.conn.info.as_dict())
                 first = first or leg.conn.info

@@ -1,0 +1,227 @@
+"""TLS-RPT (RFC 8460): daily aggregate reports of the TLS outcome of every in-line delivery.
+
+Each in-line downstream attempt is in the message log (``downstream`` items:
+the connection's TLS, the policy source, and for servers skipped for a TLS
+reason their RFC 8460 result type under ``tls_rpt``). For one UTC day this
+module counts, per served domain and per policy (``tlsa`` for DANE, ``sts``
+for MTA-STS, else ``no-policy-found``), the sessions that negotiated TLS and
+the ones that failed, with the failure details the RFC names, and sends the
+JSON report (gzip, ``application/tlsrpt+gzip``) to the ``rua`` of the
+domain's ``_smtp._tls`` TXT record: ``mailto:`` addresses as a
+``multipart/report; report-type="tlsrpt"`` message (RFC 8460 section 5.3),
+``https:`` URIs with a POST (section 5.4, httpx).
+
+Not counted yet: spool retries, releases and the gateway's own mail (their
+attempts are in ``spool_attempts`` and in own-message records without a
+policy domain).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import uuid
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import httpx
+import structlog
+from sqlalchemy import select
+
+from mxguard.config import Settings
+from mxguard.netaddr import parse_host_port
+from mxguard.storage.db import Store
+from mxguard.storage.models import MessageLogEntry
+
+log = structlog.get_logger("mxguard.tls.reporting")
+
+#: ConnectionInfo.policy -> RFC 8460 4.4 policy-type.
+_POLICY_TYPES = {"dane": "tlsa", "mta-sts": "sts"}
+
+
+@dataclass
+class PolicyTally:
+    """Sessions of one policy of one domain in the report window."""
+
+    policy_type: str
+    mx_hosts: set[str] = field(default_factory=set)
+    successful: int = 0
+    #: ``{(result type, receiving host): sessions}``
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def fail(self, result_type: str, host: str) -> None:
+        self.failures[(result_type, host)] = self.failures.get((result_type, host), 0) + 1
+
+
+def day_window(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """``[00:00, 24:00)`` UTC of ``day`` (RFC 8460 4.1: reports cover one UTC day)."""
+    start = dt.datetime.combine(day, dt.time(0), tzinfo=dt.timezone.utc)
+    return start, start + dt.timedelta(days=1)
+
+
+def tally_items(items: list[tuple[str, dict]]) -> dict[str, dict[str, PolicyTally]]:
+    """Count ``(policy domain, downstream item)`` pairs.
+
+    Returns:
+        ``{domain: {policy type: PolicyTally}}``. An item that connected with TLS is a successful
+        session; one that connected in clear is a ``starttls-not-supported`` failure; each
+        server skipped for a TLS reason (``tls_rpt``) is a failure with its result type.
+    """
+    out: dict[str, dict[str, PolicyTally]] = {}
+    for domain, item in items:
+        policy_type = _POLICY_TYPES.get(str(item.get("policy", "")), "no-policy-found")
+        tally = out.setdefault(domain, {}).setdefault(policy_type, PolicyTally(policy_type))
+        for server, result_type in (item.get("tls_rpt") or {}).items():
+            host = parse_host_port(server, default_port=25)[0]
+            tally.fail(str(result_type), host)
+        host = item.get("host")
+        if host and "failure" not in item:
+            tally.mx_hosts.add(str(host))
+            if item.get("tls"):
+                tally.successful += 1
+            else:
+                tally.fail("starttls-not-supported", str(host))
+    return out
+
+
+async def collect(store: Store, start: dt.datetime, end: dt.datetime) -> dict[str, dict[str, PolicyTally]]:
+    """Tally the message log's in-line downstream attempts with ``start <= ts < end`` (UTC)."""
+    items: list[tuple[str, dict]] = []
+    async with store.session() as session:
+        rows = await session.execute(
+            select(MessageLogEntry.downstream).where(MessageLogEntry.ts >= start, MessageLogEntry.ts < end))
+        for (downstream,) in rows:
+            for item in downstream or []:
+                domain = item.get("domain") if isinstance(item, dict) else None
+                if domain:
+                    items.append((str(domain), item))
+    return tally_items(items)
+
+
+def build_report(organization: str, contact: str, domain: str, start: dt.datetime, end: dt.datetime,
+                 tallies: dict[str, PolicyTally]) -> dict:
+    """The RFC 8460 section 4 JSON object for one policy domain."""
+    policies = []
+    for tally in tallies.values():
+        policy: dict = {"policy-type": tally.policy_type, "policy-domain": domain}
+        if tally.mx_hosts:
+            policy["mx-host"] = sorted(tally.mx_hosts)
+        policies.append({
+            "policy": policy,
+            "summary": {"total-successful-session-count": tally.successful,
+                        "total-failure-session-count": sum(tally.failures.values())},
+            "failure-details": [{"result-type": rt, "receiving-mx-hostname": host, "failed-session-count": n}
+                                for (rt, host), n in sorted(tally.failures.items())],
+        })
+    iso = "%Y-%m-%dT%H:%M:%SZ"
+    return {"organization-name": organization,
+            "date-range": {"start-datetime": start.strftime(iso), "end-datetime": end.strftime(iso)},
+            "contact-info": contact, "report-id": f"{start:%Y%m%d}.{domain}.{uuid.uuid4().hex[:12]}@{organization}",
+            "policies": policies}
+
+
+async def rua_targets(domain: str, nameservers: list[str], timeout: float = 10.0) -> list[str]:
+    """The ``rua`` URIs of ``_smtp._tls.<domain>`` (RFC 8460 3), ``[]`` when there is no usable record.
+
+    Args:
+        nameservers: ``HOST[:PORT]`` resolvers; the system's when empty.
+        timeout: seconds for the whole lookup.
+    """
+    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+    if nameservers:
+        hosts = [parse_host_port(n, default_port=53) for n in nameservers]
+        resolver.nameservers = [h for h, _ in hosts]
+        resolver.port = hosts[0][1]
+    resolver.lifetime = timeout
+    try:
+        answer = await resolver.resolve(f"_smtp._tls.{domain}", "TXT")
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers, dns.exception.Timeout):
+        return []
+    records = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+    records = [r for r in records if r.replace(" ", "").startswith("v=TLSRPTv1;")]
+    if len(records) != 1:
+        return []  # RFC 8460 3: none, or more than one, means no reporting
+    out = []
+    for field_ in records[0].split(";")[1:]:
+        key, _, value = field_.strip().partition("=")
+        if key.strip().lower() == "rua":
+            out += [u.strip() for u in value.split(",") if u.strip().lower().startswith(("mailto:", "https:"))]
+    return out
+
+
+def report_filename(submitter: str, domain: str, start: dt.datetime, end: dt.datetime) -> str:
+    """``submitter!policy-domain!begin!end.json.gz`` (RFC 8460 5.1, Unix seconds)."""
+    return f"{submitter}!{domain}!{int(start.timestamp())}!{int(end.timestamp())}.json.gz"
+
+
+def report_message(submitter: str, sender: str, recipient: str, domain: str, report: dict,
+                   start: dt.datetime, end: dt.datetime) -> bytes:
+    """The report as mail (RFC 8460 5.3): ``multipart/report; report-type="tlsrpt"``, CRLF bytes."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = recipient
+    msg["Subject"] = f"Report Domain: {domain} Submitter: {submitter} Report-ID: <{report['report-id']}>"
+    msg["Date"] = format_datetime(dt.datetime.now(dt.timezone.utc))
+    msg["Message-ID"] = make_msgid(domain=submitter)
+    msg["TLS-Report-Domain"] = domain
+    msg["TLS-Report-Submitter"] = submitter
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(f"TLS-RPT report for {domain}, {start:%Y-%m-%d} (UTC), from {submitter}.\n")
+    msg.add_attachment(gzip.compress(json.dumps(report).encode()), maintype="application", subtype="tlsrpt+gzip",
+                       filename=report_filename(submitter, domain, start, end))
+    msg.set_type("multipart/report")
+    msg.set_param("report-type", "tlsrpt")
+    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@dataclass
+class Sent:
+    """One report delivery: ``target`` URI, ``ok``, and what the receiver said."""
+
+    domain: str
+    target: str
+    ok: bool
+    detail: str
+
+
+async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_verify: bool | str = True) -> list[Sent]:
+    """Build and send the reports for ``day`` (UTC) to every domain that asks for them.
+
+    Args:
+        https_verify: for ``https:`` targets, httpx's ``verify`` (a CA bundle path in tests).
+
+    Returns:
+        one :class:`Sent` per target; a domain without a ``_smtp._tls`` record gets none.
+    """
+    from mxguard.own_mail import send_own_message  # own_mail uses smtp; imported late (layering)
+    start, end = day_window(day)
+    submitter = settings.hostname
+    out: list[Sent] = []
+    for domain, tallies in sorted((await collect(store, start, end)).items()):
+        targets = await rua_targets(domain, settings.downstream.dns_servers or settings.filters.dns_servers,
+                                    settings.downstream.dns_timeout)
+        if not targets:
+            continue
+        report = build_report(submitter, f"mailto:postmaster@{submitter}", domain, start, end, tallies)
+        for target in targets:
+            if target.lower().startswith("mailto:"):
+                rcpt = target[7:].split("?")[0]
+                raw = report_message(submitter, f"postmaster@{submitter}", rcpt, domain, report, start, end)
+                result = await send_own_message(store, settings, rcpt, raw, kind="tls-report")
+                out.append(Sent(domain, target, result.reply.is_positive, result.reply.one_line()))
+            else:
+                try:
+                    async with httpx.AsyncClient(verify=https_verify, timeout=30, follow_redirects=False) as client:
+                        resp = await client.post(target, content=gzip.compress(json.dumps(report).encode()),
+                                                 headers={"Content-Type": "application/tlsrpt+gzip"})
+                    out.append(Sent(domain, target, 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"))
+                except httpx.HTTPError as exc:
+                    out.append(Sent(domain, target, False, f"{type(exc).__name__}: {exc}"[:200]))
+            log.info("TLS report sent" if out[-1].ok else "TLS report not delivered", domain=domain,
+                     target=target, detail=out[-1].detail)
+    return out

@@ -1,0 +1,92 @@
+"""TLS-RPT (RFC 8460) aggregate reports: counted from real deliveries, found through a real DNS
+server on loopback, sent as a real ``multipart/report`` message to a sink."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import gzip
+import json
+from email import policy
+
+import pytest
+
+from mxguard.sink import ThreadedSink
+from mxguard.tls.reporting import build_report, day_window, report_filename, send_reports, tally_items
+from tests.support.dns import _txt_chunks
+from tests.support.smtp import message, send
+from tests.test_cli_filters import mx
+
+
+def test_tally_counts_sessions_and_failures_per_policy():
+    items = [
+        ("example.com", {"host": "127.0.0.1", "port": 25, "tls": True, "policy": "setting", "domain": "example.com"}),
+        ("example.com", {"host": "127.0.0.1", "port": 25, "tls": False, "policy": "setting"}),
+        ("example.com", {"failure": "x", "tls_rpt": {"mx1.example.com:25": "certificate-host-mismatch"}}),
+        ("example.org", {"host": "mx.example.org", "tls": True, "policy": "dane"}),
+        ("example.org", {"failure": "x", "policy": "dane", "tls_rpt": {"mx2.example.org:25": "tlsa-invalid"}}),
+    ]
+    t = tally_items(items)
+    com = t["example.com"]["no-policy-found"]
+    assert com.successful == 1
+    assert com.failures == {("starttls-not-supported", "127.0.0.1"): 1,
+                            ("certificate-host-mismatch", "mx1.example.com"): 1}
+    assert t["example.org"]["tlsa"].successful == 1
+    assert t["example.org"]["tlsa"].failures == {("tlsa-invalid", "mx2.example.org"): 1}
+    start, end = day_window(dt.date(2026, 12, 5))
+    report = build_report("mx.gw.test", "mailto:postmaster@mx.gw.test", "example.com", start, end, t["example.com"])
+    assert report["date-range"] == {"start-datetime": "2026-12-05T00:00:00Z", "end-datetime": "2026-12-06T00:00:00Z"}
+    (p,) = report["policies"]
+    assert p["policy"]["policy-type"] == "no-policy-found" and p["policy"]["policy-domain"] == "example.com"
+    assert p["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 2}
+    assert {d["result-type"] for d in p["failure-details"]} == {"starttls-not-supported", "certificate-host-mismatch"}
+    assert report_filename("mx.gw.test", "example.com", start, end) == \
+        f"mx.gw.test!example.com!{int(start.timestamp())}!{int(end.timestamp())}.json.gz"
+
+
+@pytest.fixture
+def reporting_dns(loopback_dns):
+    zone = loopback_dns.resolver.zone
+    added = {("_smtp._tls.example.com", "TXT"): [_txt_chunks("v=TLSRPTv1; rua=mailto:tlsrpt@reports.test")],
+             ("_smtp._tls.legacy.example.org", "TXT"): [_txt_chunks("v=TLSRPTv1;rua=mailto:rpt@reports.test")]}
+    zone.update(added)
+    yield loopback_dns
+    for key in added:
+        zone.pop(key, None)
+
+
+def test_the_days_report_reaches_the_domains_rua(gateway, tls_sink, plain_sink, add_domain, reporting_dns):
+    add_domain("example.com", [tls_sink.address])  # opportunistic: TLS negotiated
+    add_domain("legacy.example.org", [plain_sink.address], downstream_tls="required")  # no STARTTLS: refused
+    add_domain("quiet.example.net", [tls_sink.address])  # no _smtp._tls record: no report
+    for rcpt in ("bob@example.com", "carol@example.com", "dan@legacy.example.org", "eve@quiet.example.net"):
+        send(gateway.port, [rcpt], message(to=rcpt))
+    assert tls_sink.wait_for(3)
+    gateway.wait_records(4)
+    gateway.run(gateway.gateway.message_log.flush())  # the log is written in batches
+    with ThreadedSink() as reports:
+        gateway.settings.dsn.relay = reports.address  # reports.test is not served: it goes via the relay
+        sent = gateway.run(send_reports(gateway.store, gateway.settings, dt.datetime.now(dt.timezone.utc).date()))
+        assert sorted((s.domain, s.target, s.ok) for s in sent) == [
+            ("example.com", "mailto:tlsrpt@reports.test", True),
+            ("legacy.example.org", "mailto:rpt@reports.test", True)]
+        assert reports.wait_for(2)
+        by_rcpt = {m.rcpt_tos[0]: m for m in reports.messages}
+    got = email.message_from_bytes(by_rcpt["tlsrpt@reports.test"].data, policy=policy.default)
+    assert got.get_content_type() == "multipart/report" and got.get_param("report-type") == "tlsrpt"
+    assert got["TLS-Report-Domain"] == "example.com" and got["TLS-Report-Submitter"] == "mx.gw.test"
+    (attachment,) = [p for p in got.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert attachment.get_filename().startswith("mx.gw.test!example.com!")
+    report = json.loads(gzip.decompress(attachment.get_content()))
+    (p,) = report["policies"]
+    assert p["summary"] == {"total-successful-session-count": 2, "total-failure-session-count": 0}
+    legacy = email.message_from_bytes(by_rcpt["rpt@reports.test"].data, policy=policy.default)
+    (attachment,) = [p for p in legacy.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
+    (p,) = json.loads(gzip.decompress(attachment.get_content()))["policies"]
+    assert p["summary"]["total-failure-session-count"] == 1
+    assert p["failure-details"][0]["result-type"] == "starttls-not-supported"
+
+
+def test_cli_refuses_a_bad_day(data_dir):
+    out = mx(data_dir, "tls-report", "send", "--day", "yesterday-ish")
+    assert out.returncode == 1 and "--day" in out.stderr and "Traceback" not in out.stderr
