@@ -120,6 +120,10 @@ class DownstreamSettings(_Section):
     mta_sts_ca_file: str = ""
     #: The policy hosts' HTTPS port: 443 (RFC 8461 section 3.3); another only for tests.
     mta_sts_port: int = Field(default=443, ge=1, le=65535)
+    #: Send each day's TLS-RPT reports (RFC 8460) by itself, after 00:00 UTC (one node of several does).
+    tls_reports: bool = True
+    #: Seconds between checks whether the previous day's TLS-RPT reports are due.
+    tls_report_check_interval: float = Field(default=3600.0, gt=0)
 
     @field_validator("dns_servers")
     @classmethod

@@ -34,6 +34,7 @@ from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
 from mxguard.storage.sealing import KeyRing
 from mxguard.tls.certs import load_chain
+from mxguard.tls.reporting import DailyTlsReports
 from mxguard.tls.contexts import ReloadableServerContext
 
 log = structlog.get_logger("mxguard.gateway")
@@ -120,6 +121,7 @@ class Gateway:
                                       on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal)
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
+        self.tls_reports: DailyTlsReports | None = None
         self._lock_waiter: asyncio.Task | None = None
         if self.spool_worker:
             if self._claim_worker_lock():
@@ -207,6 +209,8 @@ class Gateway:
         # due summaries and alerts are claimed with conditional updates).
         self.jobs = QuarantineJobs(self.store, s, self.links, self.notifier, lambda: self.web_url)
         self.jobs.start()
+        self.tls_reports = DailyTlsReports(self.store, s)
+        self.tls_reports.start()
 
     async def _wait_for_worker_lock(self, interval: float = 5.0) -> None:
         """Retry the spool-worker lock; when the process holding it is gone, run the workers here."""
@@ -274,6 +278,8 @@ class Gateway:
             status.unregister_spool_depth(self._spool_depth)
         if getattr(self, "_lock_waiter", None) is not None:
             self._lock_waiter.cancel()
+        if getattr(self, "tls_reports", None):
+            await self.tls_reports.stop()
         if getattr(self, "jobs", None):
             await self.jobs.stop()
         elif getattr(self, "notifier", None):

@@ -90,3 +90,18 @@ def test_the_days_report_reaches_the_domains_rua(gateway, tls_sink, plain_sink, 
 def test_cli_refuses_a_bad_day(data_dir):
     out = mx(data_dir, "tls-report", "send", "--day", "yesterday-ish")
     assert out.returncode == 1 and "--day" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_a_day_is_claimed_by_one_node_only(store):
+    """Several nodes on one database: the day's reports are sent by the first to claim them."""
+    from mxguard.config import Settings
+    from mxguard.storage.models import TlsReportRun
+    from mxguard.tls.reporting import send_due
+    settings = Settings.model_validate({"hostname": "node1.gw.test"})
+    today = dt.date(2026, 12, 6)
+    assert await send_due(store, settings, today=today) == []  # claimed; nothing logged, nothing to send
+    assert await send_due(store, settings.model_copy(update={"hostname": "node2.gw.test"}), today=today) is None
+    async with store.session() as session:
+        run = await session.get(TlsReportRun, "2026-12-05")
+    assert run.node == "node1.gw.test" and run.outcome == {"sent": 0, "failed": 0}
+    assert await send_due(store, settings, today=today + dt.timedelta(days=1)) == []  # the next day is its own

@@ -138,6 +138,21 @@ class ConfigGeneration(Base):
     value: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class TlsReportRun(Base):
+    """One UTC day's TLS-RPT reports, claimed by the node that sends them (migration 0006).
+
+    The primary key makes the claim: a second node's insert for the same day fails.
+    """
+
+    __tablename__ = "tls_report_runs"
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    node: Mapped[str] = mapped_column(String(253), default="")
+    claimed_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    #: ``{"sent": n, "failed": n}`` once done.
+    outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 class MessageLogEntry(Base):
     """One SMTP transaction, as an administrator searches for it."""
 

@@ -18,6 +18,7 @@ policy domain).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import gzip
 import json
@@ -225,3 +226,78 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
             log.info("TLS report sent" if out[-1].ok else "TLS report not delivered", domain=domain,
                      target=target, detail=out[-1].detail)
     return out
+
+
+async def claim_day(store: Store, day: dt.date, node: str) -> bool:
+    """Claim ``day``'s reports for this node; False when a node claimed them already."""
+    from sqlalchemy.exc import IntegrityError
+
+    from mxguard.storage.models import TlsReportRun
+    try:
+        async with store.session() as session:
+            session.add(TlsReportRun(day=day.isoformat(), node=node[:253], outcome={}))
+            await session.commit()
+    except IntegrityError:
+        return False
+    return True
+
+
+async def send_due(store: Store, settings: Settings, *, today: dt.date | None = None) -> list[Sent] | None:
+    """Send yesterday's (UTC) reports unless a node already claimed that day.
+
+    Returns:
+        what was sent, or ``None`` when the day was claimed already.
+    """
+    from mxguard.storage.models import TlsReportRun
+    day = (today or dt.datetime.now(dt.timezone.utc).date()) - dt.timedelta(days=1)
+    if not await claim_day(store, day, settings.hostname):
+        return None
+    try:
+        sent = await send_reports(store, settings, day)
+    except Exception:
+        async with store.session() as session:  # nothing went out: let the next check try again
+            run = await session.get(TlsReportRun, day.isoformat())
+            if run is not None:
+                await session.delete(run)
+                await session.commit()
+        raise
+    async with store.session() as session:
+        run = await session.get(TlsReportRun, day.isoformat())
+        if run is not None:
+            run.outcome = {"sent": sum(s.ok for s in sent), "failed": sum(not s.ok for s in sent)}
+            await session.commit()
+    log.info("TLS reports for the day", day=day.isoformat(), targets=len(sent), failed=sum(not s.ok for s in sent))
+    return sent
+
+
+class DailyTlsReports:
+    """Checks every ``downstream.tls_report_check_interval`` seconds whether yesterday's reports are due."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.settings = settings
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.settings.downstream.tls_reports:
+            self._task = asyncio.create_task(self._loop(), name="tls-reports")
+
+    async def _loop(self) -> None:
+        await asyncio.sleep(min(60.0, self.settings.downstream.tls_report_check_interval))
+        while True:
+            try:
+                await send_due(self.store, self.settings)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the claim was given back: retried at the next check
+                log.warning("TLS reports failed", error=repr(exc)[:300])
+            await asyncio.sleep(self.settings.downstream.tls_report_check_interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
