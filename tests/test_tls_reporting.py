@@ -105,3 +105,46 @@ async def test_a_day_is_claimed_by_one_node_only(store):
         run = await session.get(TlsReportRun, "2026-12-05")
     assert run.node == "node1.gw.test" and run.outcome == {"sent": 0, "failed": 0}
     assert await send_due(store, settings, today=today + dt.timedelta(days=1)) == []  # the next day is its own
+
+
+def test_an_https_rua_gets_the_gzip_report_by_post(gateway, tls_sink, add_domain, loopback_dns, ca, ca_file):
+    import http.server
+    import ssl
+    import threading
+    posted: list[tuple[str, str, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posted.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(201)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = ("_smtp._tls.example.com", "TXT")
+    loopback_dns.resolver.zone[key] = [
+        _txt_chunks(f"v=TLSRPTv1; rua=https://127.0.0.1:{server.server_address[1]}/tlsrpt")]
+    try:
+        add_domain("example.com", [tls_sink.address])
+        send(gateway.port, ["bob@example.com"], message(to="bob@example.com"))
+        assert tls_sink.wait_for(1)
+        gateway.wait_records(1)
+        gateway.run(gateway.gateway.message_log.flush())
+        sent = gateway.run(send_reports(gateway.store, gateway.settings, dt.datetime.now(dt.timezone.utc).date(),
+                                        https_verify=str(ca_file)))
+        assert [(s.ok, s.detail) for s in sent] == [(True, "HTTP 201")]
+        ((path, ctype, body),) = posted
+        assert path == "/tlsrpt" and ctype == "application/tlsrpt+gzip"
+        report = json.loads(gzip.decompress(body))
+        assert report["policies"][0]["summary"]["total-successful-session-count"] == 1
+    finally:
+        loopback_dns.resolver.zone.pop(key, None)
+        server.shutdown()

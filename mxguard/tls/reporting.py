@@ -22,6 +22,7 @@ import asyncio
 import datetime as dt
 import gzip
 import json
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -194,7 +195,7 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
     """Build and send the reports for ``day`` (UTC) to every domain that asks for them.
 
     Args:
-        https_verify: for ``https:`` targets, httpx's ``verify`` (a CA bundle path in tests).
+        https_verify: for ``https:`` targets: ``True`` (the system trust store) or a CA bundle's path.
 
     Returns:
         one :class:`Sent` per target; a domain without a ``_smtp._tls`` record gets none.
@@ -203,6 +204,7 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
     start, end = day_window(day)
     submitter = settings.hostname
     out: list[Sent] = []
+    verify = ssl.create_default_context(cafile=https_verify) if isinstance(https_verify, str) else https_verify
     for domain, tallies in sorted((await collect(store, start, end)).items()):
         targets = await rua_targets(domain, settings.downstream.dns_servers or settings.filters.dns_servers,
                                     settings.downstream.dns_timeout)
@@ -217,7 +219,7 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
                 out.append(Sent(domain, target, result.reply.is_positive, result.reply.one_line()))
             else:
                 try:
-                    async with httpx.AsyncClient(verify=https_verify, timeout=30, follow_redirects=False) as client:
+                    async with httpx.AsyncClient(verify=verify, timeout=30, follow_redirects=False) as client:
                         resp = await client.post(target, content=gzip.compress(json.dumps(report).encode()),
                                                  headers={"Content-Type": "application/tlsrpt+gzip"})
                     out.append(Sent(domain, target, 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"))
