@@ -170,3 +170,38 @@ def test_a_released_requiretls_message_keeps_its_requirement(gateway, add_domain
         else:
             assert released.returncode != 0 and "5.7.10" in released.stdout + released.stderr, released
             assert sink.messages == []
+
+
+@pytest.mark.parametrize("header, requiretls, delivered", [
+    (b"TLS-Required: No\r\n", False, True),
+    (b"tls-required:   no  \r\n", False, True),
+    (b"", False, False),
+    (b"TLS-Required: Yes\r\n", False, False),
+    (b"TLS-Required: No\r\n", True, False),  # REQUIRETLS wins: the header is ignored (RFC 8689 5)
+])
+def test_tls_required_no_relaxes_only_the_published_policy(gateway, add_domain, plain_sink, header, requiretls,
+                                                            delivered):
+    """A ``dane-only`` route to a server given as an address has no usable TLSA: nothing goes, unless
+    the sender said ``TLS-Required: No``; then STARTTLS when offered (here: none) and plain SMTP."""
+    add_domain("example.com", [plain_sink.address], downstream_tls="dane-only")
+    entry = queue.NewSpoolEntry(txn_id="TLSNO", domain="example.com", mail_from="a@sender.test",
+                                recipients=["bob@example.com"], message=header + message(to="bob@example.com"),
+                                requiretls=requiretls, due_now=True)
+    gateway.run(queue.enqueue(gateway.store, [entry], gateway.gateway.keyring.get(), gateway.settings.spool))
+    if delivered:
+        assert plain_sink.wait_for(1, timeout=5)
+    else:
+        time.sleep(1.5)  # several retry rounds (FAST_SPOOL)
+        assert plain_sink.messages == []
+        (held,) = gateway.run(queue.list_entries(gateway.store))
+        assert "4.7.5" in held.last_reply or "5.7.10" in held.last_reply, held.last_reply
+
+
+def test_an_administrators_required_mode_is_not_relaxed_by_the_header(gateway, add_domain, plain_sink):
+    add_domain("example.com", [plain_sink.address], downstream_tls="required")
+    entry = queue.NewSpoolEntry(txn_id="TLSNO2", domain="example.com", mail_from="a@sender.test",
+                                recipients=["bob@example.com"],
+                                message=b"TLS-Required: No\r\n" + message(to="bob@example.com"), due_now=True)
+    gateway.run(queue.enqueue(gateway.store, [entry], gateway.gateway.keyring.get(), gateway.settings.spool))
+    time.sleep(1.5)
+    assert plain_sink.messages == []

@@ -35,7 +35,7 @@ from mxguard.services.access import SYSTEM, Actor, Role
 from mxguard.services.domains import get_domain, list_domains
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, deliver_once
 from mxguard.smtp.replies import Reply
-from mxguard.smtp.routing import Route
+from mxguard.smtp.routing import Route, route_for_message
 from mxguard.storage.db import Store
 from mxguard.storage.messagelog import LogRecord
 from mxguard.storage.models import Domain, MessageLogEntry, QuarantinedMessage, User, utcnow
@@ -233,7 +233,7 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
         await session.commit()
     if claim.rowcount != 1 or content is None:
         raise AlreadyHandled("This message was delivered or deleted already; it is not sent again.")
-    route = Route.for_domain(domain)
+    route = route_for_message(Route.for_domain(domain), content, requiretls=row.requiretls)
     info: ConnectionInfo | None = None
     try:
         info, results = await deliver_once(

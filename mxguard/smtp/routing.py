@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 
 import dns.asyncresolver
 import dns.exception
@@ -64,6 +66,30 @@ class Route:
 
     def describe(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={self.tls.value}"
+
+
+#: Modes whose TLS requirement comes from what the destination publishes (DANE, MTA-STS).
+PUBLISHED_POLICY_MODES = (DownstreamTls.DANE, DownstreamTls.DANE_ONLY, DownstreamTls.MTA_STS)
+
+
+def sender_opted_out(message: bytes) -> bool:
+    """The message carries ``TLS-Required: No`` (RFC 8689 section 5)."""
+    head = message.split(b"\r\n\r\n", 1)[0][:65536]
+    values = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n").get_all("TLS-Required") or []
+    return any(str(v).strip().lower() == "no" for v in values)
+
+
+def route_for_message(route: Route, message: bytes, *, requiretls: bool = False) -> Route:
+    """The route with ``TLS-Required: No`` applied (RFC 8689 section 5).
+
+    The sender's header relaxes only what the destination publishes: a ``dane``,
+    ``dane-only`` or ``mta-sts`` route becomes ``opportunistic`` (STARTTLS when
+    offered). The administrator's own ``required``/``verify`` stays, and with
+    REQUIRETLS the header is ignored, as the RFC says.
+    """
+    if requiretls or route.tls not in PUBLISHED_POLICY_MODES or not sender_opted_out(message):
+        return route
+    return replace(route, tls=DownstreamTls.OPPORTUNISTIC)
 
 
 class DomainDirectory:

@@ -18,7 +18,7 @@ import structlog
 from mxguard.config import Settings
 from mxguard.smtp.delivery import DownstreamLost, RouteFailure, deliver_once
 from mxguard.smtp.replies import Reply
-from mxguard.smtp.routing import DomainDirectory, Route, external_route
+from mxguard.smtp.routing import DomainDirectory, Route, external_route, route_for_message
 from mxguard.spool import queue
 from mxguard.spool.dsn import FailedRecipient, build_dsn
 from mxguard.storage.db import SQLAlchemyError, Store
@@ -160,7 +160,7 @@ class SpoolWorker:
         async with self.route_limits[route]:
             try:
                 info, results = await deliver_once(
-                    route, self.settings.downstream, self.settings.hostname, entry.mail_from, rcpts, message,
+                    route_for_message(route, message, requiretls=entry.requiretls), self.settings.downstream, self.settings.hostname, entry.mail_from, rcpts, message,
                     body="8BITMIME" if entry.body_8bit else None, smtputf8=entry.smtputf8,
                     requiretls=entry.requiretls)
             except RouteFailure as failure:
