@@ -84,6 +84,13 @@ def test_requiretls_in_clear_is_refused_however_spelt(gateway, spelling, before)
         assert client.docmd("MAIL", "FROM:<alice@sender.test>")[0] == 250  # the session goes on
 
 
+def test_the_word_inside_a_quoted_local_part_is_not_the_parameter(gateway):
+    with smtplib.SMTP("127.0.0.1", gateway.port, local_hostname="client.sender.test", timeout=30) as client:
+        client.ehlo()
+        code, text = client.docmd("MAIL", 'FROM:<"a REQUIRETLS b"@sender.test>')
+        assert code != 555, text
+
+
 def test_verified_route_offering_requiretls_gets_it(gateway, add_domain, ca_file, downstream_cert):
     with ThreadedSink(tls_context=_server_ctx(downstream_cert), offer_requiretls=True) as sink:
         add_domain("example.com", [sink.address], downstream_tls="verify", tls_ca_file=str(ca_file))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 import re
+import ssl
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
@@ -48,7 +48,7 @@ def _peer_ip(session: Session | None) -> str | None:
     return str(peer[0]) if isinstance(peer, tuple) else (str(peer) if peer else None)
 
 
-#: The REQUIRETLS MAIL parameter (RFC 8689 4.1), a word of its own after the path.
+#: The REQUIRETLS MAIL parameter (RFC 8689 4.1), a word of its own among the parameters.
 _REQUIRETLS_PARAM = re.compile(r"(?i)(?<=\s)REQUIRETLS(?=\s|$)")
 REQUIRETLS_WITHOUT_TLS = Reply(555, "5.5.4", "REQUIRETLS is offered only after STARTTLS (RFC 8689 4.1)")
 
@@ -271,12 +271,14 @@ class InboundSMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._path_verb, self._path_problem = "MAIL", None
         self.requiretls = False
-        if arg and _REQUIRETLS_PARAM.search(arg):
+        # Only among the parameters after the path: a quoted local part may hold the word too.
+        path, closing, params = (arg or "").rpartition(">")
+        if closing and _REQUIRETLS_PARAM.search(params):
             # RFC 8689 4.1: REQUIRETLS is offered only after STARTTLS; aiosmtpd would not know it.
             if self._tls_protocol is None:
                 await self.push(str(REQUIRETLS_WITHOUT_TLS))
                 return
-            arg = _REQUIRETLS_PARAM.sub("", arg)
+            arg = path + closing + _REQUIRETLS_PARAM.sub("", params)
             self.requiretls = True
         try:
             await super().smtp_MAIL(arg)
