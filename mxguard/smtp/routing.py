@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
-import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import structlog
@@ -24,6 +23,7 @@ from mxguard.netaddr import parse_host_port
 from mxguard.services.domains import DomainView, current_generation, list_domains
 from mxguard.storage.db import SQLAlchemyError, Store
 from mxguard.tls.policy import DownstreamTls
+from mxguard.tls.resolver import dns_resolver
 
 log = structlog.get_logger("mxguard.routing")
 
@@ -187,12 +187,7 @@ async def external_route(domain: str, *, relay: str = "", nameservers: list[str]
     """
     if relay:
         return Route(servers=(parse_host_port(relay, default_port=25),), tls=DownstreamTls.OPPORTUNISTIC)
-    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
-    if nameservers:
-        hosts = [parse_host_port(n, default_port=53) for n in nameservers]
-        resolver.nameservers = [h for h, _ in hosts]
-        resolver.port = hosts[0][1]
-    resolver.lifetime = 10
+    resolver = dns_resolver(nameservers or [], 10.0)
     try:
         answer = await resolver.resolve(domain, "MX")
         mxs = sorted((r.preference, str(r.exchange).rstrip(".")) for r in answer)

@@ -26,19 +26,21 @@ import ssl
 import uuid
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
-import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import httpx
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from mxguard.config import Settings
 from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
-from mxguard.storage.models import MessageLogEntry
+from mxguard.storage.models import MessageLogEntry, TlsReportRun
+from mxguard.tls.resolver import dns_resolver
 
 log = structlog.get_logger("mxguard.tls.reporting")
 
@@ -95,9 +97,11 @@ async def collect(store: Store, start: dt.datetime, end: dt.datetime) -> dict[st
     """Tally the message log's in-line downstream attempts with ``start <= ts < end`` (UTC)."""
     items: list[tuple[str, dict]] = []
     async with store.session() as session:
-        rows = await session.execute(
-            select(MessageLogEntry.downstream).where(MessageLogEntry.ts >= start, MessageLogEntry.ts < end))
-        for (downstream,) in rows:
+        # Streamed: a busy day's log is read a thousand rows at a time, not held at once.
+        rows = await session.stream(
+            select(MessageLogEntry.downstream).where(MessageLogEntry.ts >= start, MessageLogEntry.ts < end)
+            .execution_options(yield_per=1000))
+        async for (downstream,) in rows:
             for item in downstream or []:
                 domain = item.get("domain") if isinstance(item, dict) else None
                 if domain:
@@ -134,14 +138,8 @@ async def rua_targets(domain: str, nameservers: list[str], timeout: float = 10.0
         nameservers: ``HOST[:PORT]`` resolvers; the system's when empty.
         timeout: seconds for the whole lookup.
     """
-    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
-    if nameservers:
-        hosts = [parse_host_port(n, default_port=53) for n in nameservers]
-        resolver.nameservers = [h for h, _ in hosts]
-        resolver.port = hosts[0][1]
-    resolver.lifetime = timeout
     try:
-        answer = await resolver.resolve(f"_smtp._tls.{domain}", "TXT")
+        answer = await dns_resolver(nameservers, timeout).resolve(f"_smtp._tls.{domain}", "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers, dns.exception.Timeout):
         return []
     records = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
@@ -178,7 +176,7 @@ def report_message(submitter: str, sender: str, recipient: str, domain: str, rep
                        filename=report_filename(submitter, domain, start, end))
     msg.set_type("multipart/report")
     msg.set_param("report-type", "tlsrpt")
-    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return msg.as_bytes(policy=SMTP)
 
 
 @dataclass
@@ -232,9 +230,6 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
 
 async def claim_day(store: Store, day: dt.date, node: str) -> bool:
     """Claim ``day``'s reports for this node; False when a node claimed them already."""
-    from sqlalchemy.exc import IntegrityError
-
-    from mxguard.storage.models import TlsReportRun
     try:
         async with store.session() as session:
             session.add(TlsReportRun(day=day.isoformat(), node=node[:253], outcome={}))
@@ -250,7 +245,6 @@ async def send_due(store: Store, settings: Settings, *, today: dt.date | None = 
     Returns:
         what was sent, or ``None`` when the day was claimed already.
     """
-    from mxguard.storage.models import TlsReportRun
     day = (today or dt.datetime.now(dt.timezone.utc).date()) - dt.timedelta(days=1)
     if not await claim_day(store, day, settings.hostname):
         return None

@@ -104,6 +104,22 @@ def _is_address(host: str) -> bool:
         return False
 
 
+def dns_resolver(dns_servers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
+    """A stub resolver asking ``dns_servers`` (``HOST[:PORT]``; the system's when empty).
+
+    Args:
+        dns_servers: the servers; all on the first one's port (dnspython has one port per resolver).
+        timeout: seconds for a whole lookup (dnspython's ``lifetime``).
+    """
+    resolver = dns.asyncresolver.Resolver(configure=not dns_servers)
+    if dns_servers:
+        hosts = [parse_host_port(n, default_port=53) for n in dns_servers]
+        resolver.nameservers = [h for h, _ in hosts]
+        resolver.port = hosts[0][1]
+    resolver.lifetime = timeout
+    return resolver
+
+
 def _resolver(dns_servers: list[str], timeout: float) -> tuple[list[str] | None, int]:
     if not dns_servers:
         return None, 53
