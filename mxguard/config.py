@@ -125,6 +125,14 @@ class DownstreamSettings(_Section):
     #: Seconds between checks whether the previous day's TLS-RPT reports are due.
     tls_report_check_interval: float = Field(default=3600.0, gt=0)
 
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # MXGUARD_DOWNSTREAM__DNS_SERVERS=127.0.0.1,127.0.0.2 (the environment has no lists)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
     @field_validator("dns_servers")
     @classmethod
     def _valid_dns_servers(cls, value: list[str]) -> list[str]:

@@ -73,6 +73,9 @@ def test_console_in_a_real_browser(web, plain_sink, browser_page):
     page.click("#save")
     expect(page.locator("#saved")).to_be_visible()
     expect(page.locator("select[name=downstream_tls]")).to_have_value("required")
+    policy = page.locator("#policy-1")  # the effective TLS policy: the setting decides
+    expect(policy.locator("td.policy-source")).to_have_text("setting")
+    expect(policy).to_contain_text("the domain's setting: required")
     shot(page, "04-domain-required")
 
     # 4. Test connection: reachable, no STARTTLS, and the policy would defer.

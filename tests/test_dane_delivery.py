@@ -147,3 +147,62 @@ async def test_cached_resolution_costs_little_cpu(dnssec, dane_sink):
     per_call_ms = (_time.process_time() - started) / rounds * 1000
     print(f"cached DANE policy decision: {per_call_ms * 1000:.1f} us CPU per call")
     assert policy.source == "dane"
+
+
+async def test_the_effective_policy_names_its_source_and_the_tlsa_found(dnssec, dane_sink):
+    """``domain show``, ``domain test`` and the console's domain page: per server, which source
+    decides (DANE, the setting, or a refusal) with the DNSSEC status and the TLSA records."""
+    from mxguard.config import DownstreamSettings
+    from mxguard.tls.explain import explain_route
+
+    settings = DownstreamSettings(dns_servers=[f"127.0.0.1:{dnssec.resolver_port}"], dns_timeout=3.0)
+    hosts = ["mx1.dane.test", "mx1.plain.test", "mx1.bogus.test", "127.0.0.1"]
+    report = await explain_route("example.com", "dane", [(h, dane_sink.port) for h in hosts], settings)
+    by_host = {s.server.rsplit(":", 1)[0]: s for s in report.servers}
+    dane = by_host["mx1.dane.test"]
+    assert (dane.source, dane.mode, dane.dnssec) == ("dane", "required", "secure")
+    assert len(dane.tlsa) == 1 and dane.tlsa[0].startswith("3 1 1 ") and dane.requiretls.startswith("allowed")
+    plain = by_host["mx1.plain.test"]
+    assert (plain.source, plain.mode, plain.dnssec, plain.tlsa) == ("setting", "opportunistic", "insecure", [])
+    assert "DANE does not apply" in plain.meaning and plain.requiretls.startswith("refused")
+    bogus = by_host["mx1.bogus.test"]
+    assert (bogus.source, bogus.result_type) == ("refused", "dnssec-invalid") and "4.7.5" in bogus.meaning
+    assert by_host["127.0.0.1"].source == "setting"
+    strict = await explain_route("example.com", "dane-only", [("mx1.plain.test", dane_sink.port)], settings)
+    assert (strict.servers[0].source, strict.servers[0].result_type) == ("refused", "tlsa-invalid")
+    assert report.mta_sts is None
+
+
+def test_domain_show_and_test_print_the_deciding_source(tmp_path, dnssec, dane_sink):
+    """The real CLI, configured through the environment, says which source decided for each server."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.gateway import init_data_dir
+
+    data = tmp_path / "data"
+    init_data_dir(data)
+    env = {**os.environ, "COLUMNS": "200", "MXGUARD_DOWNSTREAM__DNS_SERVERS": f"127.0.0.1:{dnssec.resolver_port}",
+           "MXGUARD_DOWNSTREAM__DNS_TIMEOUT": "3"}
+
+    def mx(*args):
+        proc = subprocess.run([sys.executable, "-m", "mxguard", "--data-dir", str(data), *args], env=env,
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        return proc.stdout
+
+    mx("domain", "add", "example.com", "--server", f"mx1.dane.test:{dane_sink.port}",
+       "--server", f"mx2.dane.test:{dane_sink.port}", "--downstream-tls", "dane")
+    shown = json.loads(mx("domain", "show", "example.com", "--json"))
+    first, second = shown["tls_policy"]["servers"]
+    assert first["source"] == "dane" and first["tlsa"][0].startswith("3 1 1 ")
+    assert second["source"] == "dane"  # the TLSA is secure; its mismatch shows only when connecting
+    text = mx("domain", "show", "example.com")
+    assert "effective TLS policy" in text and "decided by  dane" in text and "TLSA answer  secure" in text
+    tested = json.loads(mx("domain", "test", "example.com", "--json"))
+    assert tested["servers"][0]["policy_source"] == "dane" and tested["servers"][0]["policy_outcome"] == "deliver-tls"
+    assert tested["servers"][1]["policy_outcome"] == "defer"
+    assert "matches none of the TLSA records" in tested["servers"][1]["policy_detail"]
+    assert tested["tls_policy"]["servers"][0]["source"] == "dane"

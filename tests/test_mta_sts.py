@@ -165,3 +165,28 @@ def test_wildcard_matches_exactly_one_label(first, second, base):
     assert not policy.matches(suffix)
     exact = parse_policy(f"version: STSv1\nmode: enforce\nmx: {first}.{suffix}\nmax_age: 60\n")
     assert exact.matches(f"{first}.{suffix}") and not exact.matches(f"x{first}.{suffix}")
+
+
+async def test_the_effective_policy_shows_the_mta_sts_policy_and_its_verdict_per_mx(dns, policy_server, ca_file):
+    """``domain show`` / the console's domain page: the policy in force (id, mode, mx, max_age),
+    and per server whether MTA-STS decides or refuses it; a bad policy says why."""
+    from mxguard.config import DownstreamSettings
+    from mxguard.tls.explain import explain_route
+    from mxguard.tls.resolver import forget_cached_lookups
+
+    forget_cached_lookups()
+    settings = DownstreamSettings(dns_servers=[f"127.0.0.1:{dns.resolver_port}"], dns_timeout=1.5,
+                                  mta_sts_ca_file=str(ca_file), mta_sts_port=policy_server)
+    report = await explain_route("sts.test", "mta-sts", [("mx1.sts.test", 25), ("mx9.sts.test", 25)], settings)
+    assert report.mta_sts == {"id": "20261206", "mode": "enforce", "mx": ["mx1.sts.test"], "max_age": 86400}
+    good, other = report.servers
+    assert (good.source, good.mode) == ("mta-sts", "verify") and good.requiretls.startswith("allowed")
+    assert (other.source, other.result_type) == ("refused", "validation-failure")
+    assert "does not match the MTA-STS mx patterns" in other.refusal
+    testing = await explain_route("testing.test", "mta-sts", [("mx1.testing.test", 25)], settings)
+    assert testing.mta_sts["mode"] == "testing" and testing.servers[0].source == "mta-sts-testing"
+    html = await explain_route("html.test", "mta-sts", [("mx1.html.test", 25)], settings)
+    assert html.mta_sts["result_type"] == "sts-policy-invalid" and "is not text/plain" in html.mta_sts["error"]
+    assert html.servers[0].source == "setting" and "no MTA-STS policy in force" in html.servers[0].meaning
+    none = await explain_route("nopolicy.test", "mta-sts", [("mx1.nopolicy.test", 25)], settings)
+    assert none.mta_sts == {"none": True} and none.servers[0].requiretls.startswith("refused")

@@ -156,12 +156,42 @@ def list_(as_json: bool = typer.Option(False, "--json", help="JSON output")) -> 
 @domain_app.command("show")
 @handle_errors
 def show(domain: str = typer.Argument(..., show_default=False), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show one domain's settings."""
+    """Show one domain's settings, and per server which source decides its TLS policy now
+    (the setting, DANE, MTA-STS) with the TLSA records or MTA-STS policy found (DNS and the
+    policy fetch only; no SMTP connection)."""
+    from mxguard.services.probe import effective_policy
+
     view = run(with_store(lambda store: svc.get_domain(store, domain, actor=Actor.cli())))
+    policy = run(effective_policy(view, settings().downstream))
     if as_json:
-        typer.echo(json.dumps(view.as_dict(), indent=2))
-    else:
-        _print_domain(view)
+        typer.echo(json.dumps({**view.as_dict(), "tls_policy": policy.as_dict()}, indent=2))
+        return
+    _print_domain(view)
+    _print_tls_policy(policy)
+
+
+def _print_tls_policy(policy) -> None:
+    """The effective TLS policy block of ``domain show`` and ``domain test``."""
+    console.print("\n[bold]effective TLS policy[/bold] (RFC 7672 DANE, RFC 8461 MTA-STS, RFC 8689 REQUIRETLS)",
+                  highlight=False)
+    if policy.mta_sts is not None:
+        sts = policy.mta_sts
+        if "error" in sts:
+            line = f"no policy ({sts['result_type']}: {sts['error']})"
+        elif sts.get("none"):
+            line = "the domain publishes no MTA-STS policy"
+        else:
+            line = f"id {sts['id']}, mode {sts['mode']}, mx {', '.join(sts['mx'])}, max_age {sts['max_age']} s"
+        console.print(f"  {'MTA-STS policy':>18}  {line}", highlight=False)
+    for s in policy.servers:
+        console.print(f"  [bold]{s.server}[/bold]", highlight=False)
+        rows = [("decided by", s.source), ("means", s.meaning)]
+        if s.dnssec:
+            rows.append(("TLSA answer", s.dnssec))
+        rows += [("TLSA", record) for record in s.tlsa]
+        rows.append(("REQUIRETLS mail", s.requiretls))
+        for key, value in rows:
+            console.print(f"  {key:>18}  {value}", highlight=False)
 
 
 @domain_app.command("remove")
@@ -206,3 +236,5 @@ def test(domain: str = typer.Argument(..., show_default=False), as_json: bool = 
             rows.append(("error", p.error))
         for key, value in rows:
             console.print(f"  {key:>18}  {value}", highlight=False)
+    if result.tls_policy is not None:
+        _print_tls_policy(result.tls_policy)

@@ -33,6 +33,7 @@ from mxguard.smtp.delivery import DownstreamConnection, RouteFailure
 from mxguard.smtp.routing import Route
 from mxguard.tls.certs import describe_der
 from mxguard.tls.contexts import client_context
+from mxguard.tls.explain import RoutePolicyReport, explain_route
 from mxguard.tls.policy import DownstreamTls
 
 
@@ -98,6 +99,8 @@ class DomainProbe:
     domain: str
     downstream_tls: str
     servers: list[ServerProbe] = field(default_factory=list)
+    #: Which source decides each server's policy, with the TLSA records and MTA-STS policy found.
+    tls_policy: RoutePolicyReport | None = None
 
     @property
     def route_outcome(self) -> str:
@@ -109,7 +112,8 @@ class DomainProbe:
 
     def as_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "downstream_tls": self.downstream_tls, "route_outcome": self.route_outcome,
-                "servers": [s.as_dict() for s in self.servers]}
+                "servers": [s.as_dict() for s in self.servers],
+                "tls_policy": self.tls_policy.as_dict() if self.tls_policy else None}
 
 
 def _reason(exc: BaseException) -> str:
@@ -222,6 +226,7 @@ async def probe_domain(domain: DomainView, settings: DownstreamSettings, local_h
     """
     result = DomainProbe(domain.name, domain.downstream_tls)
     base = Route.for_domain(domain)
+    result.tls_policy = await effective_policy(domain, settings)
     for host, port in base.servers:
         probe = ServerProbe(server=f"{host}:{port}")
         started = asyncio.get_running_loop().time()
@@ -232,3 +237,10 @@ async def probe_domain(domain: DomainView, settings: DownstreamSettings, local_h
         probe.elapsed_ms = round((asyncio.get_running_loop().time() - started) * 1000, 1)
         result.servers.append(probe)
     return result
+
+
+async def effective_policy(domain: DomainView, settings: DownstreamSettings) -> RoutePolicyReport:
+    """Per server of ``domain``: which source decides its TLS policy now (the setting, DANE,
+    MTA-STS), with the TLSA records and MTA-STS policy found; DNS and the policy fetch
+    only, no SMTP connection. See :func:`mxguard.tls.explain.explain_route`."""
+    return await explain_route(domain.name, domain.downstream_tls, list(Route.for_domain(domain).servers), settings)

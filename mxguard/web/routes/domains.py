@@ -9,7 +9,7 @@ from starlette.datastructures import FormData
 from mxguard.errors import AlreadyExists, Conflict, ValidationFailed
 from mxguard.services import domains as domain_service
 from mxguard.services import orgs as org_service
-from mxguard.services.probe import probe_domain
+from mxguard.services.probe import effective_policy, probe_domain
 from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleUser, console_user, csrf_checked, get_ctx
@@ -37,12 +37,13 @@ def _form_values(form: FormData) -> dict:
 
 async def _render_form(request: Request, me: ConsoleUser, ctx: WebContext, *, domain: dict, is_new: bool,
                        error: ValidationFailed | str | None = None, probe=None, saved: bool = False,
-                       status: int = 200):
+                       status: int = 200, tls_policy=None):
     orgs = await org_service.list_orgs(ctx.store, actor=me.actor)
     field = error.field if isinstance(error, ValidationFailed) else None
     return request.app.state.templates.TemplateResponse(request, "domain_form.html", {
         "me": me, "domain": domain, "is_new": is_new, "choices": CHOICES, "orgs": orgs,
         "error": str(error) if error else None, "error_field": field, "probe": probe, "saved": saved,
+        "tls_policy": tls_policy or (probe.tls_policy if probe is not None else None),
     }, status_code=status)
 
 
@@ -80,9 +81,11 @@ async def create(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx:
 @router.get("/domains/{name}")
 async def edit_form(request: Request, name: str, saved: int = 0, me: ConsoleUser = Depends(console_user),
                     ctx: WebContext = Depends(get_ctx)):
-    """One domain's settings."""
+    """One domain's settings, and which source decides each server's TLS policy now."""
     view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
-    return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, saved=bool(saved))
+    tls_policy = await effective_policy(view, ctx.settings.downstream)
+    return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, saved=bool(saved),
+                              tls_policy=tls_policy)
 
 
 @router.post("/domains/{name}")
