@@ -24,11 +24,11 @@ def test_quick_bench_runs_every_target(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--messages", "30", "--runs", "1",
          "--warmup", "0", "--json", str(out), "--json-all", str(tmp_path / "all.json")],
-        capture_output=True, text=True, timeout=280)
+        capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = json.loads(out.read_text())
     assert [(r["target"], r["tls"]) for r in rows] == [
-        (t, tls) for tls in (False, True) for t in ("direct", "postfix", "haraka", "mxguard", "mxguard")]
+        (t, tls) for tls in (False, True) for t in ("direct", "postfix", "haraka", "mxguard", "mxguard", "mxguard")]
     for r in rows:
         assert list(r) == ["target", "tls", "concurrency", "size", "per_conn", "filters", "msgs_per_s",
                            "cpu_ms_per_msg", "p50_ms", "p99_ms", "rss_mb"]
@@ -42,8 +42,15 @@ def test_quick_bench_runs_every_target(tmp_path):
     assert all(r["errors"] == 0 and r["delivered"] == 30 for r in every), every
     labels = [r["label"] for r in every if r["target"] == "mxguard"]
     assert any(label.startswith("mxguard +filters x") for label in labels), labels  # serve --workers
+    # The dane row really went through DANE: verified TLS over STARTTLS, the unsigned zone's fallback in clear.
+    assert "mxguard +filters dane" in labels
+    assert "mxguard +filters dane: last delivery's TLS policy {'policy': 'dane', 'tls': True, 'verified': True}" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert "mxguard +filters dane: last delivery's TLS policy {'policy': 'setting', 'tls': False, " \
+        "'verified': False}" in proc.stderr
     assert "goal 1, plain (mxguard +filters): messages/s" in proc.stdout
     assert "goal 1, STARTTLS (mxguard +filters): messages/s" in proc.stdout
+    assert "dane cost, STARTTLS, DANE-verified c=20 4 KiB: CPU/msg" in proc.stdout
 
 
 def test_bare_forwarder_floor_runs(tmp_path):
