@@ -148,3 +148,56 @@ def test_an_https_rua_gets_the_gzip_report_by_post(gateway, tls_sink, add_domain
     finally:
         loopback_dns.resolver.zone.pop(key, None)
         server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mailed_reports(gateway) -> dict[str, dict]:
+    """Send today's reports to a sink (via the DSN relay); ``{recipient: report JSON}``."""
+    with ThreadedSink() as reports:
+        gateway.settings.dsn.relay = reports.address
+        sent = gateway.run(send_reports(gateway.store, gateway.settings, dt.datetime.now(dt.timezone.utc).date()))
+        assert sent and all(s.ok for s in sent), sent
+        assert reports.wait_for(len(sent))
+        out = {}
+        for m in reports.messages:
+            got = email.message_from_bytes(m.data, policy=policy.default)
+            (part,) = [p for p in got.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
+            out[m.rcpt_tos[0]] = json.loads(gzip.decompress(part.get_content()))
+        return out
+
+
+def test_spool_deliveries_are_counted_once_each(gateway, tls_sink, add_domain, reporting_dns):
+    """A spool retry over TLS is a successful session and a retry refused for want of STARTTLS a
+    ``starttls-not-supported`` failure; the in-line attempts (connection refused: no TLS session)
+    and the spool's completion record add nothing."""
+    from mxguard.spool import queue
+    add_domain("example.com", [tls_sink.address])
+    port = _free_port()
+    add_domain("legacy.example.org", [f"127.0.0.1:{port}"], downstream_tls="required")
+    tls_sink.pause()
+    for rcpt in ("bob@example.com", "dan@legacy.example.org"):
+        assert send(gateway.port, [rcpt], message(to=rcpt)).data[0] == 250
+    held = {e.domain: e for e in gateway.run(queue.list_entries(gateway.store))}
+    assert set(held) == {"example.com", "legacy.example.org"}
+    tls_sink.resume()
+    with ThreadedSink(port=port, hostname="legacy.example.org"):  # back, but without STARTTLS
+        for _ in range(2):  # two retries of the legacy entry; the first also delivers example.com
+            gateway.run(gateway.gateway.worker.run_once(ids=[e.id for e in held.values()]))
+    assert tls_sink.wait_for(1) and tls_sink.messages[0].tls
+    entry, attempts = gateway.run(queue.get_entry(gateway.store, held["legacy.example.org"].id))
+    assert entry.status == "queued" and len(attempts) == 2 and "4.7.5" in attempts[-1].reply
+    gateway.run(gateway.gateway.message_log.flush())
+    reports = _mailed_reports(gateway)
+    (com,) = reports["tlsrpt@reports.test"]["policies"]
+    assert com["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 0}
+    assert com["policy"] == {"policy-type": "no-policy-found", "policy-domain": "example.com", "mx-host": ["127.0.0.1"]}
+    (legacy,) = reports["rpt@reports.test"]["policies"]
+    assert legacy["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 2}
+    assert legacy["failure-details"] == [{"result-type": "starttls-not-supported", "receiving-mx-hostname": "127.0.0.1",
+                                          "failed-session-count": 2}]
