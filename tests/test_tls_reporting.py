@@ -201,3 +201,115 @@ def test_spool_deliveries_are_counted_once_each(gateway, tls_sink, add_domain, r
     assert legacy["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 2}
     assert legacy["failure-details"] == [{"result-type": "starttls-not-supported", "receiving-mx-hostname": "127.0.0.1",
                                           "failed-session-count": 2}]
+
+
+# -- DKIM-signed reports (RFC 8460 section 5.3) ------------------------------------------------
+
+def _new_key(kind: str) -> tuple[bytes, str]:
+    """``(PEM private key, DKIM key record)`` of a new RSA-2048 or Ed25519 key."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    if kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = base64.b64encode(key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        public = base64.b64encode(key.public_key().public_bytes(  # RFC 8463 3: the raw 32-byte key
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return pem, f"v=DKIM1; k={'rsa' if kind == 'rsa' else 'ed25519'}; s=tlsrpt; p={public}"
+
+
+def _loopback_txt(loopback_dns):
+    """A dkimpy ``dnsfunc`` asking the loopback DNS server (dnspython), never the system's."""
+    import dns.resolver
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port, resolver.lifetime = ["127.0.0.1"], loopback_dns.port, timeout
+        try:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(answer[0].strings)
+    return dnsfunc
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+def test_a_mailed_report_is_dkim_signed(kind, gateway, tls_sink, add_domain, reporting_dns, data_dir):
+    import dkim
+
+    from mxguard.config import load_settings
+    from mxguard.tls.reporting import SIGNED_HEADERS
+    pem, record = _new_key(kind)
+    (data_dir / "keys" / f"tlsrpt-{kind}.pem").write_bytes(pem)
+    name = (f"rpt{kind}._domainkey.gw.test", "TXT")
+    reporting_dns.resolver.zone[name] = [_txt_chunks(record)]
+    try:
+        loaded = load_settings(data_dir, environ={  # the way an operator sets it: validated at load
+            "MXGUARD_DOWNSTREAM__TLS_REPORT_DKIM_SELECTOR": f"rpt{kind}",
+            "MXGUARD_DOWNSTREAM__TLS_REPORT_DKIM_DOMAIN": "gw.test",
+            "MXGUARD_DOWNSTREAM__TLS_REPORT_DKIM_KEY_FILE": f"keys/tlsrpt-{kind}.pem"})
+        for key in ("tls_report_dkim_selector", "tls_report_dkim_domain", "tls_report_dkim_key_file"):
+            setattr(gateway.settings.downstream, key, getattr(loaded.downstream, key))
+        add_domain("example.com", [tls_sink.address])
+        send(gateway.port, ["bob@example.com"], message(to="bob@example.com"))
+        assert tls_sink.wait_for(1)
+        gateway.wait_records(1)
+        gateway.run(gateway.gateway.message_log.flush())
+        with ThreadedSink() as reports:
+            gateway.settings.dsn.relay = reports.address
+            sent = gateway.run(send_reports(gateway.store, gateway.settings, dt.datetime.now(dt.timezone.utc).date()))
+            assert [s.ok for s in sent] == [True] and reports.wait_for(1)
+            data = reports.messages[0].data
+        got = email.message_from_bytes(data, policy=policy.default)
+        tags = dict(t.strip().split("=", 1) for t in str(got["DKIM-Signature"]).replace("\r\n", "").split(";") if "=" in t)
+        assert tags["d"] == "gw.test" and tags["s"] == f"rpt{kind}"
+        assert tags["a"] == ("rsa-sha256" if kind == "rsa" else "ed25519-sha256") and "l" not in tags
+        assert {h.strip().lower() for h in tags["h"].split(":")} >= {h.lower() for h in SIGNED_HEADERS}
+        dnsfunc = _loopback_txt(reporting_dns)
+        assert dkim.verify(data, dnsfunc=dnsfunc, tlsrpt="strict")  # the key record says s=tlsrpt
+        tampered = data.replace(b"TLS-Report-Domain: example.com", b"TLS-Report-Domain: example.org")
+        assert tampered != data and not dkim.verify(tampered, dnsfunc=dnsfunc, tlsrpt="strict")
+    finally:
+        reporting_dns.resolver.zone.pop(name, None)
+
+
+@pytest.mark.parametrize("content,why", [
+    (None, "cannot read"),
+    (b"-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n", "not a PEM private key"),
+    ("ec", "another type"),
+])
+def test_a_bad_report_key_stops_config_loading_naming_the_key(data_dir, content, why):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mxguard.config import load_settings
+    from mxguard.errors import ConfigError
+    path = data_dir / "keys" / "report.pem"
+    if content == "ec":
+        content = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    if content is not None:
+        path.write_bytes(content)
+    (data_dir / "mxguard.toml").write_text((data_dir / "mxguard.toml").read_text().replace(
+        'tls_report_dkim_selector = ""', 'tls_report_dkim_selector = "rpt"').replace(
+        'tls_report_dkim_domain = ""', 'tls_report_dkim_domain = "gw.test"').replace(
+        'tls_report_dkim_key_file = ""', 'tls_report_dkim_key_file = "keys/report.pem"'))
+    with pytest.raises(ConfigError) as err:
+        load_settings(data_dir, environ={})
+    assert "'downstream.tls_report_dkim_key_file'" in str(err.value) and why in str(err.value), err.value
+    assert "Traceback" not in str(err.value)
+
+
+def test_a_selector_without_a_domain_stops_config_loading(data_dir):
+    from mxguard.config import load_settings
+    from mxguard.errors import ConfigError
+    with pytest.raises(ConfigError) as err:
+        load_settings(data_dir, environ={"MXGUARD_DOWNSTREAM__TLS_REPORT_DKIM_SELECTOR": "rpt"})
+    text = str(err.value)
+    assert "tls_report_dkim_selector set without tls_report_dkim_domain, tls_report_dkim_key_file" in text, text

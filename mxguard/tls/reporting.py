@@ -14,7 +14,7 @@ for MTA-STS, else ``no-policy-found``), the sessions that negotiated TLS and the
 with the failure details the RFC names, and sends the JSON report (gzip,
 ``application/tlsrpt+gzip``) to the ``rua`` of the domain's ``_smtp._tls`` TXT record: ``mailto:``
 addresses as a ``multipart/report; report-type="tlsrpt"`` message (RFC 8460 section 5.3),
-DKIM-signed when ``[tls_reports]`` names a key (section 5.3: SHOULD), ``https:`` URIs with a POST
+DKIM-signed when ``[downstream] tls_report_dkim_*`` name a key (section 5.3: SHOULD), ``https:`` URIs with a POST
 (section 5.4, httpx).
 
 Not counted: the gateway's own mail (summaries, notifications, DSNs, these reports: their
@@ -43,6 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.config import Settings
+from mxguard.dkim_signing import DkimSigner, load_signer
 from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
 from mxguard.storage.models import SPOOL_SESSIONS_KEY, MessageLogEntry, SpoolAttempt, TlsReportRun
@@ -194,9 +195,31 @@ def report_filename(submitter: str, domain: str, start: dt.datetime, end: dt.dat
     return f"{submitter}!{domain}!{int(start.timestamp())}!{int(end.timestamp())}.json.gz"
 
 
+#: Fields a report's DKIM signature covers: RFC 8460 5.3's own and those that say what it is.
+SIGNED_HEADERS = ["From", "To", "Subject", "Date", "Message-ID", "TLS-Report-Domain", "TLS-Report-Submitter",
+                  "Auto-Submitted", "MIME-Version", "Content-Type"]
+
+
+def report_signer(settings: Settings) -> DkimSigner | None:
+    """The DKIM signer of ``[downstream] tls_report_dkim_*``, ``None`` when they are not set.
+
+    Raises:
+        KeyFileError: the key file went missing or bad since start-up.
+    """
+    d = settings.downstream
+    if not d.tls_report_dkim_key_file:
+        return None
+    return load_signer(settings.path(d.tls_report_dkim_key_file), d.tls_report_dkim_selector,
+                       d.tls_report_dkim_domain)
+
+
 def report_message(submitter: str, sender: str, recipient: str, domain: str, report: dict,
-                   start: dt.datetime, end: dt.datetime) -> bytes:
-    """The report as mail (RFC 8460 5.3): ``multipart/report; report-type="tlsrpt"``, CRLF bytes."""
+                   start: dt.datetime, end: dt.datetime, signer: DkimSigner | None = None) -> bytes:
+    """The report as mail (RFC 8460 5.3): ``multipart/report; report-type="tlsrpt"``, CRLF bytes.
+
+    Args:
+        signer: DKIM-signs the message over :data:`SIGNED_HEADERS` (RFC 8460 5.3: SHOULD).
+    """
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = recipient
@@ -211,7 +234,8 @@ def report_message(submitter: str, sender: str, recipient: str, domain: str, rep
                        filename=report_filename(submitter, domain, start, end))
     msg.set_type("multipart/report")
     msg.set_param("report-type", "tlsrpt")
-    return msg.as_bytes(policy=SMTP)
+    raw = msg.as_bytes(policy=SMTP)
+    return signer.sign(raw, SIGNED_HEADERS, tlsrpt=True) if signer is not None else raw
 
 
 @dataclass
@@ -238,6 +262,7 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
     submitter = settings.hostname
     out: list[Sent] = []
     verify = ssl.create_default_context(cafile=https_verify) if isinstance(https_verify, str) else https_verify
+    signer = report_signer(settings)
     for domain, tallies in sorted((await collect(store, start, end)).items()):
         targets = await rua_targets(domain, settings.downstream.dns_servers or settings.filters.dns_servers,
                                     settings.downstream.dns_timeout)
@@ -247,7 +272,8 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
         for target in targets:
             if target.lower().startswith("mailto:"):
                 rcpt = target[7:].split("?")[0]
-                raw = report_message(submitter, f"postmaster@{submitter}", rcpt, domain, report, start, end)
+                raw = report_message(submitter, f"postmaster@{submitter}", rcpt, domain, report, start, end,
+                                     signer)
                 result = await send_own_message(store, settings, rcpt, raw, kind="tls-report")
                 out.append(Sent(domain, target, result.reply.is_positive, result.reply.one_line()))
             else:
@@ -259,7 +285,9 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
                 except httpx.HTTPError as exc:
                     out.append(Sent(domain, target, False, f"{type(exc).__name__}: {exc}"[:200]))
             log.info("TLS report sent" if out[-1].ok else "TLS report not delivered", domain=domain,
-                     target=target, detail=out[-1].detail)
+                     target=target, detail=out[-1].detail,
+                     dkim=f"{signer.selector}._domainkey.{signer.domain}" if signer and target.lower().startswith(
+                         "mailto:") else None)
     return out
 
 
