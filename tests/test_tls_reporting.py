@@ -10,11 +10,15 @@ import json
 from email import policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mxguard.sink import ThreadedSink
 from mxguard.tls.reporting import build_report, day_window, report_filename, send_reports, tally_items
 from tests.support.dns import _txt_chunks
 from tests.support.smtp import message, send
+from tests.support.tlsrpt import (parsedmarc_summary, read_json_with_parsedmarc, read_mail_with_parsedmarc,
+                                  report_summary, schema_errors)
 from tests.test_cli_filters import mx
 
 
@@ -72,6 +76,8 @@ def test_the_days_report_reaches_the_domains_rua(gateway, tls_sink, plain_sink, 
             ("legacy.example.org", "mailto:rpt@reports.test", True)]
         assert reports.wait_for(2)
         by_rcpt = {m.rcpt_tos[0]: m for m in reports.messages}
+    for m in by_rcpt.values():  # RFC 8460 4.4 schema; parsedmarc reads them the same
+        _checked_report(m.data)
     got = email.message_from_bytes(by_rcpt["tlsrpt@reports.test"].data, policy=policy.default)
     assert got.get_content_type() == "multipart/report" and got.get_param("report-type") == "tlsrpt"
     assert got["TLS-Report-Domain"] == "example.com" and got["TLS-Report-Submitter"] == "mx.gw.test"
@@ -166,10 +172,21 @@ def _mailed_reports(gateway) -> dict[str, dict]:
         assert reports.wait_for(len(sent))
         out = {}
         for m in reports.messages:
-            got = email.message_from_bytes(m.data, policy=policy.default)
-            (part,) = [p for p in got.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
-            out[m.rcpt_tos[0]] = json.loads(gzip.decompress(part.get_content()))
+            out[m.rcpt_tos[0]] = _checked_report(m.data)
         return out
+
+
+def _checked_report(data: bytes) -> dict:
+    """The JSON report of a mailed report, after checking it by the RFC 8460 schema and reading the JSON
+    and the message back with parsedmarc: the same organization, dates, domains and counts."""
+    got = email.message_from_bytes(data, policy=policy.default)
+    (part,) = [p for p in got.iter_attachments() if p.get_content_type() == "application/tlsrpt+gzip"]
+    raw_json = gzip.decompress(part.get_content())
+    report = json.loads(raw_json)
+    assert schema_errors(report) == []
+    assert parsedmarc_summary(read_json_with_parsedmarc(raw_json)) == report_summary(report)
+    assert parsedmarc_summary(read_mail_with_parsedmarc(data)) == report_summary(report)
+    return report
 
 
 def test_spool_deliveries_are_counted_once_each(gateway, tls_sink, add_domain, reporting_dns):
@@ -266,6 +283,7 @@ def test_a_mailed_report_is_dkim_signed(kind, gateway, tls_sink, add_domain, rep
             sent = gateway.run(send_reports(gateway.store, gateway.settings, dt.datetime.now(dt.timezone.utc).date()))
             assert [s.ok for s in sent] == [True] and reports.wait_for(1)
             data = reports.messages[0].data
+        assert _checked_report(data)["policies"][0]["summary"]["total-successful-session-count"] == 1
         got = email.message_from_bytes(data, policy=policy.default)
         tags = dict(t.strip().split("=", 1) for t in str(got["DKIM-Signature"]).replace("\r\n", "").split(";") if "=" in t)
         assert tags["d"] == "gw.test" and tags["s"] == f"rpt{kind}"
@@ -313,3 +331,56 @@ def test_a_selector_without_a_domain_stops_config_loading(data_dir):
         load_settings(data_dir, environ={"MXGUARD_DOWNSTREAM__TLS_REPORT_DKIM_SELECTOR": "rpt"})
     text = str(err.value)
     assert "tls_report_dkim_selector set without tls_report_dkim_domain, tls_report_dkim_key_file" in text, text
+
+
+# -- the report format (RFC 8460 section 4.4) ------------------------------------------------------
+
+_RESULT_TYPES = ["starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+                 "certificate-not-trusted", "validation-failure", "tlsa-invalid", "dnssec-invalid",
+                 "dane-required", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"]
+
+
+def test_the_schema_refuses_what_the_rfc_does_not_allow():
+    """The schema is a check that can fail: a report off the RFC's format is refused."""
+    start, end = day_window(dt.date(2026, 12, 5))
+    good = build_report("mx.gw.test", "mailto:postmaster@mx.gw.test", "example.com", start, end,
+                        tally_items([("example.com", {"host": "mx1.example.com", "tls": False})])["example.com"])
+    assert schema_errors(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["policies"][0]["policy"]["policy-type"] = "dane"
+    bad["policies"][0]["failure-details"][0]["result-type"] = "tls-failed"
+    bad["date-range"]["start-datetime"] = "2026-12-05 00:00"
+    del bad["report-id"]
+    errors = " | ".join(schema_errors(bad))
+    for field_ in ("policy-type", "result-type", "start-datetime", "report-id"):
+        assert field_ in errors, errors
+
+
+_hostnames = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){1,3}", fullmatch=True)
+
+
+@st.composite
+def _tallies(draw):
+    from mxguard.tls.reporting import PolicyTally
+    out = {}
+    for policy_type in draw(st.sets(st.sampled_from(["tlsa", "sts", "no-policy-found"]), min_size=1)):
+        tally = PolicyTally(policy_type, mx_hosts=draw(st.sets(_hostnames, max_size=3)),
+                            successful=draw(st.integers(0, 10**9)))
+        tally.failures = draw(st.dictionaries(st.tuples(st.sampled_from(_RESULT_TYPES), _hostnames),
+                                              st.integers(1, 10**6), max_size=6))
+        out[policy_type] = tally
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(tallies=_tallies(), domain=_hostnames, day=st.dates(dt.date(2000, 1, 1), dt.date(2099, 12, 31)),
+       organization=_hostnames)
+def test_any_tally_builds_a_report_the_schema_and_parsedmarc_accept(tallies, domain, day, organization):
+    start, end = day_window(day)
+    report = build_report(organization, f"mailto:postmaster@{organization}", domain, start, end, tallies)
+    assert schema_errors(report) == []
+    for p in report["policies"]:
+        assert p["summary"]["total-failure-session-count"] == sum(d["failed-session-count"]
+                                                                  for d in p["failure-details"])
+    raw = json.dumps(report)
+    assert parsedmarc_summary(read_json_with_parsedmarc(raw)) == report_summary(report)
