@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mxguard.errors import ConfigError
 from mxguard.netaddr import parse_host_port
@@ -124,6 +124,12 @@ class DownstreamSettings(_Section):
     tls_reports: bool = True
     #: Seconds between checks whether the previous day's TLS-RPT reports are due.
     tls_report_check_interval: float = Field(default=3600.0, gt=0)
+    #: DKIM-sign mailed TLS-RPT reports (RFC 8460 section 5.3: SHOULD): the selector (``s=``),
+    #: the signing domain (``d=``) and the PEM private key file (RSA of 1024+ bits, or Ed25519;
+    #: relative to the data dir). All three, or none (reports then go unsigned).
+    tls_report_dkim_selector: str = ""
+    tls_report_dkim_domain: str = ""
+    tls_report_dkim_key_file: str = ""
 
     @field_validator("dns_servers", mode="before")
     @classmethod
@@ -140,6 +146,25 @@ class DownstreamSettings(_Section):
             host, _ = parse_host_port(item, default_port=53)
             ipaddress.ip_address(host)  # an address: a resolver named by a name would need a resolver
         return value
+
+    @field_validator("tls_report_dkim_selector", "tls_report_dkim_domain")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        value = value.strip().rstrip(".").lower()
+        labels = value.split(".") if value else []
+        if any(not 0 < len(label) <= 63 or not label.replace("-", "").replace("_", "").isalnum()
+               or not label.isascii() for label in labels):
+            raise ValueError("must be a DNS name such as mail2026 or example.com (RFC 6376 3.1)")
+        return value
+
+    @model_validator(mode="after")
+    def _dkim_keys_together(self) -> "DownstreamSettings":
+        keys = ("tls_report_dkim_selector", "tls_report_dkim_domain", "tls_report_dkim_key_file")
+        given = [k for k in keys if getattr(self, k)]
+        if given and len(given) < len(keys):
+            missing = [k for k in keys if k not in given]
+            raise ValueError(f"{', '.join(given)} set without {', '.join(missing)}: set all three, or none")
+        return self
 
 
 class FilterSettings(_Section):
@@ -507,7 +532,22 @@ def load_settings(data_dir: Path, environ: dict[str, str] | None = None, *, requ
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, str(path), env_sources)) from None
     settings.data_dir = data_dir
+    _check_key_files(settings, str(path), env_sources)
     return settings
+
+
+def _check_key_files(settings: Settings, source: str, env_sources: dict[str, str]) -> None:
+    """Key files named by the settings must load now, not at their first use a day later."""
+    d = settings.downstream
+    if not d.tls_report_dkim_key_file:
+        return
+    from mxguard.dkim_signing import KeyFileError, load_signer  # dkimpy: only when a key is set
+    key = "downstream.tls_report_dkim_key_file"
+    try:
+        load_signer(settings.path(d.tls_report_dkim_key_file), d.tls_report_dkim_selector, d.tls_report_dkim_domain)
+    except KeyFileError as exc:
+        where = f"environment variable {env_sources[key]}" if key in env_sources else source
+        raise ConfigError(f"{where}: setting '{key}' ({d.tls_report_dkim_key_file}): {exc}") from None
 
 
 def render_settings_file(settings: Settings) -> str:
@@ -579,6 +619,13 @@ data_timeout = {s.downstream.data_timeout}
 pool_max_idle = {s.downstream.pool_max_idle}
 pool_idle_timeout = {s.downstream.pool_idle_timeout}
 pool_max_age = {s.downstream.pool_max_age}
+# TLS-RPT (RFC 8460): send each day's reports to the domains that ask for them. Mailed reports
+# are DKIM-signed when all three are set: selector, signing domain, PEM private key file (RSA of
+# 1024+ bits or Ed25519); publish the public key at <selector>._domainkey.<domain> TXT.
+tls_reports = {str(s.downstream.tls_reports).lower()}
+tls_report_dkim_selector = "{s.downstream.tls_report_dkim_selector}"
+tls_report_dkim_domain = "{s.downstream.tls_report_dkim_domain}"
+tls_report_dkim_key_file = "{s.downstream.tls_report_dkim_key_file}"
 
 [spool]
 # Held mail (every server of a route unreachable): seconds to the first retry, the longest

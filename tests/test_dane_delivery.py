@@ -5,6 +5,7 @@ downstream server with STARTTLS."""
 from __future__ import annotations
 
 import hashlib
+import json
 import ssl
 
 import pytest
@@ -206,3 +207,32 @@ def test_domain_show_and_test_print_the_deciding_source(tmp_path, dnssec, dane_s
     assert tested["servers"][1]["policy_outcome"] == "defer"
     assert "matches none of the TLSA records" in tested["servers"][1]["policy_detail"]
     assert tested["tls_policy"]["servers"][0]["source"] == "dane"
+
+
+def test_dane_sessions_are_reported_under_the_tlsa_policy(gateway, add_domain, dane_sink):
+    """TLS-RPT (RFC 8460 4.4): a DANE-verified session and a TLSA mismatch, counted under ``tlsa``,
+    in a report the RFC 8460 schema and parsedmarc accept."""
+    import datetime as dt
+
+    from mxguard.tls.reporting import build_report, collect, day_window
+    from tests.support.tlsrpt import parsedmarc_summary, read_json_with_parsedmarc, report_summary, schema_errors
+    add_domain("example.com", [f"mx1.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    add_domain("example.net", [f"mx2.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    for rcpt in ("bob@example.com", "carol@example.net"):
+        send(gateway.port, [rcpt], message(to=rcpt))
+    gateway.wait_records(2)
+    gateway.flush_log()
+    start, end = day_window(dt.datetime.now(dt.timezone.utc).date())
+    tallies = gateway.run(collect(gateway.store, start, end))
+    reports = {d: build_report("mx.gw.test", "mailto:postmaster@mx.gw.test", d, start, end, tallies[d])
+               for d in ("example.com", "example.net")}
+    for report in reports.values():
+        assert schema_errors(report) == []
+        assert parsedmarc_summary(read_json_with_parsedmarc(json.dumps(report))) == report_summary(report)
+    (good,) = reports["example.com"]["policies"]
+    assert good["policy"]["policy-type"] == "tlsa" and good["summary"]["total-successful-session-count"] == 1
+    (bad,) = reports["example.net"]["policies"]
+    assert bad["policy"]["policy-type"] == "tlsa"
+    assert bad["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
+    assert bad["failure-details"] == [{"result-type": "validation-failure", "receiving-mx-hostname": "mx2.dane.test",
+                                       "failed-session-count": 1}]

@@ -33,7 +33,7 @@ from mxguard.errors import MxguardError, NotFound, PermissionDenied, ValidationF
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor, Role
 from mxguard.services.domains import get_domain, list_domains
-from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, deliver_once
+from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, attempt_item, deliver_once
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import Route, route_for_message
 from mxguard.storage.db import Store
@@ -235,6 +235,7 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
         raise AlreadyHandled("This message was delivered or deleted already; it is not sent again.")
     route = route_for_message(Route.for_domain(domain), content, requiretls=row.requiretls)
     info: ConnectionInfo | None = None
+    failure: RouteFailure | None = None
     try:
         info, results = await deliver_once(
             route, settings.downstream, settings.hostname, row.sender, [row.recipient], content,
@@ -242,20 +243,24 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
             smtputf8=not (row.sender + row.recipient).isascii(), requiretls=row.requiretls)
         reply = results[row.recipient]
         detail = ""
-    except RouteFailure as failure:
-        reply, detail = failure.reply, "; ".join(failure.attempts)
+    except RouteFailure as refused:
+        failure = refused
+        reply, detail = refused.reply, "; ".join(refused.attempts)
     except DownstreamLost as exc:
         reply, detail = Reply(451, "4.4.2", "Connection lost during delivery"), str(exc)
+    session_item = attempt_item(domain.name, info, failure)  # the release's session, for TLS-RPT
     if not reply.is_positive:
         async with store.session() as session:
             await session.execute(update(QuarantinedMessage).where(QuarantinedMessage.id == row.id)
                                   .values(released_at=None))
-            session.add(MessageLogEntry(**_log_record(settings, row, actor, via, reply, info, "deferred").as_row()))
+            record = _log_record(settings, row, actor, via, reply, info, "deferred", session_item)
+            session.add(MessageLogEntry(**record.as_row()))
             await session.commit()
         log.warning("release failed; message stays held", qid=row.id, reply=reply.one_line(), detail=detail[:300])
         raise ReleaseFailed(reply, detail[:200])
     async with store.session() as session:
-        session.add(MessageLogEntry(**_log_record(settings, row, actor, via, reply, info, "released").as_row()))
+        record = _log_record(settings, row, actor, via, reply, info, "released", session_item)
+        session.add(MessageLogEntry(**record.as_row()))
         audit.record(session, actor, "quarantine.release", row.id, org_id=await _org_id_of(session, row.recipient),
                      after={"recipient": row.recipient, "sender": row.sender, "subject": row.subject, "via": via,
                             "reply": reply.one_line(), "tls": info.describe_tls() if info else None})
@@ -266,7 +271,7 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
 
 
 def _log_record(settings: Settings, row: QuarantinedMessage, actor: Actor, via: str, reply: Reply,
-                info: ConnectionInfo | None, disposition: str) -> LogRecord:
+                info: ConnectionInfo | None, disposition: str, session_item: dict) -> LogRecord:
     """The message-log record of a release attempt (``released`` or ``deferred``)."""
     route = f"{info.host}:{info.port}" if info else None
     return LogRecord(
@@ -274,7 +279,7 @@ def _log_record(settings: Settings, row: QuarantinedMessage, actor: Actor, via: 
         rcpt_to=row.recipient, size=row.size, subject=row.subject, downstream_host=route,
         downstream_tls=info.tls if info else None, downstream_tls_version=info.tls_version if info else None,
         downstream_cipher=info.cipher if info else None, downstream_verified=info.verified if info else None,
-        downstream=[info.as_dict()] if info else [],
+        downstream=[session_item] if session_item.keys() - {"domain"} else [],
         results=[{"rcpt": row.recipient, "code": reply.code, "enhanced": reply.enhanced, "text": reply.text,
                   "disposition": disposition, "route": route}],
         verdict={"quarantine_id": row.id, "released_by": actor.name, "via": via},

@@ -27,7 +27,7 @@ from mxguard.services.access import Actor, as_utc
 from mxguard.services.domains import list_domains, normalize_domain_name
 from mxguard.spool import queue
 from mxguard.storage.db import Store
-from mxguard.storage.models import Domain, SpoolAttempt, SpoolEntry, utcnow
+from mxguard.storage.models import SPOOL_SESSIONS_KEY, Domain, SpoolAttempt, SpoolEntry, utcnow
 
 log = structlog.get_logger("mxguard.spool")
 
@@ -191,7 +191,9 @@ def entry_view(row: SpoolEntry, now: dt.datetime | None = None) -> EntryView:
 def _attempt_view(row: SpoolAttempt) -> AttemptView:
     return AttemptView(ts=as_utc(row.ts), node=row.node, server=row.server, tls=bool(row.tls),
                        tls_version=row.tls_version, cipher=row.cipher, verified=bool(row.verified),
-                       reply=row.reply or "", results=dict(row.results or {}))
+                       reply=row.reply or "",
+                       # the reply codes only: the TLS-RPT sessions are kept beside them
+                       results={k: v for k, v in (row.results or {}).items() if k != SPOOL_SESSIONS_KEY})
 
 
 # -- tenancy ----------------------------------------------------------------------------------

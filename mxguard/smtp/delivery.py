@@ -91,9 +91,37 @@ class RouteFailure(Exception):
     attempts: list[str] = field(default_factory=list)
     #: ``{"host:port": result type}`` for servers skipped for a TLS reason (RFC 8460 section 4.3).
     tls_results: dict[str, str] = field(default_factory=dict)
+    #: ``{"host:port": policy source}`` of those servers (``setting``, ``dane``, ``mta-sts``...), so a
+    #: report files each failure under the policy that demanded TLS (RFC 8460 section 4.4 policy-type).
+    tls_policies: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.reply.one_line()} [{'; '.join(self.attempts)}]"
+
+
+def attempt_item(policy_domain: str | None, info: ConnectionInfo | None,
+                 failure: RouteFailure | None) -> dict[str, Any]:
+    """One delivery session as the message log (``downstream``) and the spool (``spool_attempts``) keep it.
+
+    TLS-RPT (RFC 8460 section 4) counts these: a connection's TLS fields when one was used, else
+    the route failure with, per server skipped for a TLS reason, its result type (``tls_rpt``) and
+    the policy source that demanded TLS (``tls_rpt_policy``).
+
+    Args:
+        policy_domain: the served domain the mail was for (the report's policy-domain); ``None``
+            for mail that belongs to no served domain's report.
+        info: the connection used, if any.
+        failure: why no server could be used, if so (then ``info`` is ignored).
+    """
+    item: dict[str, Any] = {"domain": policy_domain} if policy_domain else {}
+    if failure is not None:
+        item["failure"] = str(failure)
+        if failure.tls_results:
+            item["tls_rpt"] = dict(failure.tls_results)
+            item["tls_rpt_policy"] = dict(failure.tls_policies)
+    elif info is not None:
+        item.update(info.as_dict())
+    return item
 
 
 class DownstreamLost(Exception):
@@ -107,6 +135,8 @@ class _ServerSkipped(Exception):
         self.tls_related = tls_related
         #: RFC 8460 section 4.3 result type of a TLS failure (for TLS-RPT).
         self.result_type = result_type
+        #: The policy source in force when the server was skipped (set by ``_open_one``).
+        self.policy: str | None = None
 
 
 def _certificate_result_type(exc: ssl.SSLCertVerificationError) -> str:
@@ -148,6 +178,7 @@ class DownstreamConnection:
         self.in_transaction = False
         self.used = 0  # transactions completed on this connection
         self.opened_at = 0.0  # monotonic seconds, set when open() succeeds
+        self._decided_source: str | None = None  # policy source of the server being tried
 
     # -- connecting -----------------------------------------------------------------
 
@@ -160,6 +191,7 @@ class DownstreamConnection:
         attempts: list[str] = []
         tls_related = False
         tls_results: dict[str, str] = {}
+        tls_policies: dict[str, str] = {}
         for host, port in self.route.servers:
             try:
                 self.info = await self._open_one(host, port)
@@ -172,15 +204,31 @@ class DownstreamConnection:
                 tls_related = tls_related or skip.tls_related
                 if skip.result_type:
                     tls_results[f"{host}:{port}"] = skip.result_type
+                    tls_policies[f"{host}:{port}"] = skip.policy or "setting"
                 await self._discard()
         if tls_related:
             reply = Reply(451, "4.7.5", "TLS to the downstream server is required by policy but could not "
                                         "be established; nothing was sent, try again later")
         else:
             reply = Reply(451, "4.4.1", "Downstream server unreachable, try again later")
-        raise RouteFailure(reply, tls_related, attempts, tls_results)
+        raise RouteFailure(reply, tls_related, attempts, tls_results, tls_policies)
 
     async def _open_one(self, host: str, port: int) -> ConnectionInfo:
+        self._decided_source = None
+        try:
+            return await self._open_one_policy(host, port)
+        except _ServerSkipped as skip:
+            skip.policy = self._decided_source or self._refusing_source
+            raise
+
+    @property
+    def _refusing_source(self) -> str:
+        # A refusal before a policy was decided comes from the source the route's mode consults.
+        if self.route.tls is DownstreamTls.MTA_STS:
+            return "mta-sts"
+        return "dane" if self.route.tls.uses_dane else "setting"
+
+    async def _open_one_policy(self, host: str, port: int) -> ConnectionInfo:
         try:
             d = self.settings
             policy = await resolve_server_policy(
@@ -192,6 +240,7 @@ class DownstreamConnection:
                         result_type=refusal.result_type)
             raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         mode = policy.mode
+        self._decided_source = policy.source
         info = ConnectionInfo(host=host, port=port, policy=policy.source)
         await self._connect_and_ehlo(host, port, info, address=policy.connect_host)
         if mode is DownstreamTls.OFF:

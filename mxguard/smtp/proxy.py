@@ -35,7 +35,7 @@ from mxguard.filtering.verdict import Verdict
 from mxguard.services.domains import DomainView
 from mxguard.smtp import dispositions, headers
 from mxguard.smtp.dispositions import HeldCopy
-from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure
+from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure, attempt_item
 from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import DomainDirectory, Route
@@ -622,15 +622,11 @@ class ProxySession:
         infos: list[dict[str, Any]] = []
         first: ConnectionInfo | None = None
         for leg in tx.legs.values():
+            info = leg.conn.info if leg.conn is not None else None
             item: dict[str, Any] = {"route": leg.route.describe(), "reused": leg.reused,
-                                    "domain": leg.domain.name}  # the policy domain (TLS-RPT)
-            if leg.conn is not None and leg.conn.info is not None and leg.failure is None:
-                item.update(leg.conn.info.as_dict())
-                first = first or leg.conn.info
-            if leg.failure is not None:
-                item["failure"] = str(leg.failure)
-                if leg.failure.tls_results:
-                    item["tls_rpt"] = dict(leg.failure.tls_results)
+                                    **attempt_item(leg.domain.name, info, leg.failure)}  # TLS-RPT counts these
+            if info is not None and leg.failure is None:
+                first = first or info
             if leg.lost:
                 item["lost"] = leg.lost
             infos.append(item)

@@ -16,14 +16,14 @@ from collections import defaultdict
 import structlog
 
 from mxguard.config import Settings
-from mxguard.smtp.delivery import DownstreamLost, RouteFailure, deliver_once
+from mxguard.smtp.delivery import DownstreamLost, RouteFailure, attempt_item, deliver_once
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import DomainDirectory, Route, external_route, route_for_message
 from mxguard.spool import queue
 from mxguard.spool.dsn import FailedRecipient, build_dsn
 from mxguard.storage.db import SQLAlchemyError, Store
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter
-from mxguard.storage.models import SpoolAttempt, SpoolEntry, utcnow
+from mxguard.storage.models import SPOOL_SESSIONS_KEY, SpoolAttempt, SpoolEntry, utcnow
 from mxguard.storage.sealing import KeyRing, SealingError
 
 log = structlog.get_logger("mxguard.spool")
@@ -121,6 +121,7 @@ class SpoolWorker:
         pending = [r for r in entry.recipients if r["status"] == "pending"]
         groups = await self._routes_for(entry, [r["rcpt"] for r in pending])
         attempt = SpoolAttempt(node=self.settings.hostname, results={})
+        sessions: list[dict] = []
         replies: list[str] = []
         newly_failed: list[FailedRecipient] = []
         for route, rcpts in groups.items():
@@ -128,7 +129,7 @@ class SpoolWorker:
                 reply = Reply(550, "5.1.2", "Domain no longer served by this gateway")
                 results = {r: reply for r in rcpts}
             else:
-                results = await self._attempt(entry, route, rcpts, message, attempt)
+                results = await self._attempt(entry, route, rcpts, message, attempt, sessions)
             for rcpt, reply in results.items():
                 state = next(r for r in entry.recipients if r["rcpt"] == rcpt)
                 state["reply"] = reply.one_line()
@@ -140,6 +141,8 @@ class SpoolWorker:
                     newly_failed.append(FailedRecipient(rcpt, reply.enhanced, reply.one_line(), attempt.server))
                 replies.append(f"{rcpt}: {reply.one_line()}")
         attempt.reply = "; ".join(replies)[:4000]
+        if sessions:
+            attempt.results[SPOOL_SESSIONS_KEY] = sessions  # counted by TLS-RPT (mxguard.tls.reporting)
         before = entry.status
         entry.recipients = [dict(r) for r in entry.recipients]
         await queue.record_attempt(self.store, entry, attempt, self.settings.spool)
@@ -156,18 +159,25 @@ class SpoolWorker:
         return entry
 
     async def _attempt(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
-                       attempt: SpoolAttempt) -> dict[str, Reply]:
+                       attempt: SpoolAttempt, sessions: list[dict]) -> dict[str, Reply]:
+        # The served domain whose TLS-RPT report counts this session (as in-line: the route's first
+        # recipient's); a DSN goes to a domain we do not serve and is in nobody's report.
+        found = self.directory.lookup(rcpts[0]) if entry.kind != "dsn" else None
+        policy_domain = found[0].name if found else None
         async with self.route_limits[route]:
             try:
                 info, results = await deliver_once(
-                    route_for_message(route, message, requiretls=entry.requiretls), self.settings.downstream, self.settings.hostname, entry.mail_from, rcpts, message,
+                    route_for_message(route, message, requiretls=entry.requiretls), self.settings.downstream,
+                    self.settings.hostname, entry.mail_from, rcpts, message,
                     body="8BITMIME" if entry.body_8bit else None, smtputf8=entry.smtputf8,
                     requiretls=entry.requiretls)
             except RouteFailure as failure:
                 attempt.server = "; ".join(failure.attempts)[:300]
+                sessions.append({"route": route.describe(), **attempt_item(policy_domain, None, failure)})
                 return {r: failure.reply for r in rcpts}
             except DownstreamLost as exc:
                 return {r: Reply(451, "4.4.2", f"Connection lost: {exc}") for r in rcpts}
+        sessions.append({"route": route.describe(), **attempt_item(policy_domain, info, None)})
         attempt.server = f"{info.host}:{info.port}"
         attempt.tls, attempt.tls_version, attempt.cipher, attempt.verified = (
             info.tls, info.tls_version, info.cipher, info.verified)

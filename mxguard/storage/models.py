@@ -266,8 +266,16 @@ class SpoolAttempt(Base):
     cipher: Mapped[str | None] = mapped_column(String(64), nullable=True)
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     reply: Mapped[str] = mapped_column(Text, default="")
-    #: Per recipient reply codes of this attempt.
+    #: Per recipient reply codes of this attempt (``{rcpt: code}``), and under the key
+    #: :data:`SPOOL_SESSIONS_KEY` the attempt's downstream sessions for TLS-RPT: one item per
+    #: route, as :func:`mxguard.smtp.delivery.attempt_item` makes them.
     results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+#: The key of :attr:`SpoolAttempt.results` that holds the sessions, not a recipient (every
+#: spooled recipient is an address of a served domain, so it has an ``@``).
+SPOOL_SESSIONS_KEY = "downstream"
+
 # -- tenancy, console access and audit (migration 0002_web) ------------------------------
 
 class Organization(Base):

@@ -1,19 +1,25 @@
-"""TLS-RPT (RFC 8460): daily aggregate reports of the TLS outcome of every in-line delivery.
+"""TLS-RPT (RFC 8460): daily aggregate reports of the TLS outcome of every delivery to a served domain.
 
-Each in-line downstream attempt is in the message log (``downstream`` items:
-the connection's TLS, the policy source, and for servers skipped for a TLS
-reason their RFC 8460 result type under ``tls_rpt``). For one UTC day this
-module counts, per served domain and per policy (``tlsa`` for DANE, ``sts``
-for MTA-STS, else ``no-policy-found``), the sessions that negotiated TLS and
-the ones that failed, with the failure details the RFC names, and sends the
-JSON report (gzip, ``application/tlsrpt+gzip``) to the ``rua`` of the
-domain's ``_smtp._tls`` TXT record: ``mailto:`` addresses as a
-``multipart/report; report-type="tlsrpt"`` message (RFC 8460 section 5.3),
-``https:`` URIs with a POST (section 5.4, httpx).
+Every downstream session leaves an item (:func:`mxguard.smtp.delivery.attempt_item`): the
+connection's TLS and the policy source, or for servers skipped for a TLS reason their RFC 8460
+result type (``tls_rpt``) and the source that demanded TLS (``tls_rpt_policy``). They are kept
 
-Not counted yet: spool retries, releases and the gateway's own mail (their
-attempts are in ``spool_attempts`` and in own-message records without a
-policy domain).
+* for in-line deliveries and quarantine releases in the message log (``downstream``);
+* for spool retries in ``spool_attempts.results["downstream"]``. A spool attempt is a session of
+  its own, never the in-line one again: the spool's completion record in the message log carries
+  no ``downstream`` items, so nothing is counted twice.
+
+For one UTC day this module counts, per served domain and per policy (``tlsa`` for DANE, ``sts``
+for MTA-STS, else ``no-policy-found``), the sessions that negotiated TLS and the ones that failed,
+with the failure details the RFC names, and sends the JSON report (gzip,
+``application/tlsrpt+gzip``) to the ``rua`` of the domain's ``_smtp._tls`` TXT record: ``mailto:``
+addresses as a ``multipart/report; report-type="tlsrpt"`` message (RFC 8460 section 5.3),
+DKIM-signed when ``[downstream] tls_report_dkim_*`` name a key (section 5.3: SHOULD), ``https:`` URIs with a POST
+(section 5.4, httpx).
+
+Not counted: the gateway's own mail (summaries, notifications, DSNs, these reports: their
+sessions carry no policy domain), and a session that broke mid-transaction (its TLS details are
+lost with the connection).
 """
 
 from __future__ import annotations
@@ -37,15 +43,17 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.config import Settings
+from mxguard.dkim_signing import DkimSigner, load_signer
 from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
-from mxguard.storage.models import MessageLogEntry, TlsReportRun
+from mxguard.storage.models import SPOOL_SESSIONS_KEY, MessageLogEntry, SpoolAttempt, TlsReportRun
 from mxguard.tls.resolver import dns_resolver
 
 log = structlog.get_logger("mxguard.tls.reporting")
 
-#: ConnectionInfo.policy -> RFC 8460 4.4 policy-type.
-_POLICY_TYPES = {"dane": "tlsa", "mta-sts": "sts"}
+#: ConnectionInfo.policy -> RFC 8460 4.4 policy-type (an MTA-STS policy in testing mode is still
+#: the domain's sts policy: its failures are what testing mode is for, RFC 8461 section 5).
+_POLICY_TYPES = {"dane": "tlsa", "mta-sts": "sts", "mta-sts-testing": "sts"}
 
 
 @dataclass
@@ -71,20 +79,31 @@ def day_window(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
 def tally_items(items: list[tuple[str, dict]]) -> dict[str, dict[str, PolicyTally]]:
     """Count ``(policy domain, downstream item)`` pairs.
 
+    Args:
+        items: ``(domain, item)``; an item as :func:`mxguard.smtp.delivery.attempt_item` makes it.
+
     Returns:
         ``{domain: {policy type: PolicyTally}}``. An item that connected with TLS is a successful
         session; one that connected in clear is a ``starttls-not-supported`` failure; each
-        server skipped for a TLS reason (``tls_rpt``) is a failure with its result type.
+        server skipped for a TLS reason (``tls_rpt``) is a failure with its result type, under
+        the policy that demanded TLS of it (``tls_rpt_policy``; RFC 8460 section 4.4).
     """
     out: dict[str, dict[str, PolicyTally]] = {}
+
+    def tally_for(domain: str, source: object) -> PolicyTally:
+        policy_type = _POLICY_TYPES.get(str(source or ""), "no-policy-found")
+        return out.setdefault(domain, {}).setdefault(policy_type, PolicyTally(policy_type))
+
     for domain, item in items:
-        policy_type = _POLICY_TYPES.get(str(item.get("policy", "")), "no-policy-found")
-        tally = out.setdefault(domain, {}).setdefault(policy_type, PolicyTally(policy_type))
+        sources = item.get("tls_rpt_policy") or {}
         for server, result_type in (item.get("tls_rpt") or {}).items():
             host = parse_host_port(server, default_port=25)[0]
-            tally.fail(str(result_type), host)
+            tally_for(domain, sources.get(server, item.get("policy"))).fail(str(result_type), host)
+        if "failure" in item:
+            continue
+        tally = tally_for(domain, item.get("policy"))
         host = item.get("host")
-        if host and "failure" not in item:
+        if host:
             tally.mx_hosts.add(str(host))
             if item.get("tls"):
                 tally.successful += 1
@@ -93,8 +112,23 @@ def tally_items(items: list[tuple[str, dict]]) -> dict[str, dict[str, PolicyTall
     return out
 
 
+def _with_domain(downstream: object) -> list[tuple[str, dict]]:
+    """The ``(policy domain, item)`` pairs of one row's session list (items without a domain skipped)."""
+    out = []
+    for item in downstream if isinstance(downstream, list) else []:
+        domain = item.get("domain") if isinstance(item, dict) else None
+        if domain:
+            out.append((str(domain), item))
+    return out
+
+
 async def collect(store: Store, start: dt.datetime, end: dt.datetime) -> dict[str, dict[str, PolicyTally]]:
-    """Tally the message log's in-line downstream attempts with ``start <= ts < end`` (UTC)."""
+    """Tally the sessions with ``start <= ts < end`` (UTC): in-line deliveries and quarantine releases
+    (message log) and spool attempts (``spool_attempts``); see the module docstring.
+
+    Returns:
+        as :func:`tally_items`.
+    """
     items: list[tuple[str, dict]] = []
     async with store.session() as session:
         # Streamed: a busy day's log is read a thousand rows at a time, not held at once.
@@ -102,10 +136,12 @@ async def collect(store: Store, start: dt.datetime, end: dt.datetime) -> dict[st
             select(MessageLogEntry.downstream).where(MessageLogEntry.ts >= start, MessageLogEntry.ts < end)
             .execution_options(yield_per=1000))
         async for (downstream,) in rows:
-            for item in downstream or []:
-                domain = item.get("domain") if isinstance(item, dict) else None
-                if domain:
-                    items.append((str(domain), item))
+            items += _with_domain(downstream)
+        rows = await session.stream(
+            select(SpoolAttempt.results).where(SpoolAttempt.ts >= start, SpoolAttempt.ts < end)
+            .execution_options(yield_per=1000))
+        async for (results,) in rows:
+            items += _with_domain((results or {}).get(SPOOL_SESSIONS_KEY) if isinstance(results, dict) else None)
     return tally_items(items)
 
 
@@ -159,9 +195,31 @@ def report_filename(submitter: str, domain: str, start: dt.datetime, end: dt.dat
     return f"{submitter}!{domain}!{int(start.timestamp())}!{int(end.timestamp())}.json.gz"
 
 
+#: Fields a report's DKIM signature covers: RFC 8460 5.3's own and those that say what it is.
+SIGNED_HEADERS = ["From", "To", "Subject", "Date", "Message-ID", "TLS-Report-Domain", "TLS-Report-Submitter",
+                  "Auto-Submitted", "MIME-Version", "Content-Type"]
+
+
+def report_signer(settings: Settings) -> DkimSigner | None:
+    """The DKIM signer of ``[downstream] tls_report_dkim_*``, ``None`` when they are not set.
+
+    Raises:
+        KeyFileError: the key file went missing or bad since start-up.
+    """
+    d = settings.downstream
+    if not d.tls_report_dkim_key_file:
+        return None
+    return load_signer(settings.path(d.tls_report_dkim_key_file), d.tls_report_dkim_selector,
+                       d.tls_report_dkim_domain)
+
+
 def report_message(submitter: str, sender: str, recipient: str, domain: str, report: dict,
-                   start: dt.datetime, end: dt.datetime) -> bytes:
-    """The report as mail (RFC 8460 5.3): ``multipart/report; report-type="tlsrpt"``, CRLF bytes."""
+                   start: dt.datetime, end: dt.datetime, signer: DkimSigner | None = None) -> bytes:
+    """The report as mail (RFC 8460 5.3): ``multipart/report; report-type="tlsrpt"``, CRLF bytes.
+
+    Args:
+        signer: DKIM-signs the message over :data:`SIGNED_HEADERS` (RFC 8460 5.3: SHOULD).
+    """
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = recipient
@@ -176,7 +234,8 @@ def report_message(submitter: str, sender: str, recipient: str, domain: str, rep
                        filename=report_filename(submitter, domain, start, end))
     msg.set_type("multipart/report")
     msg.set_param("report-type", "tlsrpt")
-    return msg.as_bytes(policy=SMTP)
+    raw = msg.as_bytes(policy=SMTP)
+    return signer.sign(raw, SIGNED_HEADERS, tlsrpt=True) if signer is not None else raw
 
 
 @dataclass
@@ -203,6 +262,7 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
     submitter = settings.hostname
     out: list[Sent] = []
     verify = ssl.create_default_context(cafile=https_verify) if isinstance(https_verify, str) else https_verify
+    signer = report_signer(settings)
     for domain, tallies in sorted((await collect(store, start, end)).items()):
         targets = await rua_targets(domain, settings.downstream.dns_servers or settings.filters.dns_servers,
                                     settings.downstream.dns_timeout)
@@ -212,7 +272,8 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
         for target in targets:
             if target.lower().startswith("mailto:"):
                 rcpt = target[7:].split("?")[0]
-                raw = report_message(submitter, f"postmaster@{submitter}", rcpt, domain, report, start, end)
+                raw = report_message(submitter, f"postmaster@{submitter}", rcpt, domain, report, start, end,
+                                     signer)
                 result = await send_own_message(store, settings, rcpt, raw, kind="tls-report")
                 out.append(Sent(domain, target, result.reply.is_positive, result.reply.one_line()))
             else:
@@ -224,7 +285,9 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
                 except httpx.HTTPError as exc:
                     out.append(Sent(domain, target, False, f"{type(exc).__name__}: {exc}"[:200]))
             log.info("TLS report sent" if out[-1].ok else "TLS report not delivered", domain=domain,
-                     target=target, detail=out[-1].detail)
+                     target=target, detail=out[-1].detail,
+                     dkim=f"{signer.selector}._domainkey.{signer.domain}" if signer and target.lower().startswith(
+                         "mailto:") else None)
     return out
 
 
