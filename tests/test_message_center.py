@@ -102,6 +102,9 @@ def test_gtube_summary_deliver_link_releases_the_original_byte_identical_over_tl
     record = web.run(_log(web, "summary"))
     assert record and record[0].downstream_tls and record[0].downstream_verified
 
+    web.run(web.gw.gateway.message_log.flush())
+    before = web.run(_tls_sessions(web))
+
     client = web.client()
     page, done = follow(client, deliver_url.replace(web.url, ""))
     assert page.status_code == 200 and "Deliver this message to your inbox?" in page.text and "GTUBE test" in page.text
@@ -130,6 +133,8 @@ def test_gtube_summary_deliver_link_releases_the_original_byte_identical_over_tl
     assert audit and audit[0].target == held.id and audit[0].actor == "link:bob@example.com"
     row, _ = web.run(get_quarantined(web.gw.store, web.gw.gateway.keyring.get(), held.id))
     assert row.released_at is not None and row.summarized_at is not None
+    # TLS-RPT (RFC 8460) counts the release's session for example.com: one more successful session.
+    assert web.run(_tls_sessions(web)) == (before[0] + 1, before[1])
 
     # A second summary run has nothing new for bob.
     assert summaries(web).sent == []
@@ -301,6 +306,16 @@ def test_not_junk_allows_the_sender_and_block_list_holds(mc):
     assert [h.reason for h in held] == ["block list: x@news.spam.test"]
     bad = client.post("/mc/lists", data={"csrf_token": csrf_token(lists.text), "kind": "allow", "pattern": "not an"})
     assert bad.status_code == 422 and "pattern" in bad.text
+
+
+async def _tls_sessions(web) -> tuple[int, int]:
+    """Today's TLS-RPT ``(successful, failed)`` session counts of example.com, all policy types."""
+    import datetime as dt
+
+    from mxguard.tls.reporting import collect, day_window
+    start, end = day_window(dt.datetime.now(dt.timezone.utc).date())
+    tallies = (await collect(web.gw.store, start, end)).get("example.com", {})
+    return (sum(t.successful for t in tallies.values()), sum(sum(t.failures.values()) for t in tallies.values()))
 
 
 async def _log(web, disposition_or_kind: str):
