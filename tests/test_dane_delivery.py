@@ -9,6 +9,8 @@ import json
 import ssl
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -47,13 +49,21 @@ def gateway_overrides(dnssec) -> dict:
             "downstream.pool_max_idle": 0}
 
 
-def relay(gateway, add_domain, sink, server: str, mode: str):
+def relay(gateway, add_domain, sink, server: str, mode: str, extra_headers: str = ""):
     sink.messages.clear()
     add_domain("example.com", [f"{server}:{sink.port}"], downstream_tls=mode)
     before = len(gateway.records)
-    out = send(gateway.port, ["bob@example.com"], message(to="bob@example.com"))
+    out = send(gateway.port, ["bob@example.com"], message(to="bob@example.com", extra_headers=extra_headers))
     record = gateway.wait_records(before + 1)[before]
     return out, record
+
+
+def assert_refused_by_policy(out):
+    """The published policy failed: the RCPT is taken provisionally (the ``TLS-Required`` header
+    comes with DATA, RFC 8689 section 5) and the message then gets ``451 4.7.5``."""
+    code, text = out.rcpt["bob@example.com"]
+    assert (code, text[:5]) == (250, "2.1.5") and "TLS-Required: No" in text, out
+    assert out.data and (out.data[0], out.data[1][:5]) == (451, "4.7.5"), out
 
 
 def test_matching_tlsa_delivers_over_dane_verified_tls(gateway, add_domain, dane_sink):
@@ -66,8 +76,7 @@ def test_matching_tlsa_delivers_over_dane_verified_tls(gateway, add_domain, dane
 
 def test_mismatching_tlsa_defers_and_sends_nothing(gateway, add_domain, dane_sink):
     out, record = relay(gateway, add_domain, dane_sink, "mx2.dane.test", "dane")
-    code, text = out.rcpt["bob@example.com"]
-    assert (code, text[:5]) == (451, "4.7.5"), out
+    assert_refused_by_policy(out)
     assert dane_sink.messages == []
     assert "matches none of the TLSA records" in record.downstream[0]["failure"]
     assert record.downstream[0]["tls_rpt"] == {f"mx2.dane.test:{dane_sink.port}": "validation-failure"}
@@ -75,7 +84,7 @@ def test_mismatching_tlsa_defers_and_sends_nothing(gateway, add_domain, dane_sin
 
 def test_bogus_tlsa_defers_never_falls_back(gateway, add_domain, dane_sink):
     out, record = relay(gateway, add_domain, dane_sink, "mx1.bogus.test", "dane")
-    assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
+    assert_refused_by_policy(out)
     assert dane_sink.messages == []
     assert "DNSSEC validation" in record.downstream[0]["failure"]
     assert record.downstream[0]["tls_rpt"] == {f"mx1.bogus.test:{dane_sink.port}": "dnssec-invalid"}
@@ -90,7 +99,7 @@ def test_unsigned_zone_falls_back_to_opportunistic_with_dane(gateway, add_domain
 
 def test_dane_only_refuses_an_unsigned_zone(gateway, add_domain, dane_sink):
     out, record = relay(gateway, add_domain, dane_sink, "mx1.plain.test", "dane-only")
-    assert out.rcpt["bob@example.com"][0] == 451 and out.rcpt["bob@example.com"][1].startswith("4.7.5")
+    assert_refused_by_policy(out)
     assert dane_sink.messages == []
     assert "no usable DNSSEC-signed TLSA records" in record.downstream[0]["failure"]
     assert record.downstream[0]["tls_rpt"] == {f"mx1.plain.test:{dane_sink.port}": "tlsa-invalid"}
@@ -236,3 +245,82 @@ def test_dane_sessions_are_reported_under_the_tlsa_policy(gateway, add_domain, d
     assert bad["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}
     assert bad["failure-details"] == [{"result-type": "validation-failure", "receiving-mx-hostname": "mx2.dane.test",
                                        "failed-session-count": 1}]
+
+
+# -- TLS-Required: No (RFC 8689 section 5) in line ------------------------------------------
+
+def test_tls_required_no_relaxes_a_failed_dane_policy_to_opportunistic(gateway, add_domain, dane_sink):
+    """The header arrives with DATA: the provisional RCPT turns into a delivery over opportunistic
+    TLS, recorded as relaxed; a bogus answer is relaxed the same way (the policy is ignored)."""
+    out, record = relay(gateway, add_domain, dane_sink, "mx2.dane.test", "dane", extra_headers="TLS-Required: No\n")
+    assert out.rcpt["bob@example.com"][0] == 250 and out.data and out.data[0] == 250, out
+    assert dane_sink.wait_for(1) and dane_sink.messages[0].tls_version  # STARTTLS was still used
+    leg = record.downstream[0]
+    assert leg["tls_required_no"] is True and leg["policy"] == "tls-required-no" and not leg["verified"]
+    assert b"TLS-Required: No" in dane_sink.messages[0].data
+
+
+def test_an_administrators_verify_is_not_relaxed_by_the_header(gateway, add_domain, dane_sink):
+    """``verify`` is local policy: refused at RCPT as before, header or not, nothing sent."""
+    out, record = relay(gateway, add_domain, dane_sink, "127.0.0.1", "verify", extra_headers="TLS-Required: No\n")
+    code, text = out.rcpt["bob@example.com"]
+    assert (code, text[:5]) == (451, "4.7.5") and out.data is None, out
+    assert dane_sink.messages == []
+
+
+def test_requiretls_ignores_the_header_and_refuses_at_rcpt(gateway, add_domain, dane_sink):
+    """REQUIRETLS wins over ``TLS-Required: No`` (RFC 8689 section 5): the failed DANE policy
+    refuses at RCPT, nothing is sent."""
+    dane_sink.messages.clear()
+    add_domain("example.com", [f"mx2.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    out = send(gateway.port, ["bob@example.com"],
+               message(to="bob@example.com", extra_headers="TLS-Required: No\n"), mail_options=["REQUIRETLS"])
+    assert out.mail[0] == 250, out
+    code, text = out.rcpt["bob@example.com"]
+    assert code in (451, 550) and out.data is None, out
+    assert dane_sink.messages == []
+
+
+def test_a_policy_refused_copy_is_spooled_only_when_another_was_taken(gateway, add_domain, dane_sink):
+    """One DATA reply for two routes: the DANE-verified copy is delivered, the copy whose TLSA
+    mismatches cannot be refused on its own after DATA, so it goes to the spool (its retries
+    apply DANE again); nothing of it reaches the server."""
+    from mxguard.spool import queue
+    dane_sink.messages.clear()
+    add_domain("example.com", [f"mx1.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    add_domain("example.net", [f"mx2.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    out = send(gateway.port, ["bob@example.com", "eve@example.net"], message(to="bob@example.com"))
+    assert out.data and out.data[0] == 250 and "held for delivery" in out.data[1], out
+    assert dane_sink.wait_for(1)
+    assert [m.rcpt_tos for m in dane_sink.messages] == [["bob@example.com"]]
+    held = gateway.run(queue.list_entries(gateway.store))
+    assert [(e.domain, e.status) for e in held] == [("example.net", "queued")]
+
+
+_OPT_OUT = st.sampled_from(["No", "no", " NO ", "nO"])
+_NOT_OPT_OUT = st.one_of(st.sampled_from(["Yes", "No,", "No; please", "N o", "0", "false", "", "Not"]),
+                         st.text(alphabet="NnOo ;,-x", min_size=1, max_size=6).filter(
+                             lambda v: v.strip().lower() != "no"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.one_of(_OPT_OUT, _NOT_OPT_OUT))
+def test_only_an_exact_no_relaxes_the_policy(gateway, add_domain, dane_sink, value):
+    """Generated ``TLS-Required`` values: the failed DANE policy is relaxed exactly when the value
+    is ``No`` (any case, surrounding spaces); any other value gets ``451 4.7.5`` and nothing is sent."""
+    if "example.com" not in gateway.run(_served(gateway)):
+        add_domain("example.com", [f"mx2.dane.test:{dane_sink.port}"], downstream_tls="dane")
+    dane_sink.messages.clear()
+    out = send(gateway.port, ["bob@example.com"],
+               message(to="bob@example.com", extra_headers=f"TLS-Required: {value}\n"))
+    if value.strip().lower() == "no":
+        assert out.data and out.data[0] == 250, (value, out)
+        assert dane_sink.wait_for(1)
+    else:
+        assert out.data and (out.data[0], out.data[1][:5]) == (451, "4.7.5"), (value, out)
+        assert dane_sink.messages == []
+
+
+async def _served(gateway) -> set[str]:
+    from mxguard.services.domains import list_domains
+    return {d.name for d in await list_domains(gateway.store)}

@@ -234,7 +234,8 @@ class DownstreamConnection:
             policy = await resolve_server_policy(
                 self.route.tls, host, port, dns_servers=d.dns_servers, timeout=d.dns_timeout,
                 policy_domain=self.route.policy_domain,
-                sts=sts_fetcher(d.dns_servers, d.dns_timeout, d.mta_sts_ca_file, d.mta_sts_port))
+                sts=sts_fetcher(d.dns_servers, d.dns_timeout, d.mta_sts_ca_file, d.mta_sts_port),
+                relaxed=self.route.relaxed)
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
                         result_type=refusal.result_type)

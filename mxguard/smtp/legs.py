@@ -31,6 +31,15 @@ class RouteLeg:
     spool: bool = False
     #: Each accepted recipient's own domain (a route may serve several domains).
     rcpt_domains: dict[str, DomainView] = field(default_factory=dict)
+    #: The destination's published TLS policy (DANE, MTA-STS) could not be met at RCPT: the
+    #: recipients were accepted and the decision waits for the header (``TLS-Required: No``,
+    #: RFC 8689 section 5), which only arrives with DATA.
+    tls_deferred: bool = False
+    #: The reply this leg's copy gets at the end of DATA without being sent (set when the
+    #: deferred decision went against it), or ``None``.
+    data_reply: Reply | None = None
+    #: Delivered on a route relaxed to opportunistic by ``TLS-Required: No``.
+    relaxed: bool = False
 
 
 @dataclass(eq=False)

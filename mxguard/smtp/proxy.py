@@ -38,7 +38,7 @@ from mxguard.smtp.dispositions import HeldCopy
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure, attempt_item
 from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
-from mxguard.smtp.routing import DomainDirectory, Route
+from mxguard.smtp.routing import PUBLISHED_POLICY_MODES, DomainDirectory, Route, route_for_message, sender_opted_out
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
 from mxguard.tls.policy import InboundTls
 
@@ -141,6 +141,9 @@ class Transaction:
     verdict: Verdict | None = None
     filter_plan: dispositions.FilterPlan | None = None
     filter_ms: float | None = None
+    #: Connections opened at the end of DATA on a route relaxed by ``TLS-Required: No``; closed
+    #: with the transaction, never pooled.
+    relaxed_conns: list[DownstreamConnection] = field(default_factory=list)
 
 
 def sender_aligned(tx: Transaction) -> bool:
@@ -229,6 +232,8 @@ class ProxySession:
             await self._start_leg(tx, leg)
         if leg.failure is not None and self._may_spool(leg):
             return self._accept_for_spool(leg, address, domain)
+        if leg.failure is not None and self._waits_for_header(tx, leg):
+            return self._accept_pending_tls(leg, address, domain)
         if leg.failure is not None:
             return self._refused(address, leg.failure.reply, route)
         if leg.mail_reply is not None and not leg.mail_reply.is_positive:
@@ -268,6 +273,67 @@ class ProxySession:
         leg.rcpt_domains[address] = domain
         return Reply(250, "2.1.5", "Recipient ok; the downstream server is unavailable, "
                                    "the message will be held and delivered later")
+
+    def _waits_for_header(self, tx: Transaction, leg: RouteLeg) -> bool:
+        """Only the destination's published policy (DANE, MTA-STS) refused every server, and the
+        sender did not ask for REQUIRETLS: ``TLS-Required: No`` in the header may still relax it
+        (RFC 8689 section 5), and the header comes with DATA. An administrator's ``required`` or
+        ``verify`` is local policy and refuses at RCPT as before."""
+        return (leg.failure is not None and leg.failure.tls_related and not tx.requiretls
+                and leg.route.tls in PUBLISHED_POLICY_MODES)
+
+    def _accept_pending_tls(self, leg: RouteLeg, address: str, domain: DomainView) -> Reply:
+        if not leg.tls_deferred:
+            leg.tls_deferred = True
+            log.info("published TLS policy not met; the decision waits for TLS-Required in the header",
+                     txn=self.tx.txn_id, route=leg.route.describe(), reason=str(leg.failure)[:300])
+        leg.accepted.append(address)
+        leg.rcpt_domains[address] = domain
+        return Reply(250, "2.1.5", "Recipient ok; the destination's TLS policy cannot be met now, so the "
+                                   "message is refused after DATA unless it carries TLS-Required: No")
+
+    async def _settle_tls_deferred(self, tx: Transaction, leg: RouteLeg, content: bytes) -> None:
+        """End of DATA for a leg whose published TLS policy failed at RCPT (RFC 8689 section 5).
+
+        Without ``TLS-Required: No`` the copy gets the policy's ``451 4.7.5`` and nothing is sent.
+        With it, the route is relaxed to opportunistic TLS and a fresh connection carries the
+        envelope again; that connection is never pooled (the next message has its own header).
+        """
+        leg.tls_deferred = False
+        if not sender_opted_out(content):
+            leg.data_reply = leg.failure.reply
+            log.info("TLS policy not met and no TLS-Required: No; nothing sent", txn=tx.txn_id,
+                     route=leg.route.describe(), reply=leg.data_reply.one_line())
+            return
+        conn = DownstreamConnection(route_for_message(leg.route, content), self.ctx.settings.downstream,
+                                    self.ctx.hostname)
+        try:
+            await conn.open()
+            mail, replies = await conn.resend_envelope(tx.mail_from, list(leg.accepted), size=tx.size_hint,
+                                                       body=tx.body, smtputf8=tx.smtputf8)
+        except RouteFailure as failure:
+            leg.failure, leg.data_reply = failure, failure.reply
+            await conn.close()
+            return
+        except DownstreamLost as exc:
+            leg.lost = str(exc)
+            leg.data_reply = Reply(451, "4.4.1", "Downstream connection lost, try again later")
+            await conn.close()
+            return
+        leg.failure, leg.conn, leg.relaxed = None, conn, True
+        tx.relaxed_conns.append(conn)
+        log.info("TLS-Required: No: published TLS policy relaxed to opportunistic", txn=tx.txn_id,
+                 route=leg.route.describe(), tls=conn.info.describe_tls() if conn.info else None)
+        if not mail.is_positive:
+            leg.data_reply = mail
+            return
+        for rcpt, rep in replies.items():
+            if not rep.is_positive:  # refused on the second look: its own reply, as at RCPT
+                leg.accepted.remove(rcpt)
+                tx.results.append(RecipientResult(rcpt, rep.code, rep.enhanced, rep.text, _disposition_for(rep),
+                                                  leg.route.describe()))
+        if not leg.accepted:
+            await conn.rset()
 
     def _refused(self, address: str, reply: Reply, route: Route | None) -> Reply:
         assert self.tx is not None
@@ -325,13 +391,27 @@ class ProxySession:
             the filters; otherwise the downstream server's own final reply when
             every copy was taken; the refusal when nothing was taken anywhere;
             otherwise ``250`` once the rest is held (quarantine) or durably in
-            the spool (``451 4.3.0`` if it could not be stored).
+            the spool (``451 4.3.0`` if it could not be stored). A route whose
+            published TLS policy (DANE, MTA-STS) failed at RCPT gets that policy's
+            ``451 4.7.5`` here, nothing sent, unless the message carries
+            ``TLS-Required: No`` (RFC 8689 section 5): then it goes over
+            opportunistic TLS.
         """
         tx = self.tx
         assert tx is not None
         self.tx = None
         received_at = time.perf_counter()
+        for leg in tx.legs.values():
+            if leg.tls_deferred and leg.accepted:
+                await self._settle_tls_deferred(tx, leg, content)
         legs = [leg for leg in tx.legs.values() if leg.accepted]
+        try:
+            return await self._finish_legs(tx, legs, content, received_at)
+        finally:
+            for conn in tx.relaxed_conns:
+                await conn.close()
+
+    async def _finish_legs(self, tx: Transaction, legs: list[RouteLeg], content: bytes, received_at: float) -> Reply:
         plan = await self._filter(tx, legs, content)
         if tx.verdict is not None and tx.verdict.subject is not None:
             subject, message_id = tx.verdict.subject, tx.verdict.message_id or ""
@@ -342,7 +422,12 @@ class ProxySession:
             outcomes: list[LegOutcome] = []
             for leg in legs:
                 message = self._copy_for(tx, leg, content)
-                reply = None if leg.spool else await self._send_leg(tx, leg, message)
+                if leg.spool:
+                    reply = None
+                elif leg.data_reply is not None:
+                    reply = leg.data_reply
+                else:
+                    reply = await self._send_leg(tx, leg, message)
                 outcomes.append(LegOutcome(leg, message, reply))
             final = await self._combine(tx, outcomes, subject)
         else:
@@ -413,6 +498,8 @@ class ProxySession:
                 message = self._copy_for(tx, sub, dispositions.prepare(stripped, fields, tagged))
                 if leg.spool:
                     reply = None
+                elif leg.data_reply is not None:
+                    reply = leg.data_reply
                 elif plan.leg_is_whole(copy):
                     reply = await self._send_leg(tx, sub, message)
                 else:
@@ -560,7 +647,10 @@ class ProxySession:
         return Reply(250, "2.0.0", f"Ok: queued as {tx.txn_id} ({what})")
 
     def _spoolable_after_data(self, leg: RouteLeg) -> bool:
-        return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool"
+        # A TLS policy failure is not "unreachable": as at RCPT, the sender keeps the message
+        # unless another copy was taken (then a partial 4xx is impossible and it is spooled).
+        tls_refused = leg.data_reply is not None and leg.failure is not None and leg.failure.tls_related
+        return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool" and not tls_refused
 
     def _spool_entry(self, tx: Transaction, o: "LegOutcome", subject: str):
         reply = o.reply or (o.leg.failure.reply if o.leg.failure else None)
@@ -629,6 +719,8 @@ class ProxySession:
                 first = first or info
             if leg.lost:
                 item["lost"] = leg.lost
+            if leg.relaxed:
+                item["tls_required_no"] = True  # RFC 8689 section 5: the published policy was relaxed
             infos.append(item)
         disposition = "aborted" if abort_reason and not any(
             r.disposition != "aborted" for r in tx.results) else overall_disposition(tx.results)

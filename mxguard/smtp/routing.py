@@ -51,6 +51,9 @@ class Route:
     #: The recipient domain whose MTA-STS policy applies (``mta-sts`` mode only; RFC 8461
     #: policies belong to a domain, so such routes are not shared between domains).
     policy_domain: str | None = None
+    #: This route is a ``dane``/``dane-only``/``mta-sts`` route relaxed to opportunistic by the
+    #: message's ``TLS-Required: No`` (RFC 8689 section 5); see :func:`route_for_message`.
+    relaxed: bool = False
 
     @classmethod
     def for_domain(cls, domain: DomainView) -> "Route":
@@ -65,7 +68,8 @@ class Route:
         )
 
     def describe(self) -> str:
-        return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={self.tls.value}"
+        relaxed = " (TLS-Required: No)" if self.relaxed else ""
+        return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={self.tls.value}{relaxed}"
 
 
 #: Modes whose TLS requirement comes from what the destination publishes (DANE, MTA-STS).
@@ -89,7 +93,7 @@ def route_for_message(route: Route, message: bytes, *, requiretls: bool = False)
     """
     if requiretls or route.tls not in PUBLISHED_POLICY_MODES or not sender_opted_out(message):
         return route
-    return replace(route, tls=DownstreamTls.OPPORTUNISTIC)
+    return replace(route, tls=DownstreamTls.OPPORTUNISTIC, relaxed=True)
 
 
 class DomainDirectory:

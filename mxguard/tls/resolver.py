@@ -245,7 +245,7 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
 
 async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dns_servers: list[str],
                                 timeout: float = 5.0, policy_domain: str | None = None,
-                                sts: StsFetcher | None = None) -> ServerPolicy:
+                                sts: StsFetcher | None = None, relaxed: bool = False) -> ServerPolicy:
     """Decide the TLS policy for one server before connecting.
 
     Args:
@@ -256,6 +256,10 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
         timeout: seconds per lookup.
         policy_domain: the recipient domain (``mta-sts`` mode).
         sts: the MTA-STS fetcher (default: the process's, see :func:`sts_fetcher`).
+        relaxed: the route is a published-policy route (DANE, MTA-STS) that the message's
+            ``TLS-Required: No`` relaxed to ``opportunistic`` (RFC 8689 section 5): source
+            ``tls-required-no``, and the address still comes from the configured resolver, as it
+            would have under the policy (unsigned answers are fine: no DANE).
 
     Returns:
         The :class:`ServerPolicy`; for ``dane``, DANE when usable TLSA records exist,
@@ -269,6 +273,11 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
     if mode is DownstreamTls.MTA_STS:
         return await _mta_sts_policy(host, port, policy_domain, dns_servers, timeout,
                                      sts or sts_fetcher(dns_servers, timeout))
+    if relaxed:
+        nameservers, ns_port = _resolver(dns_servers, timeout)
+        address = (await _address(host, nameservers, ns_port, timeout, secure=False)
+                   if nameservers and not _is_address(host) else host)
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "tls-required-no", address)
     if not mode.uses_dane:
         return ServerPolicy(mode, "setting", host)
     if _is_address(host):
