@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from mxguard.errors import ValidationFailed
 from mxguard.services import sni_certificates as svc
-from mxguard.storage.models import SniCertificate
+from mxguard.storage.models import Organization, SniCertificate
 from mxguard.storage.sealing import Sealer
 from mxguard.tls.sni import normalize_sni_name, san_covers, select as sni_select
 from tests.support.smtp import Raw
@@ -353,13 +353,19 @@ def test_each_name_gets_its_certificate_on_starttls_and_https(web, test_ca, tmp_
     for action in ("tls.sni.add", "tls.sni.replace", "tls.sni.remove"):
         assert action in actions, actions
 
-    # The key is stored sealed, bound to its name.
+    # keys rotate re-seals the stored keys too; the gateway keeps serving the certificate.
+    rotated = mx("keys", "rotate", data_dir=data_dir).stdout
+    assert "re-sealed 0 spool entries and 1 SNI certificate keys" in rotated, rotated
+    assert starttls_sha256(port, "mx.example.com") == renewed.sha256
+
+    # The key is stored sealed with the current key, bound to its name.
     async def row(name):
         async with web.gw.store.session() as session:
             return (await session.execute(select(SniCertificate).where(SniCertificate.name == name))).scalar_one()
     stored = web.run(row("mx.example.com"))
     assert b"PRIVATE KEY" not in stored.sealed_key and renewed.key_pem not in stored.sealed_key
     sealer = Sealer.from_file(data_dir / "keys" / "sealing.keys")
+    assert stored.key_id == sealer.current_key_id
     assert sealer.open(stored.sealed_key, svc.seal_context("mx.example.com")) == renewed.key_pem
 
 
@@ -466,3 +472,40 @@ def test_sni_contexts_survive_a_key_that_cannot_be_opened(web, test_ca, tmp_path
     web.gw.reload()
     assert starttls_sha256(web.gw.port, "good.example.com") == good.sha256
     assert starttls_sha256(web.gw.port, "lost.example.com") == gateway_sha256(web)
+
+
+async def test_service_on_sqlite_and_postgresql(store, test_ca, tmp_path):
+    """Add, replace, list, re-seal after a key rotation, remove — on both databases."""
+    from mxguard.services import domains, orgs
+    from mxguard.services.access import Actor
+    from mxguard.storage.sealing import append_key, create_key_file
+    key_file = tmp_path / "sealing.keys"
+    create_key_file(key_file)
+    await orgs.add_org(store, "Acme")
+    await domains.add_domain(store, "acme.test", ["127.0.0.1:9"], org="Acme")
+    await domains.add_domain(store, "eu.acme.test", ["127.0.0.1:9"])
+    leaf = test_ca.issue("mx.eu.acme.test", "mx.acme.test")
+    sealer = Sealer.from_file(key_file)
+    first = await svc.add_sni_certificate(store, sealer, "mx.acme.test", leaf.chain_pem, leaf.key_pem)
+    assert (first.domain, first.org) == ("acme.test", "Acme")
+    # The longest served domain decides: eu.acme.test has no organization, so only admins see it.
+    deeper = await svc.add_sni_certificate(store, sealer, "mx.eu.acme.test", leaf.chain_pem, leaf.key_pem)
+    assert (deeper.domain, deeper.org) == ("eu.acme.test", None)
+    async with store.session() as session:
+        acme_id = (await session.execute(select(Organization.id).where(Organization.name == "Acme"))).scalar_one()
+    org_admin = Actor("user:ops@acme.test", "org-admin", org_id=acme_id, org="Acme")
+    assert [v.name for v in await svc.list_sni_certificates(store, actor=org_admin)] == ["mx.acme.test"]
+    assert [v.name for v in await svc.list_sni_certificates(store)] == ["mx.acme.test", "mx.eu.acme.test"]
+    renewed = test_ca.issue("mx.acme.test")
+    await svc.add_sni_certificate(store, sealer, "mx.acme.test", renewed.chain_pem, renewed.key_pem,
+                                  actor=org_admin, replace=True)
+    append_key(key_file)
+    rotated = Sealer.from_file(key_file)
+    assert await svc.reseal_keys(store, rotated) == 2
+    assert await svc.reseal_keys(store, rotated) == 0
+    only_new = Sealer({rotated.current_key_id: rotated.keys[rotated.current_key_id]})
+    material = {m.name: m for m in await svc.load_material(store, only_new, ["mx.acme.test", "mx.eu.acme.test"])}
+    assert material["mx.acme.test"].key_pem == renewed.key_pem and material["mx.acme.test"].fingerprint == renewed.sha256
+    assert material["mx.eu.acme.test"].key_pem == leaf.key_pem
+    await svc.remove_sni_certificate(store, "MX.eu.acme.test.")
+    assert await svc.stored_fingerprints(store) == {"mx.acme.test": renewed.sha256}

@@ -282,6 +282,21 @@ async def load_material(store: Store, sealer: Sealer, names: list[str]) -> list[
     return out
 
 
+async def reseal_keys(store: Store, sealer: Sealer) -> int:
+    """Re-seal every SNI private key not sealed with the current key (``keys rotate``); returns the count.
+
+    The key material does not change, so gateways need not rebuild their contexts.
+    """
+    async with store.session() as session:
+        rows = (await session.execute(select(SniCertificate).where(SniCertificate.key_id != sealer.current_key_id))
+                ).scalars().all()
+        for row in rows:
+            plain = sealer.open(row.sealed_key, seal_context(row.name))
+            row.key_id, row.sealed_key = sealer.seal(plain, seal_context(row.name))
+        await session.commit()
+    return len(rows)
+
+
 class SniContexts:
     """One gateway process's per-name server contexts, kept in step with the database.
 
