@@ -23,6 +23,7 @@ from mxguard.quarantine.senderlists import SenderLists
 from mxguard.quarantine.store import quarantine_many
 from mxguard.services import spool as spool_service
 from mxguard.services import status
+from mxguard.services.sni_certificates import SniContexts
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
 from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.pool import ConnectionPool
@@ -99,15 +100,18 @@ class Gateway:
         self.filters = FilterPipeline.from_settings(s)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
+        self.keyring = KeyRing(s.path(s.sealing_key_file))
         self.directory = DomainDirectory(self.store)
-        # The recipients' allow/block lists follow the configuration generation with the domains.
+        # The recipients' allow/block lists and the SNI certificates follow the configuration
+        # generation with the domains.
         self.sender_lists = SenderLists(self.store)
         self.directory.listeners.append(self.sender_lists.load)
+        self.sni = SniContexts(self.store, self.keyring, self.tls, min_version=s.tls.min_version)
+        self.directory.listeners.append(self.sni.load)
         await self.directory.load()
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
         self.message_log.start()
-        self.keyring = KeyRing(s.path(s.sealing_key_file))
         ensure_link_key(s.path(s.quarantine.link_key_file))
         self.links = LinkSigner.from_file(s.path(s.quarantine.link_key_file))
         self.notifier = Notifier(self.store, s, self.filters)

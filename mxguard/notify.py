@@ -6,9 +6,11 @@
   The message itself is never attached.
 * **Route unreachable** — a domain whose mail has waited in the spool longer
   than the organization's ``route_down_minutes`` (``notify_route_down``).
-* **Certificate expiring** — the gateway's own certificate, or a downstream
-  server's (read with :func:`mxguard.services.probe.probe_domain`), expiring
-  within ``notify.cert_warning_days`` days (``notify_cert_expiry``).
+* **Certificate expiring** — the gateway's own certificate, each certificate
+  it presents by SNI (:mod:`mxguard.services.sni_certificates`; told to the
+  organization of the domain its name is under), or a downstream server's
+  (read with :func:`mxguard.services.probe.probe_domain`), expiring within
+  ``notify.cert_warning_days`` days (``notify_cert_expiry``).
 * **Engine down** — a filtering engine that does not answer its probe
   (``notify_engine_down``).
 
@@ -261,9 +263,11 @@ class Notifier:
         return alerts
 
     async def check_certificates(self, now: dt.datetime | None = None) -> list[Alert]:
-        """Alert for the gateway's certificate and each downstream server's expiring within the warning days."""
+        """Alert for the gateway's certificate, each SNI certificate and each downstream server's
+        expiring within the warning days."""
         from mxguard.services.certificates import current_chain
         from mxguard.services.probe import probe_domain
+        from mxguard.services.sni_certificates import list_sni_certificates
 
         now = now or utcnow()
         days = self.settings.notify.cert_warning_days
@@ -279,6 +283,18 @@ class Notifier:
                     "TLS page of the console (or tls.cert_file / tls.key_file).\n"))
         except Exception as exc:  # noqa: BLE001 - report what can be read
             log.warning("gateway certificate not readable for the expiry check", error=str(exc)[:200])
+        for sni in await list_sni_certificates(self.store):
+            if sni.days_left > days:
+                continue
+            alerts.append(Alert(
+                f"cert:sni:{sni.name}:{sni.fingerprint}", "cert-expiry",
+                f"[mxguard] The certificate for {sni.name} on {self.settings.hostname} expires in "
+                f"{sni.days_left:.0f} days",
+                f"The certificate {sni.subject} (SHA-256 {sni.fingerprint}) that {self.settings.hostname} presents "
+                f"to clients asking for {sni.name} (SNI) expires on {sni.not_after:%Y-%m-%d %H:%M} UTC.\n\n"
+                f"Renew it: mxguard tls cert add --replace --name {sni.name} CERT KEY (or the TLS page of the "
+                "console). Once expired, clients that check certificates refuse it.\n",
+                (sni.domain,) if sni.domain else ()))
         for view in await list_domains(self.store):
             if view.downstream_tls == "off":
                 continue

@@ -115,6 +115,16 @@ def test_console_in_a_real_browser(web, plain_sink, browser_page):
     page.click("nav >> text=TLS")
     expect(page.locator("#cert-1 td.subject")).to_have_text("CN=mx.gw.test")
     expect(page.locator("#tls-per-domain")).to_contain_text("example.com")
+    # Certificates by SNI: one stored for a name shows in the list, with its fingerprint and a Remove button.
+    from mxguard.services.sni_certificates import add_sni_certificate
+    from mxguard.tls.certs import generate_self_signed
+    sni_cert, sni_key = generate_self_signed("mx.example.com")
+    web.run(add_sni_certificate(web.gw.store, web.gw.gateway.keyring.get(), "mx.example.com", sni_cert, sni_key))
+    page.reload()
+    row = page.locator("#sni-certs tr.sni-cert")
+    expect(row.locator("td.sni-name")).to_have_text("mx.example.com")
+    expect(row.locator("button")).to_have_text("Remove")
+    expect(page.locator("#sni-form input[name=name]")).to_be_visible()
     shot(page, "08-tls")
     page.click("nav >> text=Audit log")
     expect(page.locator("#audit")).to_contain_text("opportunistic → required")

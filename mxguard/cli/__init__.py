@@ -20,6 +20,7 @@ from mxguard.cli.filters import register as register_filters
 from mxguard.cli.sink import register as register_sink
 from mxguard.cli.spool import keys_app, spool_app
 from mxguard.cli.tenancy import apikey_app, org_app, user_app
+from mxguard.cli.tls import tls_app
 from mxguard.cli.tlsrpt import tls_report_app
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(tls_app, name="tls")
 app.add_typer(tls_report_app, name="tls-report")
 register_demo(app)
 register_doctor(app)

@@ -135,14 +135,16 @@ def stats(as_json: bool = typer.Option(False, "--json")) -> None:
 @handle_errors
 def rotate() -> None:
     """Add a new current sealing key and re-seal held mail with it (old keys stay readable)."""
+    from mxguard.services.sni_certificates import reseal_keys
     from mxguard.storage.sealing import Sealer, append_key
 
     async def go(store, s):
         path = s.path(s.sealing_key_file)
         key_id = append_key(path)
-        count = await queue.reseal_all(store, Sealer.from_file(path))
-        return key_id, count
+        sealer = Sealer.from_file(path)
+        count = await queue.reseal_all(store, sealer)
+        return key_id, count, await reseal_keys(store, sealer)
 
-    key_id, count = run(_with(go))
-    console.print(f"New sealing key {key_id}; re-sealed {count} spool entries. Running gateways pick the key up "
-                  "on their next seal.", highlight=False)
+    key_id, count, sni_keys = run(_with(go))
+    console.print(f"New sealing key {key_id}; re-sealed {count} spool entries and {sni_keys} SNI certificate keys. "
+                  "Running gateways pick the key up on their next seal.", highlight=False)

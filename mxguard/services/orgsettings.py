@@ -36,7 +36,8 @@ class OrgSettings:
         notify_virus_recipient: tell the recipient when a virus addressed to them was stopped.
         notify_virus_admin: tell ``alert_address`` the same.
         notify_route_down: alert when a route of the organization has spooled for ``route_down_minutes``.
-        notify_cert_expiry: alert when the gateway's or a downstream server's certificate expires soon.
+        notify_cert_expiry: alert when the gateway's certificate, one it presents by SNI, or a downstream
+            server's expires soon.
         notify_engine_down: alert when a filtering engine does not answer.
         alert_address: where the organization's alerts go (``None``: nowhere).
         route_down_minutes: minutes of spooling before a route-down alert.

@@ -153,6 +153,33 @@ class TlsReportRun(Base):
     outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class SniCertificate(Base):
+    """A certificate the gateway presents to clients asking for ``name`` by SNI (migration 0007_sni_certs).
+
+    The private key is sealed (AES-256-GCM, the sealing key file every node
+    shares) with ``b"sni-key:" + name`` as associated data, so a sealed key
+    cannot be moved to another name's row.
+    """
+
+    __tablename__ = "sni_certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: A host name (``mx.example.com``) or a one-label wildcard (``*.example.com``), lower-case A-labels.
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    #: The served domain the name is under when it was added (``None``: not under any; admins only).
+    domain: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    #: That domain's organization (who may see and change the certificate besides admins).
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
+    #: PEM chain, leaf first.
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(64))
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    not_after: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    #: SHA-256 of the leaf (DER), lower-case hex.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class MessageLogEntry(Base):
     """One SMTP transaction, as an administrator searches for it."""
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -143,12 +144,79 @@ def describe_der(der: bytes) -> CertificateInfo:
     return describe(x509.load_der_x509_certificate(der))
 
 
+class CertificateProblem(ValueError):
+    """An uploaded or configured chain/key pair is unusable.
+
+    Attributes:
+        field: ``"certificate"`` or ``"key"``: which of the two is at fault.
+        message: what is wrong, for the operator (no path, no trace).
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def check_chain_pem(cert_pem: bytes, key_pem: bytes, *, now: dt.datetime | None = None,
+                    refuse_not_yet_valid: bool = False, check_order: bool = False) -> list[x509.Certificate]:
+    """Parse and check a PEM certificate chain and its private key, in memory.
+
+    Checks that both parse, that the key belongs to the leaf (the first
+    certificate), and that the leaf has not expired; optionally that the leaf
+    is already valid and that each certificate was issued by the next one
+    (RFC 8446 4.4.2: the sender's certificate first, each following one
+    certifying the one before it).
+
+    Args:
+        cert_pem: PEM chain, leaf first.
+        key_pem: unencrypted PEM private key.
+        now: the time to check validity at (UTC; default: now).
+        refuse_not_yet_valid: refuse a leaf whose notBefore lies in the future.
+        check_order: verify each certificate's signature with the next one's key.
+
+    Returns:
+        the parsed chain, leaf first.
+
+    Raises:
+        CertificateProblem: naming ``certificate`` or ``key``, with the reason.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as exc:
+        raise CertificateProblem("certificate", f"holds no PEM certificate ({exc})") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateProblem("key", f"holds no unencrypted PEM private key ({exc})") from None
+    leaf = chain[0]
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            leaf.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise CertificateProblem("key", "does not match the certificate (the first one in the chain)")
+    if leaf.not_valid_after_utc < now:
+        raise CertificateProblem("certificate", f"expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    if refuse_not_yet_valid and leaf.not_valid_before_utc > now:
+        raise CertificateProblem("certificate", f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if check_order:
+        for number, (cert, issuer) in enumerate(zip(chain, chain[1:]), 1):
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                raise CertificateProblem("certificate", f"certificate {number + 1} of the chain did not issue "
+                                                        f"certificate {number}; give the leaf first, then each "
+                                                        "issuer in order") from None
+    return chain
+
+
 def load_chain(cert_path: Path, key_path: Path, *,
                keys: tuple[str, str] = ("tls.cert_file", "tls.key_file")) -> list[x509.Certificate]:
-    """Load and check a PEM certificate chain and its key.
+    """Load and check a PEM certificate chain and its key from files.
 
     Checks that the files parse, that the key matches the leaf, and that the
-    leaf has not expired. Used by ``init``, ``serve`` and certificate upload.
+    leaf has not expired (:func:`check_chain_pem`). Used by ``init``, ``serve``
+    and certificate upload.
 
     Raises:
         ConfigError: a file is missing or unreadable, the chain is empty, the
@@ -157,25 +225,20 @@ def load_chain(cert_path: Path, key_path: Path, *,
     """
     cert_key, key_key = keys
     try:
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        cert_pem = cert_path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{cert_key}: {cert_path} does not exist") from None
-    except ValueError as exc:
-        raise ConfigError(f"{cert_key}: {cert_path} holds no PEM certificate ({exc})") from None
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key_pem = key_path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{key_key}: {key_path} does not exist") from None
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key_key}: {key_path} holds no unencrypted PEM private key ({exc})") from None
-    leaf = chain[0]
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
-            leaf.public_key().public_bytes(serialization.Encoding.DER, pub):
-        raise ConfigError(f"{key_key}: {key_path} does not match the certificate in {cert_path}")
-    if leaf.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
-        raise ConfigError(f"{cert_key}: {cert_path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
-    return chain
+    try:
+        return check_chain_pem(cert_pem, key_pem)
+    except CertificateProblem as exc:
+        if exc.field == "key" and exc.message.startswith("does not match"):
+            raise ConfigError(f"{key_key}: {key_path} does not match the certificate in {cert_path}") from None
+        setting, path = (key_key, key_path) if exc.field == "key" else (cert_key, cert_path)
+        raise ConfigError(f"{setting}: {path} {exc.message}") from None
 
 
 def peer_certificate_info(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> CertificateInfo | None:

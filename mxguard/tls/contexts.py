@@ -12,10 +12,14 @@ cached, since building one with the system trust store costs milliseconds.
 from __future__ import annotations
 
 import functools
+import os
 import ssl
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from mxguard.errors import ConfigError
+from mxguard.tls import sni
 from mxguard.tls.policy import DownstreamTls
 
 #: TLS 1.2 suites: ECDHE key exchange (forward secrecy) with AEAD ciphers only.
@@ -78,6 +82,34 @@ def add_certificate(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> Non
         raise ConfigError(f"cannot load extra certificate {cert_file}: {exc}") from None
 
 
+def server_context_from_pem(cert_pem: bytes, key_pem: bytes, *, min_version: str = "1.2") -> ssl.SSLContext:
+    """A server context (as :func:`server_context`) for a chain and key held in memory.
+
+    OpenSSL loads chains only from files through the ``ssl`` module, so both are
+    written for the moment of loading into a fresh private directory (mode 0700,
+    files 0600) and removed at once.
+
+    Args:
+        cert_pem: PEM chain, leaf first.
+        key_pem: unencrypted PEM private key.
+        min_version: ``"1.2"`` or ``"1.3"``.
+
+    Raises:
+        ConfigError: OpenSSL refuses the pair.
+    """
+    from mxguard.tls.certs import write_private
+
+    with tempfile.TemporaryDirectory(prefix="mxguard-sni-") as tmp:
+        os.chmod(tmp, 0o700)
+        cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        write_private(cert_file, cert_pem)
+        write_private(key_file, key_pem)
+        try:
+            return server_context(cert_file, key_file, min_version=min_version)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(f"{cert_file} / {key_file}", "the certificate and key")) from None
+
+
 @functools.lru_cache(maxsize=64)
 def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version: str = "1.2",
                    pinned: bool = False) -> ssl.SSLContext:
@@ -120,9 +152,11 @@ class ReloadableServerContext:
 
     ``context`` is the one :class:`ssl.SSLContext` handed to the SMTP listener
     and the HTTPS server. Its SNI callback (called for every ClientHello, with
-    or without SNI) moves each new handshake onto the current inner context,
-    so :meth:`reload` affects the next handshake only; established sessions
-    keep theirs. This also works when the new key type differs from the old
+    or without SNI) moves each new handshake onto the context for its server
+    name (:meth:`set_sni`: exact name, then one-label wildcard, see
+    :func:`mxguard.tls.sni.select`) or else the current gateway context, so
+    :meth:`reload` and :meth:`set_sni` affect the next handshake only;
+    established sessions keep theirs. This also works when the new key type differs from the old
     one (ECDSA → RSA), which ``load_cert_chain`` on a shared context would not
     do (OpenSSL keeps one certificate per key type).
 
@@ -140,11 +174,18 @@ class ReloadableServerContext:
         self.extra = extra
         self.current = server_context(cert_file, key_file, min_version=min_version, extra=extra)
         self.context = server_context(cert_file, key_file, min_version=min_version, extra=extra)
+        self.by_name: Mapping[str, ssl.SSLContext] = {}
         self.context.sni_callback = self._select
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        ssl_object.context = self.current
+        # One dict lookup (two for a wildcard) per handshake; the map is replaced whole, never mutated.
+        ssl_object.context = sni.select(self.by_name, server_name) or self.current
         return None
+
+    def set_sni(self, by_name: Mapping[str, ssl.SSLContext]) -> None:
+        """Use these per-name contexts for new handshakes (names as :func:`mxguard.tls.sni.normalize_sni_name`
+        returns them); an empty mapping serves the gateway certificate to everyone."""
+        self.by_name = dict(by_name)
 
     def reload(self, cert_file: Path, key_file: Path) -> None:
         """Use a new chain and key for handshakes from now on.

@@ -18,7 +18,7 @@ LABELS = {
     "notify_virus_recipient": "Tell the recipient when a virus addressed to them was stopped",
     "notify_virus_admin": "Tell the alert address when a virus was stopped",
     "notify_route_down": "Alert when a downstream server has been unreachable (mail spooling) for the minutes below",
-    "notify_cert_expiry": "Alert when the gateway's or a downstream server's certificate expires within 14 days",
+    "notify_cert_expiry": "Alert when a gateway certificate (its own or one by SNI) or a downstream server's expires within 14 days",
     "notify_engine_down": "Alert when a filtering engine is down",
 }
 

@@ -1,4 +1,5 @@
-"""TLS page: the gateway's certificate, replacing it (validated, hot-reloaded), TLS shares per domain."""
+"""TLS page: the gateway's certificate, replacing it (validated, hot-reloaded), certificates by SNI
+(list, upload, remove), TLS shares per domain."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import UploadFile
 
-from mxguard.errors import ConfigError, ValidationFailed
+from mxguard.errors import AlreadyExists, ConfigError, NotFound, PermissionDenied, ValidationFailed
 from mxguard.services import certificates, stats
+from mxguard.services import sni_certificates as sni
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleUser, console_user, csrf_checked, get_ctx
 
@@ -15,7 +17,8 @@ router = APIRouter(include_in_schema=False)
 
 
 async def _render(request: Request, me: ConsoleUser, ctx: WebContext, *, error: str | None = None,
-                  saved: bool = False, status: int = 200):
+                  saved: bool = False, status: int = 200, sni_saved: str = "", sni_error: str | None = None,
+                  sni_form: dict | None = None):
     try:
         chain, chain_error = certificates.current_chain(ctx.settings), None
     except ConfigError as exc:
@@ -23,14 +26,18 @@ async def _render(request: Request, me: ConsoleUser, ctx: WebContext, *, error: 
     return request.app.state.templates.TemplateResponse(request, "tls.html", {
         "me": me, "chain": chain, "chain_error": chain_error, "error": error, "saved": saved,
         "per_domain": await stats.per_domain_tls(ctx.store, me.actor),
+        "sni_certs": await sni.list_sni_certificates(ctx.store, actor=me.actor),
+        "sni_saved": sni_saved, "sni_error": sni_error, "sni_form": sni_form or {},
     }, status_code=status)
 
 
 @router.get("/tls")
-async def tls_page(request: Request, saved: int = 0, me: ConsoleUser = Depends(console_user),
+async def tls_page(request: Request, saved: int = 0, sni_saved: str = "", me: ConsoleUser = Depends(console_user),
                    ctx: WebContext = Depends(get_ctx)):
-    """The gateway certificate, the upload form (admins) and TLS shares per domain."""
-    return await _render(request, me, ctx, saved=bool(saved))
+    """The gateway certificate, the upload form (admins), certificates by SNI and TLS shares per domain."""
+    message = {"added": "Certificate stored; new STARTTLS and HTTPS handshakes for its name use it now.",
+               "removed": "Certificate removed; its name gets the gateway certificate from the next handshake on."}
+    return await _render(request, me, ctx, saved=bool(saved), sni_saved=message.get(sni_saved, ""))
 
 
 async def _read(upload: UploadFile | str | None, field: str) -> bytes:
@@ -55,3 +62,36 @@ async def upload(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx:
     if ctx.reload_certificate is not None:
         ctx.reload_certificate()
     return RedirectResponse("/tls?saved=1", status_code=303)
+
+
+_SNI_STATUS = {ValidationFailed: 422, PermissionDenied: 403, AlreadyExists: 409, NotFound: 404}
+
+
+@router.post("/tls/sni")
+async def sni_upload(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """Validate and store a certificate for a name; every gateway serves it from its next handshake on."""
+    form = await request.form()
+    name = str(form.get("name") or "")
+    replace = form.get("replace") == "on"
+    try:
+        cert_pem = await _read(form.get("certificate"), "certificate")
+        key_pem = await _read(form.get("key"), "key")
+        await sni.add_sni_certificate(ctx.store, ctx.keyring.get(), name, cert_pem, key_pem, actor=me.actor,
+                                      replace=replace, min_version=ctx.settings.tls.min_version)
+    except (ValidationFailed, PermissionDenied, AlreadyExists) as exc:
+        return await _render(request, me, ctx, sni_error=str(exc), status=_SNI_STATUS[type(exc)],
+                             sni_form={"name": name, "replace": replace})
+    await ctx.config_changed()
+    return RedirectResponse("/tls?sni_saved=added", status_code=303)
+
+
+@router.post("/tls/sni/remove")
+async def sni_remove(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """Remove the certificate for the form's ``name``."""
+    form = await request.form()
+    try:
+        await sni.remove_sni_certificate(ctx.store, str(form.get("name") or ""), actor=me.actor)
+    except (ValidationFailed, NotFound) as exc:
+        return await _render(request, me, ctx, sni_error=str(exc), status=_SNI_STATUS[type(exc)])
+    await ctx.config_changed()
+    return RedirectResponse("/tls?sni_saved=removed", status_code=303)

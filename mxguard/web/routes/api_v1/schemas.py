@@ -107,6 +107,26 @@ class CertificateIn(_In):
     key_pem: str = Field(min_length=1, description="Unencrypted PEM private key of the leaf")
 
 
+class SniCertificateIn(_In):
+    name: str = Field(min_length=1, max_length=255, description="Host name or one-label wildcard (*.example.com)")
+    certificate_pem: str = Field(min_length=1, description="PEM chain, leaf first")
+    key_pem: str = Field(min_length=1, description="Unencrypted PEM private key of the leaf")
+    replace: bool = Field(default=False, description="Replace the certificate stored for the name (renewal)")
+
+
+class SniCertificateOut(BaseModel):
+    name: str
+    domain: str | None = Field(description="The served domain the name is under")
+    org: str | None
+    subject: str
+    sans: list[str]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    days_left: int
+    sha256: str
+    created_at: dt.datetime
+
+
 class TlsShareOut(BaseModel):
     transactions: int
     inbound_tls: int

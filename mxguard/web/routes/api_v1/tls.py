@@ -1,13 +1,15 @@
-"""``/tls``: the gateway certificate (read, replace) and TLS shares per domain."""
+"""``/tls``: the gateway certificate (read, replace), certificates by SNI, and TLS shares per domain."""
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from mxguard.services import certificates, stats
+from mxguard.services import sni_certificates as sni
 from mxguard.services.access import Actor
 from mxguard.tls.certs import CertificateInfo
 from mxguard.web.context import WebContext
 from mxguard.web.deps import api_actor, get_ctx
-from mxguard.web.routes.api_v1.schemas import CertificateIn, CertificateOut, DomainTlsOut, TlsShareOut
+from mxguard.web.routes.api_v1.schemas import (CertificateIn, CertificateOut, DomainTlsOut, SniCertificateIn,
+                                               SniCertificateOut, TlsShareOut)
 
 router = APIRouter(prefix="/tls", tags=["tls"])
 
@@ -39,6 +41,37 @@ async def put_certificate(body: CertificateIn, actor: Actor = Depends(api_actor)
     if ctx.reload_certificate is not None:
         ctx.reload_certificate()
     return _cert(info)
+
+
+def _sni(view: sni.SniCertView) -> SniCertificateOut:
+    return SniCertificateOut(name=view.name, domain=view.domain, org=view.org, subject=view.subject,
+                             sans=list(view.sans), not_before=view.not_before, not_after=view.not_after,
+                             days_left=int(view.days_left), sha256=view.fingerprint, created_at=view.created_at)
+
+
+@router.get("/certificates", response_model=list[SniCertificateOut], summary="Certificates chosen by SNI")
+async def list_sni(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    return [_sni(v) for v in await sni.list_sni_certificates(ctx.store, actor=actor)]
+
+
+@router.post("/certificates", response_model=SniCertificateOut, status_code=201,
+             summary="Add a certificate for a host name or wildcard (validated; every gateway serves it at once)")
+async def add_sni(body: SniCertificateIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    """409 when the name has one already (unless ``replace``); 403 for an org-admin's name under no domain of
+    their organization; 422 naming ``name``, ``certificate`` or ``key`` when validation refuses it."""
+    view = await sni.add_sni_certificate(ctx.store, ctx.keyring.get(), body.name, body.certificate_pem.encode(),
+                                         body.key_pem.encode(), actor=actor, replace=body.replace,
+                                         min_version=ctx.settings.tls.min_version)
+    await ctx.config_changed()
+    return _sni(view)
+
+
+@router.delete("/certificates/{name}", status_code=204, response_class=Response,
+               summary="Remove the certificate for a name (it gets the gateway certificate again)")
+async def remove_sni(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    await sni.remove_sni_certificate(ctx.store, name, actor=actor)
+    await ctx.config_changed()
+    return Response(status_code=204)
 
 
 @router.get("/domains", response_model=list[DomainTlsOut], summary="Inbound/downstream TLS per domain, 24 h and 30 days")
