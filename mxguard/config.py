@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -419,6 +420,27 @@ class NotifySettings(_Section):
         return value
 
 
+#: A dot-atom local part (RFC 5322 3.2.3 atext, dots between atoms).
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+
+
+class TlsReportsSettings(_Section):
+    """TLS-RPT reports (RFC 8460) that other senders send about the served domains."""
+
+    #: Take reports at <ingest_local_part>@<served domain> (mail) and POST /tlsrpt (HTTPS).
+    ingest: bool = True
+    #: The local part of each served domain's report address; RCPTs to it are the gateway's own.
+    ingest_local_part: str = "tlsrpt"
+
+    @field_validator("ingest_local_part")
+    @classmethod
+    def _valid_local_part(cls, value: str) -> str:
+        value = value.strip()
+        if len(value) > 64 or not _DOT_ATOM.match(value):
+            raise ValueError("must be a plain local part such as tlsrpt (RFC 5322 dot-atom, at most 64 characters)")
+        return value.lower()
+
+
 class Settings(_Section):
     """All bootstrap settings; see the module docstring for the override rules."""
 
@@ -436,6 +458,7 @@ class Settings(_Section):
     filters: FilterSettings = Field(default_factory=FilterSettings)
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    tls_reports: TlsReportsSettings = Field(default_factory=TlsReportsSettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -729,4 +752,10 @@ check_interval = {s.notify.check_interval}
 cert_check_interval = {s.notify.cert_check_interval}
 cert_warning_days = {s.notify.cert_warning_days}
 repeat_after = {s.notify.repeat_after}
+
+[tls_reports]
+# TLS-RPT reports (RFC 8460) other senders send about your domains: taken by mail at
+# <ingest_local_part>@<each served domain> (never relayed) and by HTTPS POST to /tlsrpt.
+ingest = {str(s.tls_reports.ingest).lower()}
+ingest_local_part = "{s.tls_reports.ingest_local_part}"
 """

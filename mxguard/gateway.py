@@ -29,6 +29,7 @@ from mxguard.smtp.limits import ConnectionCounter
 from mxguard.smtp.pool import ConnectionPool
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
+from mxguard.smtp.tlsrpt_inbox import ReportInbox
 from mxguard.storage.db import Store
 from mxguard.spool.accept import StoreSpooler
 from mxguard.spool.worker import SpoolWorker
@@ -122,7 +123,9 @@ class Gateway:
                                       pool=self.pool,
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold, sender_lists=self.sender_lists,
-                                      on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal)
+                                      on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal,
+                                      report_inbox=ReportInbox(self.store, s.tls_reports.ingest_local_part)
+                                      if s.tls_reports.ingest else None)
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
         self.tls_reports: DailyTlsReports | None = None

@@ -1,4 +1,6 @@
-"""``mxguard tls-report send``: the day's TLS-RPT aggregate reports (RFC 8460)."""
+"""``mxguard tls-report``: TLS-RPT (RFC 8460). ``send``: the day's aggregate reports of this gateway's
+downstream TLS; ``received``: the reports other senders sent about the served domains.
+(``mxguard tlsrpt ...`` is the same group.)"""
 
 from __future__ import annotations
 
@@ -6,12 +8,16 @@ import datetime as dt
 import json
 
 import typer
+from rich.table import Table
 
-from mxguard.cli.common import console, fail, handle_errors, run, settings
+from mxguard.cli.common import console, fail, handle_errors, run, settings, with_store
+from mxguard.services.access import Actor
+from mxguard.services.tls_reports import received_reports
 from mxguard.storage.db import Store
 from mxguard.tls.reporting import send_reports
 
-tls_report_app = typer.Typer(help="TLS-RPT (RFC 8460) aggregate reports of downstream TLS.", no_args_is_help=True)
+tls_report_app = typer.Typer(help="TLS-RPT (RFC 8460): reports of downstream TLS sent, and reports received "
+                                  "about the served domains.", no_args_is_help=True)
 
 
 def _yesterday() -> str:
@@ -52,3 +58,33 @@ def send(day: str = typer.Option("", "--day", help="UTC day YYYY-MM-DD (yesterda
     if not sent and not as_json:
         console.print(f"No TLS reports for {when}: no served domain with delivery attempts publishes _smtp._tls.")
     raise typer.Exit(0 if all(i.ok for i in sent) else 1)
+
+
+@tls_report_app.command("received")
+@handle_errors
+def received(domain: str = typer.Option("", "--domain", help="Only this served domain"),
+             limit: int = typer.Option(100, "--limit", min=1, max=10000, help="At most this many, newest first"),
+             as_json: bool = typer.Option(False, "--json", help="One JSON object per report and domain")) -> None:
+    """List the TLS-RPT reports other senders sent about the served domains (newest first).
+
+    Reports come by mail to the domain's report address ([tls_reports] ingest_local_part,
+    default tlsrpt@DOMAIN) or by HTTPS POST to /tlsrpt on the console listener.
+    """
+    rows = run(with_store(lambda store: received_reports(store, actor=Actor.cli(), domain=domain or None,
+                                                         limit=limit)))
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row.as_dict()))
+        return
+    if not rows:
+        console.print("No TLS reports received" + (f" for {domain}." if domain else "."))
+        return
+    table = Table(title="TLS-RPT reports received")
+    for col in ("domain", "window (UTC)", "organization", "report id", "successful", "failed",
+                "failures by result type", "via"):
+        table.add_column(col)
+    for r in rows:
+        failures = "\n".join(f"{k}: {v}" for k, v in r.failures.items()) or "-"
+        table.add_row(r.domain, f"{r.start:%Y-%m-%d %H:%M} – {r.end:%Y-%m-%d %H:%M}", r.organization, r.report_id,
+                      str(r.successful), str(r.failed), failures, r.via)
+    console.print(table)

@@ -19,7 +19,8 @@ from mxguard.storage import messagelog
 from mxguard.storage.db import Store
 from mxguard.storage.models import MessageLogEntry
 
-DISPOSITIONS = ("delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted", "released")
+DISPOSITIONS = ("delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted", "released",
+                "tls-report")
 
 
 async def visible_domains(store: Store, actor: Actor) -> list[str] | None:

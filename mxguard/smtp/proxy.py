@@ -39,6 +39,7 @@ from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, Downstre
 from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import PUBLISHED_POLICY_MODES, DomainDirectory, Route, route_for_message, sender_opted_out
+from mxguard.smtp.tlsrpt_inbox import MIXED_WITH_REPORTS, REPORT_RCPT_OK
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
 from mxguard.tls.policy import InboundTls
 
@@ -112,6 +113,8 @@ class ProxyContext:
     on_virus: Callable[..., None] | None = None
     #: Called with a reason (``"bare_lf"``) when the front door refuses a command line (metrics).
     on_refusal: Callable[[str], None] | None = None
+    #: The gateway's own TLS-RPT mailbox (:class:`~mxguard.smtp.tlsrpt_inbox.ReportInbox`); ``None``: off.
+    report_inbox: Any = None
 
     @property
     def hostname(self) -> str:
@@ -144,6 +147,12 @@ class Transaction:
     #: Connections opened at the end of DATA on a route relaxed by ``TLS-Required: No``; closed
     #: with the transaction, never pooled.
     relaxed_conns: list[DownstreamConnection] = field(default_factory=list)
+    #: Recipients that are a served domain's TLS-RPT address: the gateway takes the message itself.
+    report_rcpts: list[str] = field(default_factory=list)
+
+
+#: The message-log disposition of a TLS-RPT report the gateway took for itself.
+REPORT_DISPOSITION = "tls-report"
 
 
 def sender_aligned(tx: Transaction) -> bool:
@@ -225,6 +234,12 @@ class ProxySession:
         if domain.inbound_tls == InboundTls.REQUIRED and not tx.client.tls:
             log.info("inbound TLS required", txn=tx.txn_id, rcpt=address, client=tx.client.ip)
             return self._refused(address, TLS_REQUIRED_INBOUND, route)
+        inbox = self.ctx.report_inbox
+        if inbox is not None and inbox.takes(address):
+            return self._take_report_rcpt(tx, address)
+        if tx.report_rcpts:
+            log.info("recipient mixed with a TLS-RPT address", txn=tx.txn_id, rcpt=address)
+            return self._refused(address, MIXED_WITH_REPORTS, route)
         leg = tx.legs.get(route)
         if leg is None:
             leg = RouteLeg(route, domain)
@@ -258,6 +273,30 @@ class ProxySession:
         else:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
+        return reply
+
+    def _take_report_rcpt(self, tx: Transaction, address: str) -> Reply:
+        """A served domain's TLS-RPT address: the gateway's own, so never beside downstream recipients."""
+        if any(leg.accepted for leg in tx.legs.values()):
+            log.info("TLS-RPT address mixed with other recipients", txn=tx.txn_id, rcpt=address)
+            return self._refused(address, MIXED_WITH_REPORTS, None)
+        if address not in tx.report_rcpts:
+            tx.report_rcpts.append(address)
+        log.debug("TLS-RPT address taken", txn=tx.txn_id, rcpt=address)
+        return REPORT_RCPT_OK
+
+    async def _finish_report(self, tx: Transaction, content: bytes) -> Reply:
+        """End of DATA for a report address: store the report; no downstream leg, nothing relayed."""
+        received_at = time.perf_counter()
+        reply = await self.ctx.report_inbox.ingest(content, tx.txn_id)
+        # Stored (or stored before): the gateway's own disposition; else the usual words for a refusal.
+        disposition = REPORT_DISPOSITION if reply.is_positive else _disposition_for(reply)
+        for rcpt in tx.report_rcpts:
+            tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text, disposition, None))
+        subject, message_id = headers.summarize(content)
+        self._record(tx, reply, size=len(content), subject=subject, message_id=message_id,
+                     accept_ms=(received_at - tx.started) * 1000)
+        self.transactions += 1
         return reply
 
     def _may_spool(self, leg: RouteLeg) -> bool:
@@ -400,6 +439,8 @@ class ProxySession:
         tx = self.tx
         assert tx is not None
         self.tx = None
+        if tx.report_rcpts:
+            return await self._finish_report(tx, content)
         received_at = time.perf_counter()
         for leg in tx.legs.values():
             if leg.tls_deferred and leg.accepted:
@@ -673,6 +714,9 @@ class ProxySession:
             if leg.conn is not None and leg.conn.in_transaction:
                 await leg.conn.rset()
             self._results(tx, leg, reply, _disposition_for(reply))
+        for rcpt in tx.report_rcpts:
+            tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text,
+                                              _disposition_for(reply), None))
         subject, message_id = headers.summarize(content)
         self._record(tx, reply, size=len(content), subject=subject, message_id=message_id)
         return reply
@@ -687,11 +731,14 @@ class ProxySession:
                 await leg.conn.rset()
                 if not leg.conn.is_connected:
                     self.conns.pop(leg.route, None)
-        if tx.results or any(leg.accepted for leg in tx.legs.values()):
+        if tx.results or tx.report_rcpts or any(leg.accepted for leg in tx.legs.values()):
             for leg in tx.legs.values():
                 for rcpt in leg.accepted:
                     tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
                                                       "aborted", leg.route.describe()))
+            for rcpt in tx.report_rcpts:
+                tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
+                                                  "aborted", None))
             self._record(tx, None, abort_reason=reason)
 
     async def close(self) -> None:

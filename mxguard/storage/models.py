@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -178,6 +179,43 @@ class SniCertificate(Base):
     #: SHA-256 of the leaf (DER), lower-case hex.
     fingerprint: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+class ReceivedTlsReport(Base):
+    """A TLS-RPT report (RFC 8460) another sender sent about a served domain (migration 0008_tlsrpt_ingest).
+
+    One row per report and policy domain that is served; a report about two
+    served domains is two rows sharing ``raw_gzip``. The same (organization,
+    report-id, domain) is stored once: a second copy is a duplicate.
+    """
+
+    __tablename__ = "tls_reports_received"
+    __table_args__ = (
+        UniqueConstraint("organization", "report_id", "domain", name="uq_tls_reports_received_report"),
+        Index("ix_tls_reports_received_domain_start", "domain", "start"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    #: The policy domain (a served domain, lower case).
+    domain: Mapped[str] = mapped_column(String(253))
+    #: The sending organization (``organization-name``).
+    organization: Mapped[str] = mapped_column(String(255))
+    report_id: Mapped[str] = mapped_column(String(255))
+    contact: Mapped[str] = mapped_column(Text, default="")
+    start: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    end: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    #: Sessions of every policy of this domain in the report, summed.
+    successful: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: ``{result type: failed sessions}`` from the failure details (unknown types as given).
+    failures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The policy types reported (``sts``, ``tlsa``, ``no-policy-found``).
+    policy_types: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: The sending MTAs' addresses named in the failure details.
+    sending_ips: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: ``https`` (POST) or ``mail`` (tlsrpt@domain).
+    via: Mapped[str] = mapped_column(String(8))
+    received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    #: The report's JSON as received, gzip-compressed.
+    raw_gzip: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class MessageLogEntry(Base):
@@ -221,6 +259,7 @@ class MessageLogEntry(Base):
     #: Filter verdict details (scores, matched rules), when filtering ran.
     verdict: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: delivered | rejected | deferred | quarantined | spooled | partial | aborted | released (from quarantine)
+    #: | tls-report (a TLS-RPT report the gateway took for itself)
     disposition: Mapped[str] = mapped_column(String(16))
     final_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     final_reply: Mapped[str] = mapped_column(Text, default="")

@@ -28,7 +28,8 @@ API_PREFIX = "/api/v1"
 
 
 def _is_api(request: Request) -> bool:
-    return request.url.path.startswith(API_PREFIX)
+    """JSON errors: the REST API, and the TLS-RPT intake reporters POST to."""
+    return request.url.path.startswith(API_PREFIX) or request.url.path == "/tlsrpt"
 
 
 def _page_error(request: Request, status: int, message: str) -> object:
@@ -44,7 +45,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         ctx: settings, store, metrics and the gateway hooks.
     """
     from mxguard.web.routes import (account, audit, auth, dashboard, domains, messagecenter, messagelog, orgs,
-                                    spool, system, tls)
+                                    spool, system, tls, tls_reports, tlsrpt_intake)
     from mxguard.web.routes.api_v1 import router as api_router
 
     app = FastAPI(
@@ -59,7 +60,8 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.add_middleware(SecurityHeaders, hsts=not ctx.settings.web.plain_http)
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
     # One router per resource.
-    for module in (auth, account, dashboard, domains, tls, messagelog, spool, audit, system, messagecenter, orgs):
+    for module in (auth, account, dashboard, domains, tls_reports, tls, messagelog, spool, audit, system,
+                   messagecenter, orgs, tlsrpt_intake):
         app.include_router(module.router)
     app.include_router(api_router, prefix=API_PREFIX)
 

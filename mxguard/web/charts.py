@@ -19,6 +19,7 @@ from mxguard.services.stats import TlsShare
 DISPOSITION_COLOURS = {
     "delivered": "#2e7d32", "partial": "#9e9d24", "deferred": "#ef6c00", "spooled": "#6d4c41",
     "quarantined": "#6a1b9a", "rejected": "#c62828", "aborted": "#757575",
+    "tls-report": "#00838f",
 }
 
 _BASE = dict(background="white", plot_background="white", foreground="#333", foreground_strong="#111",
@@ -74,4 +75,19 @@ def tls_shares(share: TlsShare, title: str = "TLS share, last 24 hours") -> byte
     if share.downstream:
         chart.add(f"Downstream with TLS ({share.downstream_tls}/{share.downstream})", [share.downstream_pct or 0])
         chart.add(f"Downstream verified ({share.downstream_verified}/{share.downstream})", [share.verified_pct or 0])
+    return _without_scripts(chart.render())
+
+
+def tls_report_sessions(days: list[str], successful: list[int], failed: list[int]) -> bytes:
+    """Stacked bars: TLS sessions per UTC day that other senders' TLS-RPT reports count (RFC 8460)."""
+    style = Style(colors=("#2e7d32", "#c62828"), **_BASE)
+    chart = pygal.StackedBar(style=style, **_config(title="Sessions reported per day (UTC)", x_label_rotation=0,
+                                                    show_minor_x_labels=False, truncate_label=-1,
+                                                    print_values=False, legend_at_bottom_columns=2,
+                                                    no_data_text="No TLS reports in this window"))
+    chart.x_labels = [d[5:] for d in days]
+    chart.x_labels_major = [d[5:] for d in days[::max(1, len(days) // 10)]]
+    if any(successful) or any(failed):
+        chart.add("successful", successful)
+        chart.add("failed", failed)
     return _without_scripts(chart.render())

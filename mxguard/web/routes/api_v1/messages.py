@@ -12,7 +12,8 @@ from mxguard.web.deps import api_actor, get_ctx
 from mxguard.web.routes.api_v1.schemas import MessageOut
 
 router = APIRouter(prefix="/messages", tags=["message log"])
-Disposition = Literal["delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted"]
+Disposition = Literal["delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted",
+                      "tls-report"]
 
 
 @router.get("", response_model=list[MessageOut], summary="Search the message log (newest first)")

@@ -263,3 +263,41 @@ class SpoolRetryOut(BaseModel):
     delivered: int
     still_held: int
     entries: list[SpoolRetryItemOut]
+
+
+class ReceivedTlsReportOut(BaseModel):
+    """One TLS-RPT report (RFC 8460) another sender sent about the domain: its sums for this domain."""
+
+    id: int
+    domain: str
+    organization: str = Field(description="organization-name: who sent the report")
+    report_id: str
+    contact: str = Field(description="contact-info")
+    start: dt.datetime
+    end: dt.datetime
+    successful: int = Field(description="total-successful-session-count, every policy of this domain")
+    failed: int = Field(description="total-failure-session-count, every policy of this domain")
+    failures: dict[str, int] = Field(description="failed sessions by result-type (unknown types as given)")
+    policy_types: list[str]
+    sending_ips: list[str] = Field(description="sending-mta-ip values of the failure details")
+    via: Literal["https", "mail"]
+    received_at: dt.datetime
+
+
+class ReceivedTlsReportDetailOut(ReceivedTlsReportOut):
+    report: dict[str, Any] = Field(description="the report's JSON as received")
+
+
+class DomainTlsReportsOut(BaseModel):
+    """A domain's received TLS-RPT reports over the last ``days`` UTC days."""
+
+    domain: str
+    days: list[str]
+    successful_per_day: list[int]
+    failed_per_day: list[int]
+    total_successful: int
+    total_failed: int
+    failures: dict[str, int]
+    organizations: dict[str, int] = Field(description="reports per sending organization")
+    reports: int
+    newest: list[ReceivedTlsReportOut]
