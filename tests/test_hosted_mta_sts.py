@@ -431,3 +431,45 @@ def test_mx_hosts_setting_is_validated_at_start_naming_the_key(tmp_path):
         with pytest.raises(ConfigError, match=r"setting 'server\.mx_hosts'"):
             load_settings(path, environ={"MXGUARD_SERVER__MX_HOSTS": bad})
     assert "[server]" in (path / "mxguard.toml").read_text() and "mx_hosts = []" in (path / "mxguard.toml").read_text()
+
+
+# -- a real browser -----------------------------------------------------------------------------------
+
+def test_the_section_in_a_real_browser(web, served, sts_dns):
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.support.browser import ARTIFACTS, CHROMIUM_ARGS, chromium_path
+    from tests.support.web import PASSWORD
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.goto(web.url + "/domains/off.test")
+        page.fill("input[name=email]", "admin@gw.test")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button:has-text('Log in')")
+        section = page.locator("#mta-sts")
+        expect(section.locator("h2")).to_have_text("MTA-STS and TLS-RPT")
+        expect(page.locator("#policy-url")).to_contain_text("No policy is served")
+        page.select_option("select[name=mta_sts_mode]", "enforce")
+        page.fill("input[name=mta_sts_max_age]", "259200")
+        page.click("#save-mta-sts")
+        expect(page.locator("#sts-saved")).to_be_visible()
+        expect(page.locator("#policy-text")).to_contain_text("mode: enforce")
+        expect(page.locator("#policy-text")).to_contain_text("max_age: 259200")
+        policy_id = txt_value(served, "off.test").strip('"').split("id=")[1]
+        expect(page.locator("#dns-records")).to_contain_text(f'"v=STSv1; id={policy_id}"')
+        publish(sts_dns, "off.test", policy_id)
+        page.click("#dns-check")
+        result = page.locator("#dns-check-result")
+        expect(result.locator("td.check-status")).to_have_count(4)
+        expect(result.locator("td.check-status.bad")).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "hosted-mta-sts.png"), full_page=True)
+        context.close()
+        browser.close()
+    assert problems == []
