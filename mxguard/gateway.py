@@ -21,6 +21,7 @@ from mxguard.quarantine.jobs import QuarantineJobs
 from mxguard.quarantine.links import LinkSigner, ensure_link_key
 from mxguard.quarantine.senderlists import SenderLists
 from mxguard.quarantine.store import quarantine_many
+from mxguard.services import hosted_sts
 from mxguard.services import spool as spool_service
 from mxguard.services import status
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
@@ -99,6 +100,8 @@ class Gateway:
         self.filters = FilterPipeline.from_settings(s)
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
+        # Hosted MTA-STS: a changed mx list changes the policies, so their ids (and the records to publish).
+        await hosted_sts.renew_changed_ids(self.store, s.mx_hosts)
         self.directory = DomainDirectory(self.store)
         # The recipients' allow/block lists follow the configuration generation with the domains.
         self.sender_lists = SenderLists(self.store)

@@ -473,3 +473,37 @@ def test_the_section_in_a_real_browser(web, served, sts_dns):
         context.close()
         browser.close()
     assert problems == []
+
+
+def test_a_gateway_started_with_other_mx_hosts_renews_the_ids(tmp_path, loopback_dns):
+    from sqlalchemy import select
+
+    from mxguard.services import domains
+    from mxguard.storage.models import Domain
+    from tests.conftest import gateway_environ
+    from tests.support.gateway import ThreadedGateway
+
+    path = tmp_path / "d"
+    init_data_dir(path)
+    settings_ = load_settings(path, environ=gateway_environ(loopback_dns, MXGUARD_SERVER__MX_HOSTS="mx1.gw.test"))
+    gw = ThreadedGateway(settings_).start()
+    try:
+        gw.run(domains.add_domain(gw.store, "renew.test", ["127.0.0.1:2525"]))
+        _, first = gw.run(hosted_sts.set_hosted_policy(gw.store, "renew.test", settings_.mx_hosts, "mx.gw.test",
+                                                       mode="enforce"))
+        assert gw.run(hosted_sts.renew_changed_ids(gw.store, settings_.mx_hosts)) == []
+    finally:
+        gw.stop()
+    settings_ = load_settings(path, environ=gateway_environ(loopback_dns, MXGUARD_SERVER__MX_HOSTS="mx7.gw.test"))
+    gw = ThreadedGateway(settings_).start()
+    try:
+        async def stored_id() -> str:
+            async with gw.store.session() as session:
+                return await session.scalar(select(Domain.mta_sts_id).where(Domain.name == "renew.test"))
+
+        renewed = gw.run(stored_id())  # read raw: renewed at start, before anything asked for it
+        assert renewed != first.policy_id
+        now = gw.run(hosted_sts.get_hosted_policy(gw.store, "renew.test", ["mx7.gw.test"], "mx.gw.test"))
+        assert now.policy_id == renewed and now.mx == ("mx7.gw.test",)
+    finally:
+        gw.stop()

@@ -274,6 +274,29 @@ async def set_hosted_policy(store: Store, name: str, mx: list[str], gateway_host
         return before, after
 
 
+async def renew_changed_ids(store: Store, mx: list[str]) -> list[tuple[str, str]]:
+    """Issue new ids for every served policy whose text changed since its id was issued (the
+    gateway calls it at start: ``server.mx_hosts`` may have changed); audit entry by ``system``.
+
+    Returns:
+        ``[(domain, new id)]``: the ``_mta-sts`` records the administrator must update.
+    """
+    renewed: list[tuple[str, str]] = []
+    async with store.session() as session:
+        rows = (await session.execute(select(Domain).where(Domain.mta_sts_mode != "off"))).unique().scalars().all()
+        for row in rows:
+            before = _audit_state(row)
+            if _sync_id(row, mx):
+                audit.record(session, SYSTEM, "domain.mta_sts", row.name, org_id=row.org_id, before=before,
+                             after=_audit_state(row))
+                renewed.append((row.name, row.mta_sts_id))
+        await session.commit()
+    for domain, policy_id in renewed:
+        log.warning("MTA-STS policy text changed (server.mx_hosts?): publish the new id", domain=domain,
+                    record=f'_mta-sts.{domain}. IN TXT "v=STSv1; id={policy_id}"')
+    return renewed
+
+
 def policy_domain_for_host(host: str) -> str | None:
     """The domain whose policy a ``Host`` header asks for, or ``None`` when it is not a policy host.
 
