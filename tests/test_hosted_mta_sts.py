@@ -8,6 +8,7 @@ The gateway runs for real on loopback with a certificate from the test CA that n
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -389,8 +390,8 @@ def test_console_section_sets_the_policy_shows_records_and_checks_dns(web, serve
 
 
 def mx_cli(data_dir: Path, sts_dns, *args: str) -> subprocess.CompletedProcess:
-    env = {"MXGUARD_DOWNSTREAM__DNS_SERVERS": sts_dns.address, "MXGUARD_SERVER__MX_HOSTS": ",".join(MX_HOSTS),
-           "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "MXGUARD_DOWNSTREAM__DNS_SERVERS": sts_dns.address,
+           "MXGUARD_SERVER__MX_HOSTS": ",".join(MX_HOSTS), "COLUMNS": "200"}
     return subprocess.run([MXGUARD, "--data-dir", str(data_dir), "domain", *args], capture_output=True, text=True,
                           timeout=60, env=env)
 
