@@ -441,6 +441,41 @@ class TlsReportsSettings(_Section):
         return value.lower()
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class ServerSettings(_Section):
+    """What the gateway says about itself to the domains it serves (their MX records, MTA-STS)."""
+
+    #: The host names the served domains' MX records point at; the ``mx`` lines of every hosted
+    #: MTA-STS policy (RFC 8461 section 3.2). Empty: the gateway's ``hostname``.
+    mx_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("mx_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # MXGUARD_SERVER__MX_HOSTS=mx1.example.net,mx2.example.net (the environment has no lists)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("mx_hosts")
+    @classmethod
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for item in value:
+            host = item.strip().rstrip(".").lower()
+            labels = host.split(".")
+            # An MX names a host, never an address (RFC 5321 section 5.1), in LDH form (RFC 1123 2.1).
+            if len(host) > 253 or len(labels) < 2 or labels[-1].isdigit() or not all(
+                    _HOST_LABEL.match(label) for label in labels):
+                raise ValueError(f"{item!r} is not a host name such as mx1.example.net")
+            if host in out:
+                raise ValueError(f"{host} is listed twice")
+            out.append(host)
+        return out
+
+
 class Settings(_Section):
     """All bootstrap settings; see the module docstring for the override rules."""
 
@@ -459,6 +494,7 @@ class Settings(_Section):
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tls_reports: TlsReportsSettings = Field(default_factory=TlsReportsSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -470,6 +506,11 @@ class Settings(_Section):
         if not value or any(c.isspace() for c in value) or len(value) > 253:
             raise ValueError("must be a host name such as mx.example.com")
         return value
+
+    @property
+    def mx_hosts(self) -> list[str]:
+        """The gateway's MX host names: ``server.mx_hosts``, else ``[hostname]``."""
+        return list(self.server.mx_hosts) or [self.hostname]
 
     def path(self, relative: str) -> Path:
         """Resolve a data-dir relative path (absolute paths are kept)."""
@@ -758,4 +799,9 @@ repeat_after = {s.notify.repeat_after}
 # <ingest_local_part>@<each served domain> (never relayed) and by HTTPS POST to /tlsrpt.
 ingest = {str(s.tls_reports.ingest).lower()}
 ingest_local_part = "{s.tls_reports.ingest_local_part}"
+
+[server]
+# The host names your domains' MX records point at (this gateway); the mx lines of the
+# MTA-STS policies it hosts (mxguard domain mta-sts). Empty: [hostname].
+mx_hosts = {toml_list(s.server.mx_hosts)}
 """

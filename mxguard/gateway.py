@@ -21,6 +21,7 @@ from mxguard.quarantine.jobs import QuarantineJobs
 from mxguard.quarantine.links import LinkSigner, ensure_link_key
 from mxguard.quarantine.senderlists import SenderLists
 from mxguard.quarantine.store import quarantine_many
+from mxguard.services import hosted_sts
 from mxguard.services import spool as spool_service
 from mxguard.services import status
 from mxguard.services.sni_certificates import SniContexts
@@ -102,6 +103,8 @@ class Gateway:
         self.store = Store(s.effective_database_url)
         await self.store.migrate()
         self.keyring = KeyRing(s.path(s.sealing_key_file))
+        # Hosted MTA-STS: a changed mx list changes the policies, so their ids (and the records to publish).
+        await hosted_sts.renew_changed_ids(self.store, s.mx_hosts)
         self.directory = DomainDirectory(self.store)
         # The recipients' allow/block lists and the SNI certificates follow the configuration
         # generation with the domains.

@@ -1,10 +1,11 @@
-"""``mxguard domain add|list|show|set|remove``."""
+"""``mxguard domain add|list|show|set|remove|test|mta-sts|dns-check``."""
 
 from __future__ import annotations
 
 import json
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mxguard.cli.common import console, err_console, handle_errors, run, settings, with_store
@@ -238,3 +239,82 @@ def test(domain: str = typer.Argument(..., show_default=False), as_json: bool = 
             console.print(f"  {key:>18}  {value}", highlight=False)
     if result.tls_policy is not None:
         _print_tls_policy(result.tls_policy)
+
+
+STS_MODE_HELP = ("Hosted MTA-STS policy mode: off (none served) | none (policy withdrawn) | testing | enforce "
+                 "(RFC 8461)")
+STS_AGE_HELP = "Seconds senders keep the policy (max_age), 86400-31557600 (default 604800)"
+
+
+def _print_hosted(policy) -> None:
+    console.print(f"[bold]{policy.domain}[/bold]: MTA-STS mode {policy.mode}, max_age {policy.max_age} s, "
+                  f"mx {', '.join(policy.mx)}", highlight=False)
+    if policy.served:
+        console.print(f"policy at {policy.url} (id {policy.policy_id}):", highlight=False)
+        for line in policy.text.splitlines():
+            console.print(f"  {line}", highlight=False, markup=False)
+    else:
+        console.print("no policy is served (mode off)")
+    console.print("\n[bold]DNS records to publish[/bold]", highlight=False)
+    for record in policy.records():
+        console.print(f"  {record.line}", highlight=False, markup=False, soft_wrap=True)
+
+
+@domain_app.command("mta-sts")
+@handle_errors
+def mta_sts(domain: str = typer.Argument(..., show_default=False),
+            mode: str = typer.Option(None, "--mode", show_default=False, metavar="MODE", help=STS_MODE_HELP),
+            max_age: int = typer.Option(None, "--max-age", show_default=False, metavar="SECONDS", help=STS_AGE_HELP),
+            as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Show or change the MTA-STS policy the gateway hosts for a domain, and the DNS records to publish
+    (a changed policy gets a new id for the _mta-sts record)."""
+    from mxguard.services import hosted_sts
+
+    s = settings()
+
+    async def go(store):
+        if mode is None and max_age is None:
+            return None, await hosted_sts.get_hosted_policy(store, domain, s.mx_hosts, s.hostname, actor=Actor.cli())
+        return await hosted_sts.set_hosted_policy(store, domain, s.mx_hosts, s.hostname, actor=Actor.cli(),
+                                                  mode=mode, max_age=max_age)
+
+    before, after = run(with_store(go))
+    if as_json:
+        typer.echo(json.dumps(after.as_dict(), indent=2))
+        return
+    if before is not None and before.policy_id != after.policy_id and after.served:
+        err_console.print(f"note: the policy changed: publish _mta-sts.{after.domain} with id {after.policy_id}",
+                          highlight=False, soft_wrap=True)
+    _print_hosted(after)
+
+
+@domain_app.command("dns-check")
+@handle_errors
+def dns_check(domain: str = typer.Argument(..., show_default=False),
+              as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Look up the domain's MX, mta-sts host, _mta-sts and _smtp._tls records through the configured
+    resolver and compare them with what the gateway expects (exit status 1 unless every one is ok)."""
+    from mxguard.services import hosted_sts
+    from mxguard.services.dns_check import check_records, settings_resolver
+
+    s = settings()
+
+    async def go(store):
+        policy = await hosted_sts.get_hosted_policy(store, domain, s.mx_hosts, s.hostname, actor=Actor.cli())
+        return await check_records(policy, settings_resolver(s))
+
+    checks = run(with_store(go))
+    if as_json:
+        typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        table = Table(title="DNS check")
+        for col in ("record", "found", "expected", "state"):
+            table.add_column(col)
+        for c in checks:
+            colour = "green" if c.status == "ok" else "red"
+            # What DNS answered is someone else's text: never rich markup.
+            table.add_row(escape(f"{c.name} {c.type}"), escape("\n".join(c.found) or "-"), escape(c.expected),
+                          f"[{colour}]{c.status}[/{colour}]: {escape(c.detail)}")
+        console.print(table)
+    if any(c.status != "ok" for c in checks):
+        raise typer.Exit(1)

@@ -78,6 +78,13 @@ class Domain(Base):
     summary_hour: Mapped[int] = mapped_column(Integer, default=8)
     #: What mail from a sender on a recipient's block list gets: ``quarantine`` or ``reject``.
     block_action: Mapped[str] = mapped_column(String(16), default="quarantine")
+    #: Hosted MTA-STS (RFC 8461; migration 0009_hosted_mta_sts): ``off`` (no policy served),
+    #: ``none``, ``testing`` or ``enforce``; the policy's ``max_age`` in seconds; the ``id`` the
+    #: ``_mta-sts`` TXT record must carry, and the SHA-256 of the policy text it was issued for.
+    mta_sts_mode: Mapped[str] = mapped_column(String(8), default="off")
+    mta_sts_max_age: Mapped[int] = mapped_column(Integer, default=604800)
+    mta_sts_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    mta_sts_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: The organization that owns the domain (``None``: only administrators see it).
     org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id", ondelete="RESTRICT"), nullable=True)
     org: Mapped["Organization | None"] = relationship(lazy="joined")

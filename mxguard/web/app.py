@@ -19,6 +19,7 @@ from mxguard import __version__
 from mxguard.errors import AlreadyExists, ConfigError, Conflict, NotFound, PermissionDenied, ValidationFailed
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleForbidden, LoginRequired, PasswordChangeRequired
+from mxguard.web.mta_sts_host import PolicyHost
 from mxguard.web.security import SecurityHeaders
 from mxguard.web.templating import make_templates
 
@@ -57,6 +58,9 @@ def create_app(ctx: WebContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.state.templates = make_templates()
+    # Added first, so it runs inside SecurityHeaders and before any route: a request for
+    # mta-sts.<domain> gets the hosted policy or 404, never the console (or its login redirect).
+    app.add_middleware(PolicyHost, ctx=ctx)
     app.add_middleware(SecurityHeaders, hsts=not ctx.settings.web.plain_http)
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
     # One router per resource.

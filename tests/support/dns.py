@@ -54,11 +54,21 @@ class _ZoneResolver(BaseResolver):
         qtype = QTYPE[request.q.qtype]
         with self._lock:
             self.queries.append((qname, qtype))
-        answers = self.zone.get((qname, qtype))
+        with self._lock:
+            answers = list(self.zone.get((qname, qtype), ()))
+            alias = self.zone.get((qname, "CNAME")) if qtype != "CNAME" else None
+            target = str(alias[0].label).rstrip(".").lower() if alias and not answers else None
+            chased = list(self.zone.get((target, qtype), ())) if target else []
+            known = any(name == qname for name, _ in self.zone)
         if answers:
             for rdata in answers:
                 reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=rdata, ttl=60))
-        elif not any(name == qname for name, _ in self.zone):
+        elif target:
+            # An alias: the CNAME, then the target's records (RFC 1034 3.6.2), as a recursive server answers.
+            reply.add_answer(RR(request.q.qname, QTYPE.CNAME, rdata=alias[0], ttl=60))
+            for rdata in chased:
+                reply.add_answer(RR(target + ".", request.q.qtype, rdata=rdata, ttl=60))
+        elif not known:
             reply.header.rcode = RCODE.NXDOMAIN
         return reply
 
@@ -99,6 +109,15 @@ class LoopbackDNS:
         if self.server is not None:
             self.server.stop()
             self.server.server.server_close()
+
+    def set_records(self, name: str, qtype: str, rdatas: list) -> None:
+        """Replace the records of ``(name, qtype)`` (dnslib rdata objects; ``[]`` removes them)."""
+        key = (name.rstrip(".").lower(), qtype)
+        with self.resolver._lock:
+            if rdatas:
+                self.resolver.zone[key] = list(rdatas)
+            else:
+                self.resolver.zone.pop(key, None)
 
     @property
     def address(self) -> str:

@@ -1,4 +1,5 @@
-"""Domains: list, add, edit, remove, and "Test connection" to the downstream servers."""
+"""Domains: list, add, edit, remove, "Test connection" to the downstream servers, and the
+hosted MTA-STS settings with the DNS records to publish and their DNS check."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from starlette.datastructures import FormData
 
 from mxguard.errors import AlreadyExists, Conflict, ValidationFailed
 from mxguard.services import domains as domain_service
+from mxguard.services import hosted_sts
 from mxguard.services import orgs as org_service
+from mxguard.services.dns_check import check_records, settings_resolver
 from mxguard.services.probe import effective_policy, probe_domain
 from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
 from mxguard.web.context import WebContext
@@ -35,15 +38,25 @@ def _form_values(form: FormData) -> dict:
     return values
 
 
+async def _hosted(ctx: WebContext, me: ConsoleUser, name: str) -> hosted_sts.HostedPolicy:
+    s = ctx.settings
+    return await hosted_sts.get_hosted_policy(ctx.store, name, s.mx_hosts, s.hostname, actor=me.actor)
+
+
 async def _render_form(request: Request, me: ConsoleUser, ctx: WebContext, *, domain: dict, is_new: bool,
                        error: ValidationFailed | str | None = None, probe=None, saved: bool = False,
-                       status: int = 200, tls_policy=None):
+                       status: int = 200, tls_policy=None, sts_error: ValidationFailed | None = None,
+                       sts_saved: bool = False, dns_check=None):
     orgs = await org_service.list_orgs(ctx.store, actor=me.actor)
     field = error.field if isinstance(error, ValidationFailed) else None
+    hosted = None if is_new else await _hosted(ctx, me, domain["name"])
     return request.app.state.templates.TemplateResponse(request, "domain_form.html", {
         "me": me, "domain": domain, "is_new": is_new, "choices": CHOICES, "orgs": orgs,
         "error": str(error) if error else None, "error_field": field, "probe": probe, "saved": saved,
         "tls_policy": tls_policy or (probe.tls_policy if probe is not None else None),
+        "hosted": hosted, "sts_modes": hosted_sts.MODES, "sts_error": str(sts_error) if sts_error else None,
+        "sts_error_field": sts_error.field if sts_error else None, "sts_saved": sts_saved, "dns_check": dns_check,
+        "max_age_range": (hosted_sts.MIN_MAX_AGE, hosted_sts.MAX_MAX_AGE),
     }, status_code=status)
 
 
@@ -79,13 +92,13 @@ async def create(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx:
 
 
 @router.get("/domains/{name}")
-async def edit_form(request: Request, name: str, saved: int = 0, me: ConsoleUser = Depends(console_user),
-                    ctx: WebContext = Depends(get_ctx)):
-    """One domain's settings, and which source decides each server's TLS policy now."""
+async def edit_form(request: Request, name: str, saved: int = 0, sts_saved: int = 0,
+                    me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
+    """One domain's settings, which source decides each server's TLS policy now, and its hosted MTA-STS."""
     view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
     tls_policy = await effective_policy(view, ctx.settings.downstream)
     return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, saved=bool(saved),
-                              tls_policy=tls_policy)
+                              tls_policy=tls_policy, sts_saved=bool(sts_saved))
 
 
 @router.post("/domains/{name}")
@@ -123,3 +136,28 @@ async def test_connection(request: Request, name: str, me: ConsoleUser = Depends
     view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
     probe = await probe_domain(view, ctx.settings.downstream, ctx.settings.hostname)
     return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, probe=probe)
+
+
+@router.post("/domains/{name}/mta-sts")
+async def set_mta_sts(request: Request, name: str, me: ConsoleUser = Depends(csrf_checked),
+                      ctx: WebContext = Depends(get_ctx)):
+    """Save the hosted MTA-STS mode and max_age; a changed policy gets a new id (shown in the records)."""
+    view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
+    form = await request.form()
+    s = ctx.settings
+    try:
+        await hosted_sts.set_hosted_policy(ctx.store, view.name, s.mx_hosts, s.hostname, actor=me.actor,
+                                           mode=str(form.get("mta_sts_mode", "")).strip() or None,
+                                           max_age=str(form.get("mta_sts_max_age", "")).strip() or None)
+    except ValidationFailed as exc:
+        return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, sts_error=exc, status=422)
+    return RedirectResponse(f"/domains/{view.name}?sts_saved=1#mta-sts", status_code=303)
+
+
+@router.post("/domains/{name}/dns-check")
+async def dns_check(request: Request, name: str, me: ConsoleUser = Depends(csrf_checked),
+                    ctx: WebContext = Depends(get_ctx)):
+    """Look the records to publish up through the configured resolver and show each one's state."""
+    view = await domain_service.get_domain(ctx.store, name, actor=me.actor)
+    checks = await check_records(await _hosted(ctx, me, view.name), settings_resolver(ctx.settings))
+    return await _render_form(request, me, ctx, domain=view.as_dict(), is_new=False, dns_check=checks)

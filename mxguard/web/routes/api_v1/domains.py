@@ -1,14 +1,18 @@
-"""``/domains``: served domains, their downstream servers and TLS policy; connection test."""
+"""``/domains``: served domains, their downstream servers and TLS policy; connection test;
+hosted MTA-STS (``/domains/{name}/mta-sts``) and the DNS check of its records."""
 
 from fastapi import APIRouter, Depends, Response
 
 from mxguard.errors import ValidationFailed
 from mxguard.services import domains as svc
+from mxguard.services import hosted_sts
+from mxguard.services.dns_check import check_records, settings_resolver
 from mxguard.services.access import Actor
 from mxguard.services.probe import probe_domain
 from mxguard.web.context import WebContext
 from mxguard.web.deps import api_actor, get_ctx
-from mxguard.web.routes.api_v1.schemas import DomainChange, DomainIn, DomainOut, DomainPatch, ProbeOut
+from mxguard.web.routes.api_v1.schemas import (DnsCheckOut, DomainChange, DomainIn, DomainOut, DomainPatch,
+                                               MtaStsChange, MtaStsOut, MtaStsPatch, ProbeOut)
 
 router = APIRouter(prefix="/domains", tags=["domains"])
 
@@ -62,3 +66,33 @@ async def test_domain(name: str, actor: Actor = Depends(api_actor), ctx: WebCont
     view = await svc.get_domain(ctx.store, name, actor=actor)
     probe = await probe_domain(view, ctx.settings.downstream, ctx.settings.hostname)
     return ProbeOut(**probe.as_dict())
+
+
+@router.get("/{name}/mta-sts", response_model=MtaStsOut, summary="Hosted MTA-STS policy and the DNS records to publish")
+async def get_mta_sts(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    s = ctx.settings
+    policy = await hosted_sts.get_hosted_policy(ctx.store, name, s.mx_hosts, s.hostname, actor=actor)
+    return MtaStsOut(**policy.as_dict())
+
+
+@router.patch("/{name}/mta-sts", response_model=MtaStsChange, summary="Change the hosted MTA-STS mode or max_age")
+async def set_mta_sts(name: str, body: MtaStsPatch, actor: Actor = Depends(api_actor),
+                      ctx: WebContext = Depends(get_ctx)):
+    """A changed policy text gets a new id: publish the new ``_mta-sts`` record from ``after.records``."""
+    s = ctx.settings
+    try:
+        before, after = await hosted_sts.set_hosted_policy(ctx.store, name, s.mx_hosts, s.hostname, actor=actor,
+                                                           mode=body.mode, max_age=body.max_age)
+    except ValidationFailed as exc:
+        # The service names the settings as the domain form does; this body says mode / max_age.
+        raise ValidationFailed.combine([ValidationFailed(field.removeprefix("mta_sts_"), message)
+                                        for field, message in exc.errors]) from None
+    return MtaStsChange(before=MtaStsOut(**before.as_dict()), after=MtaStsOut(**after.as_dict()))
+
+
+@router.post("/{name}/dns-check", response_model=list[DnsCheckOut],
+             summary="Look up the records to publish now: ok, mismatch, missing or error for each")
+async def dns_check(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    s = ctx.settings
+    policy = await hosted_sts.get_hosted_policy(ctx.store, name, s.mx_hosts, s.hostname, actor=actor)
+    return [DnsCheckOut(**c.as_dict()) for c in await check_records(policy, settings_resolver(s))]

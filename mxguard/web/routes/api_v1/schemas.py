@@ -91,6 +91,47 @@ class DomainChange(BaseModel):
     after: DomainOut
 
 
+StsMode = Literal["off", "none", "testing", "enforce"]
+
+
+class MtaStsPatch(_In):
+    mode: StsMode | None = Field(default=None, description="off: no policy served; else the RFC 8461 mode")
+    max_age: int | None = Field(default=None, ge=86400, le=31557600, description="Seconds (RFC 8461 3.2)")
+
+
+class DnsRecordOut(BaseModel):
+    name: str
+    type: str
+    value: str
+    purpose: str
+
+
+class MtaStsOut(BaseModel):
+    domain: str
+    mode: str
+    max_age: int
+    mx: list[str]
+    policy_id: str | None = Field(description="The id the _mta-sts TXT record must carry")
+    served: bool
+    url: str
+    policy: str | None = Field(description="The policy text served (CRLF line ends); null when off")
+    records: list[DnsRecordOut]
+
+
+class MtaStsChange(BaseModel):
+    before: MtaStsOut
+    after: MtaStsOut
+
+
+class DnsCheckOut(BaseModel):
+    name: str
+    type: str
+    expected: str
+    found: list[str]
+    status: Literal["ok", "mismatch", "missing", "error"]
+    detail: str
+
+
 class CertificateOut(BaseModel):
     subject: str
     issuer: str
