@@ -508,3 +508,36 @@ def test_a_gateway_started_with_other_mx_hosts_renews_the_ids(tmp_path, loopback
         assert now.policy_id == renewed and now.mx == ("mx7.gw.test",)
     finally:
         gw.stop()
+
+
+def test_curl_fetches_the_policy_with_the_sni_certificate_of_its_host(web, served, tmp_path):
+    """curl, as a sending MTA's policy fetcher would (RFC 8461 3.3: HTTPS, PKIX-valid for
+    ``mta-sts.<domain>``, no redirects): the name resolves to the gateway, SNI picks the
+    certificate added for that host (from a CA the gateway's own certificate is not from), and
+    curl verifies it against that CA only. Without the SNI certificate the same fetch fails."""
+    from tests.test_sni_certificates import MiniCA
+
+    other_ca = MiniCA()
+    root = tmp_path / "sni-root.pem"
+    root.write_bytes(other_ca.root_pem)
+    port = int(web.url.rsplit(":", 1)[1].rstrip("/"))
+    host = "mta-sts.enforced.test"
+
+    def curl() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["curl", "--silent", "--show-error", "--max-time", "20", "--proto", "=https", "--max-redirs", "0",
+             "--cacert", str(root), "--resolve", f"{host}:{port}:127.0.0.1", "--write-out", "\n%{http_code} %{content_type}",
+             f"https://{host}:{port}{POLICY_PATH}"], capture_output=True, timeout=60)
+
+    before = curl()
+    assert before.returncode != 0 and b"certificate" in before.stderr.lower(), before  # the gateway's own CA
+    leaf = other_ca.issue(host)
+    reply = served.post("/tls/certificates", json={"name": host, "certificate_pem": leaf.chain_pem.decode(),
+                                                   "key_pem": leaf.key_pem.decode()})
+    assert reply.status_code == 201, reply.text
+    after = curl()
+    assert after.returncode == 0, after.stderr
+    body, status = after.stdout.rsplit(b"\n", 1)
+    assert status.startswith(b"200 text/plain"), status
+    fields = rfc8461_fields(body)  # the bytes as served: CRLF line ends
+    assert fields["mode"] == ["enforce"] and fields["mx"] == MX_HOSTS
