@@ -26,7 +26,7 @@ import structlog
 from mxguard.config import Settings
 from mxguard.errors import NotFound
 from mxguard.services.domains import get_domain
-from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, deliver_once
+from mxguard.smtp.delivery import ConnectionInfo, DownstreamLost, RouteFailure, attempt_item, deliver_once
 from mxguard.smtp.headers import summarize
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import Route, external_route
@@ -67,6 +67,15 @@ async def route_for(store: Store, settings: Settings, address: str) -> Route | N
     return await external_route(domain, relay=settings.dsn.relay, nameservers=settings.filters.dns_servers)
 
 
+async def _served_domain(store: Store, address: str) -> str | None:
+    """The served domain ``address`` is in (its TLS-RPT policy domain), else ``None``."""
+    domain = address.rpartition("@")[2].rstrip(".").lower()
+    try:
+        return (await get_domain(store, domain)).name
+    except NotFound:
+        return None
+
+
 async def send_own_message(store: Store, settings: Settings, recipient: str, message: bytes, *,
                            kind: str) -> SendResult:
     """Send one of the gateway's own messages to one recipient now, and log it.
@@ -81,6 +90,7 @@ async def send_own_message(store: Store, settings: Settings, recipient: str, mes
     """
     route = await route_for(store, settings, recipient)
     info: ConnectionInfo | None = None
+    failure: RouteFailure | None = None
     if route is None:
         reply = Reply(550, "5.1.2", f"No route to {recipient.rpartition('@')[2]}")
     else:
@@ -88,10 +98,13 @@ async def send_own_message(store: Store, settings: Settings, recipient: str, mes
             info, results = await deliver_once(route, settings.downstream, settings.hostname, "", [recipient], message,
                                                body="8BITMIME" if any(b > 127 for b in message) else None)
             reply = results[recipient]
-        except RouteFailure as failure:
-            reply = failure.reply
+        except RouteFailure as refused:
+            failure, reply = refused, refused.reply
         except DownstreamLost as exc:
             reply = Reply(451, "4.4.2", f"Connection lost: {exc}"[:200])
+    # The session as every delivery records it (TLS, policy source, RFC 8460 result types); mail to
+    # a served domain also counts in that domain's TLS-RPT report.
+    sessions = [attempt_item(await _served_domain(store, recipient), info, failure)] if route is not None else []
     subject, message_id = summarize(message)
     where = f"{info.host}:{info.port}" if info else None
     disposition = "delivered" if reply.is_positive else ("deferred" if reply.is_transient else "rejected")
@@ -100,7 +113,7 @@ async def send_own_message(store: Store, settings: Settings, recipient: str, mes
         client_ip="mxguard", mail_from="", rcpt_to=recipient, size=len(message), subject=subject,
         message_id=message_id, downstream_host=where, downstream_tls=info.tls if info else None,
         downstream_tls_version=info.tls_version if info else None, downstream_cipher=info.cipher if info else None,
-        downstream_verified=info.verified if info else None, downstream=[info.as_dict()] if info else [],
+        downstream_verified=info.verified if info else None, downstream=sessions,
         results=[{"rcpt": recipient, "code": reply.code, "enhanced": reply.enhanced, "text": reply.text,
                   "disposition": disposition, "route": where}],
         verdict={"own_message": kind}, disposition=disposition, final_code=reply.code,

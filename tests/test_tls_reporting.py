@@ -384,3 +384,26 @@ def test_any_tally_builds_a_report_the_schema_and_parsedmarc_accept(tallies, dom
                                                                   for d in p["failure-details"])
     raw = json.dumps(report)
     assert parsedmarc_summary(read_json_with_parsedmarc(raw)) == report_summary(report)
+
+
+def test_the_gateways_own_mail_records_its_tls_outcome_and_counts_for_served_domains(
+        gateway, tls_sink, plain_sink, add_domain):
+    """Summaries, notifications and alerts go through the same delivery path: a refused attempt
+    keeps its RFC 8460 result type in the message log, and mail to a served domain counts in
+    that domain's report (mail elsewhere is recorded, with no policy domain)."""
+    from mxguard.own_mail import send_own_message
+    from mxguard.tls.reporting import collect
+
+    add_domain("example.com", [tls_sink.address])
+    add_domain("legacy.example.org", [plain_sink.address], downstream_tls="required")
+    ok = gateway.run(send_own_message(gateway.store, gateway.settings, "bob@example.com",
+                                      message(to="bob@example.com"), kind="summary"))
+    refused = gateway.run(send_own_message(gateway.store, gateway.settings, "dan@legacy.example.org",
+                                           message(to="dan@legacy.example.org"), kind="alert"))
+    assert ok.reply.is_positive and (refused.reply.code, refused.reply.enhanced) == (451, "4.7.5")
+    assert plain_sink.messages == []  # nothing in clear
+    start, end = day_window(dt.datetime.now(dt.timezone.utc).date())
+    tallies = gateway.run(collect(gateway.store, start, end))
+    assert sum(t.successful for t in tallies["example.com"].values()) == 1
+    (legacy,) = tallies["legacy.example.org"].values()
+    assert legacy.successful == 0 and legacy.failures == {("starttls-not-supported", "127.0.0.1"): 1}
