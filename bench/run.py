@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the rows (the issue's schema) to FILE")
     p.add_argument("--json-all", metavar="FILE", help="write the rows with every figure (labels, errors, absolute "
                                                       "latency, client and sink CPU) to FILE")
+    p.add_argument("--section", metavar="NAME", help="the section of --results to replace (default: quick or "
+                                                     "full, by mode), e.g. dane for a run of the DANE rows only")
     p.add_argument("--results", metavar="FILE", help="write the table and the machine to this Markdown file "
                                                      "(e.g. bench/RESULTS.md), replacing this mode's section")
     p.add_argument("--runs", type=int, default=3, help="runs per row; the figures are medians (default 3)")
@@ -435,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_all:
         Path(args.json_all).write_text(json.dumps(rows, indent=1) + "\n")
     if args.results:
-        mode = "quick" if args.quick else "full"
-        text = [f"## {'Quick run' if args.quick else 'Full matrix'} — {dt.date.today().isoformat()}", "",
+        mode = args.section or ("quick" if args.quick else "full")
+        title = f"Section '{args.section}'" if args.section else ("Quick run" if args.quick else "Full matrix")
+        text = [f"## {title} — {dt.date.today().isoformat()}", "",
                 command_line("bench/run.py", argv if argv is not None else sys.argv[1:]), "",
                 *[f"- {line}" for line in machine_description()],
                 f"- {args.runs} run(s) per row, medians; {args.messages} messages per run (at least one connection "
