@@ -111,3 +111,37 @@ def test_any_changed_byte_breaks_the_match(selector, mtype, flip):
     changed = bytearray(data)
     changed[flip % len(changed)] ^= 0x01
     assert not record_matches(TlsaRecord(3, selector, mtype, bytes(changed)), leaf_der)
+
+
+_TA_ROOT = trustme.CA()
+_TA_INTERMEDIATE = _TA_ROOT.create_child_ca()
+_TA_LEAF = _TA_INTERMEDIATE.issue_cert("mx.ta.test")
+_TA_CHAIN = [x509.load_pem_x509_certificate(p.bytes()).public_bytes(serialization.Encoding.DER)
+             for p in _TA_LEAF.cert_chain_pems]
+_OTHER_CHAIN = [x509.load_pem_x509_certificate(p.bytes()).public_bytes(serialization.Encoding.DER)
+                for p in trustme.CA().create_child_ca().issue_cert("mx.ta.test").cert_chain_pems]
+_TA_RECORD = TlsaRecord(2, 1, 1, bytes.fromhex(spki_sha256(_TA_CHAIN[1])))
+
+
+def test_dane_ta_verifies_the_chain_to_the_anchor_and_the_name():
+    from mxguard.tls.dane import verify_ta_chain
+    verify_ta_chain("mx.ta.test", _TA_CHAIN, _TA_RECORD)
+    verify_ta_chain("mx.ta.test.", _TA_CHAIN, _TA_RECORD)  # a trailing dot is the same name
+
+
+@settings(max_examples=40, deadline=None)
+@given(host=st.from_regex(r"[a-z0-9]{1,12}(\.[a-z0-9]{1,12}){1,3}", fullmatch=True).filter(lambda h: h != "mx.ta.test"),
+       forged=st.booleans())
+def test_dane_ta_never_accepts_another_name_or_a_chain_the_anchor_did_not_sign(host, forged):
+    """Generated host names other than the leaf's, and a chain from another CA with the anchor's
+    record: always refused (RFC 7672 3.1.2 needs both the chain and the name)."""
+    from mxguard.tls.dane import TrustAnchorMismatch, verify_ta_chain
+    with pytest.raises(TrustAnchorMismatch):
+        verify_ta_chain(host, _TA_CHAIN, _TA_RECORD)
+    if forged:
+        # The anchor's record, a leaf for the right name, but under another intermediate: the record
+        # matches nothing above that leaf, and a spliced chain does not verify either.
+        with pytest.raises(TrustAnchorMismatch):
+            verify_ta_chain("mx.ta.test", _OTHER_CHAIN, _TA_RECORD)
+        with pytest.raises(TrustAnchorMismatch):
+            verify_ta_chain("mx.ta.test", [_OTHER_CHAIN[0], _TA_CHAIN[1]], _TA_RECORD)

@@ -9,6 +9,7 @@ import json
 import ssl
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from cryptography import x509
@@ -27,15 +28,53 @@ def dane_sink(downstream_cert):
         yield sink
 
 
+class TaChain:
+    """A root, an intermediate and a leaf for ``mx3.dane.test``; the sink sends leaf + intermediate."""
+
+    def __init__(self):
+        self.root = trustme.CA()
+        self.intermediate = self.root.create_child_ca()
+        self.leaf = self.intermediate.issue_cert("mx3.dane.test")
+
+    @staticmethod
+    def spki_sha256(pem: bytes) -> str:
+        cert = x509.load_pem_x509_certificate(pem)
+        return hashlib.sha256(cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
 @pytest.fixture(scope="module")
-def dnssec(dane_sink, downstream_cert):
+def ta_chain() -> TaChain:
+    return TaChain()
+
+
+@pytest.fixture(scope="module")
+def dane_ta_sink(ta_chain):
+    """A downstream server whose certificate is issued by an intermediate it sends along (DANE-TA)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ta_chain.leaf.configure_cert(ctx)
+    with ThreadedSink(tls_context=ctx, hostname="mx3.dane.test") as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def dnssec(dane_sink, downstream_cert, dane_ta_sink, ta_chain):
     leaf = x509.load_pem_x509_certificate(downstream_cert.cert_chain_pems[0].bytes())
     spki = leaf.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     good, bad = hashlib.sha256(spki).hexdigest(), "11" * 32
     tlsa = f"_{dane_sink.port}._tcp"
+    ta = f"_{dane_ta_sink.port}._tcp"
+    intermediate = TaChain.spki_sha256(ta_chain.intermediate.cert_pem.bytes())
+    root = TaChain.spki_sha256(ta_chain.root.cert_pem.bytes())
     zones = [
         Zone("dane.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1",
-                           f"{tlsa}.mx2 IN TLSA 3 1 1 {bad}", "mx2 IN A 127.0.0.1"]),
+                           f"{tlsa}.mx2 IN TLSA 3 1 1 {bad}", "mx2 IN A 127.0.0.1",
+                           # DANE-TA(2): the intermediate the server sends is the trust anchor.
+                           f"{ta}.mx3 IN TLSA 2 1 1 {intermediate}", "mx3 IN A 127.0.0.1",
+                           # The same anchor, but the leaf names mx3, not mx4.
+                           f"{ta}.mx4 IN TLSA 2 1 1 {intermediate}", "mx4 IN A 127.0.0.1",
+                           # An anchor the server does not send (the root): nothing to match.
+                           f"{ta}.mx5 IN TLSA 2 1 1 {root}", "mx5 IN A 127.0.0.1"]),
         Zone("plain.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1"], signed=False),
         Zone("bogus.test", [f"{tlsa}.mx1 IN TLSA 3 1 1 {good}", "mx1 IN A 127.0.0.1"], tamper=[(good, bad)]),
     ]
@@ -324,3 +363,26 @@ def test_only_an_exact_no_relaxes_the_policy(gateway, add_domain, dane_sink, val
 async def _served(gateway) -> set[str]:
     from mxguard.services.domains import list_domains
     return {d.name for d in await list_domains(gateway.store)}
+
+
+# -- DANE-TA(2) (RFC 7672 section 3.1.2) with a test CA ------------------------------------
+
+def test_dane_ta_delivers_when_the_leaf_chains_to_the_sent_anchor_and_names_the_host(
+        gateway, add_domain, dane_ta_sink):
+    out, record = relay(gateway, add_domain, dane_ta_sink, "mx3.dane.test", "dane")
+    assert out.data and out.data[0] == 250, out
+    assert dane_ta_sink.wait_for(1) and dane_ta_sink.messages[0].tls_version
+    leg = record.downstream[0]
+    assert leg["policy"] == "dane" and leg["verified"] and leg["tlsa"].startswith("2 1 1 ")
+
+
+@pytest.mark.parametrize("server, why", [
+    ("mx4.dane.test", "does not verify up to the DANE-TA trust anchor"),  # the leaf names mx3
+    ("mx5.dane.test", "matches none of the TLSA records"),  # the anchor is not in the chain sent
+])
+def test_dane_ta_refuses_a_wrong_name_or_an_anchor_not_sent(gateway, add_domain, dane_ta_sink, server, why):
+    out, record = relay(gateway, add_domain, dane_ta_sink, server, "dane")
+    assert_refused_by_policy(out)
+    assert dane_ta_sink.messages == []
+    assert why in record.downstream[0]["failure"]
+    assert record.downstream[0]["tls_rpt"] == {f"{server}:{dane_ta_sink.port}": "validation-failure"}

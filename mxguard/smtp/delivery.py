@@ -32,7 +32,7 @@ from mxguard.config import DownstreamSettings
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import Route
 from mxguard.tls.buffers import shrink_tls_read_buffer
-from mxguard.tls.certs import describe_der
+from mxguard.tls.certs import describe_der, peer_chain_der
 from mxguard.tls.contexts import client_context
 from mxguard.tls.policy import DownstreamTls
 from mxguard.tls.resolver import PolicyRefusal, ServerPolicy, resolve_server_policy, sts_fetcher
@@ -322,7 +322,7 @@ class DownstreamConnection:
         info.cert_sha256 = cert.sha256 if cert else None
         info.cert_subject = cert.subject if cert else None
         try:
-            tlsa = policy.check_certificate([der] if der else [])
+            tlsa = policy.check_certificate(peer_chain_der(sslobj))
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{info.port}", reason=refusal.reason,
                         result_type=refusal.result_type)

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import secrets
 import ssl
+import _ssl  # the chain getter's DER constant on Python < 3.13
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +248,25 @@ def peer_certificate_info(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> C
         return None
     der = ssl_object.getpeercert(binary_form=True)
     return describe_der(der) if der else None
+
+
+def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> list[bytes]:
+    """The certificates the peer sent, leaf first, as DER bytes (``[]`` without a certificate).
+
+    DANE-TA(2) (RFC 7672 section 3.1.2) matches an issuer the server sent, not only its leaf.
+    Python 3.13 names this ``get_unverified_chain()``; 3.10 to 3.12 have it on the underlying
+    ``_ssl`` object only. Where neither is there, the leaf alone.
+    """
+    if ssl_object is None:
+        return []
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    chain = getter() if getter is not None else None
+    if chain:
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    der = ssl_object.getpeercert(binary_form=True)
+    return [der] if der else []
 
 
 @dataclass(frozen=True)

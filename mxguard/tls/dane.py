@@ -199,3 +199,48 @@ def matching_record(lookup: DaneLookup, chain_der: Sequence[bytes]) -> TlsaRecor
             except ValueError:
                 return None
     return None
+
+
+class TrustAnchorMismatch(Exception):
+    """A DANE-TA(2) record matched a certificate of the chain, but the leaf does not chain to it
+    or does not name the host (RFC 7672 section 3.1.2); the message says why."""
+
+
+def verify_ta_chain(host: str, chain_der: Sequence[bytes], record: TlsaRecord) -> None:
+    """With DANE-TA(2), the leaf must chain up to the certificate the record matched, within the
+    chain the server sent, and name ``host`` (RFC 7672 sections 3.1.2 and 3.2.2; the SAN
+    ``dNSName`` rules of RFC 6125). Chain building and name checks are done by
+    ``cryptography``'s X.509 verifier, with the matched certificate as the only trust anchor.
+
+    Args:
+        host: the server's host name (the TLSA base domain), ASCII.
+        chain_der: the certificates as the server sent them, leaf first (DER).
+        record: the DANE-TA record :func:`matching_record` returned for ``chain_der``.
+
+    Raises:
+        TrustAnchorMismatch: no matched anchor, a broken chain, a name mismatch, or an expired
+            certificate in the path.
+    """
+    from cryptography.x509.verification import (Criticality, DNSName, ExtensionPolicy, PolicyBuilder, Store,
+                                                VerificationError)
+
+    try:
+        certs = [x509.load_der_x509_certificate(d) for d in chain_der]
+    except ValueError as exc:
+        raise TrustAnchorMismatch(f"the server's chain does not parse: {exc}") from None
+    anchors = [c for d, c in zip(chain_der[1:], certs[1:]) if record_matches(record, d)]
+    if not anchors:
+        raise TrustAnchorMismatch("no certificate above the leaf matches the DANE-TA record")
+    try:
+        # The CA/Browser Forum's profile for the leaf is not DANE's: private PKIs behind DANE-TA
+        # (RFC 7672 3.1.2) need only a chain to the anchor and the name; issuers keep the
+        # web PKI's CA rules (basic constraints, key usage).
+        verifier = (PolicyBuilder().store(Store(anchors))
+                    .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                                        ee_policy=ExtensionPolicy.permit_all().require_present(
+                                            x509.SubjectAlternativeName, Criticality.AGNOSTIC, None))
+                    .build_server_verifier(DNSName(host.rstrip("."))))
+        verifier.verify(certs[0], certs[1:])
+    except (VerificationError, ValueError) as exc:
+        raise TrustAnchorMismatch(f"the certificate of {host} does not verify up to the DANE-TA "
+                                  f"trust anchor: {exc}") from None

@@ -31,7 +31,8 @@ import dns.resolver
 import structlog
 
 from mxguard.netaddr import parse_host_port
-from mxguard.tls.dane import DaneLookup, DnssecStatus, lookup_tlsa, matching_record
+from mxguard.tls.dane import (DANE_TA, DaneLookup, DnssecStatus, TrustAnchorMismatch, lookup_tlsa,
+                              matching_record, verify_ta_chain)
 from mxguard.tls.mta_sts import PolicyError, StsFetcher
 from mxguard.tls.policy import DownstreamTls
 
@@ -83,6 +84,10 @@ class ServerPolicy:
     def check_certificate(self, chain_der: list[bytes]) -> str | None:
         """After the handshake: the matching TLSA record's text, or ``None`` when DANE does not apply.
 
+        Args:
+            chain_der: the server's certificates as sent, leaf first (DER); DANE-TA(2) needs the
+                issuer it names among them.
+
         Raises:
             PolicyRefusal: DANE applies and no usable record matches (``validation-failure``,
                 RFC 7672 section 2.2 and RFC 8460 section 4.3).
@@ -93,6 +98,11 @@ class ServerPolicy:
         if record is None:
             raise PolicyRefusal(f"certificate matches none of the TLSA records of {self.dane.host}",
                                 "validation-failure")
+        if record.usage == DANE_TA:
+            try:
+                verify_ta_chain(self.dane.host, chain_der, record)
+            except TrustAnchorMismatch as exc:
+                raise PolicyRefusal(str(exc), "validation-failure") from None
         return record.describe()
 
 
