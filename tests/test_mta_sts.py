@@ -120,6 +120,31 @@ def test_testing_mode_delivers_and_says_so(gateway, add_domain, sts_sink, ca_fil
     out, record = relay(gateway, add_domain, sts_sink, "testing.test", "mx1.testing.test", ca_file)
     assert out.data and out.data[0] == 250
     assert record.downstream[0]["policy"] == "mta-sts-testing"
+    # The MX host is outside the testing policy's mx patterns: delivered, and counted as a
+    # validation-failure of the sts policy in the day's TLS-RPT report (RFC 8461 5, RFC 8460 4.3).
+    assert record.downstream[0]["report_failure"] == "validation-failure"
+    (tally,) = _todays_tallies(gateway)["testing.test"].values()
+    assert (tally.policy_type, tally.successful) == ("sts", 0)
+    assert tally.failures == {("validation-failure", "mx1.testing.test"): 1}
+
+
+def test_a_policy_that_cannot_be_fetched_is_reported_as_a_fetch_failure(gateway, add_domain, sts_sink, ca_file):
+    """A published ``_mta-sts`` record whose policy fetch fails: delivered opportunistically
+    (RFC 8461 5.1), counted under sts with the fetch error's result type (RFC 8460 4.3.2.2)."""
+    out, record = relay(gateway, add_domain, sts_sink, "html.test", "mx1.html.test", ca_file)
+    assert out.data and out.data[0] == 250
+    assert record.downstream[0]["report_failure"] in ("sts-policy-invalid", "sts-policy-fetch-error")
+    (tally,) = _todays_tallies(gateway)["html.test"].values()
+    assert tally.policy_type == "sts" and sum(tally.failures.values()) == 1 and tally.successful == 0
+
+
+def _todays_tallies(gateway):
+    import datetime as dt
+
+    from mxguard.tls.reporting import collect, day_window
+    gateway.run(gateway.gateway.message_log.flush())
+    start, end = day_window(dt.datetime.now(dt.timezone.utc).date())
+    return gateway.run(collect(gateway.store, start, end))
 
 
 def test_a_policy_fetch_that_times_out_falls_back_to_opportunistic(gateway, add_domain, sts_sink, ca_file):

@@ -63,6 +63,10 @@ class ConnectionInfo:
     policy: str = "setting"
     #: With DANE: the TLSA record the certificate matched (``3 1 1 ab12...``).
     tlsa: str | None = None
+    #: Delivered, but a failure TLS-RPT reports (RFC 8460 4.3 result type): see
+    #: :attr:`mxguard.tls.resolver.ServerPolicy.report_failure`; ``report_policy`` is its source.
+    report_failure: str | None = None
+    report_policy: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))  # every field is a plain value: no deep copy needed
@@ -242,7 +246,8 @@ class DownstreamConnection:
             raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         mode = policy.mode
         self._decided_source = policy.source
-        info = ConnectionInfo(host=host, port=port, policy=policy.source)
+        info = ConnectionInfo(host=host, port=port, policy=policy.source, report_failure=policy.report_failure,
+                              report_policy=policy.report_policy)
         await self._connect_and_ehlo(host, port, info, address=policy.connect_host)
         if mode is DownstreamTls.OFF:
             return info
@@ -261,7 +266,8 @@ class DownstreamConnection:
             log.warning("opportunistic TLS failed; delivering in clear", server=f"{host}:{port}", reason=skip.note)
             await self._discard()
             fallback = ConnectionInfo(host=host, port=port, starttls_offered=True, tls_fallback=skip.note,
-                                      policy=policy.source)
+                                      policy=policy.source, report_failure=policy.report_failure,
+                                      report_policy=policy.report_policy)
             await self._connect_and_ehlo(host, port, fallback, address=policy.connect_host)
             return fallback
         info.tls_ms = (time.perf_counter() - started) * 1000

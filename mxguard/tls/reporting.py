@@ -86,7 +86,9 @@ def tally_items(items: list[tuple[str, dict]]) -> dict[str, dict[str, PolicyTall
         ``{domain: {policy type: PolicyTally}}``. An item that connected with TLS is a successful
         session; one that connected in clear is a ``starttls-not-supported`` failure; each
         server skipped for a TLS reason (``tls_rpt``) is a failure with its result type, under
-        the policy that demanded TLS of it (``tls_rpt_policy``; RFC 8460 section 4.4).
+        the policy that demanded TLS of it (``tls_rpt_policy``; RFC 8460 section 4.4). A session
+        delivered under a failure to report (``report_failure``: MTA-STS testing with an MX host
+        outside the policy, a policy that could not be fetched) counts as that failure.
     """
     out: dict[str, dict[str, PolicyTally]] = {}
 
@@ -101,8 +103,14 @@ def tally_items(items: list[tuple[str, dict]]) -> dict[str, dict[str, PolicyTall
             tally_for(domain, sources.get(server, item.get("policy"))).fail(str(result_type), host)
         if "failure" in item:
             continue
-        tally = tally_for(domain, item.get("policy"))
         host = item.get("host")
+        if host and item.get("report_failure"):
+            # Delivered, yet a policy failure to report (MTA-STS testing, a policy fetch error).
+            tally = tally_for(domain, item.get("report_policy") or item.get("policy"))
+            tally.mx_hosts.add(str(host))
+            tally.fail(str(item["report_failure"]), str(host))
+            continue
+        tally = tally_for(domain, item.get("policy"))
         if host:
             tally.mx_hosts.add(str(host))
             if item.get("tls"):

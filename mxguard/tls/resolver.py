@@ -70,6 +70,11 @@ class ServerPolicy:
     source: str
     connect_host: str
     dane: DaneLookup | None = None
+    #: An RFC 8460 result type to report although delivery goes on (MTA-STS ``testing`` with an
+    #: MX host outside the policy; a policy that could not be fetched), with the policy it is
+    #: about (``mta-sts``): the session counts as that failure in the TLS-RPT report.
+    report_failure: str | None = None
+    report_policy: str | None = None
 
     @property
     def mandatory(self) -> bool:
@@ -239,7 +244,8 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
         # No policy could be had and none is cached: MTA-STS does not apply (section 5.1).
         log.warning("MTA-STS policy unavailable; opportunistic TLS", domain=policy_domain, reason=str(exc),
                     result_type=exc.result_type)
-        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address,
+                            report_failure=exc.result_type, report_policy="mta-sts")
     if policy is None or policy.mode == "none":
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
     if not policy.matches(host):
@@ -247,7 +253,8 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
             raise PolicyRefusal(f"{host} does not match the MTA-STS mx patterns of {policy_domain} "
                                 f"({', '.join(policy.mx)})", "validation-failure")
         log.warning("MTA-STS testing: MX host does not match the policy", domain=policy_domain, host=host)
-        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address)
+        return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address,
+                            report_failure="validation-failure", report_policy="mta-sts-testing")
     if policy.mode == "testing":
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address)
     return ServerPolicy(DownstreamTls.VERIFY, "mta-sts", address)
