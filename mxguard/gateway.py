@@ -15,6 +15,7 @@ from mxguard.config import Settings
 from mxguard.errors import ConfigError
 from mxguard.metrics import GatewayMetrics
 from mxguard.filtering.pipeline import FilterPipeline
+from mxguard.filtering.sender_auth import SenderAuth
 from mxguard.netaddr import parse_host_port
 from mxguard.notify import Notifier
 from mxguard.quarantine.jobs import QuarantineJobs
@@ -127,7 +128,8 @@ class Gateway:
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold, sender_lists=self.sender_lists,
                                       on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal,
-                                      report_inbox=ReportInbox(self.store, s.tls_reports.ingest_local_part)
+                                      report_inbox=ReportInbox(self.store, s.tls_reports.ingest_local_part,
+                                                               self._report_dkim_checker())
                                       if s.tls_reports.ingest else None)
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
@@ -203,6 +205,14 @@ class Gateway:
     def web_url(self) -> str | None:
         """The console's URL, when it runs."""
         return self.web.url if self.web is not None else None
+
+    def _report_dkim_checker(self) -> SenderAuth:
+        """The filters' sender checks (their resolver and key cache), or, with those off, one
+        for DKIM on mailed TLS-RPT reports only."""
+        if self.filters is not None and self.filters.sender_auth is not None:
+            return self.filters.sender_auth
+        f = self.settings.filters
+        return SenderAuth(f.dns_servers, f.dns_timeout, self.settings.hostname, body_length=f.dkim_body_length)
 
     async def _hold(self, *, tx, copies, verdict, score) -> list[str]:
         """The proxy's quarantine hook: seal and store held copies (raises when the database refuses)."""

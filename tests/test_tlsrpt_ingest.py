@@ -551,3 +551,37 @@ async def test_storing_and_duplicates_on_sqlite_and_postgresql(store):
     async with store.session() as session:
         logged = (await session.execute(select(func.count()).select_from(MessageLogEntry))).scalar_one()
     assert logged == 0  # an HTTPS report is not a mail transaction
+
+
+def test_a_mailed_reports_dkim_signature_is_checked_and_kept_with_it(served, plain_sink, loopback_dns):
+    """RFC 8460 5.3 asks reporters to DKIM-sign: the result is kept with the report (pass with
+    d= and s=, fail for a changed message, none unsigned); a report is taken either way."""
+    import dkim
+
+    from tests.support.dns import _txt_chunks
+    from tests.test_tls_reporting import _new_key
+
+    web, gw = served, served.gw
+    pem, record = _new_key("rsa")
+    zone = loopback_dns.resolver.zone
+    zone[("tlsrpt._domainkey.sender.test", "TXT")] = [_txt_chunks(record)]
+    try:
+        def signed(report_id: str) -> bytes:
+            raw = report_mail(encode(make_report(report_id=report_id))).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            return dkim.sign(raw, b"tlsrpt", b"sender.test", pem,
+                             include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID",
+                                              b"TLS-Report-Domain", b"TLS-Report-Submitter"]) + raw
+
+        good = signed("dkim-good")
+        bad = signed("dkim-bad").replace(b"Report-ID: <r1@sender.test>", b"Report-ID: <r2@sender.test>", 1)
+        unsigned = report_mail(encode(make_report(report_id="dkim-none")))
+        for raw in (good, bad, unsigned):
+            out = send(gw.port, ["tlsrpt@example.com"], raw)
+            assert out.data[0] == 250 and out.data[1].startswith("2.6.0"), out.data
+    finally:
+        zone.pop(("tlsrpt._domainkey.sender.test", "TXT"), None)
+    rows = web.api(web.admin_key).get("/domains/example.com/tls-reports", params={"days": 366}).json()["newest"]
+    by_id = {r["report_id"]: r["dkim"] for r in rows}
+    assert by_id["dkim-good"] == "pass d=sender.test s=tlsrpt", by_id
+    assert by_id["dkim-bad"].startswith("fail d=sender.test"), by_id
+    assert by_id["dkim-none"] == "none", by_id

@@ -231,8 +231,13 @@ class SenderAuth:
 
     # -- DKIM ---------------------------------------------------------------------------
 
-    async def dkim(self, message: ParsedMessage) -> list[dict[str, str]]:
-        """One ``{"result", "domain", "selector"}`` per DKIM-Signature (at most 5)."""
+    async def dkim(self, message: ParsedMessage, *, tlsrpt: bool = False) -> list[dict[str, str]]:
+        """One ``{"result", "domain", "selector"}`` per DKIM-Signature (at most 5).
+
+        Args:
+            tlsrpt: the message is a TLS-RPT report (RFC 8460 5.3): keys published for reports
+                only (``s=tlsrpt``) are accepted, which ordinary mail must not be.
+        """
         signatures = message.msg.get_all("DKIM-Signature") or []
         if not signatures:
             return []
@@ -259,7 +264,7 @@ class SenderAuth:
 
         def verify_all() -> list[str]:
             verdicts = []
-            d = dkim.DKIM(message.raw, logger=_DKIM_LOG)
+            d = dkim.DKIM(message.raw, logger=_DKIM_LOG, tlsrpt=tlsrpt)
             for idx, (domain, selector) in enumerate(wanted):
                 if domain and selector and keys.get(f"{selector}._domainkey.{domain}".encode(), b"") is None:
                     verdicts.append("temperror")  # the key lookup failed (RFC 6376 6.1.2: TEMPFAIL)

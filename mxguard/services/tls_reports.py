@@ -51,13 +51,14 @@ class Stored:
     ignored: list[str]
 
 
-async def store_report(store: Store, parsed: ParsedReport, via: str) -> Stored:
+async def store_report(store: Store, parsed: ParsedReport, via: str, *, dkim: str | None = None) -> Stored:
     """Store a validated report: one row per policy domain that is served.
 
     Args:
         store: the database.
         parsed: from :func:`mxguard.tls.rpt_ingest.read_report`.
         via: ``"https"`` or ``"mail"``.
+        dkim: for mail, the DKIM result to keep with it (``pass d=... s=...``, ``fail ...``, ``none``).
 
     Raises:
         ReportRefused: 422 no policy domain is served; 409 the report (organization-name,
@@ -94,7 +95,8 @@ async def store_report(store: Store, parsed: ParsedReport, via: str) -> Stored:
                     contact=storable(report.contact_info), start=report.date_range.start,
                     end=report.date_range.end, successful=t.successful, failed=t.failed,
                     failures={storable(k): v for k, v in t.failures.items()}, policy_types=t.policy_types,
-                    sending_ips=storable(t.sending_ips), via=via, received_at=now, raw_gzip=raw))
+                    sending_ips=storable(t.sending_ips), via=via, received_at=now, raw_gzip=raw,
+                    dkim=storable(dkim)[:300] if dkim else None))
             await session.commit()
     except IntegrityError:
         # Another request stored the same report between the check and the insert.
@@ -129,6 +131,8 @@ class ReportRow:
     sending_ips: list[str]
     via: str
     received_at: dt.datetime
+    #: Mailed reports: the DKIM result; ``None`` for HTTPS.
+    dkim: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)

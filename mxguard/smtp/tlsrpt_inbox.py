@@ -13,6 +13,8 @@ import asyncio
 
 import structlog
 
+from mxguard.filtering.message import parse_message
+from mxguard.filtering.sender_auth import SenderAuth
 from mxguard.services.tls_reports import store_report
 from mxguard.smtp.replies import Reply
 from mxguard.storage.db import Store
@@ -51,9 +53,27 @@ class ReportInbox:
         local_part: the report address's local part (``[tls_reports] ingest_local_part``), lower case.
     """
 
-    def __init__(self, store: Store, local_part: str):
+    def __init__(self, store: Store, local_part: str, auth: SenderAuth | None = None):
         self.store = store
         self.local_part = local_part.lower()
+        #: Checks the DKIM signature RFC 8460 5.3 asks reporters to add; ``None``: not checked.
+        self.auth = auth
+
+    async def dkim_result(self, content: bytes) -> str | None:
+        """The report's DKIM result as kept with it: the first passing signature (``pass d=.. s=..``),
+        else the first result, ``none`` when unsigned; ``None`` when not checked. An unsigned or
+        failing report is still taken (signing is a SHOULD), and the result says so."""
+        if self.auth is None:
+            return None
+        try:
+            results = await self.auth.dkim(await asyncio.to_thread(parse_message, content), tlsrpt=True)
+        except Exception as exc:  # noqa: BLE001 - dkimpy and the parser on hostile input: recorded, not fatal
+            log.warning("DKIM check of a mailed TLS report failed", error=repr(exc)[:200])
+            return "temperror"
+        if not results:
+            return "none"
+        best = next((r for r in results if r["result"] == "pass"), results[0])
+        return f"{best['result']} d={best['domain']} s={best['selector']}"
 
     def takes(self, address: str) -> bool:
         """True when ``address`` (whose domain is served) is the domain's report address."""
@@ -74,11 +94,12 @@ class ReportInbox:
         """
         try:
             parsed = await asyncio.to_thread(report_from_message, content)  # up to 8 MiB of JSON: off the loop
-            stored = await store_report(self.store, parsed, "mail")
+            dkim = await self.dkim_result(content)
+            stored = await store_report(self.store, parsed, "mail", dkim=dkim)
         except ReportRefused as refused:
             reply = reply_for(refused)
             log.info("mailed TLS report not stored", txn=txn_id, status=refused.status, reason=refused.reason[:200],
                      reply=reply.one_line())
             return reply
-        log.info("mailed TLS report stored", txn=txn_id, domains=stored.domains)
+        log.info("mailed TLS report stored", txn=txn_id, domains=stored.domains, dkim=dkim)
         return Reply(250, "2.6.0", f"TLS report stored for {', '.join(stored.domains)}")

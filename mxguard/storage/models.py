@@ -223,6 +223,9 @@ class ReceivedTlsReport(Base):
     received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     #: The report's JSON as received, gzip-compressed.
     raw_gzip: Mapped[bytes] = mapped_column(LargeBinary)
+    #: Mailed reports: the DKIM result (RFC 8460 5.3 asks reporters to sign), e.g.
+    #: ``pass d=reporter.example s=tlsrpt``, ``fail d=...``, ``none``; ``None`` for HTTPS.
+    dkim: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class MessageLogEntry(Base):

@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("via", sa.String(8), nullable=False),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("raw_gzip", sa.LargeBinary, nullable=False),
+        sa.Column("dkim", sa.String(300), nullable=True),
         sa.UniqueConstraint("organization", "report_id", "domain", name="uq_tls_reports_received_report"),
     )
     op.create_index("ix_tls_reports_received_domain_start", "tls_reports_received", ["domain", "start"])

@@ -323,6 +323,7 @@ class ReceivedTlsReportOut(BaseModel):
     sending_ips: list[str] = Field(description="sending-mta-ip values of the failure details")
     via: Literal["https", "mail"]
     received_at: dt.datetime
+    dkim: str | None = Field(None, description="mailed reports: the DKIM result (pass/fail/none with d= and s=)")
 
 
 class ReceivedTlsReportDetailOut(ReceivedTlsReportOut):
