@@ -170,7 +170,36 @@ def test_console_in_a_real_browser(web, plain_sink, browser_page):
     expect(page.locator("#spool tbody")).to_contain_text("No messages match.")
     assert web.api(web.admin_key).get("/spool", params={"status": "all"}).json() == []
 
-    # 9. Log out: the console asks for a login again.
+    # 9. A TLS-RPT report another sender POSTed about down.example (RFC 8460 5.4), on its page.
+    import gzip
+    import json
+
+    import httpx
+    import datetime as dt
+    day = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
+    report = {"organization-name": "Browser Sender Inc", "contact-info": "tls@browser-sender.test",
+              "report-id": "browser-1", "date-range": {"start-datetime": f"{day}T00:00:00Z",
+                                                       "end-datetime": f"{day}T23:59:59Z"},
+              "policies": [{"policy": {"policy-type": "no-policy-found", "policy-domain": "down.example"},
+                            "summary": {"total-successful-session-count": 40, "total-failure-session-count": 2},
+                            "failure-details": [{"result-type": "starttls-not-supported",
+                                                 "receiving-mx-hostname": "mx.down.example",
+                                                 "failed-session-count": 2}]}]}
+    posted = httpx.post(url + "/tlsrpt", content=gzip.compress(json.dumps(report).encode()), verify=False,
+                        headers={"Content-Type": "application/tlsrpt+gzip"}, timeout=30)
+    assert posted.status_code == 201, posted.text
+    page.click("nav >> text=Domains")
+    page.locator('tr:has-text("down.example") a.tls-reports').click()
+    expect(page.locator("h1")).to_have_text("TLS reports about down.example")
+    expect(page.locator("#total-successful")).to_have_text("40")
+    expect(page.locator("#total-failed")).to_have_text("2")
+    expect(page.locator("#failures")).to_contain_text("starttls-not-supported")
+    expect(page.locator("#organizations")).to_contain_text("Browser Sender Inc")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('figure img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    shot(page, "15-tls-reports")
+
+    # 10. Log out: the console asks for a login again.
     page.click("button:has-text('Log out')")
     expect(page).to_have_url(re.compile(r"/login$"))
     page.goto(url + "/domains")

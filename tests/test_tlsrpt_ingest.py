@@ -6,6 +6,7 @@ status or reply code, and a hypothesis class test over mutated reports."""
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import gzip
 import json
 import os
@@ -35,12 +36,17 @@ from tests.test_cli_filters import mx
 GZIP = "application/tlsrpt+gzip"
 JSON = "application/tlsrpt+json"
 
+# Report days relative to the run (the console and API show a window back from today).
+_TODAY = dt.datetime.now(dt.timezone.utc).date()
+DAY0, DAY1, DAY2 = (str(_TODAY - dt.timedelta(days=n)) for n in (3, 2, 1))
+
 
 def make_report(domain: str = "example.com", report_id: str = "2026-12-05T00:00:00Z_example.com",
-                organization: str = "Sender Inc", *, successful: int = 120, day: str = "2026-12-05",
+                organization: str = "Sender Inc", *, successful: int = 120, day: str = "",
                 extra_policies: list[dict] | None = None) -> dict:
     """A report in RFC 8460 section 4's format: an STS policy with several failure types (one of them
     not an RFC 8460 type) and a no-policy-found policy for the same domain."""
+    day = day or DAY1
     return {
         "organization-name": organization,
         "date-range": {"start-datetime": f"{day}T00:00:00Z", "end-datetime": f"{day}T23:59:59Z"},
@@ -129,7 +135,7 @@ def test_posted_reports_are_stored_and_shown_on_the_page_api_and_cli(served, dat
     reply = client.post("/tlsrpt", content=encode(make_report()), headers={"Content-Type": GZIP})
     assert reply.status_code == 201, reply.text
     assert reply.json() == {"stored": 1, "domains": ["example.com"]}
-    second = make_report(report_id="r-2026-12-06", organization="Other Mail Co", successful=30, day="2026-12-06")
+    second = make_report(report_id="r-2026-12-06", organization="Other Mail Co", successful=30, day=DAY2)
     reply = client.post("/tlsrpt", content=encode(second, JSON), headers={"Content-Type": JSON + "; charset=utf-8"})
     assert reply.status_code == 201 and reply.json()["stored"] == 1
     assert count_rows(web) == 2
@@ -366,7 +372,7 @@ def test_the_parser_refuses_what_the_endpoint_refuses():
     base = make_report()
     for mutate, words in [
         (lambda r: r["date-range"].update({"start-datetime": "2026-12-05 00:00:00"}), "RFC 3339"),
-        (lambda r: r["date-range"].update({"end-datetime": "2026-12-04T00:00:00Z"}), "after start-datetime"),
+        (lambda r: r["date-range"].update({"end-datetime": f"{DAY0}T00:00:00Z"}), "after start-datetime"),
         (lambda r: r["policies"][0]["policy"].update({"policy-type": "dane"}), "policy-type"),
         (lambda r: r.update({"policies": []}), "policies"),
         (lambda r: r["policies"][0]["summary"].update({"total-successful-session-count": 2 ** 60}), "less than"),
@@ -394,7 +400,7 @@ def test_mailed_reports_are_taken_by_the_gateway_not_relayed(served, plain_sink)
     out = send(gw.port, ["tlsrpt@example.com"], report_mail(encode(make_report())))
     assert out.rcpt["tlsrpt@example.com"][0] == 250 and out.rcpt["tlsrpt@example.com"][1].startswith("2.1.5")
     assert out.data[0] == 250 and out.data[1].startswith("2.6.0 TLS report stored for example.com"), out.data
-    json_report = make_report(report_id="mailed-json", day="2026-12-06")
+    json_report = make_report(report_id="mailed-json", day=DAY2)
     out = send(gw.port, ["TLSRPT@Example.com"], report_mail(encode(json_report, JSON), JSON))
     assert out.data[0] == 250 and out.data[1].startswith("2.6.0"), out.data
     assert count_rows(web) == 2
