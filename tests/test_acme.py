@@ -162,6 +162,15 @@ def test_a_failed_challenge_says_what_the_ca_said_and_stores_nothing(pebble, loo
     assert json.loads(mx("tls", "acme", "status", "--json", data_dir=data_dir, env=env).stdout) == []
     assert token_rows(data_dir) == 0
 
+    # The CA unreachable, or its HTTPS not trusted (no acme.ca_file): one line saying which.
+    closed = acme_env(pebble, MXGUARD_ACME__DIRECTORY_URL=f"https://127.0.0.1:{free_port()}/dir")
+    proc = mx("tls", "acme", "issue", "--name", "mx.acme.test", data_dir=data_dir, env=closed, check=False)
+    assert proc.returncode == 1 and "registering the account: cannot reach the ACME server" in proc.stderr
+    untrusted = acme_env(pebble, MXGUARD_ACME__CA_FILE="")
+    proc = mx("tls", "acme", "issue", "--name", "mx.acme.test", data_dir=data_dir, env=untrusted, check=False)
+    assert proc.returncode == 1 and "certificate is not trusted (acme.ca_file)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
     # A wildcard cannot be validated by HTTP-01: refused before anything is ordered.
     proc = mx("tls", "acme", "issue", "--name", "*.acme.test", data_dir=data_dir, env=env, check=False)
     assert proc.returncode == 2 and "cannot be validated by HTTP-01" in proc.stderr
