@@ -372,6 +372,50 @@ class WebSettings(_Section):
 
 
 
+class AcmeSettings(_Section):
+    """Certificates from an ACME CA (RFC 8555) for the names the gateway serves, validated by HTTP-01."""
+
+    #: The CA's directory URL (https://...); empty: ACME is off.
+    directory_url: str = ""
+    #: Contact address registered with the account (RFC 8555 7.3); empty: none.
+    contact_email: str = ""
+    #: The account's private key (P-256), generated on first use with mode 0600. Relative to the data dir.
+    account_key_file: str = "acme/account.key"
+    #: HOST:PORT of the plain-HTTP challenge responder (RFC 8555 8.3: the CA connects to port 80).
+    http_listen: str = "0.0.0.0:80"
+    #: CA bundle the ACME server's HTTPS is verified against; empty: the system trust store.
+    ca_file: str = ""
+    #: Renew a certificate issued by ACME when it expires within this many days.
+    renew_before_days: int = Field(default=30, ge=1, le=36500)
+    #: Seconds between renewal checks (daily).
+    check_interval: float = Field(default=86400.0, gt=0)
+    #: Seconds an order may take (challenges, finalization) before it is given up.
+    order_timeout: float = Field(default=90.0, gt=0, le=3600)
+
+    @field_validator("directory_url")
+    @classmethod
+    def _valid_directory(cls, value: str) -> str:
+        value = value.strip()
+        if value and (not value.startswith(("https://", "http://")) or len(value) < 12):
+            raise ValueError("must be the CA's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory")
+        return value
+
+    @field_validator("contact_email")
+    @classmethod
+    def _valid_contact(cls, value: str) -> str:
+        value = value.strip()
+        local, at, domain = value.rpartition("@")
+        if value and (not at or not local or "." not in domain or any(c.isspace() for c in value)):
+            raise ValueError("must be an e-mail address such as hostmaster@example.com")
+        return value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _valid_http_listen(cls, value: str) -> str:
+        parse_host_port(value, default_port=80, allow_zero=True)
+        return value
+
+
 class QuarantineSettings(_Section):
     """The Message Center, quarantine summaries, their signed links, and retention clean-up."""
 
@@ -495,6 +539,7 @@ class Settings(_Section):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     tls_reports: TlsReportsSettings = Field(default_factory=TlsReportsSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    acme: AcmeSettings = Field(default_factory=AcmeSettings)
 
     #: Where the settings were read from; not a setting itself.
     data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR), exclude=True)
@@ -602,6 +647,7 @@ def load_settings(data_dir: Path, environ: dict[str, str] | None = None, *, requ
 
 def _check_key_files(settings: Settings, source: str, env_sources: dict[str, str]) -> None:
     """Key files named by the settings must load now, not at their first use a day later."""
+    _check_acme_files(settings, source, env_sources)
     d = settings.downstream
     if not d.tls_report_dkim_key_file:
         return
@@ -612,6 +658,31 @@ def _check_key_files(settings: Settings, source: str, env_sources: dict[str, str
     except KeyFileError as exc:
         where = f"environment variable {env_sources[key]}" if key in env_sources else source
         raise ConfigError(f"{where}: setting '{key}' ({d.tls_report_dkim_key_file}): {exc}") from None
+
+
+def _check_acme_files(settings: Settings, source: str, env_sources: dict[str, str]) -> None:
+    """With ACME on: its CA bundle must load, and an existing account key must be a key we can use."""
+    a = settings.acme
+    if not a.directory_url:
+        return
+
+    def refuse(key: str, value: str, why: str) -> None:
+        where = f"environment variable {env_sources[key]}" if key in env_sources else source
+        raise ConfigError(f"{where}: setting '{key}' ({value}): {why}")
+
+    if a.ca_file:
+        import ssl
+        try:
+            ssl.create_default_context(cafile=str(settings.path(a.ca_file)))
+        except (OSError, ssl.SSLError) as exc:
+            refuse("acme.ca_file", a.ca_file, f"not a readable PEM CA bundle: {getattr(exc, 'strerror', None) or exc}")
+    key_path = settings.path(a.account_key_file)
+    if key_path.exists():
+        from mxguard.tls.acme_account import AccountKeyError, load_account_key
+        try:
+            load_account_key(key_path)
+        except AccountKeyError as exc:
+            refuse("acme.account_key_file", a.account_key_file, str(exc))
 
 
 def render_settings_file(settings: Settings) -> str:
@@ -799,6 +870,20 @@ repeat_after = {s.notify.repeat_after}
 # <ingest_local_part>@<each served domain> (never relayed) and by HTTPS POST to /tlsrpt.
 ingest = {str(s.tls_reports.ingest).lower()}
 ingest_local_part = "{s.tls_reports.ingest_local_part}"
+
+[acme]
+# Certificates from an ACME CA (RFC 8555) for the names you serve: mxguard tls acme issue --name HOST.
+# directory_url empty = off. The CA checks each name over plain HTTP on port 80 (HTTP-01), so
+# port 80 of every name must reach http_listen. Renewed renew_before_days before expiry.
+directory_url = "{s.acme.directory_url}"
+contact_email = "{s.acme.contact_email}"
+account_key_file = "{s.acme.account_key_file}"
+http_listen = "{s.acme.http_listen}"
+# CA bundle for the ACME server's HTTPS; empty: the system trust store.
+ca_file = "{s.acme.ca_file}"
+renew_before_days = {s.acme.renew_before_days}
+check_interval = {s.acme.check_interval}
+order_timeout = {s.acme.order_timeout}
 
 [server]
 # The host names your domains' MX records point at (this gateway); the mx lines of the

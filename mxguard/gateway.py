@@ -37,6 +37,7 @@ from mxguard.spool.accept import StoreSpooler
 from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
 from mxguard.storage.sealing import KeyRing
+from mxguard.tls.acme_renewal import AcmeRenewal
 from mxguard.tls.certs import load_chain
 from mxguard.tls.reporting import DailyTlsReports
 from mxguard.tls.contexts import ReloadableServerContext
@@ -82,6 +83,10 @@ class Gateway:
     web_listen: str | None = None
     web_plain_http: bool = False
     web: object | None = None
+    #: Serve the ACME HTTP-01 responder (``acme.http_listen``) in this process when ACME is on
+    #: (``serve --workers``: the first worker only, as with the console).
+    acme_http: bool = True
+    acme_responder: object | None = None
 
     async def start(self) -> None:
         """Open the database (migrating it), load TLS and domains, and listen.
@@ -134,6 +139,7 @@ class Gateway:
         self.worker: SpoolWorker | None = None
         self.jobs: QuarantineJobs | None = None
         self.tls_reports: DailyTlsReports | None = None
+        self.acme_renewal: AcmeRenewal | None = None
         self._lock_waiter: asyncio.Task | None = None
         if self.spool_worker:
             if self._claim_worker_lock():
@@ -170,6 +176,15 @@ class Gateway:
             try:
                 await self._start_web()
             except ConfigError:
+                await self.stop()
+                raise
+        if s.acme.directory_url and self.acme_http:
+            from mxguard.web.acme_http01 import responder_server
+            self.acme_responder = responder_server(self.store, s.acme.http_listen)
+            try:
+                await self.acme_responder.start()
+            except ConfigError:
+                self.acme_responder = None
                 await self.stop()
                 raise
         if self._lock_waiter is not None:
@@ -231,6 +246,8 @@ class Gateway:
         self.jobs.start()
         self.tls_reports = DailyTlsReports(self.store, s)
         self.tls_reports.start()
+        self.acme_renewal = AcmeRenewal(s, self.store, self.keyring)
+        self.acme_renewal.start()
 
     async def _wait_for_worker_lock(self, interval: float = 5.0) -> None:
         """Retry the spool-worker lock; when the process holding it is gone, run the workers here."""
@@ -281,6 +298,9 @@ class Gateway:
         if self.web is not None:
             await self.web.stop()
             self.web = None
+        if self.acme_responder is not None:
+            await self.acme_responder.stop()
+            self.acme_responder = None
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()
@@ -300,6 +320,8 @@ class Gateway:
             self._lock_waiter.cancel()
         if getattr(self, "tls_reports", None):
             await self.tls_reports.stop()
+        if getattr(self, "acme_renewal", None):
+            await self.acme_renewal.stop()
         if getattr(self, "jobs", None):
             await self.jobs.stop()
         elif getattr(self, "notifier", None):

@@ -60,7 +60,8 @@ def _run_worker(index: int, settings: Settings, socks: list[socket.socket], web_
 
     structlog.contextvars.bind_contextvars(worker=index)
     gateway = Gateway(settings, smtp_sockets=socks, web_listen=web_listen if index == 0 else None,
-                      web_plain_http=web_plain_http, spool_worker=index == 0)
+                      web_plain_http=web_plain_http, spool_worker=index == 0,
+                      acme_http=index == 0)
     try:
         asyncio.run(gateway.run_forever())
     except MxguardError as exc:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite runs against (Debian packages), when run as root.
 # Postfix, swaks, clamd, Rspamd, SpamAssassin (spamd), PostgreSQL, testssl.sh, Chromium, NSD + unbound
-# + ldns (DNSSEC on loopback), systemd-analyze; gcc and the
+# + ldns (DNSSEC on loopback), systemd-analyze, pebble (the ACME test CA); gcc and the
 # OpenSSL headers for the benchmark's compiled load client and sink (tests/test_bench_smoke.py).
 # Nothing is started here: each test starts its own private instance on loopback.
 set -euo pipefail
 
 PACKAGES=(postfix swaks clamav clamav-daemon rspamd spamassassin spamc spamd postgresql testssl.sh
           chromium chromium-driver fonts-dejavu-core openssl gcc libc6-dev libssl-dev
-          clamav-testfiles systemd nsd unbound ldnsutils bind9-dnsutils)
+          clamav-testfiles systemd nsd unbound ldnsutils bind9-dnsutils pebble)
 # The test corpus (scripts/build_corpus.py) reads CPython's test_email data: an interpreter
 # without its 'test' package gets it from the distribution's testsuite package of the same
 # version (Debian: libpython3.11-testsuite). Where the distribution has none for that version,

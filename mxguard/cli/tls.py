@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from mxguard.cli.acme import acme_app
 from mxguard.cli.common import console, fail, handle_errors, run, settings, with_store
 from mxguard.services import sni_certificates as svc
 from mxguard.services.access import Actor
@@ -18,6 +19,7 @@ tls_app = typer.Typer(help="The gateway's TLS certificates.", no_args_is_help=Tr
 cert_app = typer.Typer(help="Certificates chosen by SNI, per served host name or wildcard; no match (or no "
                             "SNI) gets the gateway certificate.", no_args_is_help=True)
 tls_app.add_typer(cert_app, name="cert")
+tls_app.add_typer(acme_app, name="acme")
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -517,3 +517,43 @@ class AlertState(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     last_notified_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+
+
+class AcmeChallenge(Base):
+    """An HTTP-01 token being validated (RFC 8555 8.3), shared by every node (migration 0010_acme).
+
+    The row lives only while its order is in progress; the responder serves
+    ``key_authorization`` for ``token`` to requests whose ``Host`` is ``name``.
+    """
+
+    __tablename__ = "acme_challenges"
+
+    #: base64url token from the CA (RFC 8555 8.3: at least 128 bits of entropy).
+    token: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The identifier being validated (lower-case A-label host name).
+    name: Mapped[str] = mapped_column(String(253))
+    #: ``token || '.' || base64url(JWK thumbprint)`` (RFC 8555 8.1).
+    key_authorization: Mapped[str] = mapped_column(String(512))
+    #: After this the token is not served even if an aborted order left it behind.
+    expires_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+
+
+class AcmeCertificate(Base):
+    """A name whose SNI certificate was issued by ACME and is renewed by the gateway (migration 0010_acme).
+
+    The certificate and key themselves are the ``sni_certificates`` row of the same name.
+    """
+
+    __tablename__ = "acme_certificates"
+
+    #: The SNI name (the first identifier of the order).
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    #: Every identifier ordered, the first being ``name``.
+    names: Mapped[list] = mapped_column(JSON)
+    #: The directory URL it was issued from.
+    directory_url: Mapped[str] = mapped_column(String(1000))
+    issued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    not_after: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    #: When the last renewal attempt started, and what went wrong with it (``None``: it worked).
+    last_attempt: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -37,12 +37,19 @@ class WebServer:
         listen: ``HOST:PORT`` (port 0 picks a free port).
         tls_context: server context for HTTPS; ``None`` serves plain HTTP
             (only behind a TLS-terminating proxy).
+        setting: the settings key ``listen`` came from (named in errors).
+        default_port: the port when ``listen`` has none.
+        label: what the listener is, in log lines and the task name.
     """
 
-    def __init__(self, app, listen: str, tls_context: ssl.SSLContext | None):
+    def __init__(self, app, listen: str, tls_context: ssl.SSLContext | None, *, setting: str = "web.listen",
+                 default_port: int = 8443, label: str = "console"):
         self.app = app
         self.listen = listen
         self.tls_context = tls_context
+        self.setting = setting
+        self.default_port = default_port
+        self.label = label
         self.port = 0
         self.host = ""
         self._server: _EmbeddedServer | None = None
@@ -58,12 +65,12 @@ class WebServer:
         """Bind and start serving.
 
         Raises:
-            ConfigError: ``web.listen`` is invalid or the address is in use.
+            ConfigError: the listen setting is invalid or the address is in use (the message names the key).
         """
         try:
-            host, port = parse_host_port(self.listen, default_port=8443, allow_zero=True)
+            host, port = parse_host_port(self.listen, default_port=self.default_port, allow_zero=True)
         except ValueError as exc:
-            raise ConfigError(f"web.listen: {exc}") from None
+            raise ConfigError(f"{self.setting}: {exc}") from None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,7 +79,7 @@ class WebServer:
             sock.listen(128)
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"web.listen: cannot listen on {self.listen}: {exc.strerror or exc}") from None
+            raise ConfigError(f"{self.setting}: cannot listen on {self.listen}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         self.host, self.port = host, sock.getsockname()[1]
         plain = self.tls_context is None
@@ -82,17 +89,17 @@ class WebServer:
         config.load()
         config.ssl = self.tls_context
         self._server = _EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="web-console")
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"web-{self.label}")
         deadline = asyncio.get_running_loop().time() + 30
         while not self._server.started:
             if asyncio.get_running_loop().time() > deadline:
                 await self.stop()
-                raise ConfigError(f"web.listen: the console did not start on {self.listen} within 30 s")
+                raise ConfigError(f"{self.setting}: the {self.label} did not start on {self.listen} within 30 s")
             if self._task.done():
                 self._task.result()
-                raise ConfigError(f"web.listen: the console did not start on {self.listen}")
+                raise ConfigError(f"{self.setting}: the {self.label} did not start on {self.listen}")
             await asyncio.sleep(0.01)
-        log.info("console listening", url=self.url)
+        log.info(f"{self.label} listening", url=self.url)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop accepting, give open requests ``grace`` seconds, then drop what is left and close.
