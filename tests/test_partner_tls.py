@@ -4,9 +4,12 @@ certificates (smtplib, swaks, Postfix), a test CA from trustme and CRLs built wi
 from __future__ import annotations
 
 import datetime as dt
-import smtplib
+import shutil
 import ssl
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import trustme
@@ -22,6 +25,7 @@ from mxguard.smtp.partners import PartnerRules
 from mxguard.storage import messagelog
 from mxguard.tls.certs import sha256_fingerprint
 from mxguard.tls.client_certs import name_matches
+from tests.support.postfix import PostfixInstance
 from tests.support.smtp import message, send
 
 PARTNER = "partner.example"
@@ -178,7 +182,7 @@ def test_certificate_from_another_partners_ca_is_refused(gateway, served, add_ru
 
 def test_fingerprint_rule(gateway, served, add_rule, files, partner_cert, partner_ca):
     second = partner_ca.issue_cert("mta2.partner.example")
-    second_file = write_pem(__import__("pathlib").Path(files["cert"]).with_name("second.pem"),
+    second_file = write_pem(Path(files["cert"]).with_name("second.pem"),
                             second.private_key_pem, *second.cert_chain_pems)
     add_rule(ca_file=files["ca"], fingerprints=[fingerprint(partner_cert).upper()])
     assert partner_send(gateway, cert=files["cert"]).data[0] == 250
@@ -336,3 +340,105 @@ def test_pattern_normalization():
 ])
 def test_rfc6125_name_matching(presented, host, ok):
     assert name_matches(presented, host) is ok
+
+
+# -- real MTAs as the partner -------------------------------------------------------------
+
+def swaks(port: int, sender: str, to: str, *extra: str) -> subprocess.CompletedProcess:
+    if shutil.which("swaks") is None:
+        pytest.fail("swaks is not installed; run scripts/install-peers.sh as root")
+    return subprocess.run(["swaks", "-s", "127.0.0.1", "-p", str(port), "-f", sender, "-t", to,
+                           "--h-Subject", "partner test", "--body", "Hello from the partner", "--timeout", "20",
+                           *extra], capture_output=True, text=True, timeout=60)
+
+
+def split_pem(tmp_path, cert: trustme.LeafCert, name: str) -> tuple[str, str]:
+    cert_file, key_file = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return str(cert_file), str(key_file)
+
+
+def test_swaks_as_the_partner_with_and_without_a_client_certificate(gateway, served, add_rule, files, tmp_path,
+                                                                     partner_cert, partner_ca):
+    add_rule(require_cert=True, ca_file=files["ca"])
+    cert_file, key_file = split_pem(tmp_path, partner_cert, "swaks")
+    proc = swaks(gateway.port, f"bob@{PARTNER}", "alice@example.com", "-tls", "--tls-cert", cert_file,
+                 "--tls-key", key_file)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served.wait_for(1)
+    assert f"sha256 {fingerprint(partner_cert)}".encode() in served.messages[0].data
+    proc = swaks(gateway.port, f"bob@{PARTNER}", "alice@example.com", "-tls")
+    assert "<~* 550 5.7.1 mail from partner.example to example.com" in proc.stdout, proc.stdout
+    assert "no client certificate was presented" in proc.stdout
+    proc = swaks(gateway.port, f"bob@{PARTNER}", "alice@example.com")
+    assert "<** 530 5.7.0 Must issue a STARTTLS command first" in proc.stdout, proc.stdout
+    # A revoked certificate, shown by swaks, is refused once the CRL lists it.
+    gateway.run(partner_service.remove_rule(gateway.store, "example.com", PARTNER))
+    add_rule(require_cert=True, ca_file=files["ca"], crl_file=make_crl(partner_ca, [leaf(partner_cert)],
+                                                                       tmp_path / "swaks.crl"))
+    proc = swaks(gateway.port, f"bob@{PARTNER}", "alice@example.com", "-tls", "--tls-cert", cert_file,
+                 "--tls-key", key_file)
+    assert "<~* 550 5.7.1" in proc.stdout and "certificate revoked" in proc.stdout, proc.stdout
+    assert len(served.messages) == 1
+
+
+@pytest.mark.parametrize("with_cert", [True, False])
+def test_postfix_as_the_partner(gateway, served, add_rule, files, tmp_path, partner_cert, with_cert):
+    add_rule(require_cert=True, ca_file=files["ca"], cert_host="mta.partner.example")
+    extra = {"relay_domains": "example.com", "myorigin": PARTNER}
+    if with_cert:
+        cert_file, key_file = split_pem(tmp_path, partner_cert, "pf")
+        extra.update({"smtp_tls_cert_file": cert_file, "smtp_tls_key_file": key_file})
+    pf = PostfixInstance(Path(tempfile.mkdtemp(prefix="mxguard-pfp-")), f"127.0.0.1:{gateway.port}",
+                         smtp_tls_level="encrypt", extra=extra).start()
+    try:
+        proc = swaks(pf.port, f"bob@{PARTNER}", "alice@example.com")
+        assert proc.returncode == 0, proc.stdout
+        if with_cert:
+            log = pf.wait_log("status=sent")
+            assert served.wait_for(1, timeout=30)
+            assert b"from relay.postfix.test ([127.0.0.1])" in served.messages[0].data
+            rec = gateway.wait_records(1)[-1]
+            assert rec.helo == "relay.postfix.test" and rec.client_cert_sha256 == fingerprint(partner_cert)
+        else:
+            log = pf.wait_log("status=bounced")
+            assert "550 5.7.1" in log and "no client certificate was presented" in log
+            assert served.messages == []
+        assert "TLS connection established to 127.0.0.1" in log
+    finally:
+        pf.stop()
+
+
+# -- revocation downstream -----------------------------------------------------------------
+
+def test_downstream_verify_with_a_crl_listing_the_servers_certificate(gateway, tls_sink, add_domain, ca_file, ca,
+                                                                      downstream_cert, tmp_path):
+    clean = make_crl(ca, [], tmp_path / "clean.crl")
+    add_domain("example.com", [tls_sink.address], downstream_tls="verify", tls_ca_file=str(ca_file),
+               tls_crl_file=clean)
+    assert send(gateway.port, ["alice@example.com"]).data[0] == 250
+    assert tls_sink.wait_for(1)
+    revoked = make_crl(ca, [leaf(downstream_cert)], tmp_path / "revoked.crl")
+    add_domain("example.org", [tls_sink.address], downstream_tls="verify", tls_ca_file=str(ca_file),
+               tls_crl_file=revoked)
+    out = send(gateway.port, ["alice@example.org"])
+    code, text = out.rcpt["alice@example.org"]
+    assert code == 451 and text.startswith("4.7.5")
+    time.sleep(0.3)
+    assert len(tls_sink.messages) == 1, "nothing may be sent to a revoked server"
+    failure = gateway.wait_records(2)[-1].downstream[0]["failure"]
+    assert "certificate revoked" in failure
+
+
+def test_domain_crl_is_validated(gateway, tls_sink, add_domain, ca_file, tmp_path):
+    not_a_crl = tmp_path / "x.crl"
+    not_a_crl.write_text("hello")
+    with pytest.raises(ValidationFailed) as err:
+        add_domain("example.net", [tls_sink.address], downstream_tls="verify", tls_ca_file=str(ca_file),
+                   tls_crl_file=str(not_a_crl))
+    assert err.value.field == "tls_crl_file"
+    with pytest.raises(ValidationFailed) as err:
+        add_domain("example.net", [tls_sink.address], downstream_tls="required",
+                   tls_crl_file=make_crl(trustme.CA(), [], tmp_path / "ok.crl"))
+    assert err.value.field == "tls_crl_file" and "verify" in err.value.message

@@ -116,7 +116,7 @@ def server_context_from_pem(cert_pem: bytes, key_pem: bytes, *, min_version: str
 
 @functools.lru_cache(maxsize=64)
 def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version: str = "1.2",
-                   pinned: bool = False) -> ssl.SSLContext:
+                   pinned: bool = False, crl_file: str | None = None, crl_stamp: int = 0) -> ssl.SSLContext:
     """Context for STARTTLS to a downstream server.
 
     Args:
@@ -126,6 +126,11 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
         min_version: lowest protocol version accepted.
         pinned: ``verify`` by a pinned fingerprint: the chain is not checked
             here; the caller compares the leaf's SHA-256 after the handshake.
+        crl_file: in ``verify`` mode by chain, a CRL (PEM) of the leaf's issuer: OpenSSL checks
+            the leaf against it (``VERIFY_CRL_CHECK_LEAF``, RFC 5280 6.3), so a revoked, or a
+            CRL that is not the issuer's or has expired, fails the handshake as
+            verification errors do.
+        crl_stamp: the CRL file's modification time (ns): a changed file makes a new context.
 
     Raises:
         ConfigError: the CA file cannot be read.
@@ -145,6 +150,12 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
                 ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"tls_ca_file: cannot load {ca_file}: {exc}") from None
+        if crl_file:
+            try:
+                ctx.load_verify_locations(cafile=crl_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"tls_crl_file: cannot load {crl_file}: {exc}") from None
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
