@@ -442,3 +442,38 @@ def test_domain_crl_is_validated(gateway, tls_sink, add_domain, ca_file, tmp_pat
         add_domain("example.net", [tls_sink.address], downstream_tls="required",
                    tls_crl_file=make_crl(trustme.CA(), [], tmp_path / "ok.crl"))
     assert err.value.field == "tls_crl_file" and "verify" in err.value.message
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+def test_cli_partner_add_list_remove(tmp_path, files, partner_cert):
+    import json
+    import os
+    import sys
+
+    exe = str(Path(sys.executable).with_name("mxguard"))
+    d = tmp_path / "d"
+
+    def mx(*args, check=True):
+        proc = subprocess.run([exe, "--data-dir", str(d), *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "COLUMNS": "200"})
+        assert not check or proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    mx("init", "--hostname", "mx1.example.com")
+    mx("domain", "add", "example.com", "--server", "127.0.0.1:2525")
+    out = mx("domain", "partner", "add", "example.com", "--sender", "Partner.Example", "--client-cert",
+             "--ca-file", files["ca"], "--fingerprint", fingerprint(partner_cert), "--cert-host", "mta.partner.example")
+    assert "mail from partner.example must arrive over TLS 1.2+ with a client certificate" in out.stdout
+    rules = json.loads(mx("domain", "partner", "list", "example.com", "--json").stdout)
+    assert rules[0]["sender"] == "partner.example" and rules[0]["fingerprints"] == [fingerprint(partner_cert)]
+    bad = mx("domain", "partner", "add", "example.com", "--sender", "x.example", "--fingerprint", "zz", check=False)
+    assert bad.returncode != 0 and "fingerprints" in bad.stderr and "Traceback" not in bad.stderr
+    again = mx("domain", "partner", "add", "example.com", "--sender", "partner.example", check=False)
+    assert again.returncode != 0 and "already" in again.stderr
+    assert "Removed" in mx("domain", "partner", "remove", "example.com", "--sender", "partner.example").stdout
+    assert json.loads(mx("domain", "partner", "list", "example.com", "--json").stdout) == []
+    import sqlite3
+    with sqlite3.connect(d / "mxguard.db") as db:
+        actions = [row[0] for row in db.execute("SELECT action FROM audit_log WHERE target LIKE 'example.com %'")]
+    assert actions == ["domain.partner.add", "domain.partner.remove"]

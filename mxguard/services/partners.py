@@ -64,6 +64,20 @@ class PartnerRuleView:
         return data
 
 
+def requirement(rule: PartnerRuleView) -> str:
+    """What the rule asks for, in words (``over TLS 1.2+ with a client certificate from its CA``)."""
+    words = "over TLS" + (f" {rule.min_tls}+" if rule.min_tls != "none" else "")
+    if rule.require_cert:
+        words += " with a client certificate from its CA"
+        if rule.fingerprints:
+            words += " with an accepted fingerprint"
+        if rule.cert_host:
+            words += f" naming {rule.cert_host}"
+        if rule.crl_file:
+            words += " that is not revoked"
+    return words
+
+
 def normalize_sender_domain(text: str) -> str | None:
     """A sender's domain as rules compare it: lower-case A-labels without a final dot.
 

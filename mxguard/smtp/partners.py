@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
-from mxguard.services.partners import PartnerRuleView, covers, enabled_rules, sender_domain_of
+from mxguard.services.partners import PartnerRuleView, covers, enabled_rules, requirement, sender_domain_of
 from mxguard.smtp.replies import Reply
 from mxguard.storage.db import Store
 from mxguard.tls.client_certs import (PeerCertificate, chain_problem, host_problem, load_ca_file, load_crl,
@@ -28,20 +28,6 @@ log = structlog.get_logger("mxguard.partners")
 
 _VERSION_RANK = {"TLSv1.2": 2, "TLSv1.3": 3}
 _MIN_RANK = {"none": 0, "1.2": 2, "1.3": 3}
-
-
-def requirement(rule: PartnerRuleView) -> str:
-    """What the rule asks for, in words (``over TLS 1.2+ with a client certificate from its CA``)."""
-    words = "over TLS" + (f" {rule.min_tls}+" if rule.min_tls != "none" else "")
-    if rule.require_cert:
-        words += " with a client certificate from its CA"
-        if rule.fingerprints:
-            words += " with an accepted fingerprint"
-        if rule.cert_host:
-            words += f" naming {rule.cert_host}"
-        if rule.crl_file:
-            words += " that is not revoked"
-    return words
 
 
 class RuleUncheckable(Exception):
