@@ -40,6 +40,7 @@ from mxguard.storage.sealing import KeyRing
 from mxguard.tls.acme_renewal import AcmeRenewal
 from mxguard.tls.certs import load_chain
 from mxguard.tls.reporting import DailyTlsReports
+from mxguard.smtp.partners import PartnerRules
 from mxguard.tls.contexts import ReloadableServerContext
 
 log = structlog.get_logger("mxguard.gateway")
@@ -103,6 +104,7 @@ class Gateway:
         self.tls = ReloadableServerContext(s.path(s.tls.cert_file), s.path(s.tls.key_file),
                                            min_version=s.tls.min_version, extra=extra)
         self.tls_context = self.tls.context
+        self.smtp_tls_context = self.tls.smtp_context
         self.metrics = GatewayMetrics()
         self.observers.append(self.metrics.observe)
         self.filters = FilterPipeline.from_settings(s)
@@ -118,6 +120,8 @@ class Gateway:
         self.directory.listeners.append(self.sender_lists.load)
         self.sni = SniContexts(self.store, self.keyring, self.tls, min_version=s.tls.min_version)
         self.directory.listeners.append(self.sni.load)
+        self.partners = PartnerRules(self.store, on_client_cas=self.tls.set_client_cas)
+        self.directory.listeners.append(self.partners.load)
         await self.directory.load()
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
@@ -133,6 +137,7 @@ class Gateway:
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold, sender_lists=self.sender_lists,
                                       on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal,
+                                      partners=self.partners,
                                       report_inbox=ReportInbox(self.store, s.tls_reports.ingest_local_part,
                                                                self._report_dkim_checker())
                                       if s.tls_reports.ingest else None)
@@ -277,7 +282,7 @@ class Gateway:
             self.handler, self.proxy_ctx, s.smtp, self.connections,
             hostname=s.hostname,
             ident=s.smtp.banner,
-            tls_context=self.tls_context,
+            tls_context=self.smtp_tls_context,
             require_starttls=False,  # per-domain policy decides at RCPT (530 5.7.0)
             data_size_limit=s.smtp.max_message_size,
             enable_SMTPUTF8=True,

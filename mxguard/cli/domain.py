@@ -1,4 +1,4 @@
-"""``mxguard domain add|list|show|set|remove|test|mta-sts|dns-check``."""
+"""``mxguard domain add|list|show|set|remove|test|mta-sts|dns-check|partner``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ FAILURE_HELP = "When an engine is down or too slow: defer (451 4.3.0, default) |
 SUMMARY_INTERVAL_HELP = "Hours between quarantine summaries to each recipient (0: none; default 24)"
 SUMMARY_HOUR_HELP = "Hour of day (UTC, 0-23) a daily summary goes out (default 8)"
 BLOCK_HELP = "Mail from a sender on a recipient's block list: quarantine (default) | reject (550 5.7.1)"
+CRL_HELP = ("CRL (PEM) of the downstream certificate's issuer for 'verify' by CA chain: a listed "
+            "certificate is refused (451 4.7.5, nothing sent)")
 RULES_HELP = "Attachment rules as a JSON list, or @FILE holding one (see the README); replaces the list"
 
 
@@ -69,6 +71,7 @@ def add(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", show_default=False, metavar="PEM", help="CA bundle for 'verify' (default: system trust store)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", show_default=False, metavar="SHA256", help="Pinned SHA-256 certificate fingerprint for 'verify'"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", show_default=False, metavar="1.2|1.3", help="Lowest downstream TLS version (default: 1.2)"),
+    tls_crl_file: str = typer.Option(None, "--tls-crl-file", show_default=False, metavar="CRL", help=CRL_HELP),
     on_unreachable: str = typer.Option(None, "--on-unreachable", show_default=False, metavar="spool|defer", help=UNREACHABLE_HELP),
     org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help=ORG_HELP),
     junk_quarantine: str = typer.Option(None, "--junk-quarantine", show_default=False, metavar="SCORE", help=JUNK_Q_HELP),
@@ -87,7 +90,7 @@ def add(
     view = run(with_store(lambda store: svc.add_domain(
         store, domain, server, actor=Actor.cli(), org=org, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
         tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
-        on_unreachable=on_unreachable, **filters)))
+        tls_crl_file=tls_crl_file, on_unreachable=on_unreachable, **filters)))
     console.print(f"Added {view.name} → {', '.join(view.servers)} (downstream TLS {view.downstream_tls}, "
                   f"inbound TLS {view.inbound_tls})", highlight=False)
     if not org:
@@ -105,6 +108,7 @@ def set_(
     tls_ca_file: str = typer.Option(None, "--tls-ca-file", show_default=False, metavar="PEM", help="CA bundle for 'verify' ('' to clear)"),
     tls_fingerprint: str = typer.Option(None, "--tls-fingerprint", show_default=False, metavar="SHA256", help="Pinned fingerprint ('' to clear)"),
     tls_min_version: str = typer.Option(None, "--tls-min-version", show_default=False, metavar="1.2|1.3"),
+    tls_crl_file: str = typer.Option(None, "--tls-crl-file", show_default=False, metavar="CRL", help=CRL_HELP + " ('' to clear)"),
     on_unreachable: str = typer.Option(None, "--on-unreachable", show_default=False, metavar="spool|defer", help=UNREACHABLE_HELP),
     org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help=ORG_HELP + " ('' for none)"),
     junk_quarantine: str = typer.Option(None, "--junk-quarantine", show_default=False, metavar="SCORE", help=JUNK_Q_HELP),
@@ -120,7 +124,7 @@ def set_(
     """Change a domain's settings; running gateways apply it to the next transaction."""
     changes = dict(servers=server or None, downstream_tls=downstream_tls, inbound_tls=inbound_tls,
                    tls_ca_file=tls_ca_file, tls_fingerprint=tls_fingerprint, tls_min_version=tls_min_version,
-                   on_unreachable=on_unreachable, org=org,
+                   tls_crl_file=tls_crl_file, on_unreachable=on_unreachable, org=org,
                    **_filter_options(junk_quarantine, junk_reject, junk_tag, virus_action, engine_failure,
                                      attachment_rules, summary_interval, summary_hour, block_action))
     before, after = run(with_store(lambda store: svc.update_domain(store, domain, actor=Actor.cli(), **changes)))
@@ -318,3 +322,77 @@ def dns_check(domain: str = typer.Argument(..., show_default=False),
         console.print(table)
     if any(c.status != "ok" for c in checks):
         raise typer.Exit(1)
+
+
+# -- partner TLS rules ---------------------------------------------------------------------
+
+partner_app = typer.Typer(help="Partner TLS rules: mail from a sender domain must arrive over TLS, "
+                               "optionally with a client certificate.", no_args_is_help=True)
+domain_app.add_typer(partner_app, name="partner")
+
+
+@partner_app.command("add")
+@handle_errors
+def partner_add(
+    domain: str = typer.Argument(..., show_default=False, help="The served (recipient) domain"),
+    sender: str = typer.Option(..., "--sender", show_default=False, metavar="DOMAIN",
+                               help="Sender domain: partner.example, or *.partner.example for its sub-domains"),
+    min_tls: str = typer.Option("1.2", "--min-tls", metavar="none|1.2|1.3",
+                                help="Lowest TLS version ('none': TLS only as the client certificate needs it)"),
+    client_cert: bool = typer.Option(False, "--client-cert", help="Require a client certificate"),
+    ca_file: str = typer.Option(None, "--ca-file", show_default=False, metavar="PEM",
+                                help="CA bundle the client certificate must chain to (needed with a certificate)"),
+    fingerprint: list[str] = typer.Option(None, "--fingerprint", show_default=False, metavar="SHA256",
+                                          help="Accepted SHA-256 fingerprint of the client certificate; repeatable"),
+    cert_host: str = typer.Option(None, "--cert-host", show_default=False, metavar="HOST",
+                                  help="Host name the certificate must carry (SAN dNSName)"),
+    crl_file: str = typer.Option(None, "--crl-file", show_default=False, metavar="CRL",
+                                 help="The CA's CRL: a listed certificate is refused"),
+) -> None:
+    """Add a partner TLS rule: 530 5.7.0 at MAIL in clear, 550 5.7.1 at RCPT when not met."""
+    from mxguard.services import partners
+
+    view = run(with_store(lambda store: partners.add_rule(
+        store, domain, sender, actor=Actor.cli(), min_tls=min_tls, require_cert=client_cert, ca_file=ca_file,
+        fingerprints=fingerprint or [], cert_host=cert_host, crl_file=crl_file)))
+    console.print(f"Added partner rule on {view.domain}: mail from {view.sender} must arrive "
+                  f"{_requirement(view)}", highlight=False)
+
+
+def _requirement(view) -> str:
+    from mxguard.services.partners import requirement
+
+    return requirement(view)
+
+
+@partner_app.command("list")
+@handle_errors
+def partner_list(domain: str = typer.Argument(..., show_default=False),
+                 as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """List a domain's partner TLS rules."""
+    from mxguard.services import partners
+
+    views = run(with_store(lambda store: partners.list_rules(store, domain, actor=Actor.cli())))
+    if as_json:
+        typer.echo(json.dumps([v.as_dict() for v in views], indent=2))
+        return
+    if not views:
+        console.print(f"{domain}: no partner rules")
+        return
+    table = Table("sender", "min TLS", "client cert", "CA file", "fingerprints", "host", "CRL", "enabled")
+    for v in views:
+        table.add_row(escape(v.sender), v.min_tls, "yes" if v.require_cert else "no", escape(v.ca_file or "-"),
+                      "\n".join(v.fingerprints) or "-", escape(v.cert_host or "-"), escape(v.crl_file or "-"),
+                      "yes" if v.enabled else "no")
+    console.print(table)
+
+
+@partner_app.command("remove")
+@handle_errors
+def partner_remove(domain: str = typer.Argument(..., show_default=False),
+                   sender: str = typer.Option(..., "--sender", show_default=False, metavar="DOMAIN")) -> None:
+    """Remove a domain's partner TLS rule for a sender pattern."""
+    from mxguard.services import partners
+
+    view = run(with_store(lambda store: partners.remove_rule(store, domain, sender, actor=Actor.cli())))
+    console.print(f"Removed partner rule on {view.domain} for {view.sender}", highlight=False)

@@ -28,6 +28,7 @@ from mxguard.services.tenancy import check_domain_claim
 from mxguard.storage.db import Store
 from mxguard.storage.models import ConfigGeneration, Domain, SpoolEntry, utcnow
 from mxguard.tls.certs import normalize_fingerprint
+from mxguard.tls.client_certs import load_crl
 from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
 
 #: Fields an operator may set, with their defaults for a new domain.
@@ -37,6 +38,7 @@ DOMAIN_DEFAULTS: dict[str, Any] = {
     "tls_ca_file": None,
     "tls_fingerprint": None,
     "tls_min_version": TlsVersion.V1_2.value,
+    "tls_crl_file": None,
     "on_unreachable": "spool",
     # Filtering (issue 3): see mxguard.filtering.disposition.
     "junk_quarantine": None,
@@ -69,6 +71,8 @@ class DomainView:
     tls_ca_file: str | None = None
     tls_fingerprint: str | None = None
     tls_min_version: str = "1.2"
+    #: CRL checked against the downstream leaf in ``verify`` mode (a listed certificate: 451 4.7.5).
+    tls_crl_file: str | None = None
     #: ``spool`` (accept and hold when every server is down) or ``defer`` (``451 4.4.1``).
     on_unreachable: str = "spool"
     #: Owning organization's name (``None``: administrators only).
@@ -215,6 +219,18 @@ def _validate_fields(fields: dict[str, Any]) -> dict[str, Any]:
             out["tls_ca_file"] = path
     elif "tls_ca_file" in out:
         out["tls_ca_file"] = None
+    if out.get("tls_crl_file"):
+        with check:
+            path = os.path.abspath(out["tls_crl_file"])
+            if not os.path.isfile(path):
+                raise ValidationFailed("tls_crl_file", f"{path} does not exist")
+            try:
+                load_crl(path)
+            except (OSError, ValueError) as exc:
+                raise ValidationFailed("tls_crl_file", str(exc)) from None
+            out["tls_crl_file"] = path
+    elif "tls_crl_file" in out:
+        out["tls_crl_file"] = None
     check.raise_if_any()
     return out
 
@@ -246,6 +262,10 @@ def _check_consistent(values: dict[str, Any]) -> None:
     if values.get("tls_ca_file") and mode not in (DownstreamTls.VERIFY, DownstreamTls.MTA_STS):
         with check:
             raise ValidationFailed("tls_ca_file", "a CA file is only used with downstream TLS 'verify' or 'mta-sts'")
+    if values.get("tls_crl_file") and (mode != DownstreamTls.VERIFY or values.get("tls_fingerprint")):
+        with check:
+            raise ValidationFailed("tls_crl_file", "a CRL is only used with downstream TLS 'verify' by CA chain "
+                                                   "(not with a pinned fingerprint)")
     # Junk thresholds must be ordered: tag <= quarantine <= reject (when set).
     order = [(k, values.get(k)) for k in ("junk_tag", "junk_quarantine", "junk_reject") if values.get(k) is not None]
     for (low_key, low), (high_key, high) in zip(order, order[1:]):
@@ -331,6 +351,7 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         values["attachment_rules"] = json.loads(json.dumps(DEFAULT_ATTACHMENT_RULES))
     _check_consistent(values)
     _check_ca_file_allowed(actor, values.get("tls_ca_file"))
+    _check_ca_file_allowed(actor, values.get("tls_crl_file"))
     async with store.session() as session:
         org_id = await _org_for_actor(session, org, actor)
         await check_domain_claim(store, session, actor, domain, org_id)
@@ -373,6 +394,7 @@ async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **cha
         merged = {**before.as_dict(), **changes}
         _check_consistent(merged)
         _check_ca_file_allowed(actor, changes.get("tls_ca_file"), before.tls_ca_file)
+        _check_ca_file_allowed(actor, changes.get("tls_crl_file"), before.tls_crl_file)
         for key, value in changes.items():
             setattr(row, key, value)
         if org is not None and (org or None) != before.org:

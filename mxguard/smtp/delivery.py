@@ -19,6 +19,7 @@ the spool worker (one connection per attempt). The rules:
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from mxguard.config import DownstreamSettings
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import Route
 from mxguard.tls.buffers import shrink_tls_read_buffer
+from mxguard.errors import ConfigError
 from mxguard.tls.certs import describe_der, peer_chain_der
 from mxguard.tls.contexts import client_context
 from mxguard.tls.policy import DownstreamTls
@@ -141,6 +143,14 @@ class _ServerSkipped(Exception):
         self.result_type = result_type
         #: The policy source in force when the server was skipped (set by ``_open_one``).
         self.policy: str | None = None
+
+
+def _stamp(path: str | None) -> int:
+    """A file's modification time in ns (0: none or unreadable): a new CRL gets a new context."""
+    try:
+        return os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        return 0
 
 
 def _certificate_result_type(exc: ssl.SSLCertVerificationError) -> str:
@@ -301,8 +311,12 @@ class DownstreamConnection:
         route = self.route
         pinned = bool(route.fingerprint) and policy.verify_pkix
         # DANE checks the certificate against TLSA below, not against a CA (RFC 7672 section 3.1).
-        ctx = client_context(DownstreamTls.VERIFY if policy.verify_pkix else DownstreamTls.REQUIRED,
-                             route.ca_file, route.min_version, pinned)
+        crl = route.crl_file if policy.verify_pkix and not pinned else None
+        try:
+            ctx = client_context(DownstreamTls.VERIFY if policy.verify_pkix else DownstreamTls.REQUIRED,
+                                 route.ca_file, route.min_version, pinned, crl, _stamp(crl))
+        except ConfigError as exc:  # a CA or CRL file gone since it was configured: nothing is sent
+            raise _ServerSkipped(str(exc), tls_related=True, result_type="validation-failure") from None
         try:
             await self.client.starttls(server_hostname=host, tls_context=ctx,
                                        timeout=self.settings.connect_timeout)

@@ -66,7 +66,7 @@ def safe_helo(name: str) -> str:
 
 def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls_version: str | None,
                    cipher: str | None, bits: int | None, smtputf8: bool, recipient: str | None,
-                   timestamp: float | None = None) -> str:
+                   timestamp: float | None = None, client_cert: tuple[str, str] | None = None) -> str:
     """The ``Received`` field mxguard adds (RFC 5321 section 4.4).
 
     The protocol word follows RFC 3848 / RFC 6531: ``ESMTP``, ``ESMTPS`` when
@@ -75,12 +75,17 @@ def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls
 
     Args:
         recipient: added as ``for <...>`` only when the copy has one recipient.
+        client_cert: ``(subject, sha256 hex)`` of the client certificate shown at STARTTLS; added
+            to the TLS comment (the subject with comment-breaking characters replaced).
     """
     with_ = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls_version else "")
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     parts = [f"Received: from {safe_helo(helo)} ([{ip}])", f"\tby {hostname} (mxguard)"]
     if tls_version:
         parts.append(f"\t(using {tls_version} with cipher {cipher} ({bits}/{bits} bits))")
+        if client_cert is not None:
+            subject = _COMMENT_UNSAFE.sub("?", client_cert[0])[:200]
+            parts.append(f"\t(client certificate {subject}; sha256 {client_cert[1]})")
     parts.append(f"\twith {with_} id {txn_id}")
     date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
     if recipient:
@@ -88,6 +93,10 @@ def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls
     else:
         parts[-1] += f"; {date}"
     return "\r\n".join(parts)
+
+
+#: What may not stand in a comment (RFC 5322 3.2.2 ctext) unescaped, or breaks the header line.
+_COMMENT_UNSAFE = re.compile(r"[()\\\x00-\x1f\x7f-\U0010ffff]")
 
 
 def summarize(raw: bytes) -> tuple[str, str]:

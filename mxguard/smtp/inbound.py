@@ -27,6 +27,7 @@ from mxguard.smtp import limits, syntax
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
 from mxguard.tls.buffers import shrink_tls_read_buffer
+from mxguard.tls.client_certs import PeerCertificate, peer_certificate
 
 log = structlog.get_logger("mxguard.inbound")
 
@@ -128,8 +129,8 @@ class InboundSMTP(SMTP):
     def __init__(self, handler: "InboundHandler", proxy_ctx: ProxyContext, limits_: SmtpSettings,
                  counter: limits.ConnectionCounter, *, tls_context=None, **kwargs):
         # The context is set after aiosmtpd's set-up, which would otherwise re-check its
-        # verify mode on every connection (slow enum conversions); ours is a server
-        # context that never asks for client certificates (see mxguard.tls.contexts).
+        # verify mode on every connection (slow enum conversions); ours asks for a client
+        # certificate only while partner rules need one (see mxguard.tls.contexts).
         super().__init__(handler, **kwargs)
         self.tls_context = tls_context
         self.proxy = ProxySession(proxy_ctx)
@@ -159,6 +160,8 @@ class InboundSMTP(SMTP):
         #: The MAIL/RCPT being handled, and why its path was refused (see ``_getaddr``).
         self._path_verb: str | None = None
         self._path_problem: str | None = None
+        #: The client certificate of this TLS session, parsed once: ``(ssl object, certificate)``.
+        self._peer_cert: tuple[object, PeerCertificate | None] | None = None
 
     _dir_names: list[str] | None = None
 
@@ -484,6 +487,9 @@ class InboundSMTP(SMTP):
             cipher = sslobj.cipher()
             if cipher:
                 info.cipher, info.bits = cipher[0], cipher[2]
+            if self._peer_cert is None or self._peer_cert[0] is not sslobj:
+                self._peer_cert = (sslobj, peer_certificate(sslobj.getpeercert(binary_form=True)))
+            info.cert = self._peer_cert[1]
         return info
 
 
@@ -520,6 +526,11 @@ class InboundHandler:
             return str(syntax.bad_sender(problem))
         if not smtputf8 and not sender.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
+        partners = server.proxy.ctx.partners
+        if partners is not None and server._tls_protocol is None:
+            refusal = partners.starttls_first(sender)
+            if refusal is not None:
+                return str(server.proxy.refuse_sender(server.client_info(), sender, refusal))
         server.proxy.begin(server.client_info(), sender, mail_options, requiretls=server.requiretls)
         server.junk_commands = 0
         envelope.mail_from = address

@@ -41,6 +41,7 @@ from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import PUBLISHED_POLICY_MODES, DomainDirectory, Route, route_for_message, sender_opted_out
 from mxguard.smtp.tlsrpt_inbox import MIXED_WITH_REPORTS, REPORT_RCPT_OK
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
+from mxguard.tls.client_certs import PeerCertificate
 from mxguard.tls.policy import InboundTls
 
 log = structlog.get_logger("mxguard.proxy")
@@ -75,6 +76,8 @@ class ClientInfo:
     tls_version: str | None = None
     cipher: str | None = None
     bits: int | None = None
+    #: The client certificate shown at STARTTLS (requested only while partner rules need one).
+    cert: PeerCertificate | None = None
 
     @property
     def tls(self) -> bool:
@@ -115,6 +118,8 @@ class ProxyContext:
     on_refusal: Callable[[str], None] | None = None
     #: The gateway's own TLS-RPT mailbox (:class:`~mxguard.smtp.tlsrpt_inbox.ReportInbox`); ``None``: off.
     report_inbox: Any = None
+    #: Partner TLS rules (:class:`~mxguard.smtp.partners.PartnerRules`); ``None``: none.
+    partners: Any = None
 
     @property
     def hostname(self) -> str:
@@ -149,6 +154,8 @@ class Transaction:
     relaxed_conns: list[DownstreamConnection] = field(default_factory=list)
     #: Recipients that are a served domain's TLS-RPT address: the gateway takes the message itself.
     report_rcpts: list[str] = field(default_factory=list)
+    #: Partner TLS rules judged in this transaction: rule -> refusal (``None``: met).
+    partner_checks: dict[Any, Reply | None] = field(default_factory=dict)
 
 
 #: The message-log disposition of a TLS-RPT report the gateway took for itself.
@@ -234,6 +241,9 @@ class ProxySession:
         if domain.inbound_tls == InboundTls.REQUIRED and not tx.client.tls:
             log.info("inbound TLS required", txn=tx.txn_id, rcpt=address, client=tx.client.ip)
             return self._refused(address, TLS_REQUIRED_INBOUND, route)
+        refusal = self._partner_refusal(tx, domain.name)
+        if refusal is not None:
+            return self._refused(address, refusal, route)
         inbox = self.ctx.report_inbox
         if inbox is not None and inbox.takes(address):
             return self._take_report_rcpt(tx, address)
@@ -273,6 +283,31 @@ class ProxySession:
         else:
             self._refused(address, reply, route)
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
+        return reply
+
+    def _partner_refusal(self, tx: Transaction, domain: str) -> Reply | None:
+        """The recipient domain's partner TLS rule for this sender, judged once per transaction."""
+        partners = self.ctx.partners
+        rule = partners.rule_for(domain, tx.mail_from) if partners is not None else None
+        if rule is None:
+            return None
+        if rule not in tx.partner_checks:
+            client = tx.client
+            refusal = partners.check(rule, tx.mail_from, client.tls_version, client.cert)
+            tx.partner_checks[rule] = refusal
+            cert = client.cert
+            log.info("partner TLS rule " + ("not met" if refusal else "met"), txn=tx.txn_id, domain=domain,
+                     sender=tx.mail_from, rule=rule.sender, client=client.ip, tls=client.tls_version or "none",
+                     cert_subject=cert.subject if cert else None, cert_sha256=cert.sha256 if cert else None,
+                     reply=refusal.one_line() if refusal else None)
+        return tx.partner_checks[rule]
+
+    def refuse_sender(self, client: ClientInfo, mail_from: str, reply: Reply) -> Reply:
+        """MAIL refused before a transaction began (a partner rule in clear): record it and return ``reply``."""
+        tx = Transaction(new_txn_id(), client, mail_from, None, False, None)
+        log.info("sender refused at MAIL", txn=tx.txn_id, sender=mail_from, client=client.ip,
+                 reply=reply.one_line())
+        self._record(tx, reply, disposition="rejected")
         return reply
 
     def _take_report_rcpt(self, tx: Transaction, address: str) -> Reply:
@@ -611,7 +646,8 @@ class ProxySession:
         received = headers.received_field(
             helo=client.helo, client_ip=client.ip, hostname=self.ctx.hostname, txn_id=tx.txn_id,
             tls_version=client.tls_version, cipher=client.cipher, bits=client.bits, smtputf8=tx.smtputf8,
-            recipient=leg.accepted[0] if len(leg.accepted) == 1 else None)
+            recipient=leg.accepted[0] if len(leg.accepted) == 1 else None,
+            client_cert=(client.cert.subject, client.cert.sha256) if client.cert else None)
         return headers.prepend_fields(content, [received])
 
     async def _send_leg(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
@@ -755,7 +791,7 @@ class ProxySession:
 
     def _record(self, tx: Transaction, final: Reply | None, *, size: int = 0, subject: str = "",
                 message_id: str = "", accept_ms: float | None = None, relay_ms: float | None = None,
-                abort_reason: str | None = None) -> None:
+                abort_reason: str | None = None, disposition: str | None = None) -> None:
         infos: list[dict[str, Any]] = []
         first: ConnectionInfo | None = None
         for leg in tx.legs.values():
@@ -769,8 +805,8 @@ class ProxySession:
             if leg.relaxed:
                 item["tls_required_no"] = True  # RFC 8689 section 5: the published policy was relaxed
             infos.append(item)
-        disposition = "aborted" if abort_reason and not any(
-            r.disposition != "aborted" for r in tx.results) else overall_disposition(tx.results)
+        disposition = disposition or ("aborted" if abort_reason and not any(
+            r.disposition != "aborted" for r in tx.results) else overall_disposition(tx.results))
         client = tx.client
         record = LogRecord(
             txn_id=tx.txn_id, ts=tx.started_wall, node=self.ctx.hostname, client_ip=client.ip,
@@ -789,6 +825,8 @@ class ProxySession:
             relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
             verdict=tx.filter_plan.as_log() if tx.filter_plan else {},
             filter_ms=tx.filter_ms,
+            client_cert_subject=client.cert.subject if client.cert else None,
+            client_cert_sha256=client.cert.sha256 if client.cert else None,
         )
         for observer in self.ctx.observers:
             observer(record)

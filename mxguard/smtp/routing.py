@@ -48,6 +48,8 @@ class Route:
     ca_file: str | None = None
     fingerprint: str | None = None
     min_version: str = "1.2"
+    #: CRL checked against the server's leaf certificate in ``verify`` mode by CA chain.
+    crl_file: str | None = None
     #: The recipient domain whose MTA-STS policy applies (``mta-sts`` mode only; RFC 8461
     #: policies belong to a domain, so such routes are not shared between domains).
     policy_domain: str | None = None
@@ -64,6 +66,7 @@ class Route:
             ca_file=domain.tls_ca_file,
             fingerprint=domain.tls_fingerprint,
             min_version=domain.tls_min_version,
+            crl_file=domain.tls_crl_file if tls is DownstreamTls.VERIFY else None,
             policy_domain=domain.name if tls is DownstreamTls.MTA_STS else None,
         )
 

@@ -71,6 +71,8 @@ class LogRecord:
     filter_ms: float | None = None
     relay_ms: float | None = None
     total_ms: float | None = None
+    client_cert_subject: str | None = None
+    client_cert_sha256: str | None = None
 
     def as_row(self) -> dict[str, Any]:
         """The row to insert: strings bounded to their columns; the JSON columns made storable.
@@ -88,6 +90,8 @@ class LogRecord:
         row["message_id"] = row["message_id"][:500]
         row["mail_from"] = row["mail_from"][:500]
         row["helo"] = row["helo"][:250]
+        if row["client_cert_subject"] is not None:
+            row["client_cert_subject"] = row["client_cert_subject"][:1000]
         return row
 
 

@@ -59,6 +59,9 @@ class Domain(Base):
     tls_ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
     tls_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     tls_min_version: Mapped[str] = mapped_column(String(4), default="1.2")
+    #: A CRL (PEM or DER) checked against the downstream leaf certificate in ``verify`` mode
+    #: (migration 0011_partner_tls); ``None``: no revocation check.
+    tls_crl_file: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: Filtering (migration 0003_filtering): junk thresholds on each engine's own scale
     #: (None: quarantine at the engine's own verdict / never reject / never tag).
     junk_quarantine: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -90,6 +93,32 @@ class Domain(Base):
     org: Mapped["Organization | None"] = relationship(lazy="joined")
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class PartnerTlsRule(Base):
+    """Mail from a sender domain to a served domain must arrive over TLS, maybe with a client
+    certificate (migration 0011_partner_tls; see :mod:`mxguard.smtp.partners`)."""
+
+    __tablename__ = "partner_tls_rules"
+    __table_args__ = (UniqueConstraint("domain_id", "sender", name="uq_partner_tls_rules_domain_sender"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    #: ``partner.example`` (that domain only) or ``*.partner.example`` (its sub-domains), lower-case A-labels.
+    sender: Mapped[str] = mapped_column(String(255))
+    #: ``none`` (TLS only as a client certificate needs it), ``1.2`` or ``1.3``.
+    min_tls: Mapped[str] = mapped_column(String(4), default="1.2")
+    require_cert: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: PEM bundle the client certificate must chain to.
+    ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Accepted SHA-256 fingerprints of the client certificate (lower-case hex); empty: any.
+    fingerprints: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: A host name the certificate must carry as a SAN dNSName (RFC 6125 matching).
+    cert_host: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    #: CRL (PEM or DER) of the CA; a listed client certificate is refused.
+    crl_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class QuarantinedMessage(Base):
@@ -279,6 +308,10 @@ class MessageLogEntry(Base):
     filter_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     relay_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     total_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The inbound client certificate, when one was shown (migration 0011_partner_tls):
+    #: its subject (RFC 4514) and SHA-256 of the DER, lower-case hex.
+    client_cert_subject: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    client_cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class SpoolEntry(Base):

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import structlog
+
 from mxguard.errors import ConfigError
 from mxguard.tls import sni
 from mxguard.tls.policy import DownstreamTls
@@ -27,6 +29,8 @@ FORWARD_SECRET_AEAD_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 #: Downstream: the organization's own server may be older, so CBC suites are
 #: allowed, but only with forward secrecy and never the broken ones.
 CLIENT_CIPHERS = "DEFAULT:!aNULL:!eNULL:!kRSA:!3DES:!RC4:!MD5:!EXPORT"
+
+log = structlog.get_logger("mxguard.tls")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -112,7 +116,7 @@ def server_context_from_pem(cert_pem: bytes, key_pem: bytes, *, min_version: str
 
 @functools.lru_cache(maxsize=64)
 def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version: str = "1.2",
-                   pinned: bool = False) -> ssl.SSLContext:
+                   pinned: bool = False, crl_file: str | None = None, crl_stamp: int = 0) -> ssl.SSLContext:
     """Context for STARTTLS to a downstream server.
 
     Args:
@@ -122,6 +126,11 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
         min_version: lowest protocol version accepted.
         pinned: ``verify`` by a pinned fingerprint: the chain is not checked
             here; the caller compares the leaf's SHA-256 after the handshake.
+        crl_file: in ``verify`` mode by chain, a CRL (PEM) of the leaf's issuer: OpenSSL checks
+            the leaf against it (``VERIFY_CRL_CHECK_LEAF``, RFC 5280 6.3), so a revoked, or a
+            CRL that is not the issuer's or has expired, fails the handshake as
+            verification errors do.
+        crl_stamp: the CRL file's modification time (ns): a changed file makes a new context.
 
     Raises:
         ConfigError: the CA file cannot be read.
@@ -141,6 +150,12 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
                 ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"tls_ca_file: cannot load {ca_file}: {exc}") from None
+        if crl_file:
+            try:
+                ctx.load_verify_locations(cafile=crl_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"tls_crl_file: cannot load {crl_file}: {exc}") from None
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -150,8 +165,10 @@ def client_context(mode: DownstreamTls, ca_file: str | None = None, min_version:
 class ReloadableServerContext:
     """A server context whose certificate can be replaced while connections are open.
 
-    ``context`` is the one :class:`ssl.SSLContext` handed to the SMTP listener
-    and the HTTPS server. Its SNI callback (called for every ClientHello, with
+    ``context`` is the :class:`ssl.SSLContext` handed to the HTTPS server and
+    ``smtp_context`` the one handed to the SMTP listener: the same certificates,
+    but only SMTP asks for a client certificate, and only while partner rules
+    need one (:meth:`set_client_cas`). Its SNI callback (called for every ClientHello, with
     or without SNI) moves each new handshake onto the context for its server
     name (:meth:`set_sni`: exact name, then one-label wildcard, see
     :func:`mxguard.tls.sni.select`) or else the current gateway context, so
@@ -174,8 +191,11 @@ class ReloadableServerContext:
         self.extra = extra
         self.current = server_context(cert_file, key_file, min_version=min_version, extra=extra)
         self.context = server_context(cert_file, key_file, min_version=min_version, extra=extra)
+        self.smtp_context = server_context(cert_file, key_file, min_version=min_version, extra=extra)
         self.by_name: Mapping[str, ssl.SSLContext] = {}
+        self.client_cas: tuple[str, ...] = ()
         self.context.sni_callback = self._select
+        self.smtp_context.sni_callback = self._select
 
     def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         # One dict lookup (two for a wildcard) per handshake; the map is replaced whole, never mutated.
@@ -185,7 +205,32 @@ class ReloadableServerContext:
     def set_sni(self, by_name: Mapping[str, ssl.SSLContext]) -> None:
         """Use these per-name contexts for new handshakes (names as :func:`mxguard.tls.sni.normalize_sni_name`
         returns them); an empty mapping serves the gateway certificate to everyone."""
+        for ctx in by_name.values():
+            _trust_clients(ctx, self.client_cas)
         self.by_name = dict(by_name)
+
+    def set_client_cas(self, ca_files: list[str] | tuple[str, ...]) -> None:
+        """Ask SMTP clients for a certificate that chains to one of ``ca_files``; ``[]``: ask for none.
+
+        OpenSSL verifies a shown certificate during the handshake (Python's ``ssl`` has
+        no way to take one unverified), against the store of the context the SNI
+        callback chose, with the verify mode and flags of ``smtp_context``; so every
+        selectable context gets the CA files first, then the request is switched on.
+        A client that shows no certificate is unaffected; one whose certificate chains
+        to none of the files fails the handshake. Which rule a certificate meets is
+        decided later (:mod:`mxguard.tls.client_certs`). CA files only accumulate in
+        the contexts until they are rebuilt: an extra trusted CA lets a handshake
+        succeed, never a rule.
+        """
+        cas = tuple(ca_files)
+        if cas == self.client_cas:
+            return
+        self.client_cas = cas
+        for ctx in (self.current, *self.by_name.values()):
+            _trust_clients(ctx, cas)
+        _trust_clients(self.smtp_context, cas)
+        self.smtp_context.verify_mode = ssl.CERT_OPTIONAL if cas else ssl.CERT_NONE
+        log.info("client certificates " + ("requested" if cas else "not requested"), ca_files=len(cas))
 
     def reload(self, cert_file: Path, key_file: Path) -> None:
         """Use a new chain and key for handshakes from now on.
@@ -193,4 +238,24 @@ class ReloadableServerContext:
         Raises:
             ConfigError: the files cannot be loaded; the old certificate stays in use.
         """
-        self.current = server_context(cert_file, key_file, min_version=self.min_version, extra=self.extra)
+        current = server_context(cert_file, key_file, min_version=self.min_version, extra=self.extra)
+        _trust_clients(current, self.client_cas)
+        self.current = current
+
+
+def _trust_clients(ctx: ssl.SSLContext, ca_files: tuple[str, ...]) -> None:
+    """Load CA files to verify client certificates against. A self-signed partner certificate may be
+    its own CA file (partial chains allowed). A file that cannot be loaded is logged and skipped:
+    its partner's rule then refuses at RCPT (451 4.7.0) rather than every handshake failing."""
+    if not ca_files:
+        return
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    # The system's CAs too: senders no rule covers often show publicly issued client
+    # certificates (large hosted services do), and those must not fail the handshake.
+    # Trust here only lets the handshake through; each rule checks its own CA file.
+    ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+    for path in ca_files:
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("partner CA file cannot be loaded", ca_file=path, error=str(exc)[:200])

@@ -1,18 +1,21 @@
 """``/domains``: served domains, their downstream servers and TLS policy; connection test;
-hosted MTA-STS (``/domains/{name}/mta-sts``) and the DNS check of its records."""
+hosted MTA-STS (``/domains/{name}/mta-sts``) and the DNS check of its records; partner TLS
+rules (``/domains/{name}/partners``)."""
 
 from fastapi import APIRouter, Depends, Response
 
 from mxguard.errors import ValidationFailed
 from mxguard.services import domains as svc
 from mxguard.services import hosted_sts
+from mxguard.services import partners
 from mxguard.services.dns_check import check_records, settings_resolver
 from mxguard.services.access import Actor
 from mxguard.services.probe import probe_domain
 from mxguard.web.context import WebContext
 from mxguard.web.deps import api_actor, get_ctx
 from mxguard.web.routes.api_v1.schemas import (DnsCheckOut, DomainChange, DomainIn, DomainOut, DomainPatch,
-                                               MtaStsChange, MtaStsOut, MtaStsPatch, ProbeOut)
+                                               MtaStsChange, MtaStsOut, MtaStsPatch, PartnerRuleIn, PartnerRuleOut,
+                                               ProbeOut)
 
 router = APIRouter(prefix="/domains", tags=["domains"])
 
@@ -96,3 +99,28 @@ async def dns_check(name: str, actor: Actor = Depends(api_actor), ctx: WebContex
     s = ctx.settings
     policy = await hosted_sts.get_hosted_policy(ctx.store, name, s.mx_hosts, s.hostname, actor=actor)
     return [DnsCheckOut(**c.as_dict()) for c in await check_records(policy, settings_resolver(s))]
+
+
+@router.get("/{name}/partners", response_model=list[PartnerRuleOut], summary="The domain's partner TLS rules")
+async def list_partners(name: str, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    return [PartnerRuleOut(**v.as_dict()) for v in await partners.list_rules(ctx.store, name, actor=actor)]
+
+
+@router.post("/{name}/partners", response_model=PartnerRuleOut, status_code=201,
+             summary="Add a partner TLS rule (530 5.7.0 at MAIL in clear, 550 5.7.1 at RCPT when not met)")
+async def add_partner(name: str, body: PartnerRuleIn, actor: Actor = Depends(api_actor),
+                      ctx: WebContext = Depends(get_ctx)):
+    """409 when the domain has a rule for that sender already; 422 naming the field for bad input."""
+    fields = body.model_dump(exclude={"sender"})
+    view = await partners.add_rule(ctx.store, name, body.sender, actor=actor, **fields)
+    await ctx.config_changed()
+    return PartnerRuleOut(**view.as_dict())
+
+
+@router.delete("/{name}/partners/{sender}", status_code=204, response_class=Response,
+               summary="Remove the partner TLS rule for a sender pattern")
+async def remove_partner(name: str, sender: str, actor: Actor = Depends(api_actor),
+                         ctx: WebContext = Depends(get_ctx)):
+    await partners.remove_rule(ctx.store, name, sender, actor=actor)
+    await ctx.config_changed()
+    return Response(status_code=204)

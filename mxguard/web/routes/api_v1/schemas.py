@@ -62,6 +62,7 @@ class DomainIn(_In):
     tls_ca_file: str | None = Field(default=None, description="CA bundle path on the gateway, for 'verify'")
     tls_fingerprint: str | None = Field(default=None, description="Pinned SHA-256 fingerprint, for 'verify'")
     tls_min_version: TlsVersion = "1.2"
+    tls_crl_file: str | None = Field(default=None, description="CRL path on the gateway, for 'verify' by CA chain")
     org: str | None = Field(default=None, description="Owning organization (admins only)")
 
 
@@ -72,6 +73,7 @@ class DomainPatch(_In):
     tls_ca_file: str | None = Field(default=None, description="'' clears it")
     tls_fingerprint: str | None = Field(default=None, description="'' clears it")
     tls_min_version: TlsVersion | None = None
+    tls_crl_file: str | None = Field(default=None, description="'' clears it")
     org: str | None = Field(default=None, description="Move to this organization (admins only); '' for none")
 
 
@@ -83,7 +85,32 @@ class DomainOut(BaseModel):
     tls_ca_file: str | None
     tls_fingerprint: str | None
     tls_min_version: str
+    tls_crl_file: str | None = None
     org: str | None
+
+
+class PartnerRuleIn(_In):
+    sender: str = Field(min_length=1, max_length=255, examples=["partner.example", "*.partner.example"],
+                        description="Sender domain, or *. and a domain for its sub-domains")
+    min_tls: Literal["none", "1.2", "1.3"] = "1.2"
+    require_cert: bool = False
+    ca_file: str | None = Field(default=None, description="CA bundle path on the gateway (admins only)")
+    fingerprints: list[str] = Field(default_factory=list, max_length=20, description="Accepted SHA-256 fingerprints")
+    cert_host: str | None = Field(default=None, max_length=253, description="Host name the certificate must carry")
+    crl_file: str | None = Field(default=None, description="The CA's CRL path on the gateway (admins only)")
+    enabled: bool = True
+
+
+class PartnerRuleOut(BaseModel):
+    domain: str
+    sender: str
+    min_tls: str
+    require_cert: bool
+    ca_file: str | None
+    fingerprints: list[str]
+    cert_host: str | None
+    crl_file: str | None
+    enabled: bool
 
 
 class DomainChange(BaseModel):
