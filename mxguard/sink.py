@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import threading
 import time
@@ -18,7 +19,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 
 @dataclass
@@ -90,6 +91,22 @@ class _SinkHandler:
             # The message is taken; the reply is late (a crash here leaves the sender unsure).
             await asyncio.sleep(self.sink.data_delay)
         return f"250 2.0.0 Ok: queued as S{len(self.sink.messages):05d}"
+
+
+class _HandshakeNoise(logging.Filter):
+    """aiosmtpd logs a client's failed or aborted TLS handshake (a probe that refuses the
+    certificate, say) with a full traceback; this sink says it in one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (TLSSetupException, ConnectionResetError, ssl.SSLError)):
+            record.msg, record.args = f"sink: TLS handshake with a client failed: {exc!r}"[:300], ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("mail.log").addFilter(_HandshakeNoise())
 
 
 class _SinkSMTP(SMTP):
