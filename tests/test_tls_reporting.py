@@ -96,6 +96,10 @@ def test_the_days_report_reaches_the_domains_rua(gateway, tls_sink, plain_sink, 
 def test_cli_refuses_a_bad_day(data_dir):
     out = mx(data_dir, "tls-report", "send", "--day", "yesterday-ish")
     assert out.returncode == 1 and "--day" in out.stderr and "Traceback" not in out.stderr
+    today = dt.datetime.now(dt.timezone.utc).date()
+    for day in (today, today + dt.timedelta(days=400)):  # a day that has not ended has no report
+        out = mx(data_dir, "tls-report", "send", "--day", day.isoformat())
+        assert out.returncode == 1 and "has not ended yet" in out.stderr and "Traceback" not in out.stderr
 
 
 async def test_a_day_is_claimed_by_one_node_only(store):

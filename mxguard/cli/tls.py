@@ -46,7 +46,7 @@ def cert_add(
     sealer = Sealer.from_file(s.path(s.sealing_key_file))
     view = run(with_store(lambda store: svc.add_sni_certificate(
         store, sealer, name, cert_pem, key_pem, actor=Actor.cli(), replace=replace, min_version=s.tls.min_version)))
-    console.print(f"{'Replaced' if replace else 'Added'} certificate for {view.name}: {view.subject}, "
+    console.print(f"{'Stored' if replace else 'Added'} certificate for {view.name}: {view.subject}, "
                   f"valid until {view.not_after:%Y-%m-%d} ({view.days_left:.0f} days), SHA-256 {view.fingerprint}",
                   highlight=False, soft_wrap=True)
 

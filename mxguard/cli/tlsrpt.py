@@ -30,12 +30,16 @@ def send(day: str = typer.Option("", "--day", help="UTC day YYYY-MM-DD (yesterda
          as_json: bool = typer.Option(False, "--json", help="One JSON object per report target")) -> None:
     """Send the reports for one UTC day to every served domain whose _smtp._tls record asks for them.
 
-    Run it once a day (a systemd timer or cron, after 00:00 UTC). Exit 1 when a target refused.
+    A running gateway sends the previous day's reports itself ([downstream] tls_reports); this
+    sends a given day by hand. Exit 1 when a target refused.
     """
     try:
         when = dt.date.fromisoformat(day or _yesterday())
     except ValueError:
         fail(f"--day: {day!r} is not a date (YYYY-MM-DD)")
+        return
+    if when >= dt.datetime.now(dt.timezone.utc).date():
+        fail(f"--day: {when} has not ended yet (UTC); reports cover whole past days (RFC 8460 4.1)")
         return
 
     async def go():
