@@ -180,3 +180,15 @@ def test_serve_with_two_workers_shares_the_listener(tmp_path, tls_sink):
     assert "Traceback" not in output
     rows = [json.loads(line) for line in mx("log", "--last", "50", "--json", data_dir=d).stdout.splitlines()]
     assert len(rows) == 21 and {r["disposition"] for r in rows} == {"delivered"}
+
+
+def test_dane_only_with_address_servers_is_allowed_with_a_warning(tmp_path):
+    """Addresses have no TLSA (RFC 7672 2.2): such a dane-only domain could never deliver; the CLI says so."""
+    d = tmp_path / "d"
+    mx("init", "--hostname", "mx1.example.com", data_dir=d)
+    out = mx("domain", "add", "addr.test", "--server", "127.0.0.1:2525", "--downstream-tls", "dane-only", data_dir=d)
+    assert "warning: addr.test is dane-only but its servers are all addresses" in out.stderr
+    named = mx("domain", "add", "named.test", "--server", "mx.named.test", "--downstream-tls", "dane-only", data_dir=d)
+    assert "warning" not in named.stderr
+    changed = mx("domain", "set", "named.test", "--server", "192.0.2.1", data_dir=d)
+    assert "warning: named.test is dane-only" in changed.stderr

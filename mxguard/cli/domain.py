@@ -96,6 +96,7 @@ def add(
     if not org:
         err_console.print(f"note: {view.name} has no organization: its recipients cannot use the Message Center "
                           f"until it has one (mxguard domain set {view.name} --org ORG)", highlight=False, soft_wrap=True)
+    _warn_undeliverable(view)
 
 
 @domain_app.command("set")
@@ -133,6 +134,27 @@ def set_(
         console.print(f"{after.name}: nothing changed")
     for key, (old, new) in changed.items():
         console.print(f"{after.name}: {key}: {old} → {new}", highlight=False)
+    _warn_undeliverable(after)
+
+
+def _warn_undeliverable(view) -> None:
+    """``dane-only`` needs TLSA records, which only host names have (RFC 7672 2.2): a route of
+    addresses only can never deliver (every message ``451 4.7.5``). Allowed, but said."""
+    import ipaddress
+
+    from mxguard.netaddr import parse_host_port
+
+    def is_address(server: str) -> bool:
+        try:
+            ipaddress.ip_address(parse_host_port(server, default_port=25)[0])
+            return True
+        except ValueError:
+            return False
+
+    if view.downstream_tls == "dane-only" and all(is_address(s) for s in view.servers):
+        err_console.print(f"warning: {view.name} is dane-only but its servers are all addresses, which have no "
+                          "TLSA records: every delivery will defer with 451 4.7.5 until a server is given by "
+                          "host name", highlight=False, soft_wrap=True)
 
 
 @domain_app.command("list")
