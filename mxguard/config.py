@@ -13,6 +13,7 @@ Environment overrides use ``MXGUARD_<KEY>`` for top-level keys and
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -27,6 +28,20 @@ from mxguard.netaddr import parse_host_port
 CONFIG_FILE_NAME = "mxguard.toml"
 DEFAULT_DATA_DIR = "./mxguard-data"
 
+
+
+def _env_list(value: Any) -> Any:
+    """A list setting given as one string (the environment has no lists): a JSON array
+    (``["127.0.0.1:53"]``) or comma-separated items (``127.0.0.1,127.0.0.2``)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError("is neither a JSON list nor comma-separated items") from None
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 class _Section(BaseModel):
     # A misspelt key must stop start-up, not be ignored.
@@ -72,7 +87,7 @@ class SmtpSettings(_Section):
     @field_validator("listen", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return _env_list(value)  # [::1]:25 has no comma: splitting on commas is safe
 
     @field_validator("listen")
     @classmethod
@@ -136,9 +151,7 @@ class DownstreamSettings(_Section):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # MXGUARD_DOWNSTREAM__DNS_SERVERS=127.0.0.1,127.0.0.2 (the environment has no lists)
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return _env_list(value)
 
     @field_validator("dns_servers")
     @classmethod
@@ -228,9 +241,7 @@ class FilterSettings(_Section):
     @field_validator("virus_engines", "junk_engines", "dns_servers", "ambiguous_structure_ignore", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return _env_list(value)
 
     @field_validator("dns_servers")
     @classmethod
@@ -499,9 +510,7 @@ class ServerSettings(_Section):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # MXGUARD_SERVER__MX_HOSTS=mx1.example.net,mx2.example.net (the environment has no lists)
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        return _env_list(value)
 
     @field_validator("mx_hosts")
     @classmethod

@@ -69,3 +69,17 @@ def test_dns_servers_must_be_ip_addresses(data_dir):
         load_settings(data_dir, environ={"MXGUARD_FILTERS__DNS_SERVERS": "notanip"})
     assert load_settings(data_dir, environ={"MXGUARD_FILTERS__DNS_SERVERS": "127.0.0.1:5353,[::1]:53"}
                          ).filters.dns_servers == ["127.0.0.1:5353", "[::1]:53"]
+
+
+@pytest.mark.parametrize("value", ['127.0.0.1:2600,[::1]:2601', '["127.0.0.1:2600", "[::1]:2601"]',
+                                   ' 127.0.0.1:2600 , [::1]:2601 '])
+def test_list_settings_from_the_environment_take_json_or_commas(data_dir, value):
+    """The environment has no lists: a JSON array or comma-separated items, for every list setting."""
+    s = load_settings(data_dir, environ={"MXGUARD_SMTP__LISTEN": value,
+                                         "MXGUARD_DOWNSTREAM__DNS_SERVERS": value.replace("2600", "53").replace("2601", "53"),
+                                         "MXGUARD_SERVER__MX_HOSTS": '["mx1.example.net", "mx2.example.net"]'})
+    assert s.smtp.listen == ["127.0.0.1:2600", "[::1]:2601"]
+    assert s.downstream.dns_servers == ["127.0.0.1:53", "[::1]:53"]
+    assert s.server.mx_hosts == ["mx1.example.net", "mx2.example.net"]
+    with pytest.raises(ConfigError, match="MXGUARD_SMTP__LISTEN"):
+        load_settings(data_dir, environ={"MXGUARD_SMTP__LISTEN": '["127.0.0.1:25"'})
