@@ -161,7 +161,18 @@ def test_serve_with_two_workers_shares_the_listener(tmp_path, tls_sink):
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        def workers() -> list[str]:
+            return Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+
+        def wait_workers(ok, timeout: float = 20) -> list[str]:
+            # The supervisor starts (and replaces) workers one after the other: on a loaded
+            # machine the second may come up after the listener already answers.
+            end = time.monotonic() + timeout
+            while not ok(now := workers()) and time.monotonic() < end:
+                time.sleep(0.1)
+            return now
+
+        children = wait_workers(lambda c: len(c) == 2)
         assert len(children) == 2, children
         for i in range(20):
             assert send(port, ["alice@example.com"]).data[0] == 250
@@ -169,8 +180,7 @@ def test_serve_with_two_workers_shares_the_listener(tmp_path, tls_sink):
         time.sleep(0.5)  # message-log records are written in batches (log.flush_interval = 0.2 s)
         # A worker that dies is replaced; the listener keeps answering.
         os.kill(int(children[1]), signal.SIGKILL)
-        time.sleep(1.5)
-        now = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        now = wait_workers(lambda c: len(c) == 2 and children[1] not in c)
         assert len(now) == 2 and children[1] not in now
         assert send(port, ["alice@example.com"]).data[0] == 250
     finally:

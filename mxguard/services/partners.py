@@ -216,6 +216,7 @@ async def add_rule(store: Store, domain: str, sender: str, *, actor: Actor = SYS
         AlreadyExists: the domain has a rule for that sender pattern.
         ValidationFailed: a field is invalid.
     """
+    actor.require_console()  # Message Center users never manage a domain's rules
     name = normalize_domain_name(domain)
     if fields.get("ca_file") or fields.get("crl_file"):
         actor.require_admin()
@@ -242,7 +243,9 @@ async def list_rules(store: Store, domain: str, *, actor: Actor = SYSTEM) -> lis
 
     Raises:
         NotFound: no such domain, or not the actor's.
+        PermissionDenied: the actor is not an admin or org-admin.
     """
+    actor.require_console()
     name = normalize_domain_name(domain)
     async with store.session() as session:
         row = await _scoped_row(session, name, actor)
@@ -257,7 +260,9 @@ async def remove_rule(store: Store, domain: str, sender: str, *, actor: Actor = 
     Raises:
         NotFound: no such domain (or not the actor's), or no rule for that pattern.
         ValidationFailed: ``sender`` is not a pattern.
+        PermissionDenied: the actor is not an admin or org-admin.
     """
+    actor.require_console()
     name = normalize_domain_name(domain)
     pattern = normalize_pattern(sender)
     async with store.session() as session:
