@@ -8,13 +8,13 @@ one orders it.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 
 import structlog
 
 from mxguard.config import Settings
 from mxguard.errors import MxguardError
+from mxguard.periodic import PeriodicCheck
 from mxguard.storage.db import Store
 from mxguard.storage.models import utcnow
 from mxguard.storage.sealing import KeyRing
@@ -66,31 +66,12 @@ class AcmeRenewal:
 
     def __init__(self, settings: Settings, store: Store, keyring: KeyRing):
         self.settings = settings
-        self.store = store
-        self.keyring = keyring
-        self._task: asyncio.Task | None = None
+        self._check = PeriodicCheck("acme-renewal", settings.acme.check_interval,
+                                    lambda: renew_due(settings, store, keyring))
 
     def start(self) -> None:
         if self.settings.acme.directory_url:
-            self._task = asyncio.create_task(self._loop(), name="acme-renewal")
-
-    async def _loop(self) -> None:
-        interval = self.settings.acme.check_interval
-        await asyncio.sleep(min(60.0, interval))  # let start-up settle before the first order
-        while True:
-            try:
-                await renew_due(self.settings, self.store, self.keyring)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a database hiccup: tried again at the next check
-                log.warning("ACME renewal check failed", error=repr(exc)[:300])
-            await asyncio.sleep(interval)
+            self._check.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._check.stop()

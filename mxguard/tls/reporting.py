@@ -24,7 +24,6 @@ lost with the connection).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import gzip
 import json
@@ -45,6 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from mxguard.config import Settings
 from mxguard.dkim_signing import DkimSigner, load_signer
 from mxguard.netaddr import parse_host_port
+from mxguard.periodic import PeriodicCheck
 from mxguard.storage.db import Store
 from mxguard.storage.models import SPOOL_SESSIONS_KEY, MessageLogEntry, SpoolAttempt, TlsReportRun
 from mxguard.tls.resolver import dns_resolver
@@ -338,33 +338,17 @@ async def send_due(store: Store, settings: Settings, *, today: dt.date | None = 
 
 
 class DailyTlsReports:
-    """Checks every ``downstream.tls_report_check_interval`` seconds whether yesterday's reports are due."""
+    """Checks every ``downstream.tls_report_check_interval`` seconds whether yesterday's reports are due
+    (a failed round gave its claim back: it is retried at the next check)."""
 
     def __init__(self, store: Store, settings: Settings):
-        self.store = store
         self.settings = settings
-        self._task: asyncio.Task | None = None
+        self._check = PeriodicCheck("tls-reports", settings.downstream.tls_report_check_interval,
+                                    lambda: send_due(store, settings))
 
     def start(self) -> None:
         if self.settings.downstream.tls_reports:
-            self._task = asyncio.create_task(self._loop(), name="tls-reports")
-
-    async def _loop(self) -> None:
-        await asyncio.sleep(min(60.0, self.settings.downstream.tls_report_check_interval))
-        while True:
-            try:
-                await send_due(self.store, self.settings)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the claim was given back: retried at the next check
-                log.warning("TLS reports failed", error=repr(exc)[:300])
-            await asyncio.sleep(self.settings.downstream.tls_report_check_interval)
+            self._check.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._check.stop()
