@@ -361,12 +361,16 @@ class Gateway:
                 await asyncio.wait(list(ctx.closing), timeout=5)
 
     async def run_forever(self) -> None:
-        """``start``, then wait for SIGTERM/SIGINT, then ``stop``."""
-        await self.start()
+        """``start``, then wait for SIGTERM/SIGINT, then ``stop``.
+
+        The handlers are in place before ``start``, so a signal during start-up is not
+        lost: the gateway stops as soon as it is up.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
         await stop.wait()
         log.info("shutting down")
         await self.stop()

@@ -32,6 +32,10 @@ log = structlog.get_logger("mxguard.supervisor")
 #: A worker that dies is restarted, but not more often than this many times per minute.
 MAX_RESTARTS_PER_MINUTE = 5
 
+#: Seconds a worker has to stop after SIGTERM before it is killed: the gateway's
+#: shutdown grace for transactions in progress (10 s) and its clean-up, with room to spare.
+STOP_TIMEOUT = 60
+
 
 def bind_listeners(endpoints: list[str], backlog: int = 1024) -> list[socket.socket]:
     """Bind and listen on every ``HOST:PORT`` (port 0 picks a free one, shared by all workers).
@@ -70,12 +74,23 @@ def _run_worker(index: int, settings: Settings, socks: list[socket.socket], web_
     return 0
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
            web_plain_http: bool) -> int:
+    """Fork one worker; the caller holds SIGTERM/SIGINT blocked (see ``run_workers``).
+
+    Between ``fork`` and the worker's own handlers a stop signal would otherwise reach
+    the supervisor's ``forward`` in the child, which sends it on and keeps running: the
+    worker would never stop. Blocked, it stays pending in the supervisor and is
+    forwarded once the new worker is in ``children``.
+    """
     pid = os.fork()
     if pid == 0:  # the worker
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         code = 1
         try:
             code = _run_worker(index, settings, socks, web_listen, web_plain_http)
@@ -99,8 +114,31 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
     stopping = False
     restarts: list[float] = []
 
+    def spawn(index: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    killed = False
+
+    def kill_stragglers(_signum, _frame) -> None:
+        # A worker that has not stopped long after SIGTERM is hung; a service stop must end.
+        nonlocal killed
+        killed = bool(children)
+        for pid, index in children.items():
+            log.error("worker did not stop after SIGTERM; killing it", worker=index, pid=pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def forward(signum, _frame) -> None:
         nonlocal stopping
+        if not stopping:
+            signal.signal(signal.SIGALRM, kill_stragglers)
+            signal.alarm(STOP_TIMEOUT)
         stopping = True
         for pid in children:
             try:
@@ -111,7 +149,7 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for index in range(workers):
-        children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+        spawn(index)
     status = 0
     while children:
         try:
@@ -136,7 +174,8 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
             forward(signal.SIGTERM, None)
             continue
         log.error("worker died; restarting it", worker=index, exit=code)
-        children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+        spawn(index)
+    signal.alarm(0)
     for sock in socks:
         sock.close()
-    return status
+    return status or (1 if killed else 0)

@@ -192,6 +192,44 @@ def test_serve_with_two_workers_shares_the_listener(tmp_path, tls_sink):
     assert len(rows) == 21 and {r["disposition"] for r in rows} == {"delivered"}
 
 
+def test_sigterm_right_after_a_worker_is_replaced_stops_every_worker(tmp_path):
+    """A SIGTERM that reaches the supervisor while it forks a replacement is not lost.
+
+    Before the fix the new worker, for a moment still running the supervisor's signal
+    handler, swallowed the forwarded SIGTERM and ran on forever (2 hangs in 5 tries).
+    """
+    d = tmp_path / "d"
+    mx("init", "--hostname", "mx.cli.test", data_dir=d)
+    for _ in range(3):
+        port = _free_port()
+        proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--no-web", "--workers", "2",
+                                           "--smtp", f"127.0.0.1:{port}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        try:
+            end = time.monotonic() + 30
+            while len(children := children_file.read_text().split()) < 2 and time.monotonic() < end:
+                time.sleep(0.02)
+            assert len(children) == 2, children
+            os.kill(int(children[1]), signal.SIGKILL)
+            end = time.monotonic() + 10
+            while children[1] in (now := children_file.read_text().split()) or len(now) < 2:
+                assert time.monotonic() < end, now
+                time.sleep(0.001)
+        finally:
+            proc.send_signal(signal.SIGTERM)  # at once: the replacement has only just been forked
+        try:
+            output = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            left = children_file.read_text().split()
+            for pid in left:
+                os.kill(int(pid), signal.SIGKILL)
+            proc.kill()
+            raise AssertionError(f"serve --workers 2 did not stop on SIGTERM; workers left: {left}")
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output
+
+
 def test_dane_only_with_address_servers_is_allowed_with_a_warning(tmp_path):
     """Addresses have no TLSA (RFC 7672 2.2): such a dane-only domain could never deliver; the CLI says so."""
     d = tmp_path / "d"
