@@ -10,6 +10,12 @@
  * Bounded: at most -n messages in all, no new transaction after -T seconds,
  * and every socket read/write times out after -w seconds.
  *
+ * Fixed rate (-R MSGS_PER_S): transaction i may start no earlier than
+ * t_start + i/R (an open-loop schedule shared by all sessions), so the offered
+ * load is R whatever the target's speed; a transaction that starts more than
+ * 10 ms behind its slot is counted in "late" (the target, or the sessions,
+ * could not keep up). Without -R every session sends as fast as it can.
+ *
  * Latency of one message: from sending MAIL FROM to reading the final reply
  * after the end-of-data dot, in microseconds (one per line in the -o file).
  *
@@ -40,14 +46,14 @@
 static const char *opt_host = "127.0.0.1";
 static int opt_port = 0, opt_sessions = 1, opt_per_conn = 1, opt_tls = 0;
 static long opt_messages = 1, opt_size = 4096;
-static double opt_time_limit = 60.0, opt_io_timeout = 30.0;
+static double opt_time_limit = 60.0, opt_io_timeout = 30.0, opt_rate = 0.0;
 static const char *opt_out = NULL, *opt_rcpt = "user@bench.test", *opt_from = "sender@client.bench.test";
 
 static SSL_CTX *ssl_ctx;
 static char *body;          /* headers after Message-ID and the dot-stuffed body */
 static size_t body_len;
 static double t_start, deadline;
-static atomic_long remaining, sent, errors, skipped, lat_index;
+static atomic_long remaining, sent, errors, skipped, lat_index, ticket, late;
 static float *latencies;    /* microseconds, one per sent message */
 static pthread_mutex_t err_lock = PTHREAD_MUTEX_INITIALIZER;
 static int err_printed;
@@ -147,6 +153,18 @@ static int command(conn_t *c, const char *cmd, int expect) {
     return 0;
 }
 
+/* With -R: wait for this transaction's slot in the shared schedule. */
+static void pace(void) {
+    if (opt_rate <= 0) return;
+    double slot = t_start + (double)atomic_fetch_add(&ticket, 1) / opt_rate, wait = slot - now();
+    if (wait > 0) {
+        struct timespec ts = {(time_t)wait, (long)((wait - (long)wait) * 1e9)};
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {}
+    } else if (wait < -0.010) {
+        atomic_fetch_add(&late, 1);
+    }
+}
+
 static int tcp_connect(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) return -1;
@@ -197,6 +215,7 @@ static long session(long count, long thread_id, long *seq) {
             count = i;
             break;
         }
+        if (i > 0) pace();  /* the first slot was waited for before connecting */
         double t0 = now();
         if (command(c, mail, 250) < 0) goto out;
         if (command(c, rcpt, 250) < 0) goto out;
@@ -228,6 +247,7 @@ static void *worker(void *arg) {
         long before = atomic_fetch_sub(&remaining, opt_per_conn);
         if (before <= 0) break;
         long want = before < opt_per_conn ? before : opt_per_conn;
+        pace();
         session(want, id, &seq);
     }
     return NULL;
@@ -269,13 +289,13 @@ static void build_body(void) {
 
 static void usage(void) {
     fprintf(stderr, "usage: loadclient -p PORT [-H HOST] [-c SESSIONS] [-n MESSAGES] [-k PER_CONN] [-s SIZE]\n"
-                    "                  [-t] [-T SECONDS] [-w IO_TIMEOUT] [-o LATENCY_FILE] [-r RCPT] [-f FROM]\n");
+                    "                  [-t] [-T SECONDS] [-w IO_TIMEOUT] [-o LATENCY_FILE] [-r RCPT] [-f FROM] [-R MSGS_PER_S]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     int opt;
-    while ((opt = getopt(argc, argv, "H:p:c:n:k:s:tT:w:o:r:f:")) != -1) {
+    while ((opt = getopt(argc, argv, "H:p:c:n:k:s:tT:w:o:r:f:R:")) != -1) {
         switch (opt) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -289,11 +309,12 @@ int main(int argc, char **argv) {
         case 'o': opt_out = optarg; break;
         case 'r': opt_rcpt = optarg; break;
         case 'f': opt_from = optarg; break;
+        case 'R': opt_rate = atof(optarg); break;
         default: usage();
         }
     }
     if (opt_port <= 0 || opt_sessions < 1 || opt_sessions > 5000 || opt_messages < 1 || opt_per_conn < 1 ||
-        opt_size < 0 || opt_time_limit <= 0 || opt_io_timeout <= 0)
+        opt_size < 0 || opt_time_limit <= 0 || opt_io_timeout <= 0 || opt_rate < 0)
         usage();
     signal(SIGPIPE, SIG_IGN);
     ssl_ctx = SSL_CTX_new(TLS_client_method());
@@ -328,8 +349,9 @@ int main(int argc, char **argv) {
         fclose(f);
     }
     printf("{\"sent\":%ld,\"errors\":%ld,\"not_attempted\":%ld,\"elapsed_s\":%.6f,\"cpu_s\":%.6f,"
-           "\"sessions\":%d,\"per_conn\":%d,\"size\":%ld,\"message_bytes\":%zu,\"tls\":%s}\n",
+           "\"sessions\":%d,\"per_conn\":%d,\"size\":%ld,\"message_bytes\":%zu,\"tls\":%s,"
+           "\"rate\":%.3f,\"late\":%ld}\n",
            n_sent, atomic_load(&errors), unsent, elapsed, cpu, opt_sessions, opt_per_conn,
-           opt_size, body_len, opt_tls ? "true" : "false");
+           opt_size, body_len, opt_tls ? "true" : "false", opt_rate, atomic_load(&late));
     return 0;
 }

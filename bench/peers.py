@@ -113,15 +113,19 @@ class ClientResult:
     cpu_s: float
     latencies_ms: list[float]
     stderr: str
+    #: With a fixed rate: transactions that started more than 10 ms behind their slot.
+    late: int = 0
 
 
 def run_loadclient(port: int, *, tls: bool, sessions: int, messages: int, per_conn: int, size: int,
-                   rcpt: str, time_limit: float, workdir: Path) -> ClientResult:
+                   rcpt: str, time_limit: float, workdir: Path, rate: float | None = None) -> ClientResult:
     """Run the compiled load client once against ``127.0.0.1:port`` and read its report.
 
     Args:
         size: message size in bytes (headers included).
         time_limit: no new transaction after this many seconds.
+        rate: offered load in messages per second (an open-loop schedule shared by the
+            sessions); None: every session sends as fast as it can.
 
     Raises:
         RuntimeError: the client crashed or printed no report.
@@ -132,6 +136,8 @@ def run_loadclient(port: int, *, tls: bool, sessions: int, messages: int, per_co
             "-s", str(size), "-T", str(time_limit), "-w", "30", "-o", str(lat_file), "-r", rcpt]
     if tls:
         args.append("-t")
+    if rate:
+        args += ["-R", f"{rate:.3f}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=time_limit + 120)
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -139,7 +145,7 @@ def run_loadclient(port: int, *, tls: bool, sessions: int, messages: int, per_co
         raise RuntimeError(f"loadclient failed ({proc.returncode}): {proc.stderr[-2000:]}") from None
     lat = [float(x) / 1000 for x in lat_file.read_text().split()] if lat_file.exists() else []
     return ClientResult(report["sent"], report["errors"], report["not_attempted"], report["elapsed_s"],
-                        report["cpu_s"], lat, proc.stderr)
+                        report["cpu_s"], lat, proc.stderr, report.get("late", 0))
 
 
 # -- downstream sinks ----------------------------------------------------------------------------------

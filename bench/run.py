@@ -73,8 +73,11 @@ def wait_sink(sink, target_count: int, timeout: float) -> bool:
 
 
 def measure(target: peers.Target, sink, *, tls: bool, sessions: int, size: int, per_conn: int, messages: int,
-            time_limit: float, drain_timeout: float, workdir: Path) -> dict:
-    """One run: drive ``target`` with the load client, wait until the sink has everything, read the figures."""
+            time_limit: float, drain_timeout: float, workdir: Path, rate: float | None = None) -> dict:
+    """One run: drive ``target`` with the load client, wait until the sink has everything, read the figures.
+
+    ``rate``: offered messages per second (fixed-rate run), None for as fast as the sessions go.
+    """
     rcpt = f"user@{peers.TLS_DOMAIN if tls else peers.PLAIN_DOMAIN}"
     base = sink.count
     roots = target.pids
@@ -83,7 +86,7 @@ def measure(target: peers.Target, sink, *, tls: bool, sessions: int, size: int, 
         t0 = time.monotonic()
         client = peers.run_loadclient(target.port, tls=tls, sessions=sessions, messages=messages,
                                       per_conn=per_conn, size=size, rcpt=rcpt, time_limit=time_limit,
-                                      workdir=workdir)
+                                      workdir=workdir, rate=rate)
         drained = wait_sink(sink, base + client.sent, drain_timeout)
         elapsed = time.monotonic() - t0
     cpu1, sink_cpu1 = procstat.cpu_seconds(roots), procstat.cpu_seconds(sink.pids)
@@ -104,14 +107,16 @@ def measure(target: peers.Target, sink, *, tls: bool, sessions: int, size: int, 
         "client_cpu_ms": client.cpu_s * 1000 / max(client.sent, 1),
         "sink_cpu_ms": (sink_cpu1 - sink_cpu0) * 1000 / per,
         "delivered": delivered,
+        "late": client.late,
     }
 
 
 def median_row(runs: list[dict]) -> dict:
     """Median of each figure over the runs; errors are summed."""
-    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("errors", "delivered")}
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("errors", "delivered", "late")}
     out["errors"] = sum(r["errors"] for r in runs)
     out["delivered"] = sum(r["delivered"] for r in runs)
+    out["late"] = sum(r.get("late", 0) for r in runs)
     return out
 
 
@@ -217,6 +222,33 @@ def goal1(rows: list[dict]) -> list[str]:
     return out
 
 
+def added_latency(rows: list[dict]) -> None:
+    """Set ``p50_ms``/``p99_ms``: the latency each row adds over direct delivery of the same load."""
+    base = {(r["tls"], r["concurrency"], r["size"], r["per_conn"]): r for r in rows if r["target"] == "direct"}
+    for r in rows:
+        d = base.get((r["tls"], r["concurrency"], r["size"], r["per_conn"]))
+        if r["target"] == "direct" or d is None:
+            r["p50_ms"] = r["p99_ms"] = 0.0 if r["target"] == "direct" else float("nan")
+        else:
+            r["p50_ms"], r["p99_ms"] = r["p50_abs"] - d["p50_abs"], r["p99_abs"] - d["p99_abs"]
+
+
+def fixed_rate_goal(rows: list[dict]) -> list[str]:
+    """Issue 17's latency goal, read at the fixed rate: added p50 <= 2 ms, p99 <= 10 ms.
+
+    One line per mxguard row; ``late`` counts transactions that started more than
+    10 ms behind the schedule (the rate was not held when it is not 0).
+    """
+    out = []
+    for r in rows:
+        if r["target"] != "mxguard":
+            continue
+        out.append(f"{r['label']}, {'STARTTLS' if r['tls'] else 'plain'} c={r['concurrency']} "
+                   f"{r['size'] // 1024} KiB at {r['rate']:.0f} msg/s: added p50 {r['p50_ms']:.1f} ms (goal <= 2), "
+                   f"p99 {r['p99_ms']:.1f} ms (goal <= 10); late starts {r['late']}")
+    return out
+
+
 def dane_cost(rows: list[dict]) -> list[str]:
     """Issue 14's budget: ``dane`` mode (cached lookups) adds at most 0.1 ms CPU per message.
 
@@ -300,6 +332,60 @@ def summarize_profile(path: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def run_pass(modes: list[bool], target_objs: list, combos: list[tuple[int, int, int]], args, workdir: Path,
+             plain_sink, tls_sink, descriptions: dict[str, str], rate_for=None) -> list[dict]:
+    """Every target x TLS mode x (sessions, size, per-connection) combination, ``args.runs`` runs each.
+
+    ``rate_for(tls, sessions, size, per_conn)``: the fixed offered rate (messages per
+    second) of that combination, or None to skip it; without it, every run is at
+    saturation (each session as fast as it can). Returns one median row per combination.
+    """
+    rows: list[dict] = []
+    for tls in modes:
+        sink = tls_sink if tls else plain_sink
+        for target in target_objs:
+            t_start = time.monotonic()
+            target.start(tls, plain_sink, tls_sink)
+            descriptions[target.label] = target.describe()
+            profiler = None
+            if args.profile and target.name == "mxguard" and rate_for is None:
+                profiler = start_profiler(target.pids[0], Path(args.profile) /
+                                          f"{target.label.replace(' ', '')}-{'tls' if tls else 'plain'}.txt")
+            try:
+                if args.warmup:
+                    measure(target, sink, tls=tls, sessions=min(20, args.warmup), size=4096, per_conn=1,
+                            messages=args.warmup, time_limit=args.time_limit, drain_timeout=args.drain_timeout,
+                            workdir=workdir)
+                for sessions, size, per_conn in combos:
+                    rate = rate_for(tls, sessions, size, per_conn) if rate_for else None
+                    if rate_for and not rate:
+                        continue
+                    messages = max(args.messages, sessions * per_conn)
+                    runs = []
+                    for i in range(args.runs):
+                        r = measure(target, sink, tls=tls, sessions=sessions, size=size,
+                                    per_conn=per_conn, messages=messages, time_limit=args.time_limit,
+                                    drain_timeout=args.drain_timeout, workdir=workdir, rate=rate)
+                        paced = f"rate {rate:.0f} (late {r['late']}) " if rate else ""
+                        print(f"  {target.label:18} tls={tls!s:5} c={sessions:<3} s={size:<6} "
+                              f"k={per_conn:<2} {paced}run {i + 1}: "
+                              f"{r['msgs_per_s']:7.0f} msg/s {r['cpu_ms_per_msg']:5.2f} ms cpu  "
+                              f"p50 {r['p50_abs']:6.1f} ms p99 {r['p99_abs']:6.1f} ms  err {r['errors']}",
+                              file=sys.stderr)
+                        runs.append(r)
+                    row = median_row(runs)
+                    row.update(target=target.name, label=target.label, tls=tls, concurrency=sessions,
+                               size=size, per_conn=per_conn, filters=target.filters, rate=rate)
+                    rows.append(row)
+            finally:
+                if profiler is not None:
+                    stop_profiler(*profiler)
+                target.stop()
+            print(f"  {target.label} ({'STARTTLS' if tls else 'plain'}) took "
+                  f"{time.monotonic() - t_start:.0f} s", file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -334,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra MXGUARD_* setting for mxguard serve (repeatable)")
     p.add_argument("--profile", metavar="DIR", help="record mxguard with py-spy (collapsed stacks) into DIR and "
                                                     "print its top costs")
+    p.add_argument("--fixed-rate", type=float, metavar="FRACTION",
+                   help="then run every row again at this fraction of Postfix's saturation rate in the same run "
+                        "(issue 17 reads latency at 0.5); needs the postfix target")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs and logs) for inspection")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -361,63 +450,35 @@ def main(argv: list[str] | None = None) -> int:
     tls_sink = (peers.DiscardSink(*cert) if args.tls_sink == "postfix" else peers.TlsSink(*cert)).start()
     target_objs = build_targets(targets, workdir, cert, args)
     rows: list[dict] = []
+    fixed_rows: list[dict] = []
     descriptions: dict[str, str] = {}
+    combos = [(c, size, k) for c in concurrency for size in sizes for k in per_conns]
     try:
-        for tls in modes:
-            sink = tls_sink if tls else plain_sink
-            for target in target_objs:
-                t_start = time.monotonic()
-                target.start(tls, plain_sink, tls_sink)
-                descriptions[target.label] = target.describe()
-                profiler = None
-                if args.profile and target.name == "mxguard":
-                    profiler = start_profiler(target.pids[0], Path(args.profile) /
-                                              f"{target.label.replace(' ', '')}-{'tls' if tls else 'plain'}.txt")
-                try:
-                    if args.warmup:
-                        measure(target, sink, tls=tls, sessions=min(20, args.warmup), size=4096, per_conn=1,
-                                messages=args.warmup, time_limit=args.time_limit, drain_timeout=args.drain_timeout,
-                                workdir=workdir)
-                    for sessions in concurrency:
-                        for size in sizes:
-                            for per_conn in per_conns:
-                                messages = max(args.messages, sessions * per_conn)
-                                runs = []
-                                for i in range(args.runs):
-                                    r = measure(target, sink, tls=tls, sessions=sessions, size=size,
-                                                per_conn=per_conn, messages=messages, time_limit=args.time_limit,
-                                                drain_timeout=args.drain_timeout, workdir=workdir)
-                                    print(f"  {target.label:18} tls={tls!s:5} c={sessions:<3} s={size:<6} "
-                                          f"k={per_conn:<2} run {i + 1}: {r['msgs_per_s']:7.0f} msg/s "
-                                          f"{r['cpu_ms_per_msg']:5.2f} ms cpu  p50 {r['p50_abs']:6.1f} ms "
-                                          f"p99 {r['p99_abs']:6.1f} ms  err {r['errors']}", file=sys.stderr)
-                                    runs.append(r)
-                                row = median_row(runs)
-                                row.update(target=target.name, label=target.label, tls=tls, concurrency=sessions,
-                                           size=size, per_conn=per_conn, filters=target.filters)
-                                rows.append(row)
-                finally:
-                    if profiler is not None:
-                        stop_profiler(*profiler)
-                    target.stop()
-                print(f"  {target.label} ({'STARTTLS' if tls else 'plain'}) took "
-                      f"{time.monotonic() - t_start:.0f} s", file=sys.stderr)
+        rows = run_pass(modes, target_objs, combos, args, workdir, plain_sink, tls_sink, descriptions)
+        if args.fixed_rate:
+            saturation = {(r["tls"], r["concurrency"], r["size"], r["per_conn"]): r["msgs_per_s"]
+                          for r in rows if r["target"] == "postfix"}
+            if not saturation:
+                print("bench: --fixed-rate needs the postfix target (its saturation rate)", file=sys.stderr)
+            else:
+                def rate_for(tls: bool, sessions: int, size: int, per_conn: int) -> float | None:
+                    found = saturation.get((tls, sessions, size, per_conn))
+                    return args.fixed_rate * found if found else None
+
+                print(f"bench: fixed-rate pass at {args.fixed_rate:g} x Postfix's saturation rate", file=sys.stderr)
+                fixed_rows = run_pass(modes, target_objs, combos, args, workdir, plain_sink, tls_sink,
+                                      descriptions, rate_for=rate_for)
     finally:
         plain_sink.stop()
         tls_sink.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    # Added latency: over direct delivery of the same load.
-    base = {(r["tls"], r["concurrency"], r["size"], r["per_conn"]): r for r in rows if r["target"] == "direct"}
-    for r in rows:
-        d = base.get((r["tls"], r["concurrency"], r["size"], r["per_conn"]))
-        if r["target"] == "direct" or d is None:
-            r["p50_ms"] = r["p99_ms"] = 0.0 if r["target"] == "direct" else float("nan")
-        else:
-            r["p50_ms"], r["p99_ms"] = r["p50_abs"] - d["p50_abs"], r["p99_abs"] - d["p99_abs"]
-
+    added_latency(rows)
+    added_latency(fixed_rows)
     table = fmt_table(rows)
+    fixed_table = fmt_table(fixed_rows) if fixed_rows else ""
+    fixed_lines = fixed_rate_goal(fixed_rows)
     ratios = goal1(rows)
     duration = time.monotonic() - started
     print()
@@ -428,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     dane_lines = dane_cost(rows)
     for line in dane_lines:
         print("dane cost, " + line)
+    if fixed_rows:
+        print(f"\nAt {args.fixed_rate:g} x Postfix's saturation rate:\n")
+        print(fixed_table)
+        for line in fixed_lines:
+            print("fixed rate, " + line)
     print(f"\n{len(rows)} rows, {args.runs} run(s) each, in {duration / 60:.1f} min")
     if args.json:
         # Only the issue's keys; a second Haraka row (nodes = cores) would be indistinguishable there.
@@ -435,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                 or os.cpu_count() == 1]
         Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     if args.json_all:
-        Path(args.json_all).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json_all).write_text(json.dumps(rows + fixed_rows, indent=1) + "\n")
     if args.results:
         mode = args.section or ("quick" if args.quick else "full")
         title = f"Section '{args.section}'" if args.section else ("Quick run" if args.quick else "Full matrix")
@@ -453,11 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         if ratios:
             text += ["Goal 1 (mxguard with filters and message log vs Postfix, 20 sessions, 4 KiB, 1 per "
                      "connection):", "", *[f"- {line}" for line in ratios], ""]
+        if fixed_rows:
+            text += [f"Fixed rate: every row again at {args.fixed_rate:g} x Postfix's saturation rate of the same "
+                     "combination (open-loop schedule shared by the sessions; msg/s is then the offered rate "
+                     "held):", "", fixed_table, "", *[f"- {line}" for line in fixed_lines], ""]
         if dane_lines:
             text += ["DANE (issue 14: cached lookups add at most 0.1 ms CPU per message):", "",
                      *[f"- {line}" for line in dane_lines], ""]
         write_results(Path(args.results), mode, "\n".join(text))
-    total_errors = sum(r["errors"] for r in rows)
+    total_errors = sum(r["errors"] for r in rows + fixed_rows)
     return 1 if total_errors else 0
 
 

@@ -53,6 +53,26 @@ def test_quick_bench_runs_every_target(tmp_path):
     assert "dane cost, STARTTLS, DANE-verified c=20 4 KiB: CPU/msg" in proc.stdout
 
 
+def test_fixed_rate_pass_holds_half_of_postfix_saturation(tmp_path):
+    """``--fixed-rate 0.5`` runs every row again at half of Postfix's rate in the same run (issue 17)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--targets", "direct,postfix,mxguard-filters",
+         "--tls", "plain", "--messages", "60", "--runs", "1", "--warmup", "0", "--fixed-rate", "0.5",
+         "--json-all", str(tmp_path / "all.json")],
+        capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    every = json.loads((tmp_path / "all.json").read_text())
+    saturated = {r["target"]: r for r in every if r["rate"] is None}
+    paced = {r["target"]: r for r in every if r["rate"] is not None}
+    assert set(saturated) == set(paced) == {"direct", "postfix", "mxguard"}
+    rate = paced["mxguard"]["rate"]
+    assert rate == pytest.approx(0.5 * saturated["postfix"]["msgs_per_s"])
+    for r in paced.values():
+        # The last of 60 messages may not start before 59/rate seconds: the schedule held the load down.
+        assert r["errors"] == 0 and r["delivered"] == 60 and r["msgs_per_s"] <= 1.1 * rate, r
+    assert "fixed rate, mxguard +filters, plain c=20 4 KiB at" in proc.stdout
+
+
 def test_bare_forwarder_floor_runs(tmp_path):
     """The aiosmtpd → aiosmtplib floor (``--targets aiosmtpd-bare``) relays every message, plain and STARTTLS."""
     proc = subprocess.run(
