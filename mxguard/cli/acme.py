@@ -17,7 +17,7 @@ from mxguard.netaddr import parse_host_port
 from mxguard.services.access import Actor
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import Sealer
-from mxguard.tls import acme_client, acme_store
+from mxguard.tls import acme_store
 
 log = structlog.get_logger("mxguard.acme")
 
@@ -46,7 +46,10 @@ async def _gateway_answers(store: Store, listen: str) -> bool:
         await acme_store.withdraw_tokens(store, [token])
 
 
-async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> acme_client.Issued:
+async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> "acme_client.Issued":  # noqa: F821 - imported below
+    # Imported here: the ACME client's libraries would cost every `mxguard serve` process memory.
+    from mxguard.tls import acme_client
+
     from mxguard.web.acme_http01 import responder_server
     if not s.acme.directory_url:
         raise ConfigError("acme.directory_url is empty: ACME is off; set the CA's directory URL in [acme]")

@@ -19,7 +19,6 @@ from mxguard.storage.db import Store
 from mxguard.storage.models import utcnow
 from mxguard.storage.sealing import KeyRing
 from mxguard.tls import acme_store
-from mxguard.tls.acme_client import issue
 
 log = structlog.get_logger("mxguard.acme")
 
@@ -47,6 +46,10 @@ async def renew_due(settings: Settings, store: Store, keyring: KeyRing, *,
             continue
         log.info("ACME certificate due for renewal", name=entry.name, not_after=entry.stored_not_after.isoformat())
         try:
+            # Imported here: the ACME client (acme, josepy, requests, pyOpenSSL) costs a gateway
+            # process about 20 MB, and most gateways never renew through it.
+            from mxguard.tls.acme_client import issue
+
             await issue(settings, store, keyring.get(), list(entry.names), replace=True)
             outcome[entry.name] = None
         except MxguardError as exc:
