@@ -1,75 +1,41 @@
-"""``mxguard tls acme issue|status``: certificates from an ACME CA (RFC 8555), validated by HTTP-01."""
+"""``mxguard tls acme issue|renew|status``: certificates from an ACME CA (RFC 8555), validated by HTTP-01."""
 
 from __future__ import annotations
 
 import json
-import secrets
 
-import httpx
-import structlog
 import typer
 from rich.table import Table
 
 from mxguard.cli.common import console, handle_errors, run, settings, with_store
 from mxguard.config import Settings
-from mxguard.errors import ConfigError
-from mxguard.netaddr import parse_host_port
+from mxguard.services import acme
 from mxguard.services.access import Actor
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import Sealer
-from mxguard.tls import acme_store
-
-log = structlog.get_logger("mxguard.acme")
+from mxguard.tls import acme_client
 
 acme_app = typer.Typer(help="Certificates from an ACME CA (RFC 8555) for the names the gateway serves, "
                             "validated over HTTP on acme.http_listen (port 80).", no_args_is_help=True)
 
-#: Host the probe token is published for: .invalid never names a real host (RFC 6761 6.4).
-PROBE_HOST = "responder-probe.mxguard.invalid"
 
-
-async def _gateway_answers(store: Store, listen: str) -> bool:
-    """Whether what listens on ``listen`` is an mxguard responder reading this database (a probe token)."""
-    host, port = parse_host_port(listen, default_port=80, allow_zero=True)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    token = secrets.token_urlsafe(24)
-    await acme_store.publish_token(store, token, PROBE_HOST, f"{token}.probe")
-    url_host = f"[{host}]" if ":" in host else host
-    try:
-        async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
-            reply = await http.get(f"http://{url_host}:{port}/.well-known/acme-challenge/{token}",
-                                   headers={"Host": PROBE_HOST})
-        return reply.status_code == 200 and reply.text == f"{token}.probe"
-    except httpx.HTTPError:
-        return False
-    finally:
-        await acme_store.withdraw_tokens(store, [token])
-
-
-async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> "acme_client.Issued":  # noqa: F821 - imported below
-    # Imported here: the ACME client's libraries would cost every `mxguard serve` process memory.
-    from mxguard.tls import acme_client
-
+async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> acme_client.Issued:
     from mxguard.web.acme_http01 import responder_server
-    if not s.acme.directory_url:
-        raise ConfigError("acme.directory_url is empty: ACME is off; set the CA's directory URL in [acme]")
-    acme_client.check_names(names)  # a bad name fails before anything listens
-    responder = responder_server(store, s.acme.http_listen)
-    try:
-        await responder.start()
-        log.info("HTTP-01 responder started for this order", listen=s.acme.http_listen)
-    except ConfigError:
-        responder = None
-        if not await _gateway_answers(store, s.acme.http_listen):
-            raise ConfigError(f"acme.http_listen: {s.acme.http_listen} is in use by something that is not this "
-                              "gateway's HTTP-01 responder; free the port or start mxguard serve") from None
-        log.info("the running gateway answers the HTTP-01 challenges", listen=s.acme.http_listen)
-    try:
-        sealer = Sealer.from_file(s.path(s.sealing_key_file))
-        return await acme_client.issue(s, store, sealer, names, replace=replace, actor=Actor.cli())
-    finally:
-        if responder is not None:
-            await responder.stop()
+    sealer = Sealer.from_file(s.path(s.sealing_key_file))
+    return await acme.request_certificate(s, store, sealer, names, replace=replace, actor=Actor.cli(),
+                                          make_responder=responder_server)
+
+
+async def _renew(s: Settings, store: Store, name: str) -> acme_client.Issued:
+    from mxguard.web.acme_http01 import responder_server
+    sealer = Sealer.from_file(s.path(s.sealing_key_file))
+    return await acme.renew_now(s, store, sealer, name, actor=Actor.cli(), make_responder=responder_server)
+
+
+def _issued_line(verb: str, issued: acme_client.Issued) -> str:
+    view = issued.views[0]
+    return (f"{verb} certificate for {', '.join(issued.names)}: {view.subject or view.name}, valid until "
+            f"{view.not_after:%Y-%m-%d} ({view.days_left:.0f} days), SHA-256 {view.fingerprint}")
 
 
 @acme_app.command("issue")
@@ -87,10 +53,17 @@ def acme_issue(
     """
     s = settings()
     issued = run(with_store(lambda store: _issue(s, store, names, replace)))
-    view = issued.views[0]
-    console.print(f"Issued certificate for {', '.join(issued.names)}: {view.subject or view.name}, valid until "
-                  f"{view.not_after:%Y-%m-%d} ({view.days_left:.0f} days), SHA-256 {view.fingerprint}",
-                  highlight=False, soft_wrap=True)
+    console.print(_issued_line("Issued", issued), highlight=False, soft_wrap=True)
+
+
+@acme_app.command("renew")
+@handle_errors
+def acme_renew(name: str = typer.Option(..., "--name", show_default=False, metavar="HOST",
+                                        help="The main name of a certificate ACME issued (see tls acme status)")) -> None:
+    """Renew a certificate ACME issued now, whatever its expiry (same names; the old one stays on failure)."""
+    s = settings()
+    issued = run(with_store(lambda store: _renew(s, store, name)))
+    console.print(_issued_line("Renewed", issued), highlight=False, soft_wrap=True)
 
 
 @acme_app.command("status")
@@ -98,27 +71,25 @@ def acme_issue(
 def acme_status(as_json: bool = typer.Option(False, "--json", help="One JSON array")) -> None:
     """The names issued by ACME: expiry, days left, and the last renewal error."""
     s = settings()
-    entries = run(with_store(acme_store.list_entries))
+    status = run(with_store(lambda store: acme.acme_status(s, store, actor=Actor.cli())))
     if as_json:
-        typer.echo(json.dumps([{"name": e.name, "names": list(e.names), "directory_url": e.directory_url,
-                                "issued_at": e.issued_at.isoformat(),
-                                "not_after": e.stored_not_after.isoformat() if e.stored_not_after else None,
-                                "days_left": None if e.days_left() is None else int(e.days_left()),
-                                "renew_within_days": s.acme.renew_before_days, "last_error": e.last_error}
-                               for e in entries], indent=2))
+        typer.echo(json.dumps([{**e.as_dict(), "issued_at": e.issued_at.isoformat(),
+                                "not_after": e.not_after.isoformat() if e.not_after else None,
+                                "last_attempt": e.last_attempt.isoformat() if e.last_attempt else None,
+                                "renew_within_days": status.renew_before_days}
+                               for e in status.entries], indent=2))
         return
-    state = f"on ({s.acme.directory_url})" if s.acme.directory_url else "off (acme.directory_url is empty)"
-    console.print(f"ACME: {state}; renewed {s.acme.renew_before_days} days before expiry.", highlight=False)
-    if not entries:
+    state = f"on ({status.directory_url})" if status.enabled else "off (acme.directory_url is empty)"
+    console.print(f"ACME: {state}; renewed {status.renew_before_days} days before expiry.", highlight=False)
+    if not status.entries:
         console.print("No certificates issued by ACME.")
         return
     table = Table()
-    for col in ("name", "names", "not after", "days left", "last error"):
+    for col in ("name", "names", "state", "not after", "days left", "last error"):
         table.add_column(col)
-    for e in entries:
-        days = e.days_left()
-        table.add_row(e.name, ", ".join(e.names), f"{e.stored_not_after:%Y-%m-%d %H:%M}" if e.stored_not_after
-                      else "removed", "-" if days is None else f"{days:.0f}", e.last_error or "-")
+    for e in status.entries:
+        table.add_row(e.name, ", ".join(e.names), e.state, f"{e.not_after:%Y-%m-%d %H:%M}" if e.not_after
+                      else "removed", "-" if e.days_left is None else f"{e.days_left:.0f}", e.last_error or "-")
     console.print(table)
 
 

@@ -401,9 +401,10 @@ def partner_list(domain: str = typer.Argument(..., show_default=False),
     if not views:
         console.print(f"{domain}: no partner rules")
         return
-    table = Table("sender", "min TLS", "client cert", "CA file", "fingerprints", "host", "CRL", "enabled")
+    table = Table("sender", "min TLS", "client cert", "CA", "fingerprints", "host", "CRL", "enabled")
     for v in views:
-        table.add_row(escape(v.sender), v.min_tls, "yes" if v.require_cert else "no", escape(v.ca_file or "-"),
+        ca = v.ca_file or ("stored: " + "; ".join(v.ca_subjects) if v.ca_pem else "-")
+        table.add_row(escape(v.sender), v.min_tls, "yes" if v.require_cert else "no", escape(ca),
                       "\n".join(v.fingerprints) or "-", escape(v.cert_host or "-"), escape(v.crl_file or "-"),
                       "yes" if v.enabled else "no")
     console.print(table)

@@ -11,6 +11,7 @@ and bumps the configuration generation, as domain changes do.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,9 +24,11 @@ from mxguard.services.domains import _scoped_row, bump_generation, normalize_dom
 from mxguard.storage.db import Store
 from mxguard.storage.models import Domain, PartnerTlsRule
 from mxguard.tls.certs import normalize_fingerprint
-from mxguard.tls.client_certs import crl_issuer, load_ca_file, load_crl
+from mxguard.tls.client_certs import crl_issuer, load_ca_file, load_ca_pem, load_crl
 
 MIN_TLS_CHOICES = ("none", "1.2", "1.3")
+#: Largest CA bundle taken as text, in bytes (a bundle of a few CAs is a few KiB).
+MAX_CA_PEM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class PartnerRuleView:
         sender: ``partner.example`` (exactly that domain) or ``*.partner.example`` (its sub-domains).
         min_tls: ``none`` (TLS only because a certificate is required), ``1.2`` or ``1.3``.
         require_cert: a client certificate must be shown.
-        ca_file: PEM bundle the certificate must chain to (required with ``require_cert``).
+        ca_file: path of the PEM bundle the certificate must chain to, on the gateway host.
+        ca_pem: or that bundle itself as text (stored in the database); one of the two is
+            required with ``require_cert``.
         fingerprints: accepted SHA-256 fingerprints (lower-case hex); empty: any.
         cert_host: host name the certificate must carry as a SAN dNSName.
         crl_file: the CA's CRL; a listed certificate is refused.
@@ -49,6 +54,7 @@ class PartnerRuleView:
     min_tls: str = "1.2"
     require_cert: bool = False
     ca_file: str | None = None
+    ca_pem: str | None = None
     fingerprints: tuple[str, ...] = ()
     cert_host: str | None = None
     crl_file: str | None = None
@@ -58,9 +64,20 @@ class PartnerRuleView:
     def requires_tls(self) -> bool:
         return self.min_tls != "none" or self.require_cert
 
+    @property
+    def ca_subjects(self) -> list[str]:
+        """The subjects (RFC 4514) of the stored CA bundle's certificates; empty for a CA file or none."""
+        if not self.ca_pem:
+            return []
+        try:
+            return [c.subject.rfc4514_string() for c in load_ca_pem(self.ca_pem)]
+        except ValueError:
+            return []
+
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["fingerprints"] = list(self.fingerprints)
+        data["ca_subjects"] = self.ca_subjects
         return data
 
 
@@ -133,19 +150,49 @@ def _existing_file(key: str, path: str) -> str:
     return path
 
 
+def check_ca_pem(text: str) -> tuple[str, tuple]:
+    """Check a CA bundle given as text: size, PEM certificates only, loadable by OpenSSL.
+
+    Returns:
+        ``(normalized text, certificates)``: the certificates re-encoded as PEM, one
+        block after another (comments and other text between blocks dropped).
+
+    Raises:
+        ValidationFailed: (``ca_pem``) empty, larger than :data:`MAX_CA_PEM_BYTES`, not
+            PEM certificates, or refused by OpenSSL.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if not text or not text.strip():
+        raise ValidationFailed("ca_pem", "is empty")
+    if len(text.encode("utf-8", "replace")) > MAX_CA_PEM_BYTES:
+        raise ValidationFailed("ca_pem", f"is larger than {MAX_CA_PEM_BYTES} bytes")
+    try:
+        cas = load_ca_pem(text)
+    except ValueError as exc:
+        raise ValidationFailed("ca_pem", str(exc)) from None
+    normalized = "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in cas)
+    try:
+        ssl.create_default_context(cadata=normalized)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValidationFailed("ca_pem", f"OpenSSL refuses it: {exc}") from None
+    return normalized, cas
+
+
 def validate_rule(domain: str, sender: str, *, min_tls: str = "1.2", require_cert: bool = False,
-                  ca_file: str | None = None, fingerprints: list[str] | tuple[str, ...] = (),
-                  cert_host: str | None = None, crl_file: str | None = None,
-                  enabled: bool = True) -> PartnerRuleView:
+                  ca_file: str | None = None, ca_pem: str | None = None,
+                  fingerprints: list[str] | tuple[str, ...] = (), cert_host: str | None = None,
+                  crl_file: str | None = None, enabled: bool = True) -> PartnerRuleView:
     """A rule from operator input, every field checked.
 
     A fingerprint, host name or CRL implies ``require_cert``; a required
-    certificate needs a CA file (the handshake verifies against it); a CRL must
-    be signed by a CA in that file.
+    certificate needs a CA, as a file on the gateway (``ca_file``) or as PEM
+    text (``ca_pem``), not both (the handshake verifies against it); a CRL
+    must be signed by a CA of that bundle.
 
     Raises:
         ValidationFailed: every invalid field at once (``sender``, ``min_tls``, ``ca_file``,
-            ``fingerprints``, ``cert_host``, ``crl_file``).
+            ``ca_pem``, ``fingerprints``, ``cert_host``, ``crl_file``).
     """
     check = ValidationCollector()
     pattern = sender
@@ -168,18 +215,27 @@ def validate_rule(domain: str, sender: str, *, min_tls: str = "1.2", require_cer
             raise ValidationFailed("cert_host", f"{cert_host!r} is not a host name")
         host = normalize_sender_domain(host) if host else None
     require_cert = bool(require_cert or prints or host or crl_file)
+    ca_pem = ca_pem if ca_pem and ca_pem.strip() else None
     cas = ()
-    if ca_file:
+    if ca_file and ca_pem:
+        with check:
+            raise ValidationFailed("ca_pem", "give the CA as a file on the gateway (ca_file) or as PEM text "
+                                             "(ca_pem), not both")
+    elif ca_file:
         with check:
             ca_file = _existing_file("ca_file", ca_file)
             try:
                 cas = load_ca_file(ca_file)
             except (OSError, ValueError) as exc:
                 raise ValidationFailed("ca_file", str(exc)) from None
+    elif ca_pem:
+        with check:
+            ca_pem, cas = check_ca_pem(ca_pem)
     elif require_cert:
         with check:
-            raise ValidationFailed("ca_file", "a client certificate is required: name the CA file it chains to "
-                                              "(a self-signed partner certificate may be its own CA file)")
+            raise ValidationFailed("ca_file", "a client certificate is required: give the CA it chains to, as a "
+                                              "CA file on the gateway or as PEM text (ca_pem; a self-signed "
+                                              "partner certificate may be its own CA)")
     if crl_file:
         with check:
             crl_file = _existing_file("crl_file", crl_file)
@@ -188,27 +244,29 @@ def validate_rule(domain: str, sender: str, *, min_tls: str = "1.2", require_cer
             except (OSError, ValueError) as exc:
                 raise ValidationFailed("crl_file", str(exc)) from None
             if cas and crl_issuer(crl, cas) is None:
-                raise ValidationFailed("crl_file", "the CRL is not signed by a CA in ca_file")
+                raise ValidationFailed("crl_file", "the CRL is not signed by a CA of the rule's CA bundle")
     with check:
         if min_tls == "none" and not require_cert:
             raise ValidationFailed("min_tls", "the rule would require nothing: give a TLS version or a client "
                                               "certificate")
     check.raise_if_any()
     return PartnerRuleView(domain=domain, sender=pattern, min_tls=min_tls, require_cert=require_cert,
-                           ca_file=ca_file or None, fingerprints=tuple(dict.fromkeys(prints)), cert_host=host,
+                           ca_file=ca_file or None, ca_pem=ca_pem if not ca_file else None,
+                           fingerprints=tuple(dict.fromkeys(prints)), cert_host=host,
                            crl_file=crl_file or None, enabled=bool(enabled))
 
 
 def _view(row: PartnerTlsRule, domain: str) -> PartnerRuleView:
     return PartnerRuleView(domain=domain, sender=row.sender, min_tls=row.min_tls, require_cert=row.require_cert,
-                           ca_file=row.ca_file, fingerprints=tuple(row.fingerprints or ()), cert_host=row.cert_host,
+                           ca_file=row.ca_file, ca_pem=row.ca_pem, fingerprints=tuple(row.fingerprints or ()), cert_host=row.cert_host,
                            crl_file=row.crl_file, enabled=row.enabled)
 
 
 async def add_rule(store: Store, domain: str, sender: str, *, actor: Actor = SYSTEM, **fields: Any) -> PartnerRuleView:
     """Add a partner rule to a served domain (fields as :func:`validate_rule` takes them).
 
-    CA and CRL files are paths on the gateway host: administrators only.
+    CA and CRL files are paths on the gateway host: administrators only. A CA given as
+    PEM text (``ca_pem``) is stored in the database; org-admins may give one.
 
     Raises:
         NotFound: no such domain, or not the actor's.
@@ -228,7 +286,7 @@ async def add_rule(store: Store, domain: str, sender: str, *, actor: Actor = SYS
         if exists is not None:
             raise AlreadyExists(f"{name} has a partner rule for {view.sender} already; remove it first")
         session.add(PartnerTlsRule(domain_id=row.id, sender=view.sender, min_tls=view.min_tls,
-                                   require_cert=view.require_cert, ca_file=view.ca_file,
+                                   require_cert=view.require_cert, ca_file=view.ca_file, ca_pem=view.ca_pem,
                                    fingerprints=list(view.fingerprints), cert_host=view.cert_host,
                                    crl_file=view.crl_file, enabled=view.enabled))
         audit.record(session, actor, "domain.partner.add", f"{name} {view.sender}", org_id=row.org_id,

@@ -21,8 +21,8 @@ import structlog
 from mxguard.services.partners import PartnerRuleView, covers, enabled_rules, requirement, sender_domain_of
 from mxguard.smtp.replies import Reply
 from mxguard.storage.db import Store
-from mxguard.tls.client_certs import (PeerCertificate, chain_problem, host_problem, load_ca_file, load_crl,
-                                      revocation_problem)
+from mxguard.tls.client_certs import (PeerCertificate, chain_problem, host_problem, load_ca_file, load_ca_pem,
+                                      load_crl, revocation_problem)
 
 log = structlog.get_logger("mxguard.partners")
 
@@ -43,7 +43,7 @@ def problem(rule: PartnerRuleView, tls_version: str | None, cert: PeerCertificat
         cert: the client certificate shown at STARTTLS, if any.
 
     Raises:
-        RuleUncheckable: the rule's CA or CRL file cannot be loaded.
+        RuleUncheckable: the rule's CA (file or stored PEM) or CRL file cannot be loaded.
     """
     if rule.requires_tls and tls_version is None:
         return "it arrived without TLS"
@@ -54,7 +54,7 @@ def problem(rule: PartnerRuleView, tls_version: str | None, cert: PeerCertificat
     if cert is None:
         return "no client certificate was presented"
     try:
-        cas = load_ca_file(rule.ca_file) if rule.ca_file else ()
+        cas = load_ca_file(rule.ca_file) if rule.ca_file else load_ca_pem(rule.ca_pem) if rule.ca_pem else ()
         crl = load_crl(rule.crl_file) if rule.crl_file else None
     except (OSError, ValueError) as exc:
         raise RuleUncheckable(str(exc)) from None
@@ -80,11 +80,13 @@ class PartnerRules:
 
     Args:
         store: the database.
-        on_client_cas: called after each load with the sorted CA files of the rules that
-            require a client certificate (the inbound TLS context asks for one only then).
+        on_client_cas: called after each load with the sorted CA files and the sorted stored
+            CA bundles (PEM text) of the rules that require a client certificate (the inbound
+            TLS context asks for one only then).
     """
 
-    def __init__(self, store: Store | None = None, on_client_cas: Callable[[list[str]], None] | None = None):
+    def __init__(self, store: Store | None = None,
+                 on_client_cas: Callable[[list[str], list[str]], None] | None = None):
         self.store = store
         self.on_client_cas = on_client_cas
         self.by_domain: dict[str, list[PartnerRuleView]] = {}
@@ -105,9 +107,10 @@ class PartnerRules:
         self.by_domain = by_domain
         self._tls_patterns = sorted({r.sender for r in rules if r.requires_tls})
         cas = sorted({r.ca_file for r in rules if r.require_cert and r.ca_file})
+        pems = sorted({r.ca_pem for r in rules if r.require_cert and r.ca_pem})
         if self.on_client_cas is not None:
-            self.on_client_cas(cas)
-        log.debug("partner rules loaded", rules=len(rules), client_cas=len(cas))
+            self.on_client_cas(cas, pems)
+        log.debug("partner rules loaded", rules=len(rules), client_cas=len(cas) + len(pems))
 
     def rule_for(self, domain: str, sender: str) -> PartnerRuleView | None:
         """The recipient ``domain``'s rule covering the envelope ``sender``, if any."""

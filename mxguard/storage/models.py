@@ -111,6 +111,9 @@ class PartnerTlsRule(Base):
     require_cert: Mapped[bool] = mapped_column(Boolean, default=False)
     #: PEM bundle the client certificate must chain to.
     ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Or the PEM bundle itself, as pasted in the console or sent to the API (migration
+    #: 0012_console_acme): every node reads it from the database, no file to copy.
+    ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: Accepted SHA-256 fingerprints of the client certificate (lower-case hex); empty: any.
     fingerprints: Mapped[list[Any]] = mapped_column(JSON, default=list)
     #: A host name the certificate must carry as a SAN dNSName (RFC 6125 matching).

@@ -84,6 +84,23 @@ def load_ca_file(path: str) -> tuple[x509.Certificate, ...]:
 
 
 @functools.lru_cache(maxsize=64)
+def _cas_from_text(text: str) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(x509.load_pem_x509_certificates(text.encode("ascii")))
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("holds no PEM certificate (-----BEGIN CERTIFICATE----- ...)") from None
+
+
+def load_ca_pem(text: str) -> tuple[x509.Certificate, ...]:
+    """The certificates of a PEM bundle given as text (a rule's stored CA; cached by content).
+
+    Raises:
+        ValueError: it holds no PEM certificate, or a block that does not parse.
+    """
+    return _cas_from_text(text)
+
+
+@functools.lru_cache(maxsize=64)
 def _crl(key: tuple[str, int, int]) -> x509.CertificateRevocationList:
     with open(key[0], "rb") as f:
         data = f.read()

@@ -194,6 +194,7 @@ class ReloadableServerContext:
         self.smtp_context = server_context(cert_file, key_file, min_version=min_version, extra=extra)
         self.by_name: Mapping[str, ssl.SSLContext] = {}
         self.client_cas: tuple[str, ...] = ()
+        self.client_ca_pems: tuple[str, ...] = ()
         self.context.sni_callback = self._select
         self.smtp_context.sni_callback = self._select
 
@@ -206,11 +207,13 @@ class ReloadableServerContext:
         """Use these per-name contexts for new handshakes (names as :func:`mxguard.tls.sni.normalize_sni_name`
         returns them); an empty mapping serves the gateway certificate to everyone."""
         for ctx in by_name.values():
-            _trust_clients(ctx, self.client_cas)
+            _trust_clients(ctx, self.client_cas, self.client_ca_pems)
         self.by_name = dict(by_name)
 
-    def set_client_cas(self, ca_files: list[str] | tuple[str, ...]) -> None:
-        """Ask SMTP clients for a certificate that chains to one of ``ca_files``; ``[]``: ask for none.
+    def set_client_cas(self, ca_files: list[str] | tuple[str, ...],
+                       ca_pems: list[str] | tuple[str, ...] = ()) -> None:
+        """Ask SMTP clients for a certificate that chains to one of ``ca_files`` or of the PEM
+        bundles ``ca_pems`` (text, as rules store them); both empty: ask for none.
 
         OpenSSL verifies a shown certificate during the handshake (Python's ``ssl`` has
         no way to take one unverified), against the store of the context the SNI
@@ -222,15 +225,17 @@ class ReloadableServerContext:
         the contexts until they are rebuilt: an extra trusted CA lets a handshake
         succeed, never a rule.
         """
-        cas = tuple(ca_files)
-        if cas == self.client_cas:
+        cas, pems = tuple(ca_files), tuple(ca_pems)
+        if cas == self.client_cas and pems == self.client_ca_pems:
             return
-        self.client_cas = cas
+        self.client_cas, self.client_ca_pems = cas, pems
         for ctx in (self.current, *self.by_name.values()):
-            _trust_clients(ctx, cas)
-        _trust_clients(self.smtp_context, cas)
-        self.smtp_context.verify_mode = ssl.CERT_OPTIONAL if cas else ssl.CERT_NONE
-        log.info("client certificates " + ("requested" if cas else "not requested"), ca_files=len(cas))
+            _trust_clients(ctx, cas, pems)
+        _trust_clients(self.smtp_context, cas, pems)
+        wanted = bool(cas or pems)
+        self.smtp_context.verify_mode = ssl.CERT_OPTIONAL if wanted else ssl.CERT_NONE
+        log.info("client certificates " + ("requested" if wanted else "not requested"), ca_files=len(cas),
+                 ca_bundles=len(pems))
 
     def reload(self, cert_file: Path, key_file: Path) -> None:
         """Use a new chain and key for handshakes from now on.
@@ -239,15 +244,15 @@ class ReloadableServerContext:
             ConfigError: the files cannot be loaded; the old certificate stays in use.
         """
         current = server_context(cert_file, key_file, min_version=self.min_version, extra=self.extra)
-        _trust_clients(current, self.client_cas)
+        _trust_clients(current, self.client_cas, self.client_ca_pems)
         self.current = current
 
 
-def _trust_clients(ctx: ssl.SSLContext, ca_files: tuple[str, ...]) -> None:
-    """Load CA files to verify client certificates against. A self-signed partner certificate may be
-    its own CA file (partial chains allowed). A file that cannot be loaded is logged and skipped:
-    its partner's rule then refuses at RCPT (451 4.7.0) rather than every handshake failing."""
-    if not ca_files:
+def _trust_clients(ctx: ssl.SSLContext, ca_files: tuple[str, ...], ca_pems: tuple[str, ...] = ()) -> None:
+    """Load CA files and PEM bundles to verify client certificates against. A self-signed partner
+    certificate may be its own CA (partial chains allowed). One that cannot be loaded is logged and
+    skipped: its partner's rule then refuses at RCPT (451 4.7.0) rather than every handshake failing."""
+    if not ca_files and not ca_pems:
         return
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     # The system's CAs too: senders no rule covers often show publicly issued client
@@ -259,3 +264,8 @@ def _trust_clients(ctx: ssl.SSLContext, ca_files: tuple[str, ...]) -> None:
             ctx.load_verify_locations(cafile=path)
         except (OSError, ssl.SSLError) as exc:
             log.error("partner CA file cannot be loaded", ca_file=path, error=str(exc)[:200])
+    for pem in ca_pems:
+        try:
+            ctx.load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:
+            log.error("stored partner CA bundle cannot be loaded", error=str(exc)[:200])

@@ -1,5 +1,6 @@
 """Domains: list, add, edit, remove, "Test connection" to the downstream servers, and the
-hosted MTA-STS settings with the DNS records to publish and their DNS check."""
+hosted MTA-STS settings with the DNS records to publish and their DNS check. The domain's
+partner TLS rules have a page of their own (:mod:`mxguard.web.routes.partners`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mxguard.errors import AlreadyExists, Conflict, ValidationFailed
 from mxguard.services import domains as domain_service
 from mxguard.services import hosted_sts
 from mxguard.services import orgs as org_service
+from mxguard.services import partners
 from mxguard.services.dns_check import check_records, settings_resolver
 from mxguard.services.probe import effective_policy, probe_domain
 from mxguard.tls.policy import DownstreamTls, InboundTls, TlsVersion
@@ -22,7 +24,7 @@ router = APIRouter(include_in_schema=False)
 #: The settings the domain form edits, in page order. Settings added to
 #: ``DOMAIN_DEFAULTS`` by other features (on-unreachable, filter thresholds,
 #: attachment rules) get a line here and a block in ``domain_form.html``.
-FORM_FIELDS = ("inbound_tls", "downstream_tls", "tls_ca_file", "tls_fingerprint", "tls_min_version")
+FORM_FIELDS = ("inbound_tls", "downstream_tls", "tls_ca_file", "tls_crl_file", "tls_fingerprint", "tls_min_version")
 CHOICES = {
     "inbound_tls": [e.value for e in InboundTls],
     "downstream_tls": [e.value for e in DownstreamTls],
@@ -50,13 +52,14 @@ async def _render_form(request: Request, me: ConsoleUser, ctx: WebContext, *, do
     orgs = await org_service.list_orgs(ctx.store, actor=me.actor)
     field = error.field if isinstance(error, ValidationFailed) else None
     hosted = None if is_new else await _hosted(ctx, me, domain["name"])
+    partner_count = 0 if is_new else len(await partners.list_rules(ctx.store, domain["name"], actor=me.actor))
     return request.app.state.templates.TemplateResponse(request, "domain_form.html", {
         "me": me, "domain": domain, "is_new": is_new, "choices": CHOICES, "orgs": orgs,
         "error": str(error) if error else None, "error_field": field, "probe": probe, "saved": saved,
         "tls_policy": tls_policy or (probe.tls_policy if probe is not None else None),
         "hosted": hosted, "sts_modes": hosted_sts.MODES, "sts_error": str(sts_error) if sts_error else None,
         "sts_error_field": sts_error.field if sts_error else None, "sts_saved": sts_saved, "dns_check": dns_check,
-        "max_age_range": (hosted_sts.MIN_MAX_AGE, hosted_sts.MAX_MAX_AGE),
+        "max_age_range": (hosted_sts.MIN_MAX_AGE, hosted_sts.MAX_MAX_AGE), "partner_count": partner_count,
     }, status_code=status)
 
 

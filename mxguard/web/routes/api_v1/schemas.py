@@ -95,6 +95,8 @@ class PartnerRuleIn(_In):
     min_tls: Literal["none", "1.2", "1.3"] = "1.2"
     require_cert: bool = False
     ca_file: str | None = Field(default=None, description="CA bundle path on the gateway (admins only)")
+    ca_pem: str | None = Field(default=None, max_length=64 * 1024,
+                               description="Or the CA bundle itself, PEM certificates (stored in the database)")
     fingerprints: list[str] = Field(default_factory=list, max_length=20, description="Accepted SHA-256 fingerprints")
     cert_host: str | None = Field(default=None, max_length=253, description="Host name the certificate must carry")
     crl_file: str | None = Field(default=None, description="The CA's CRL path on the gateway (admins only)")
@@ -107,6 +109,8 @@ class PartnerRuleOut(BaseModel):
     min_tls: str
     require_cert: bool
     ca_file: str | None
+    ca_pem: str | None = None
+    ca_subjects: list[str] = []
     fingerprints: list[str]
     cert_host: str | None
     crl_file: str | None
@@ -370,3 +374,38 @@ class DomainTlsReportsOut(BaseModel):
     organizations: dict[str, int] = Field(description="reports per sending organization")
     reports: int
     newest: list[ReceivedTlsReportOut]
+
+
+class AcmeNameOut(BaseModel):
+    name: str = Field(description="The main name (first identifier ordered)")
+    names: list[str]
+    directory_url: str
+    issued_at: dt.datetime
+    not_after: dt.datetime | None = Field(description="Expiry of the certificate stored now; null: removed")
+    days_left: int | None
+    state: Literal["valid", "due", "expired", "failed", "removed"]
+    last_attempt: dt.datetime | None
+    last_error: str | None
+
+
+class AcmeStatusOut(BaseModel):
+    enabled: bool = Field(description="acme.directory_url is set")
+    directory_url: str
+    http_listen: str
+    renew_before_days: int
+    certificates: list[AcmeNameOut]
+
+
+class AcmeRequestIn(_In):
+    names: list[str] = Field(min_length=1, max_length=100, examples=[["mx.example.com", "mail.example.com"]],
+                             description="Host names; the first is the main one (no wildcards: HTTP-01)")
+    replace: bool = Field(default=False, description="Replace certificates stored for the names")
+
+
+class AcmeRenewIn(_In):
+    name: str = Field(min_length=1, max_length=255, description="The main name of a certificate ACME issued")
+
+
+class AcmeIssuedOut(BaseModel):
+    names: list[str]
+    certificates: list[SniCertificateOut]

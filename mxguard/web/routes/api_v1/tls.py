@@ -1,15 +1,20 @@
-"""``/tls``: the gateway certificate (read, replace), certificates by SNI, and TLS shares per domain."""
+"""``/tls``: the gateway certificate (read, replace), certificates by SNI, ACME (status, request,
+renew now), and TLS shares per domain."""
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, HTTPException, Response
 
-from mxguard.services import certificates, stats
+from mxguard.errors import ConfigError
+from mxguard.services import acme, certificates, stats
 from mxguard.services import sni_certificates as sni
 from mxguard.services.access import Actor
+from mxguard.tls.acme_client import AcmeFailed, Issued
 from mxguard.tls.certs import CertificateInfo
+from mxguard.web.acme_http01 import responder_server
 from mxguard.web.context import WebContext
 from mxguard.web.deps import api_actor, get_ctx
-from mxguard.web.routes.api_v1.schemas import (CertificateIn, CertificateOut, DomainTlsOut, SniCertificateIn,
-                                               SniCertificateOut, TlsShareOut)
+from mxguard.web.routes.api_v1.schemas import (AcmeIssuedOut, AcmeNameOut, AcmeRenewIn, AcmeRequestIn,
+                                               AcmeStatusOut, CertificateIn, CertificateOut, DomainTlsOut,
+                                               SniCertificateIn, SniCertificateOut, TlsShareOut)
 
 router = APIRouter(prefix="/tls", tags=["tls"])
 
@@ -78,3 +83,48 @@ async def remove_sni(name: str, actor: Actor = Depends(api_actor), ctx: WebConte
 async def per_domain(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
     return [DomainTlsOut(domain=name, last_24h=share_out(day), last_30d=share_out(month))
             for name, day, month in await stats.per_domain_tls(ctx.store, actor)]
+
+
+def _issued(issued: Issued) -> AcmeIssuedOut:
+    return AcmeIssuedOut(names=list(issued.names), certificates=[_sni(v) for v in issued.views])
+
+
+async def _acme_order(ctx: WebContext, order) -> AcmeIssuedOut:
+    """Run an ACME order; the CA's refusal is 502 (what it said), ACME off or misconfigured 409."""
+    try:
+        issued = await order
+    except AcmeFailed as exc:
+        raise HTTPException(502, str(exc)) from None
+    except ConfigError as exc:
+        raise HTTPException(409, str(exc)) from None
+    await ctx.config_changed()
+    return _issued(issued)
+
+
+@router.get("/acme", response_model=AcmeStatusOut, summary="ACME: settings and the state of every name it issued (admin)")
+async def acme_status(actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    status = await acme.acme_status(ctx.settings, ctx.store, actor=actor)
+    return AcmeStatusOut(enabled=status.enabled, directory_url=status.directory_url, http_listen=status.http_listen,
+                         renew_before_days=status.renew_before_days,
+                         certificates=[AcmeNameOut(**e.as_dict()) for e in status.entries])
+
+
+@router.post("/acme/certificates", response_model=AcmeIssuedOut, status_code=201,
+             summary="Order a certificate for names from the ACME CA now (HTTP-01; admin)")
+async def acme_request(body: AcmeRequestIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    """Answers when the order is over (at most ``acme.order_timeout``). 422 naming ``name`` for a bad or wildcard
+    name; 409 when a name has a certificate (unless ``replace``) or ACME is off; 502 with what the CA said when
+    it refused or a challenge failed."""
+    actor.require_admin()
+    return await _acme_order(ctx, acme.request_certificate(
+        ctx.settings, ctx.store, ctx.keyring.get(), body.names, replace=body.replace, actor=actor,
+        make_responder=responder_server))
+
+
+@router.post("/acme/renew", response_model=AcmeIssuedOut, summary="Renew a certificate ACME issued, now (admin)")
+async def acme_renew(body: AcmeRenewIn, actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
+    """404 when ACME issued nothing for the name; 502 with what the CA said when the renewal failed (recorded
+    in the status; the current certificate stays in use)."""
+    actor.require_admin()
+    return await _acme_order(ctx, acme.renew_now(ctx.settings, ctx.store, ctx.keyring.get(), body.name,
+                                                 actor=actor, make_responder=responder_server))
