@@ -139,6 +139,12 @@ SCOPED = {
     ("DELETE", "/api/v1/domains/{name}/partners/{sender}"):
         lambda c, a, t: a.delete(f"/domains/{t['domain']}/partners/partner.example"),
     ("DELETE", "/api/v1/tls/certificates/{name}"): lambda c, a, t: a.delete(f"/tls/certificates/{t['sni']}"),
+    # The console's partner rules page: list, add (the API's rule was removed above), remove.
+    ("GET", "/domains/{name}/partners"): lambda c, a, t: c.get(f"/domains/{t['domain']}/partners"),
+    ("POST", "/domains/{name}/partners"): lambda c, a, t: _console_post(c, f"/domains/{t['domain']}/partners",
+                                                                        {"sender": "partner.example", "min_tls": "1.2"}),
+    ("POST", "/domains/{name}/partners/remove"): lambda c, a, t: _console_post(
+        c, f"/domains/{t['domain']}/partners/remove", {"sender": "partner.example"}),
     ("POST", "/domains/{name}"): lambda c, a, t: _console_post(c, f"/domains/{t['domain']}",
                                                               {**DOMAIN_FORM, "servers": t["servers"]}),
     ("POST", "/domains/{name}/delete"): lambda c, a, t: _console_post(c, f"/domains/{t['domain']}/delete"),
@@ -276,6 +282,26 @@ def test_a_plain_user_gets_403_from_every_api_endpoint(web, tenants):
     assert clerk.post("/orgs", json={"name": "Mine"}).status_code == 403
     assert clerk.post("/users", json={"email": "x@acme.test", "role": "user", "org": "Acme"}).status_code == 403
     assert clerk.get("/me").json()["role"] == "user"
+    # The same user in the console: 403 for the role (not for the token) on the partner rules page and
+    # its forms, and on the ACME forms.
+    console, reply = web.login("clerk@acme.test")
+    assert reply.status_code == 303
+    token = csrf_token(console.get("/mc").text)
+    for method, path, data in (("GET", "/domains/acme.test/partners", None),
+                               ("POST", "/domains/acme.test/partners", {"sender": "partner.example"}),
+                               ("POST", "/domains/acme.test/partners/remove", {"sender": "partner.example"}),
+                               ("POST", "/tls/acme/request", {"names": "mx.acme.test"}),
+                               ("POST", "/tls/acme/renew", {"name": "mx.acme.test"})):
+        reply = console.request(method, path, data={**data, "csrf_token": token} if data else None)
+        assert reply.status_code == 403 and "Message Center only" in reply.text, (method, path, reply.status_code)
+    # An org-admin may not order or renew ACME certificates (the account and port 80 are the gateway's).
+    acme_console, acme_api = tenants["console"], tenants["api"]
+    assert acme_api.get("/tls/acme").status_code == 403
+    assert acme_api.post("/tls/acme/certificates", json={"names": ["mx.acme.test"]}).status_code == 403
+    assert acme_api.post("/tls/acme/renew", json={"name": "mx.acme.test"}).status_code == 403
+    assert _console_post(acme_console, "/tls/acme/request", {"names": "mx.acme.test"}).status_code == 403
+    assert _console_post(acme_console, "/tls/acme/renew", {"name": "mx.acme.test"}).status_code == 403
+    assert 'id="acme"' not in acme_console.get("/tls").text
 
 
 # -- script in every field a message brings ------------------------------------------------------------
