@@ -1,6 +1,7 @@
 """ACME (RFC 8555) against a real pebble on loopback: issuance through the real CLI, the certificate
 presented by SNI on STARTTLS and HTTPS (verified against pebble's issuing root), failed challenges,
-renewal by the running gateway, the settings' start-up checks, and the HTTP-01 responder's one path.
+renewal by the running gateway and by ``tls acme renew``, requests and renewals through the REST API
+and the console's TLS page, the settings' start-up checks, and the HTTP-01 responder's one path.
 
 pebble's validation authority resolves the test names through the loopback DNS server and connects to
 the responder's port on the address it got; every name here is under ``acme.test``.
@@ -48,7 +49,8 @@ pytestmark = pytest.mark.slow
 
 #: The port pebble's VA connects to for HTTP-01: the responder's (the CLI's or a gateway's).
 RESPONDER_PORT = free_port()
-NAMES_AT_LOOPBACK = ("mx.acme.test", "mail.acme.test", "www.acme.test", "renew.acme.test")
+NAMES_AT_LOOPBACK = ("mx.acme.test", "mail.acme.test", "www.acme.test", "renew.acme.test", "api.acme.test",
+                     "console.acme.test")
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +204,15 @@ def test_a_port_held_by_another_responder_is_refused(pebble, loopback_dns, data_
 def test_the_gateway_renews_a_certificate_near_expiry(pebble, loopback_dns, data_dir, tmp_path):
     env = acme_env(pebble)
     mx("tls", "acme", "issue", "--name", "renew.acme.test", data_dir=data_dir, env=env, timeout=180)
+    issued = stored(data_dir)["renew.acme.test"]
+    # Renewed now from the command line (no gateway running: the CLI runs the responder).
+    out = mx("tls", "acme", "renew", "--name", "Renew.acme.test", data_dir=data_dir, env=env, timeout=180)
+    assert out.stdout.startswith("Renewed certificate for renew.acme.test"), out.stdout + out.stderr
     first = stored(data_dir)["renew.acme.test"]
+    assert first["fingerprint"] != issued["fingerprint"] and first["fingerprint"] in out.stdout
+    unknown = mx("tls", "acme", "renew", "--name", "www.acme.test", data_dir=data_dir, env=env, check=False)
+    assert unknown.returncode != 0 and "ACME issued no certificate for www.acme.test" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
     assert first["days_left"] > 365  # pebble's validity: years
 
     # With the default window (30 days) nothing is due.
@@ -241,6 +251,72 @@ def test_the_gateway_renews_a_certificate_near_expiry(pebble, loopback_dns, data
         assert "renew.acme.test" in status and "could not validate" in status
     finally:
         loopback_dns.set_records("renew.acme.test", "A", [A("127.0.0.1")])
+        gw.stop()
+
+
+# -- the REST API and the console -------------------------------------------------------------
+
+def test_request_and_renew_through_the_api_and_the_console(pebble, loopback_dns, data_dir, tmp_path):
+    from tests.support.web import WebGateway, csrf_token
+    root = tmp_path / "root.pem"
+    root.write_bytes(pebble.root_pem())
+    verify = ssl.create_default_context(cafile=str(root))
+    gw = start_gateway(data_dir, loopback_dns, pebble, web=True)
+    web = WebGateway(gw, data_dir / "tls" / "cert.pem")
+    try:
+        web.add_user("admin@gw.test", "admin")
+        api = web.api(web.api_key("admin@gw.test"))
+        status = api.get("/tls/acme").json()
+        assert (status["enabled"], status["directory_url"], status["certificates"]) == (True, pebble.directory_url, [])
+
+        # The API orders (the running gateway's responder answers the CA) and the name is served by SNI.
+        created = api.post("/tls/acme/certificates", json={"names": ["API.acme.test"]})
+        assert created.status_code == 201, created.text
+        assert created.json()["names"] == ["api.acme.test"]
+        first = created.json()["certificates"][0]["sha256"]
+        wait_for(lambda: starttls_sha256(gw.port, "api.acme.test", verify) == first, timeout=15,
+                 what="the certificate ordered through the API")
+        [entry] = api.get("/tls/acme").json()["certificates"]
+        assert (entry["name"], entry["state"], entry["last_error"]) == ("api.acme.test", "valid", None)
+        # Refusals, each with its status and message: wildcard 422, stored name 409, CA refusal 502, unknown 404.
+        wildcard = api.post("/tls/acme/certificates", json={"names": ["*.acme.test"]})
+        assert wildcard.status_code == 422 and "HTTP-01" in wildcard.json()["detail"][0]["msg"]
+        assert api.post("/tls/acme/certificates", json={"names": ["api.acme.test"]}).status_code == 409
+        dead = api.post("/tls/acme/certificates", json={"names": ["dead.acme.test"]})
+        assert dead.status_code == 502 and "could not validate the challenge: dead.acme.test" in dead.json()["detail"]
+        assert api.post("/tls/acme/renew", json={"name": "dead.acme.test"}).status_code == 404
+
+        # The console: the section lists the name; "request" and "renew" buttons.
+        console, reply = web.login("admin@gw.test")
+        assert reply.status_code == 303
+        page = console.get("/tls")
+        assert 'id="acme"' in page.text and "api.acme.test" in page.text and pebble.directory_url in page.text
+        token = csrf_token(page.text)
+        assert console.post("/tls/acme/request", data={"names": "console.acme.test"}).status_code == 403  # no token
+        requested = console.post("/tls/acme/request", data={"names": "console.acme.test", "csrf_token": token})
+        assert requested.status_code == 303 and requested.headers["location"] == "/tls?acme_saved=issued#acme"
+        renewed = console.post("/tls/acme/renew", data={"name": "api.acme.test", "csrf_token": token})
+        assert renewed.status_code == 303, renewed.text
+        certs = {c["name"]: c["sha256"] for c in api.get("/tls/certificates").json()}
+        assert set(certs) == {"api.acme.test", "console.acme.test"} and certs["api.acme.test"] != first
+        wait_for(lambda: starttls_sha256(gw.port, "api.acme.test", verify) == certs["api.acme.test"], timeout=15,
+                 what="the renewed certificate on STARTTLS")
+        bad = console.post("/tls/acme/request", data={"names": "*.acme.test", "csrf_token": token})
+        assert bad.status_code == 422 and 'id="acme-error"' in bad.text and "HTTP-01" in bad.text
+
+        # A renewal the CA refuses: 502 saying why, recorded as the status's last error, the certificate kept.
+        loopback_dns.set_records("console.acme.test", "A", [A("127.0.0.2")])
+        failed = api.post("/tls/acme/renew", json={"name": "console.acme.test"})
+        assert failed.status_code == 502 and "could not validate the challenge" in failed.json()["detail"]
+        states = {e["name"]: (e["state"], e["last_error"]) for e in api.get("/tls/acme").json()["certificates"]}
+        assert states["api.acme.test"] == ("valid", None)
+        assert states["console.acme.test"][0] == "failed" and "127.0.0.2" in states["console.acme.test"][1]
+        assert {c["name"]: c["sha256"] for c in api.get("/tls/certificates").json()} == certs
+        page = console.get("/tls").text
+        assert "state-failed" in page and "could not validate the challenge" in page
+    finally:
+        loopback_dns.set_records("console.acme.test", "A", [A("127.0.0.1")])
+        web.close()
         gw.stop()
 
 
