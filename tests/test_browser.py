@@ -207,3 +207,52 @@ def test_console_in_a_real_browser(web, plain_sink, browser_page):
 
     # No CSP violation or script error on any page.
     assert page.problems == []
+
+
+def test_partner_rules_form_adds_and_removes_a_rule(web, tls_sink, browser_page):
+    """The domain page's link to its partner rules; the form adds a rule with a pasted CA, the list
+    shows it, its Remove button removes it; the SMTP side follows each step."""
+    import trustme
+
+    page = browser_page
+    api = web.api(web.admin_key)
+    assert api.post("/domains", json={"name": "example.com", "servers": [tls_sink.address]}).status_code == 201
+    ca = trustme.CA(organization_name="Browser Partner CA")
+    page.goto(web.url + "/login")
+    page.fill("input[name=email]", "admin@gw.test")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+    page.goto(web.url + "/domains/example.com")
+    page.click("#partners-link")
+    expect(page.locator("h1")).to_contain_text("Partner TLS rules")
+    expect(page.locator("#no-partner-rules")).to_be_visible()
+
+    page.fill("input[name=sender]", "partner.example")
+    page.select_option("select[name=min_tls]", "1.3")
+    page.check("input[name=require_cert]")
+    page.fill("textarea[name=ca_pem]", ca.cert_pem.bytes().decode())
+    page.fill("input[name=cert_host]", "mta.partner.example")
+    shot(page, "20-partner-form")
+    page.click("#add-partner")
+    expect(page.locator("#partner-saved")).to_be_visible()
+    row = page.locator("tr.partner-rule")
+    expect(row).to_have_count(1)
+    expect(row.locator("td.partner-sender")).to_have_text("partner.example")
+    expect(row.locator("td.partner-requirement")).to_contain_text("over TLS 1.3+ with a client certificate")
+    expect(row).to_contain_text("Browser Partner CA")
+    shot(page, "21-partner-added")
+    out = send(web.gw.port, ["alice@example.com"], message(sender="bob@partner.example"), sender="bob@partner.example",
+               starttls=False)
+    assert out.mail[0] == 530  # the rule is applied from the next transaction on
+
+    page.click("button[aria-label='Remove the rule for partner.example']")
+    expect(page.locator("#partner-saved")).to_contain_text("Rule removed")
+    expect(page.locator("tr.partner-rule")).to_have_count(0)
+    expect(page.locator("#no-partner-rules")).to_be_visible()
+    shot(page, "22-partner-removed")
+    out = send(web.gw.port, ["alice@example.com"], message(sender="bob@partner.example"), sender="bob@partner.example",
+               starttls=False)
+    assert out.mail[0] == 250 and out.rcpt["alice@example.com"][0] == 250
+    assert api.get("/domains/example.com/partners").json() == []
+    assert page.problems == []
