@@ -244,6 +244,16 @@ def test_console_page_adds_and_removes_a_rule_for_its_organizations_admin(web, a
     missing = console.post("/domains/example.com/partners/remove", data={"sender": PARTNER, "csrf_token": token})
     assert missing.status_code == 404 and "no partner rule" in missing.text
 
+    # Markup in what the page echoes (a CA's subject, a refused sender) is escaped.
+    hostile_ca = trustme.CA(organization_name="<img src=x onerror=alert(1)>")
+    assert api.post("/domains/example.com/partners", json={"sender": PARTNER, "require_cert": True,
+                                                           "ca_pem": hostile_ca.cert_pem.bytes().decode()}).status_code == 201
+    page = console.get("/domains/example.com/partners").text
+    assert "&lt;img src=x onerror=alert(1)" in page.replace("\\", "") and "<img src=x" not in page
+    refused = console.post("/domains/example.com/partners", data={"sender": "<script>alert(1)</script>",
+                                                                  "csrf_token": token})
+    assert refused.status_code == 422 and "<script>alert(1)" not in refused.text and "&lt;script&gt;" in refused.text
+
     # A Message Center user gets 403 on the page and its forms.
     web.add_user("clerk@example.com", "user", "Acme")
     clerk, reply = web.login("clerk@example.com")
