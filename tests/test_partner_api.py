@@ -283,7 +283,10 @@ def test_domain_form_edits_the_downstream_crl_file_for_admins(web, acme_org, tmp
     assert acme_org["admin"].get("/domains/example.com").json()["tls_crl_file"] == crl
     # An org-admin may not point it at a file on the gateway host.
     console = acme_org["console"]
-    denied = console.post("/domains/example.com", data={**form, "tls_crl_file": str(tmp_path / "x.crl"),
-                                                        "csrf_token": csrf_token(console.get("/").text)})
-    assert denied.status_code in (403, 422) and acme_org["admin"].get("/domains/example.com").json()["tls_crl_file"] \
-        == crl
+    other = make_crl(partner_ca, [], tmp_path / "other.crl")
+    token = csrf_token(console.get("/").text)
+    denied = console.post("/domains/example.com", data={**form, "tls_crl_file": other, "csrf_token": token})
+    assert denied.status_code == 403 and "only an administrator sets tls_crl_file" in denied.text
+    assert acme_org["admin"].get("/domains/example.com").json()["tls_crl_file"] == crl
+    # Saving the form as shown (the administrator's CRL unchanged) is allowed.
+    assert console.post("/domains/example.com", data={**form, "csrf_token": token}).status_code == 303

@@ -304,11 +304,12 @@ async def _org_for_actor(session, org: str | None, actor: Actor) -> int | None:
     return actor.org_id
 
 
-def _check_ca_file_allowed(actor: Actor, new: str | None, current: str | None = None) -> None:
-    # A CA file is a path on the gateway host: only administrators may point at files there.
+def _check_ca_file_allowed(actor: Actor, new: str | None, current: str | None = None,
+                           key: str = "tls_ca_file") -> None:
+    # A CA or CRL file is a path on the gateway host: only administrators may point at files there.
     if new and new != current and not actor.is_admin:
-        raise PermissionDenied("only an administrator sets tls_ca_file (a path on the gateway); "
-                               "use tls_fingerprint to pin a certificate")
+        hint = "use tls_fingerprint to pin a certificate" if key == "tls_ca_file" else "ask an administrator"
+        raise PermissionDenied(f"only an administrator sets {key} (a path on the gateway); {hint}")
 
 
 async def add_domain(store: Store, name: str, servers: list[str], *, actor: Actor = SYSTEM, org: str | None = None,
@@ -351,7 +352,7 @@ async def add_domain(store: Store, name: str, servers: list[str], *, actor: Acto
         values["attachment_rules"] = json.loads(json.dumps(DEFAULT_ATTACHMENT_RULES))
     _check_consistent(values)
     _check_ca_file_allowed(actor, values.get("tls_ca_file"))
-    _check_ca_file_allowed(actor, values.get("tls_crl_file"))
+    _check_ca_file_allowed(actor, values.get("tls_crl_file"), key="tls_crl_file")
     async with store.session() as session:
         org_id = await _org_for_actor(session, org, actor)
         await check_domain_claim(store, session, actor, domain, org_id)
@@ -394,7 +395,7 @@ async def update_domain(store: Store, name: str, *, actor: Actor = SYSTEM, **cha
         merged = {**before.as_dict(), **changes}
         _check_consistent(merged)
         _check_ca_file_allowed(actor, changes.get("tls_ca_file"), before.tls_ca_file)
-        _check_ca_file_allowed(actor, changes.get("tls_crl_file"), before.tls_crl_file)
+        _check_ca_file_allowed(actor, changes.get("tls_crl_file"), before.tls_crl_file, key="tls_crl_file")
         for key, value in changes.items():
             setattr(row, key, value)
         if org is not None and (org or None) != before.org:
