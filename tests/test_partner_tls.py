@@ -473,7 +473,19 @@ def test_cli_partner_add_list_remove(tmp_path, files, partner_cert):
     assert again.returncode != 0 and "already" in again.stderr
     assert "Removed" in mx("domain", "partner", "remove", "example.com", "--sender", "partner.example").stdout
     assert json.loads(mx("domain", "partner", "list", "example.com", "--json").stdout) == []
+    # --store-ca keeps the CA's certificates in the database: the file may go away afterwards.
+    copy = tmp_path / "copy-of-ca.pem"
+    copy.write_bytes(Path(files["ca"]).read_bytes())
+    mx("domain", "partner", "add", "example.com", "--sender", "stored.example", "--client-cert", "--store-ca", str(copy))
+    copy.unlink()
+    [stored] = json.loads(mx("domain", "partner", "list", "example.com", "--json").stdout)
+    assert stored["ca_file"] is None and stored["ca_pem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert "Partner CA" in stored["ca_subjects"][0]
+    assert "stored: " in mx("domain", "partner", "list", "example.com").stdout
+    gone = mx("domain", "partner", "add", "example.com", "--sender", "x.example", "--store-ca", str(copy), check=False)
+    assert gone.returncode == 2 and "cannot read" in gone.stderr and "Traceback" not in gone.stderr
+    assert "Removed" in mx("domain", "partner", "remove", "example.com", "--sender", "stored.example").stdout
     import sqlite3
     with sqlite3.connect(d / "mxguard.db") as db:
         actions = [row[0] for row in db.execute("SELECT action FROM audit_log WHERE target LIKE 'example.com %'")]
-    assert actions == ["domain.partner.add", "domain.partner.remove"]
+    assert actions == ["domain.partner.add", "domain.partner.remove"] * 2

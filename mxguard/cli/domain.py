@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from mxguard.cli.common import console, err_console, handle_errors, run, settings, with_store
+from mxguard.errors import ValidationFailed
 from mxguard.services import domains as svc
 from mxguard.services.access import Actor
 
@@ -364,6 +366,9 @@ def partner_add(
     client_cert: bool = typer.Option(False, "--client-cert", help="Require a client certificate"),
     ca_file: str = typer.Option(None, "--ca-file", show_default=False, metavar="PEM",
                                 help="CA bundle the client certificate must chain to (needed with a certificate)"),
+    store_ca: Path = typer.Option(None, "--store-ca", show_default=False, metavar="PEM",
+                                  help="Or read this CA bundle now and keep its certificates in the database "
+                                       "(every node has it; no file to keep on the gateway host)"),
     fingerprint: list[str] = typer.Option(None, "--fingerprint", show_default=False, metavar="SHA256",
                                           help="Accepted SHA-256 fingerprint of the client certificate; repeatable"),
     cert_host: str = typer.Option(None, "--cert-host", show_default=False, metavar="HOST",
@@ -374,9 +379,15 @@ def partner_add(
     """Add a partner TLS rule: 530 5.7.0 at MAIL in clear, 550 5.7.1 at RCPT when not met."""
     from mxguard.services import partners
 
+    ca_pem = None
+    if store_ca is not None:
+        try:
+            ca_pem = store_ca.read_bytes()[:partners.MAX_CA_PEM_BYTES + 1].decode("utf-8", "replace")
+        except OSError as exc:
+            raise ValidationFailed("ca_pem", f"cannot read {store_ca}: {exc.strerror or exc}") from None
     view = run(with_store(lambda store: partners.add_rule(
         store, domain, sender, actor=Actor.cli(), min_tls=min_tls, require_cert=client_cert, ca_file=ca_file,
-        fingerprints=fingerprint or [], cert_host=cert_host, crl_file=crl_file)))
+        ca_pem=ca_pem, fingerprints=fingerprint or [], cert_host=cert_host, crl_file=crl_file)))
     console.print(f"Added partner rule on {view.domain}: mail from {view.sender} must arrive "
                   f"{_requirement(view)}", highlight=False)
 
