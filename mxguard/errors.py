@@ -77,3 +77,9 @@ class Conflict(MxguardError):
 
 class PermissionDenied(MxguardError):
     """The actor's role does not allow this action (HTTP 403)."""
+
+
+class AcmeFailed(MxguardError):
+    """An ACME order (RFC 8555) did not give a certificate; the message says at which step and what
+    the CA said (HTTP 502 in the API). Defined here, not with the ACME client, so callers can catch
+    it without importing the client's libraries."""

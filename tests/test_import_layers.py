@@ -97,3 +97,17 @@ def test_named_layers_go_one_way():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_a_serving_process_does_not_load_the_acme_client():
+    """The ACME client's libraries (acme, josepy, requests) cost a gateway process memory: the CLI,
+    the gateway, the console and API routes and the ACME service import it only to order."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import mxguard.cli, mxguard.gateway, mxguard.services.acme; "
+            "from mxguard.web import app; from mxguard.web.routes import tls, partners; "
+            "from mxguard.web.routes.api_v1 import tls as api_tls; "
+            "print(sorted(m for m in ('mxguard.tls.acme_client', 'acme', 'josepy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -13,26 +14,28 @@ from mxguard.services import acme
 from mxguard.services.access import Actor
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import Sealer
-from mxguard.tls import acme_client
+
+if TYPE_CHECKING:  # the ACME client itself is imported only when a certificate is ordered (memory)
+    from mxguard.tls.acme_client import Issued
 
 acme_app = typer.Typer(help="Certificates from an ACME CA (RFC 8555) for the names the gateway serves, "
                             "validated over HTTP on acme.http_listen (port 80).", no_args_is_help=True)
 
 
-async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> acme_client.Issued:
+async def _issue(s: Settings, store: Store, names: list[str], replace: bool) -> Issued:
     from mxguard.web.acme_http01 import responder_server
     sealer = Sealer.from_file(s.path(s.sealing_key_file))
     return await acme.request_certificate(s, store, sealer, names, replace=replace, actor=Actor.cli(),
                                           make_responder=responder_server)
 
 
-async def _renew(s: Settings, store: Store, name: str) -> acme_client.Issued:
+async def _renew(s: Settings, store: Store, name: str) -> Issued:
     from mxguard.web.acme_http01 import responder_server
     sealer = Sealer.from_file(s.path(s.sealing_key_file))
     return await acme.renew_now(s, store, sealer, name, actor=Actor.cli(), make_responder=responder_server)
 
 
-def _issued_line(verb: str, issued: acme_client.Issued) -> str:
+def _issued_line(verb: str, issued: Issued) -> str:
     view = issued.views[0]
     return (f"{verb} certificate for {', '.join(issued.names)}: {view.subject or view.name}, valid until "
             f"{view.not_after:%Y-%m-%d} ({view.days_left:.0f} days), SHA-256 {view.fingerprint}")

@@ -1,7 +1,8 @@
 """ACME (RFC 8555) for the CLI, the REST API and the console alike: status per name, a
 certificate requested for names, a renewal now.
 
-The order itself is :func:`mxguard.tls.acme_client.issue`; what this layer adds is who may
+The order itself is :func:`mxguard.tls.acme_client.issue` (imported only when a certificate is
+ordered: its libraries cost a gateway process memory); what this layer adds is who may
 ask (administrators: the ACME account, the CA's rate limits and port 80 are the gateway's,
 not one organization's), making sure an HTTP-01 responder answers for the order's duration,
 and recording a failed renewal as the gateway's own renewal loop does.
@@ -19,7 +20,7 @@ import datetime as dt
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 import structlog
@@ -31,8 +32,11 @@ from mxguard.services.access import SYSTEM, Actor
 from mxguard.storage.db import Store
 from mxguard.storage.models import utcnow
 from mxguard.storage.sealing import Sealer
-from mxguard.tls import acme_client, acme_store
+from mxguard.tls import acme_store
 from mxguard.tls.sni import normalize_sni_name
+
+if TYPE_CHECKING:
+    from mxguard.tls.acme_client import Issued
 
 log = structlog.get_logger("mxguard.acme")
 
@@ -157,8 +161,12 @@ async def responder_answers(store: Store, listen: str) -> bool:
 
 
 async def _ordered(settings: Settings, store: Store, sealer: Sealer, names: list[str], *, replace: bool,
-                   actor: Actor, make_responder: ResponderFactory) -> acme_client.Issued:
+                   actor: Actor, make_responder: ResponderFactory) -> Issued:
     """One order with a responder answering: this process's for the order, or the running gateway's."""
+    # Imported here: the ACME client's libraries (acme, josepy, requests) would cost every gateway
+    # process memory, and most never order a certificate.
+    from mxguard.tls import acme_client
+
     if not settings.acme.directory_url:
         raise ConfigError("acme.directory_url is empty: ACME is off; set the CA's directory URL in [acme]")
     acme_client.check_names(names)  # a bad name fails before anything listens
@@ -182,7 +190,7 @@ async def _ordered(settings: Settings, store: Store, sealer: Sealer, names: list
 
 async def request_certificate(settings: Settings, store: Store, sealer: Sealer, names: list[str], *,
                               make_responder: ResponderFactory, replace: bool = False,
-                              actor: Actor = SYSTEM) -> acme_client.Issued:
+                              actor: Actor = SYSTEM) -> Issued:
     """Order a certificate for ``names`` from the ACME CA and store it as their SNI certificate.
 
     Blocks until the order is over (bounded by ``acme.order_timeout``); the gateway renews
@@ -210,7 +218,7 @@ async def request_certificate(settings: Settings, store: Store, sealer: Sealer, 
 
 
 async def renew_now(settings: Settings, store: Store, sealer: Sealer, name: str, *,
-                    make_responder: ResponderFactory, actor: Actor = SYSTEM) -> acme_client.Issued:
+                    make_responder: ResponderFactory, actor: Actor = SYSTEM) -> Issued:
     """Renew the certificate ACME issued for ``name`` now, whatever its expiry.
 
     The same names are ordered again and the stored certificate replaced; a

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mxguard import __version__
 from mxguard.config import Settings
-from mxguard.errors import AlreadyExists, ConfigError, MxguardError, ValidationFailed
+from mxguard.errors import AcmeFailed, AlreadyExists, ConfigError, ValidationFailed
 from mxguard.services import sni_certificates as sni
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.storage.db import Store
@@ -37,10 +37,6 @@ from mxguard.tls.acme_account import AccountKeyError, ensure_account_key
 from mxguard.tls.sni import WILDCARD, normalize_sni_name
 
 log = structlog.get_logger("mxguard.acme")
-
-
-class AcmeFailed(MxguardError):
-    """An order did not give a certificate; the message says at which step and what the CA said."""
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
 from starlette.datastructures import UploadFile
 
-from mxguard.errors import AlreadyExists, ConfigError, NotFound, PermissionDenied, ValidationFailed
+from mxguard.errors import AcmeFailed, AlreadyExists, ConfigError, NotFound, PermissionDenied, ValidationFailed
 from mxguard.services import acme, certificates, stats
 from mxguard.services import sni_certificates as sni
-from mxguard.tls.acme_client import AcmeFailed
 from mxguard.web.acme_http01 import responder_server
 from mxguard.web.context import WebContext
 from mxguard.web.deps import ConsoleUser, console_user, csrf_checked, get_ctx

@@ -3,11 +3,10 @@ renew now), and TLS shares per domain."""
 
 from fastapi import APIRouter, Depends, HTTPException, Response
 
-from mxguard.errors import ConfigError
+from mxguard.errors import AcmeFailed, ConfigError
 from mxguard.services import acme, certificates, stats
 from mxguard.services import sni_certificates as sni
 from mxguard.services.access import Actor
-from mxguard.tls.acme_client import AcmeFailed, Issued
 from mxguard.tls.certs import CertificateInfo
 from mxguard.web.acme_http01 import responder_server
 from mxguard.web.context import WebContext
@@ -85,7 +84,8 @@ async def per_domain(actor: Actor = Depends(api_actor), ctx: WebContext = Depend
             for name, day, month in await stats.per_domain_tls(ctx.store, actor)]
 
 
-def _issued(issued: Issued) -> AcmeIssuedOut:
+def _issued(issued) -> AcmeIssuedOut:
+    """The API's view of an :class:`mxguard.tls.acme_client.Issued`."""
     return AcmeIssuedOut(names=list(issued.names), certificates=[_sni(v) for v in issued.views])
 
 
