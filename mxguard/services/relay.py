@@ -410,3 +410,66 @@ async def load_access_data(store: Store) -> RelayAccessData:
     networks.sort(key=lambda item: -item[0].prefixlen)
     return RelayAccessData(orgs, {o: frozenset(d) for o, d in domains.items()}, networks, credentials,
                            fingerprints, cas, tuple(trust))
+
+
+# -- outbound mail held by a rate limit ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeldView:
+    """An outbound spool entry held by a rate limit (status ``held``)."""
+
+    id: int
+    txn_id: str
+    mail_from: str
+    domain: str
+    recipients: tuple[str, ...]
+    subject: str
+    created_at: dt.datetime
+
+
+async def _held_rows(session, actor: Actor, entry_id: int | None = None):
+    from mxguard.storage.models import SpoolEntry
+
+    actor.require_console()
+    q = select(SpoolEntry).where(SpoolEntry.kind == "outbound", SpoolEntry.status == "held")
+    if entry_id is not None:
+        q = q.where(SpoolEntry.id == entry_id)
+    rows = (await session.execute(q.order_by(SpoolEntry.id))).scalars().all()
+    if actor.is_admin:
+        return list(rows)
+    mine = set((await session.execute(select(Domain.name).where(Domain.org_id == actor.org_id))).scalars().all())
+    return [r for r in rows if r.mail_from.rpartition("@")[2].lower() in mine]
+
+
+def _held_view(row) -> HeldView:
+    return HeldView(row.id, row.txn_id, row.mail_from, row.domain, tuple(r["rcpt"] for r in row.recipients),
+                    row.subject, row.created_at)
+
+
+async def list_held(store: Store, *, actor: Actor = SYSTEM) -> list[HeldView]:
+    """Outbound messages held by a rate limit, oldest first (an org-admin sees its senders' only)."""
+    async with store.session() as session:
+        return [_held_view(r) for r in await _held_rows(session, actor)]
+
+
+async def release_held(store: Store, entry_id: int, *, actor: Actor = SYSTEM) -> HeldView:
+    """Let a held outbound message go: its spool entry is queued and due now.
+
+    Raises:
+        NotFound: no held outbound entry with that id (or not the actor's organization's).
+    """
+    from mxguard.storage.models import utcnow
+
+    async with store.session() as session:
+        rows = await _held_rows(session, actor, entry_id)
+        if not rows:
+            raise NotFound(f"no held outbound message {entry_id}")
+        row = rows[0]
+        row.status, row.next_attempt_at = "queued", utcnow()
+        view = _held_view(row)
+        org_id = await session.scalar(select(Domain.org_id).where(
+            Domain.name == row.mail_from.rpartition("@")[2].lower()))
+        audit.record(session, actor, "relay.release", f"spool #{row.id}", org_id=org_id,
+                     after={"mail_from": row.mail_from, "domain": row.domain})
+        await session.commit()
+    return view
