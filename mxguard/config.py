@@ -747,6 +747,9 @@ sealing_key_file = "{s.sealing_key_file}"
 [smtp]
 # Inbound listeners, HOST:PORT ([::1]:25 for IPv6).
 listen = [{listen}]
+# Submission listeners for the outbound relay (RFC 6409), e.g. ["0.0.0.0:587"]: there MAIL needs
+# SMTP AUTH after STARTTLS, a registered client certificate or network (530 5.7.0). Empty: none.
+submission_listen = {toml_list(s.smtp.submission_listen)}
 # Gateway processes sharing the listeners, to use every core; 0 = one per CPU.
 workers = {s.smtp.workers}
 # Largest message in bytes, advertised as SIZE (RFC 1870).
@@ -819,6 +822,16 @@ batch = {s.spool.batch}
 # alignment. relay = "HOST:PORT" sends them through a relay; empty: the sender's MX, port 25.
 enabled = {str(s.dsn.enabled).lower()}
 relay = "{s.dsn.relay}"
+
+[relay]
+# The outbound relay (mxguard relay ...): failed AUTH attempts per connection before 421;
+# outbound junk score refused with 550 5.7.1; messages per sender and per organization per
+# rate_window seconds before further mail is held and the organization's admins are alerted.
+max_auth_failures = {s.relay.max_auth_failures}
+junk_reject = {s.relay.junk_reject}
+sender_rate = {s.relay.sender_rate}
+org_rate = {s.relay.org_rate}
+rate_window = {s.relay.rate_window}
 
 [log]
 # debug | info | warning | error; console | json

@@ -376,3 +376,18 @@ def test_postfix_relays_through_the_gateway_with_sasl_auth(relay_gw, tmp_path):
     assert (entry.kind, entry.domain, entry.mail_from) == ("outbound", "elsewhere.test", "alice@example.com")
     plain = relay_gw.gateway.keyring.get().open(entry.body, seal_context(entry.txn_id))
     assert b"with ESMTPSA" in plain and b"Subject: via Postfix" in plain
+
+
+def test_a_submission_port_in_use_stops_start_up_naming_the_key(data_dir, loopback_dns):
+    import socket
+    from mxguard.errors import ConfigError
+    s = load_settings(data_dir, environ=gateway_environ(loopback_dns))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gw = ThreadedGateway(s, submission_listen=[f"127.0.0.1:{taken.getsockname()[1]}"], spool_worker=False)
+        try:
+            with pytest.raises(ConfigError, match=r"^smtp\.submission_listen: cannot listen on 127\.0\.0\.1:"):
+                gw.start()
+        finally:
+            gw.loop.close()
