@@ -106,6 +106,26 @@ def test_auth_is_offered_inside_tls_only_and_refused_in_clear(relay_gw, listener
     assert not _spool(relay_gw), "AUTH alone stores nothing"
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mechanism=st.sampled_from(["PLAIN", "LOGIN", "plain", "CRAM-MD5", "XOAUTH2", "X"]),
+       initial=st.one_of(st.just(""), st.binary(max_size=60).map(lambda b: " " + base64.b64encode(b).decode()),
+                         st.just(" " + base64.b64encode(f"\0relay@example.com\0{PASSWORD}".encode()).decode())),
+       submission=st.booleans())
+def test_any_auth_in_clear_is_refused_before_a_challenge(relay_gw, mechanism, initial, submission):
+    """In clear, AUTH never gets a 334 challenge or a 235, whatever the mechanism and initial response
+    (even the right password): 538 5.7.11 (RFC 4954 section 4), and MAIL stays unauthorized."""
+    port = relay_gw.submission_port if submission else relay_gw.port
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("app.example.com")
+        code, text = c.docmd("AUTH", mechanism + initial)
+        assert (code, text[:7]) == (538, b"5.7.11 "), (code, text)
+        code, _ = c.mail("alice@example.com")
+        if submission:
+            assert code == 530
+        else:
+            assert code == 250 and c.rcpt("bob@elsewhere.test")[0] == 550
+
+
 def test_wrong_passwords_get_535_and_the_connection_ends_after_the_limit(relay_gw):
     limit = relay_gw.settings.relay.max_auth_failures
     with smtplib.SMTP("127.0.0.1", relay_gw.submission_port, timeout=30) as c:
@@ -164,6 +184,9 @@ def test_authenticated_mail_to_the_internet_is_spooled_sealed_before_250(relay_g
     assert tls_sink.messages == [], "nothing went to the served domain's server"
     record = [r for r in _log(relay_gw) if r.final_code == 250][-1]
     assert record.direction == "outbound" and record.disposition == "spooled" and record.tls_version == "TLSv1.3"
+    from prometheus_client import generate_latest
+    metrics = generate_latest(relay_gw.gateway.metrics.registry).decode()
+    assert 'mxguard_messages_by_direction_total{direction="outbound",disposition="spooled"} 1.0' in metrics
 
 
 def test_sender_domain_must_be_the_organizations(relay_gw):
@@ -218,6 +241,8 @@ def test_strangers_are_never_relayed(relay_gw, domain, sender, tls):
         assert c.rcpt("bob@example.com")[0] == 250, "mail for a served domain is still taken"
         c.rset()
     assert not _spool(relay_gw)
+    from prometheus_client import generate_latest
+    assert 'mxguard_relay_refusals_total{reason="stranger"}' in generate_latest(relay_gw.gateway.metrics.registry).decode()
 
 
 def test_a_registered_network_may_relay_on_port_25(relay_gw, tls_sink):
@@ -391,3 +416,92 @@ def test_a_submission_port_in_use_stops_start_up_naming_the_key(data_dir, loopba
                 gw.start()
         finally:
             gw.loop.close()
+
+
+# -- managing who may relay: services, API, console, migration ------------------------------------------
+
+async def test_relay_entries_survive_the_migration_down_and_up_and_passwords_are_hashes(store):
+    from alembic import command
+    from mxguard.storage.db import _alembic_config
+    from mxguard.storage.models import RelayCredential
+
+    await org_service.add_org(store, ORG)
+    _, generated = await relay_service.add_credential(store, ORG, "gen@example.com")
+    assert len(generated) >= 16
+    await relay_service.add_credential(store, ORG, "mine@example.com", PASSWORD)
+    async with store.session() as session:
+        hashes = dict((await session.execute(select(RelayCredential.username, RelayCredential.password_hash))).all())
+    assert all(h.startswith("$argon2id$") for h in hashes.values()) and PASSWORD not in str(hashes)
+    assert relay_service.verify_password(hashes["mine@example.com"], PASSWORD)
+    assert not relay_service.verify_password(hashes["mine@example.com"], PASSWORD + "x")
+    assert not relay_service.verify_password(None, PASSWORD), "an unknown user never matches"
+
+    def cycle(connection):
+        command.downgrade(_alembic_config(connection), "0011_partner_tls")
+        command.upgrade(_alembic_config(connection), "head")
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(cycle)
+    assert await store.schema_is_current()
+    assert await relay_service.list_credentials(store, ORG) == [], "the downgrade dropped the relay tables"
+    await relay_service.add_network(store, ORG, "2001:db8::/48")
+    assert [n.network for n in await relay_service.list_networks(store, ORG)] == ["2001:db8::/48"]
+
+
+def test_relay_access_is_managed_over_the_api_and_console_per_organization(web):
+    web.add_org(ORG)
+    web.add_user("ops@example.com", "org-admin", ORG)
+    admin = web.api(web.admin_key)
+    assert admin.post("/domains", json={"name": "example.com", "servers": ["127.0.0.1:9"], "org": ORG}).status_code == 201
+    api = web.api(web.api_key("ops@example.com"))
+    made = api.post(f"/orgs/{ORG}/relay/users", json={"username": "relay@example.com"})
+    assert made.status_code == 201 and len(made.json()["password"]) >= 16, made.text
+    assert api.get(f"/orgs/{ORG}/relay/users").json() == [{"username": "relay@example.com", "password": None}]
+    assert api.post(f"/orgs/{ORG}/relay/users", json={"username": "relay@example.com"}).status_code == 409
+    assert api.post(f"/orgs/{ORG}/relay/users", json={"username": "x@example.com", "password": "short"}).status_code == 422
+    assert api.post(f"/orgs/{ORG}/relay/networks", json={"network": "0.0.0.0/0"}).status_code == 422
+    assert api.post(f"/orgs/{ORG}/relay/networks", json={"network": "192.0.2.7"}).json()["network"] == "192.0.2.7/32"
+    assert api.post(f"/orgs/{ORG}/relay/certs", json={"fingerprint": "AB:" * 31 + "AB"}).status_code == 201
+    assert api.post(f"/orgs/{ORG}/relay/certs", json={"fingerprint": "ab" * 32, "ca_pem": "x"}).status_code == 422
+    assert api.delete(f"/orgs/{ORG}/relay/networks/192.0.2.7/32").status_code == 204
+    assert api.get(f"/orgs/{ORG}/relay/networks").json() == []
+    # The gateway took the new user at once: AUTH works on the next connection.
+    with _authed(web.gw.port, "relay@example.com", made.json()["password"]) as c:
+        assert c.mail("alice@example.com")[0] == 250
+    # The console page: a new user's password is shown once, on the answer to the form.
+    console, _ = web.login("ops@example.com")
+    page = console.get(f"/orgs/{ORG}/relay")
+    assert page.status_code == 200 and "relay@example.com" in page.text and "ab" * 32 in page.text
+    from tests.support.web import csrf_token
+    reply = console.post(f"/orgs/{ORG}/relay", data={"action": "add-user", "value": "second@example.com",
+                                                      "csrf_token": csrf_token(page.text)})
+    assert reply.status_code == 200 and 'id="relay-password"' in reply.text and "second@example.com" in reply.text
+    assert 'id="relay-password"' not in console.get(f"/orgs/{ORG}/relay").text
+    bad = console.post(f"/orgs/{ORG}/relay", data={"action": "add-network", "value": "not a network",
+                                                   "csrf_token": csrf_token(page.text)})
+    assert bad.status_code == 422 and "not an IP network" in bad.text
+    audit = [e["action"] for e in admin.get("/audit").json()]
+    assert {"relay.credential.add", "relay.network.add", "relay.network.remove", "relay.certificate.add"} <= set(audit)
+
+
+def test_a_client_certificate_grants_by_fingerprint_or_issuing_ca_only(ca):
+    import trustme
+    from mxguard.tls.client_certs import peer_certificate
+    other = trustme.CA()
+    mine, stranger, by_fp = ca.issue_cert("a.example.com"), other.issue_cert("b.example.com"), other.issue_cert("c.test")
+
+    def peer(leaf):
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+        cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+        return peer_certificate(cert.public_bytes(Encoding.DER))
+
+    from cryptography import x509
+    access = RelayAccess()
+    access.set_data(RelayAccessData({1: "A", 2: "B"}, {1: frozenset({"a.example"})}, [], {},
+                                    {peer(by_fp).sha256: 2}, [(x509.load_pem_x509_certificate(ca.cert_pem.bytes()), 1)],
+                                    ()))
+    assert access.by_certificate(peer(mine)).org_id == 1
+    assert access.by_certificate(peer(by_fp)).org_id == 2, "its fingerprint, though its CA is not registered"
+    assert access.by_certificate(peer(stranger)) is None
+    assert access.by_certificate(None) is None

@@ -82,6 +82,9 @@ class RelayAccess:
         self.trust_dir = trust_dir
         self.on_client_cas = on_client_cas
         self.data = EMPTY
+        #: Certificate SHA-256 -> grant (or None), for the current data: a chain check per
+        #: certificate, not per message. Bounded: cleared when it reaches 10,000 entries.
+        self._cert_grants: dict[str, RelayGrant | None] = {}
 
     async def load(self) -> None:
         """Read every organization's entries (raises SQLAlchemyError if the database is down)."""
@@ -90,6 +93,7 @@ class RelayAccess:
     def set_data(self, data: RelayAccessData) -> None:
         """Use these entries from now on (replaced whole; sessions read them without locks)."""
         self.data = data
+        self._cert_grants = {}
         files: list[str] = []
         if data.trust_pem and self.trust_dir is not None:
             bundle = "".join(data.trust_pem).encode()
@@ -141,13 +145,21 @@ class RelayAccess:
         """The grant of a registered client certificate (fingerprint first, then issuing CA), else ``None``."""
         if cert is None:
             return None
+        if cert.sha256 in self._cert_grants:
+            return self._cert_grants[cert.sha256]
+        grant = None
         org_id = self.data.fingerprints.get(cert.sha256)
         if org_id is not None:
-            return self._grant(org_id, "certificate", cert.sha256)
-        for ca, org_id in self.data.cas:
-            if chain_problem(cert.cert, (ca,)) is None:
-                return self._grant(org_id, "certificate", cert.sha256)
-        return None
+            grant = self._grant(org_id, "certificate", cert.sha256)
+        else:
+            for ca, ca_org in self.data.cas:
+                if chain_problem(cert.cert, (ca,)) is None:
+                    grant = self._grant(ca_org, "certificate", cert.sha256)
+                    break
+        if len(self._cert_grants) >= 10_000:
+            self._cert_grants.clear()
+        self._cert_grants[cert.sha256] = grant
+        return grant
 
     async def authenticate(self, username: str, password: str) -> RelayGrant | None:
         """The grant for an SMTP AUTH identity whose password matches, else ``None``.
