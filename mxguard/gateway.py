@@ -358,7 +358,8 @@ class Gateway:
     @property
     def smtp_port(self) -> int:
         """The first port-25 style listener's port (useful with port 0)."""
-        return next(listener.port for listener in self.listeners if not listener.submission)
+        return next((listener.port for listener in self.listeners if not listener.submission),
+                    self.listeners[0].port)
 
     async def stop(self) -> None:
         """Stop listening, close sessions' downstream connections, flush the log, close the database."""

@@ -106,6 +106,8 @@ def check_password(password: str) -> None:
 
 @dataclass(frozen=True)
 class RelayNetworkView:
+    """A registered source network: ``network`` in CIDR form, with a note."""
+
     org: str
     network: str
     note: str = ""
@@ -113,6 +115,8 @@ class RelayNetworkView:
 
 @dataclass(frozen=True)
 class RelayCredentialView:
+    """An SMTP AUTH identity (never its password or hash)."""
+
     org: str
     username: str
     created_at: dt.datetime | None = None

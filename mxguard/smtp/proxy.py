@@ -38,8 +38,8 @@ from mxguard.smtp.dispositions import HeldCopy
 from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, DownstreamLost, RouteFailure, attempt_item
 from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
-from mxguard.smtp.submission import sender_not_organizations
 from mxguard.smtp.routing import PUBLISHED_POLICY_MODES, DomainDirectory, Route, route_for_message, sender_opted_out
+from mxguard.smtp.submission import sender_not_organizations
 from mxguard.smtp.tlsrpt_inbox import MIXED_WITH_REPORTS, REPORT_RCPT_OK
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
 from mxguard.tls.client_certs import PeerCertificate

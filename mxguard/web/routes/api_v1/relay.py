@@ -14,32 +14,43 @@ router = APIRouter(tags=["outbound relay"])
 
 
 class _In(BaseModel):
+    """Request bodies: unknown fields are refused (422)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class RelayNetworkIn(_In):
+    """A source network to register."""
+
     network: str = Field(max_length=64, description="IP network, e.g. 192.0.2.0/24")
     note: str = Field("", max_length=200)
 
 
 class RelayNetworkOut(BaseModel):
+    """A registered source network (CIDR)."""
+
     network: str
     note: str = ""
 
 
 class RelayUserIn(_In):
+    """An SMTP AUTH user to create; the password is at least 16 characters."""
+
     username: str = Field(max_length=255)
     password: str | None = Field(None, min_length=16, max_length=1000,
                                  description="Omit to have one generated (returned once)")
 
 
 class RelayUserOut(BaseModel):
+    """An SMTP AUTH user; ``password`` only once, when the gateway generated it."""
+
     username: str
-    #: Only in the answer to POST, and only when the gateway generated it.
     password: str | None = None
 
 
 class RelayCertIn(_In):
+    """A client certificate to register: exactly one of the three."""
+
     fingerprint: str | None = Field(None, max_length=100, description="SHA-256 of the client's leaf certificate")
     cert_pem: str | None = Field(None, max_length=20000, description="The client's certificate itself")
     ca_pem: str | None = Field(None, max_length=20000, description="An issuing CA certificate")
@@ -47,12 +58,16 @@ class RelayCertIn(_In):
 
 
 class RelayCertOut(BaseModel):
+    """A registered client certificate: ``fingerprint`` (a leaf) or ``ca``, its SHA-256."""
+
     kind: str
     fingerprint: str
     label: str = ""
 
 
 class HeldOut(BaseModel):
+    """An outbound message held by a rate limit (its spool entry)."""
+
     id: int
     txn_id: str
     mail_from: str
