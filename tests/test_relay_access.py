@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import json
 import smtplib
 import ssl
 import subprocess
@@ -211,9 +212,10 @@ def test_mixed_transaction_relays_and_delivers_in_line(relay_gw, tls_sink):
     assert [(e.kind, e.domain) for e in _spool(relay_gw)] == [("outbound", "elsewhere.test")]
 
 
-def test_viruses_and_forbidden_attachments_are_refused_outbound(relay_gw):
+def test_viruses_forbidden_attachments_and_junk_are_refused_outbound(relay_gw):
     samples = {"eicar": (mail.eicar_variants()["zip"], 554),
-               "exe": (mail.with_attachment(b"MZ\x90\x00" + b"\x00" * 60, "invoice.exe"), 550)}
+               "exe": (mail.with_attachment(b"MZ\x90\x00" + b"\x00" * 60, "invoice.exe"), 550),
+               "junk": (mail.gtube(sender="alice@example.com"), 550)}
     with _authed(relay_gw.submission_port) as c:
         for name, (data, expected) in samples.items():
             c.mail("alice@example.com")
@@ -505,3 +507,39 @@ def test_a_client_certificate_grants_by_fingerprint_or_issuing_ca_only(ca):
     assert access.by_certificate(peer(by_fp)).org_id == 2, "its fingerprint, though its CA is not registered"
     assert access.by_certificate(peer(stranger)) is None
     assert access.by_certificate(None) is None
+
+
+def test_the_relay_commands_manage_entries_and_say_what_is_wrong_in_one_line(data_dir, ca, tmp_path):
+    from tests.test_cli import mx
+    mx("org", "add", ORG, data_dir=data_dir)
+    mx("domain", "add", "example.com", "--server", "127.0.0.1:9", "--org", ORG, data_dir=data_dir)
+    out = mx("relay", "user", "add", ORG, "relay@example.com", data_dir=data_dir).stdout
+    password = out.split("Password (shown once): ")[1].split()[0]
+    assert len(password) >= 16
+    assert mx("relay", "user", "list", ORG, data_dir=data_dir).stdout.split() == ["relay@example.com"]
+    assert password not in mx("relay", "user", "list", ORG, "--json", data_dir=data_dir).stdout
+    from tests.test_cli import MXGUARD
+    typed = subprocess.run(MXGUARD + ["--data-dir", str(data_dir), "relay", "user", "add", ORG, "app",
+                                      "--password-stdin"], input=PASSWORD + "\n", capture_output=True, text=True,
+                           timeout=60)
+    assert typed.returncode == 0 and "Password" not in typed.stdout, typed.stdout + typed.stderr
+    mx("relay", "network", "add", ORG, "192.0.2.0/24", "--note", "office", data_dir=data_dir)
+    assert "192.0.2.0/24  office" in mx("relay", "network", "list", ORG, data_dir=data_dir).stdout
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    assert "(ca)" in mx("relay", "cert", "add", ORG, "--ca", str(ca_file), data_dir=data_dir).stdout
+    [cert] = json.loads(mx("relay", "cert", "list", ORG, "--json", data_dir=data_dir).stdout)
+    assert cert["kind"] == "ca" and "O=Example Corp test CA" in cert["label"]
+    for args, words in ((["relay", "network", "add", ORG, "0.0.0.0/0"], "open relay"),
+                        (["relay", "network", "add", "Nobody", "192.0.2.0/24"], "does not exist"),
+                        (["relay", "cert", "add", ORG, "--cert", str(tmp_path / "missing.pem")], "cannot read"),
+                        (["relay", "cert", "add", ORG, "--cert", str(ca_file), "--ca", str(ca_file)], "exactly one"),
+                        (["relay", "user", "add", ORG, "relay@example.com"], "taken"),
+                        (["relay", "release", "99"], "no held outbound message")):
+        proc = mx(*args, data_dir=data_dir, check=False)
+        assert proc.returncode != 0 and words in proc.stderr + proc.stdout, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr and len((proc.stderr + proc.stdout).strip().splitlines()) == 1, args
+    mx("relay", "cert", "remove", ORG, cert["fingerprint"], data_dir=data_dir)
+    mx("relay", "network", "remove", ORG, "192.0.2.0/24", data_dir=data_dir)
+    mx("relay", "user", "remove", ORG, "app", data_dir=data_dir)
+    assert mx("relay", "held", "--json", data_dir=data_dir).stdout.strip() == "[]"
