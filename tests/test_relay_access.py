@@ -543,3 +543,41 @@ def test_the_relay_commands_manage_entries_and_say_what_is_wrong_in_one_line(dat
     mx("relay", "network", "remove", ORG, "192.0.2.0/24", data_dir=data_dir)
     mx("relay", "user", "remove", ORG, "app", data_dir=data_dir)
     assert mx("relay", "held", "--json", data_dir=data_dir).stdout.strip() == "[]"
+
+
+def test_serve_with_workers_shares_the_submission_listener(tmp_path):
+    import os
+    import signal
+    from tests.support.peers import free_port
+    from tests.test_cli import MXGUARD, mx
+    d = tmp_path / "d"
+    mx("init", "--hostname", "mx.cli.test", data_dir=d)
+    mx("org", "add", ORG, data_dir=d)
+    mx("domain", "add", "example.com", "--server", "127.0.0.1:9", "--org", ORG, data_dir=d)
+    subprocess.run(MXGUARD + ["--data-dir", str(d), "relay", "user", "add", ORG, "relay@example.com",
+                              "--password-stdin"], input=PASSWORD + "\n", check=True, capture_output=True, text=True,
+                   timeout=60)
+    smtp_port, submission = free_port(), free_port()
+    proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--no-web", "--workers", "2",
+                                       "--smtp", f"127.0.0.1:{smtp_port}"],
+                            env={**os.environ, "MXGUARD_SMTP__SUBMISSION_LISTEN": f"127.0.0.1:{submission}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def answers() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", submission, timeout=5) as c:
+                    return c.ehlo()[0] == 250
+            except OSError:
+                return False
+        wait_until(answers, 30, "the submission listener")
+        for _ in range(4):  # connections land on either worker
+            with smtplib.SMTP("127.0.0.1", submission, timeout=30) as c:
+                c.ehlo("app.example.com")
+                assert c.mail("alice@example.com")[0] == 530
+            with _authed(submission) as c:
+                assert c.mail("alice@example.com")[0] == 250
+                assert c.rcpt("bob@elsewhere.test")[0] == 250
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "Traceback" not in output, output
