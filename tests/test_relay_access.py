@@ -581,3 +581,16 @@ def test_serve_with_workers_shares_the_submission_listener(tmp_path):
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0 and "Traceback" not in output, output
+
+
+async def test_old_rate_windows_are_forgotten(store):
+    import datetime as dt
+    from mxguard.storage.models import RelayRateCounter
+    day = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+    for hours in (0, 1, 30):
+        await ratelimit.count_message(store, sender="a@example.com", org_id=1, sender_limit=5, org_limit=5,
+                                      window=3600, now=day + dt.timedelta(hours=hours))
+    async with store.session() as session:
+        windows = sorted({r.window_start.replace(tzinfo=dt.timezone.utc) for r in
+                          (await session.execute(select(RelayRateCounter))).scalars()})
+    assert windows == [day + dt.timedelta(hours=30)], "windows that ended more than a day ago were removed"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import insert, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.storage.db import Store
@@ -99,6 +99,11 @@ async def count_message(store: Store, *, sender: str, org_id: int, sender_limit:
     async with store.session() as session:
         sender_count = await _bump(session, sender_scope, start)
         org_count = await _bump(session, org_scope, start)
+        if org_count == 1:
+            # The organization's first message of a window: forget windows that ended a day ago
+            # (once per organization and window, so the table stays small without a timer).
+            await session.execute(delete(RelayRateCounter).where(
+                RelayRateCounter.window_start < start - dt.timedelta(seconds=max(window, 86400))))
         await session.commit()
     return [RateCount(sender_scope, sender_count, sender_limit, start),
             RateCount(org_scope, org_count, org_limit, start)]
