@@ -52,6 +52,10 @@ class SmtpSettings(_Section):
     """Inbound listener and its RFC 5321 limits."""
 
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
+    #: Submission listeners (RFC 6409) for the outbound relay, e.g. ``["0.0.0.0:587"]``; empty: none.
+    #: There a session must authenticate (SMTP AUTH after STARTTLS, a registered network or
+    #: client certificate) before MAIL (``530 5.7.0``, RFC 4954 section 6).
+    submission_listen: list[str] = Field(default_factory=list)
     #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU.
     workers: int = Field(default=1, ge=0, le=64)
     #: Largest message accepted, in bytes (advertised as SIZE, RFC 1870).
@@ -84,7 +88,7 @@ class SmtpSettings(_Section):
     #: ``reject`` (554 5.6.0) or ``normalize`` (to CRLF, before filtering and relaying).
     bare_line_endings: Literal["reject", "normalize"] = "reject"
 
-    @field_validator("listen", mode="before")
+    @field_validator("listen", "submission_listen", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return _env_list(value)  # [::1]:25 has no comma: splitting on commas is safe
@@ -94,6 +98,13 @@ class SmtpSettings(_Section):
     def _valid_endpoints(cls, value: list[str]) -> list[str]:
         for item in value:
             parse_host_port(item, default_port=25, allow_zero=True)
+        return value
+
+    @field_validator("submission_listen")
+    @classmethod
+    def _valid_submission_endpoints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_host_port(item, default_port=587, allow_zero=True)
         return value
 
 
@@ -321,6 +332,23 @@ class SpoolSettings(_Section):
     batch: int = Field(default=100, ge=1, le=10000)
 
 
+class RelaySettings(_Section):
+    """The outbound relay: the organizations' own servers sending to the internet through the gateway."""
+
+    #: Failed SMTP AUTH attempts (``535 5.7.8``) per connection before ``421 4.7.0`` and close.
+    max_auth_failures: int = Field(default=3, ge=1, le=100)
+    #: Junk score at or above which an outbound message is refused (``550 5.7.1``); outbound mail
+    #: is the organization's own, so the bar is its own setting, not the served domains' thresholds.
+    junk_reject: float = Field(default=15.0, gt=0)
+    #: Messages per sender address per window; more are held (spool status ``held``) and the
+    #: organization's admins are alerted once per window.
+    sender_rate: int = Field(default=200, ge=1)
+    #: Messages per organization per window (all its senders together).
+    org_rate: int = Field(default=2000, ge=1)
+    #: The rate window, seconds (one hour: the limits are messages per hour).
+    rate_window: int = Field(default=3600, ge=60, le=86400)
+
+
 class DsnSettings(_Section):
     """Delivery status notifications (RFC 3464) to senders of mail that could not be delivered."""
 
@@ -541,6 +569,7 @@ class Settings(_Section):
     downstream: DownstreamSettings = Field(default_factory=DownstreamSettings)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     dsn: DsnSettings = Field(default_factory=DsnSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
     log: LogSettings = Field(default_factory=LogSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
@@ -718,6 +747,9 @@ sealing_key_file = "{s.sealing_key_file}"
 [smtp]
 # Inbound listeners, HOST:PORT ([::1]:25 for IPv6).
 listen = [{listen}]
+# Submission listeners for the outbound relay (RFC 6409), e.g. ["0.0.0.0:587"]: there MAIL needs
+# SMTP AUTH after STARTTLS, a registered client certificate or network (530 5.7.0). Empty: none.
+submission_listen = {toml_list(s.smtp.submission_listen)}
 # Gateway processes sharing the listeners, to use every core; 0 = one per CPU.
 workers = {s.smtp.workers}
 # Largest message in bytes, advertised as SIZE (RFC 1870).
@@ -790,6 +822,16 @@ batch = {s.spool.batch}
 # alignment. relay = "HOST:PORT" sends them through a relay; empty: the sender's MX, port 25.
 enabled = {str(s.dsn.enabled).lower()}
 relay = "{s.dsn.relay}"
+
+[relay]
+# The outbound relay (mxguard relay ...): failed AUTH attempts per connection before 421;
+# outbound junk score refused with 550 5.7.1; messages per sender and per organization per
+# rate_window seconds before further mail is held and the organization's admins are alerted.
+max_auth_failures = {s.relay.max_auth_failures}
+junk_reject = {s.relay.junk_reject}
+sender_rate = {s.relay.sender_rate}
+org_rate = {s.relay.org_rate}
+rate_window = {s.relay.rate_window}
 
 [log]
 # debug | info | warning | error; console | json

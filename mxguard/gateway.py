@@ -22,6 +22,8 @@ from mxguard.quarantine.jobs import QuarantineJobs
 from mxguard.quarantine.links import LinkSigner, ensure_link_key
 from mxguard.quarantine.senderlists import SenderLists
 from mxguard.quarantine.store import quarantine_many
+from mxguard.relay.accept import OutboundAcceptor
+from mxguard.relay.access import RelayAccess
 from mxguard.services import hosted_sts
 from mxguard.services import spool as spool_service
 from mxguard.services import status
@@ -56,6 +58,8 @@ class Listener:
     host: str
     port: int
     server: asyncio.base_events.Server | None = None
+    #: A submission listener (``smtp.submission_listen``, RFC 6409): relaying needs AUTH or a certificate.
+    submission: bool = False
 
 
 @dataclass
@@ -81,6 +85,10 @@ class Gateway:
     spool_worker: bool = True
     #: Listening sockets bound by a supervisor (``serve --workers``); used instead of ``smtp_listen``.
     smtp_sockets: list | None = None
+    #: Overrides ``settings.smtp.submission_listen`` (``["127.0.0.1:0"]`` picks a free port).
+    submission_listen: list[str] | None = None
+    #: Submission sockets bound by a supervisor; used instead of ``submission_listen``.
+    submission_sockets: list | None = None
     web_listen: str | None = None
     web_plain_http: bool = False
     web: object | None = None
@@ -120,8 +128,13 @@ class Gateway:
         self.directory.listeners.append(self.sender_lists.load)
         self.sni = SniContexts(self.store, self.keyring, self.tls, min_version=s.tls.min_version)
         self.directory.listeners.append(self.sni.load)
-        self.partners = PartnerRules(self.store, on_client_cas=self.tls.set_client_cas)
+        # Client certificates are requested while partner rules or relay entries need one.
+        self._client_cas: dict[str, list[str]] = {"partners": [], "relay": []}
+        self.partners = PartnerRules(self.store, on_client_cas=functools.partial(self._set_client_cas, "partners"))
         self.directory.listeners.append(self.partners.load)
+        self.relay_access = RelayAccess(self.store, trust_dir=s.data_dir / "tls",
+                                        on_client_cas=functools.partial(self._set_client_cas, "relay"))
+        self.directory.listeners.append(self.relay_access.load)
         await self.directory.load()
         self.directory.start()
         self.message_log = MessageLogWriter(self.store, s.log.flush_interval)
@@ -132,12 +145,15 @@ class Gateway:
         self.spooler = StoreSpooler(self.store, self.keyring, s)
         d = s.downstream
         self.pool = ConnectionPool(d.pool_max_idle, d.pool_idle_timeout, d.pool_max_age) if d.pool_max_idle else None
+        self.outbound = OutboundAcceptor(self.store, self.keyring, s, self.filters, self._domain_view,
+                                         on_rate_exceeded=self.notifier.relay_rate_exceeded)
         self.proxy_ctx = ProxyContext(settings=s, directory=self.directory, message_log=self.message_log,
                                       pool=self.pool,
                                       observers=self.observers, spooler=self.spooler, filters=self.filters,
                                       hold=self._hold, sender_lists=self.sender_lists,
                                       on_virus=self.notifier.virus_found, on_refusal=self.metrics.smtp_refusal,
-                                      partners=self.partners,
+                                      partners=self.partners, relay=self.relay_access, outbound=self.outbound,
+                                      on_relay_refusal=self.metrics.relay_refusal,
                                       report_inbox=ReportInbox(self.store, s.tls_reports.ingest_local_part,
                                                                self._report_dkim_checker())
                                       if s.tls_reports.ingest else None)
@@ -177,6 +193,7 @@ class Gateway:
             listener.port = sock.getsockname()[1]
             self.listeners.append(listener)
             log.info("listening", smtp=f"{host}:{listener.port}", hostname=s.hostname)
+        await self._start_submission()
         if self.web_listen:
             try:
                 await self._start_web()
@@ -195,6 +212,50 @@ class Gateway:
         if self._lock_waiter is not None:
             # Said only once start-up has succeeded: a failed start prints only its reason.
             log.info("another process runs the spool worker for this data dir; waiting to take over")
+
+    async def _start_submission(self) -> None:
+        """Listen on the submission endpoints (``smtp.submission_listen``, or the supervisor's sockets).
+
+        Raises:
+            ConfigError: an endpoint cannot be bound (the message names ``smtp.submission_listen``).
+        """
+        loop = asyncio.get_running_loop()
+        factory = functools.partial(self._protocol_factory, submission=True)
+        if self.submission_sockets is not None:
+            for sock in self.submission_sockets:
+                host, port = sock.getsockname()[:2]
+                listener = Listener(host, port, submission=True)
+                listener.server = await loop.create_server(factory, sock=sock)
+                self.listeners.append(listener)
+            return
+        endpoints = self.settings.smtp.submission_listen if self.submission_listen is None else self.submission_listen
+        for endpoint in endpoints:
+            host, port = parse_host_port(endpoint, default_port=587, allow_zero=True)
+            listener = Listener(host, port, submission=True)
+            try:
+                listener.server = await loop.create_server(factory, host=host, port=port, reuse_address=True)
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(f"smtp.submission_listen: cannot listen on {endpoint}: "
+                                  f"{exc.strerror or exc}") from None
+            listener.port = listener.server.sockets[0].getsockname()[1]
+            self.listeners.append(listener)
+            log.info("listening", submission=f"{host}:{listener.port}", hostname=self.settings.hostname)
+
+    def _set_client_cas(self, source: str, files: list[str]) -> None:
+        """Partner rules and relay entries each name CA files; the TLS context trusts them all."""
+        self._client_cas[source] = list(files)
+        self.tls.set_client_cas(sorted({f for group in self._client_cas.values() for f in group}))
+
+    def _domain_view(self, name: str):
+        """The served domain's settings (the outbound filters use the sender domain's), or ``None``."""
+        found = self.directory.lookup(f"postmaster@{name}")
+        return found[0] if found else None
+
+    @property
+    def submission_port(self) -> int | None:
+        """The first submission listener's port, if there is one."""
+        return next((listener.port for listener in self.listeners if listener.submission), None)
 
     async def _start_web(self) -> None:
         from mxguard.web.app import create_app
@@ -276,10 +337,11 @@ class Gateway:
             return False
         return True
 
-    def _protocol_factory(self) -> InboundSMTP:
+    def _protocol_factory(self, submission: bool = False) -> InboundSMTP:
         s = self.settings
         protocol = InboundSMTP(
             self.handler, self.proxy_ctx, s.smtp, self.connections,
+            submission_port=submission, max_auth_failures=s.relay.max_auth_failures,
             hostname=s.hostname,
             ident=s.smtp.banner,
             tls_context=self.smtp_tls_context,
@@ -295,8 +357,9 @@ class Gateway:
 
     @property
     def smtp_port(self) -> int:
-        """The first listener's port (useful with port 0)."""
-        return self.listeners[0].port
+        """The first port-25 style listener's port (useful with port 0)."""
+        return next((listener.port for listener in self.listeners if not listener.submission),
+                    self.listeners[0].port)
 
     async def stop(self) -> None:
         """Stop listening, close sessions' downstream connections, flush the log, close the database."""

@@ -28,6 +28,12 @@ class GatewayMetrics:
         r = self.registry
         self.messages = Counter("mxguard_messages", "SMTP transactions by disposition",
                                 ["disposition"], registry=r)
+        self.by_direction = Counter("mxguard_messages_by_direction",
+                                    "SMTP transactions by direction (inbound: from the internet; outbound: "
+                                    "relayed for an organization) and disposition",
+                                    ["direction", "disposition"], registry=r)
+        self.relay_refusals = Counter("mxguard_relay_refusals", "Relay attempts refused, by reason "
+                                      "(stranger, auth_failed, sender_domain, auth_required)", ["reason"], registry=r)
         self.inbound = Counter("mxguard_inbound_transactions", "Transactions by inbound TLS (STARTTLS used)",
                                ["tls"], registry=r)
         self.downstream = Counter("mxguard_downstream_connections",
@@ -48,9 +54,14 @@ class GatewayMetrics:
         self.spool_depth = Gauge("mxguard_spool_depth", "Messages held in the spool, by domain", ["domain"],
                                  registry=r)
 
+    def relay_refusal(self, reason: str) -> None:
+        """Count one refused relay attempt (``stranger``, ``auth_failed``, ``sender_domain``, ``auth_required``)."""
+        self.relay_refusals.labels(reason).inc()
+
     def observe(self, record: LogRecord) -> None:
         """Count one finished transaction (never raises into the SMTP session)."""
         self.messages.labels(record.disposition).inc()
+        self.by_direction.labels(record.direction, record.disposition).inc()
         self.inbound.labels("yes" if record.inbound_tls else "no").inc()
         if record.downstream_tls is not None:
             self.downstream.labels("yes" if record.downstream_tls else "no",

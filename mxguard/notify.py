@@ -152,6 +152,53 @@ class Notifier:
         self.sent += results
         return results
 
+    # -- outbound rate limits ----------------------------------------------------------------
+
+    def relay_rate_exceeded(self, *, org_id: int, org: str, scope: str, limit: int, window: int,
+                            txn_id: str, sender: str) -> None:
+        """The relay's hook (not awaited): tell the organization's admins that its outbound mail is
+        over a rate limit and is being held. Called once per counter and window (see
+        :mod:`mxguard.relay.ratelimit`)."""
+        task = asyncio.get_running_loop().create_task(self.notify_relay_rate(
+            org_id=org_id, org=org, scope=scope, limit=limit, window=window, txn_id=txn_id, sender=sender))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def notify_relay_rate(self, *, org_id: int, org: str, scope: str, limit: int, window: int,
+                                txn_id: str, sender: str) -> list[SendResult]:
+        """Mail the alert to the organization's alert address, its org-admins and ``notify.admin_address``."""
+        from mxguard.storage.models import Organization, User
+
+        results: list[SendResult] = []
+        try:
+            async with self.store.session() as session:
+                alert = await session.scalar(select(Organization.alert_address).where(Organization.id == org_id))
+                admins = (await session.execute(select(User.email).where(
+                    User.org_id == org_id, User.role == "org-admin").order_by(User.email))).scalars().all()
+            recipients = list(dict.fromkeys(
+                [a for a in [alert, *admins, self.settings.notify.admin_address] if a]))
+            what = (f"the sender {sender or '<>'}" if scope.startswith("sender:")
+                    else f"the organization {org} (all its senders together)")
+            minutes = window // 60
+            text = (f"Outbound mail of {org} through {self.settings.hostname} is over its rate limit: {what} "
+                    f"sent more than {limit} messages in {minutes} minutes.\n\nFurther messages in this window "
+                    f"are accepted and held, not sent (the first one: {txn_id}). A burst like this usually "
+                    "means a compromised account or workstation: check the sender before releasing them.\n\n"
+                    "  mxguard relay held            lists them\n"
+                    "  mxguard relay release ID      sends one\n"
+                    "  mxguard spool delete ID       drops one\n")
+            for address in recipients:
+                message = own_message(self.settings.hostname, address,
+                                      f"[mxguard] Outbound rate limit exceeded for {org}", text, kind="relay-rate")
+                results.append(await send_own_message(self.store, self.settings, address, message, kind="alert"))
+            if not recipients:
+                log.warning("relay rate alert with nobody to tell (set the organization's alert address or "
+                            "notify.admin_address)", org=org, scope=scope)
+        except Exception as exc:  # noqa: BLE001 - an alert failure must never touch mail flow
+            log.error("relay rate alert failed", org=org, error=repr(exc)[:300])
+        self.sent += results
+        return results
+
     async def drain(self) -> None:
         """Wait for notifications in flight (shutdown, tests)."""
         if self._tasks:

@@ -37,33 +37,35 @@ MAX_RESTARTS_PER_MINUTE = 5
 STOP_TIMEOUT = 60
 
 
-def bind_listeners(endpoints: list[str], backlog: int = 1024) -> list[socket.socket]:
+def bind_listeners(endpoints: list[str], backlog: int = 1024, *, key: str = "smtp.listen",
+                   default_port: int = 25) -> list[socket.socket]:
     """Bind and listen on every ``HOST:PORT`` (port 0 picks a free one, shared by all workers).
 
     Raises:
-        ConfigError: an endpoint cannot be bound; the message names ``smtp.listen``.
+        ConfigError: an endpoint cannot be bound; the message names ``key`` (``smtp.listen``).
     """
     socks = []
     for endpoint in endpoints:
-        host, port = parse_host_port(endpoint, default_port=25, allow_zero=True)
+        host, port = parse_host_port(endpoint, default_port=default_port, allow_zero=True)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             sock = socket.create_server((host, port), family=family, backlog=backlog)
         except OSError as exc:
             for s in socks:
                 s.close()
-            raise ConfigError(f"smtp.listen: cannot listen on {endpoint}: {exc.strerror or exc}") from None
+            raise ConfigError(f"{key}: cannot listen on {endpoint}: {exc.strerror or exc}") from None
         sock.setblocking(False)
         socks.append(sock)
     return socks
 
 
 def _run_worker(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
-                web_plain_http: bool) -> int:
+                web_plain_http: bool, submission_socks: list[socket.socket] | None = None) -> int:
     from mxguard.gateway import Gateway
 
     structlog.contextvars.bind_contextvars(worker=index)
-    gateway = Gateway(settings, smtp_sockets=socks, web_listen=web_listen if index == 0 else None,
+    gateway = Gateway(settings, smtp_sockets=socks, submission_sockets=submission_socks or [],
+                      web_listen=web_listen if index == 0 else None,
                       web_plain_http=web_plain_http, spool_worker=index == 0,
                       acme_http=index == 0)
     try:
@@ -78,7 +80,7 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
-           web_plain_http: bool) -> int:
+           web_plain_http: bool, submission_socks: list[socket.socket] | None = None) -> int:
     """Fork one worker; the caller holds SIGTERM/SIGINT blocked (see ``run_workers``).
 
     Between ``fork`` and the worker's own handlers a stop signal would otherwise reach
@@ -93,7 +95,7 @@ def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_liste
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         code = 1
         try:
-            code = _run_worker(index, settings, socks, web_listen, web_plain_http)
+            code = _run_worker(index, settings, socks, web_listen, web_plain_http, submission_socks)
         finally:
             os._exit(code)
     return pid
@@ -107,9 +109,18 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
         ConfigError: a listener cannot be bound.
     """
     socks = bind_listeners(smtp_listen or settings.smtp.listen)
+    try:
+        submission_socks = bind_listeners(settings.smtp.submission_listen, key="smtp.submission_listen",
+                                          default_port=587)
+    except ConfigError:
+        for sock in socks:
+            sock.close()
+        raise
     for sock in socks:
         log.info("listening", smtp="{}:{}".format(*sock.getsockname()[:2]), workers=workers,
                  hostname=settings.hostname)
+    for sock in submission_socks:
+        log.info("listening", submission="{}:{}".format(*sock.getsockname()[:2]), workers=workers)
     children: dict[int, int] = {}
     stopping = False
     restarts: list[float] = []
@@ -117,7 +128,7 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
     def spawn(index: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            children[_spawn(index, settings, socks, web_listen, web_plain_http)] = index
+            children[_spawn(index, settings, socks, web_listen, web_plain_http, submission_socks)] = index
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -176,6 +187,6 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
         log.error("worker died; restarting it", worker=index, exit=code)
         spawn(index)
     signal.alarm(0)
-    for sock in socks:
+    for sock in socks + submission_socks:
         sock.close()
     return status or (1 if killed else 0)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite runs against (Debian packages), when run as root.
-# Postfix, swaks, clamd, Rspamd, SpamAssassin (spamd), PostgreSQL, testssl.sh, Chromium, NSD + unbound
+# Postfix (and the Cyrus SASL plug-ins, to relay through the gateway with AUTH), swaks, clamd, Rspamd,
+# SpamAssassin (spamd), PostgreSQL, testssl.sh, Chromium, NSD + unbound
 # + ldns (DNSSEC on loopback), systemd-analyze, pebble (the ACME test CA); gcc and the
 # OpenSSL headers for the benchmark's compiled load client and sink (tests/test_bench_smoke.py).
 # Nothing is started here: each test starts its own private instance on loopback.
 set -euo pipefail
 
-PACKAGES=(postfix swaks clamav clamav-daemon rspamd spamassassin spamc spamd postgresql testssl.sh
+PACKAGES=(postfix libsasl2-modules swaks clamav clamav-daemon rspamd spamassassin spamc spamd postgresql testssl.sh
           chromium chromium-driver fonts-dejavu-core openssl gcc libc6-dev libssl-dev
           clamav-testfiles systemd nsd unbound ldnsutils bind9-dnsutils pebble)
 # The test corpus (scripts/build_corpus.py) reads CPython's test_email data: an interpreter

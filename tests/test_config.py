@@ -25,6 +25,10 @@ def test_defaults_and_env_override(data_dir):
     ("[tls]\nmin_version = '1.1'\n", "tls.min_version"),
     ("[smtp]\nmax_recipent = 5\n", "smtp.max_recipent"),
     ("hostname = 'has space'\n", "hostname"),
+    ("[smtp]\nsubmission_listen = ['0.0.0.0:70000']\n", "smtp.submission_listen"),
+    ("[relay]\nsender_rate = 0\n", "relay.sender_rate"),
+    ("[relay]\nrate_window = 5\n", "relay.rate_window"),
+    ("[relay]\nmax_auth_failure = 3\n", "relay.max_auth_failure"),
 ])
 def test_invalid_value_names_the_key(tmp_path, text, key):
     (tmp_path / "mxguard.toml").write_text(text)

@@ -67,6 +67,8 @@ def tenants(web, tls_sink):
                                ("spare.acme.test", "Acme", tls_sink.address), ("down.acme.test", "Acme", down),
                                ("down.globex.test", "Globex", down)):
         assert admin.post("/domains", json={"name": name, "servers": [servers], "org": org}).status_code == 201
+    relay = {domain: _relay_entries(web, org, domain, net) for org, domain, net in
+             (("Acme", "acme.test", "192.0.2.0/24"), ("Globex", "globex.test", "198.51.100.0/24"))}
     send(web.gw.port, ["bob@acme.test"], message(subject="Acme memo", to="bob@acme.test"))
     send(web.gw.port, ["carol@globex.test"], message(subject="Globex secret", to="carol@globex.test"))
     held = {}
@@ -106,7 +108,32 @@ def tenants(web, tls_sink):
     links = web.gw.gateway.links
     return {"acme": acme, "ids": ids, "console": console, "api": web.api(acme.key), "admin": admin,
             "servers": tls_sink.address, "held": held, "spooled": spooled, "lists": lists, "links": links,
-            "reports": reports, "sni": sni}
+            "reports": reports, "sni": sni, "relay": relay}
+
+
+def _relay_entries(web, org: str, domain: str, network: str) -> dict:
+    """Who may relay for ``org`` (a network, an AUTH user, a certificate fingerprint) and one outbound
+    message of its sender held by a rate limit; returns their names and the held entry's id."""
+    import hashlib
+    from mxguard.services import relay as relay_service
+    from mxguard.spool import queue
+    store = web.gw.store
+    web.run(relay_service.add_network(store, org, network))
+    web.run(relay_service.add_credential(store, org, f"relay@{domain}", "a long relay password"))
+    fingerprint = hashlib.sha256(domain.encode()).hexdigest()
+    web.run(relay_service.add_certificate(store, org, fingerprint=fingerprint))
+
+    async def held() -> int:
+        async with store.session() as session:
+            [row] = queue.add_entries(session, [queue.NewSpoolEntry(
+                txn_id=f"HELD{org.upper()}", domain="elsewhere.test", mail_from=f"alice@{domain}",
+                recipients=["zed@elsewhere.test"], message=b"Subject: held\r\n\r\nx\r\n", kind="outbound")],
+                web.gw.gateway.keyring.get(), web.gw.settings.spool)
+            row.status = "held"
+            await session.commit()
+            return row.id
+    return {"net": network, "net2": network.replace(".0/24", ".128/25"), "user": f"relay@{domain}",
+            "fp": fingerprint, "fp2": hashlib.sha256(b"2" + domain.encode()).hexdigest(), "held": web.run(held())}
 
 
 # -- authorization across organizations -----------------------------------------------------------------
@@ -166,6 +193,26 @@ SCOPED = {
     # Organization settings.
     ("POST", "/orgs/{name}"): lambda c, a, t: _console_post(c, f"/orgs/{t['org']}", {"message_links": "on",
                                                                                  "route_down_minutes": "30"}),
+    # Who may relay for an organization, and its outbound mail held by a rate limit (removals last).
+    ("GET", "/orgs/{name}/relay"): lambda c, a, t: c.get(f"/orgs/{t['org']}/relay"),
+    ("POST", "/orgs/{name}/relay"): lambda c, a, t: _console_post(c, f"/orgs/{t['org']}/relay",
+                                                                  {"action": "add-network", "value": t["relay"]["net2"]}),
+    ("GET", "/api/v1/orgs/{org}/relay/networks"): lambda c, a, t: a.get(f"/orgs/{t['org']}/relay/networks"),
+    ("POST", "/api/v1/orgs/{org}/relay/networks"):
+        lambda c, a, t: a.post(f"/orgs/{t['org']}/relay/networks", json={"network": t["relay"]["net2"]}),
+    ("GET", "/api/v1/orgs/{org}/relay/users"): lambda c, a, t: a.get(f"/orgs/{t['org']}/relay/users"),
+    ("POST", "/api/v1/orgs/{org}/relay/users"):
+        lambda c, a, t: a.post(f"/orgs/{t['org']}/relay/users", json={"username": "second@" + t["domain"]}),
+    ("GET", "/api/v1/orgs/{org}/relay/certs"): lambda c, a, t: a.get(f"/orgs/{t['org']}/relay/certs"),
+    ("POST", "/api/v1/orgs/{org}/relay/certs"):
+        lambda c, a, t: a.post(f"/orgs/{t['org']}/relay/certs", json={"fingerprint": t["relay"]["fp2"]}),
+    ("POST", "/api/v1/relay/held/{entry_id}/release"): lambda c, a, t: a.post(f"/relay/held/{t['relay']['held']}/release"),
+    ("DELETE", "/api/v1/orgs/{org}/relay/networks/{network:path}"):
+        lambda c, a, t: a.delete(f"/orgs/{t['org']}/relay/networks/{t['relay']['net']}"),
+    ("DELETE", "/api/v1/orgs/{org}/relay/users/{username}"):
+        lambda c, a, t: a.delete(f"/orgs/{t['org']}/relay/users/{t['relay']['user']}"),
+    ("DELETE", "/api/v1/orgs/{org}/relay/certs/{fingerprint}"):
+        lambda c, a, t: a.delete(f"/orgs/{t['org']}/relay/certs/{t['relay']['fp']}"),
     # The spool (the deleting calls come last: they remove the own entry).
     ("GET", "/spool/{entry_id}"): lambda c, a, t: c.get(f"/spool/{t['spooled']}"),
     ("GET", "/spool/{entry_id}/delete"): lambda c, a, t: c.get(f"/spool/{t['spooled']}/delete"),
@@ -203,7 +250,8 @@ def test_another_organizations_objects_are_not_found_on_every_route(web, tenants
         return {"domain": domain, "entry": ids[tenant], "servers": tenants["servers"],
                 "held": tenants["held"][tenant], "spooled": tenants["spooled"][tenant][0],
                 "spooled_last": tenants["spooled"][tenant][-1], "list": tenants["lists"][tenant], "org": org,
-                "report": tenants["reports"][domain], "sni": tenants["sni"][domain]}
+                "report": tenants["reports"][domain], "sni": tenants["sni"][domain],
+                "relay": tenants["relay"][tenant]}
 
     theirs = objects_of("globex.test", "globex.test", "Globex")
     for (method, path), call in SCOPED.items():
@@ -272,7 +320,9 @@ def test_a_plain_user_gets_403_from_every_api_endpoint(web, tenants):
         if not path.startswith("/api/v1/") or path in ("/api/v1/me",):
             continue
         url = (path.removeprefix("/api/v1").replace("{name}", "acme.test").replace("{entry_id}", "1")
-               .replace("{report_pk}", "1").replace("{sender}", "partner.example"))
+               .replace("{report_pk}", "1").replace("{sender}", "partner.example").replace("{org}", "Acme")
+               .replace("{network:path}", "192.0.2.0/24").replace("{username}", "relay@acme.test")
+               .replace("{fingerprint}", "ab" * 32))
         reply = clerk.request(method, url, json={} if method in ("POST", "PUT", "PATCH") else None)
         assert reply.status_code in (403, 422), (method, path, reply.status_code)
         if reply.status_code == 422:  # a body was needed; with a valid one it is still refused
@@ -440,9 +490,9 @@ SQL_PAYLOADS = ["'", "' OR '1'='1", "' OR 1=1 --", "\"; DROP TABLE message_log; 
 #: Every search parameter of the console and the API, by route.
 SEARCH_FIELDS = {
     ("/log", "console"): ["sender", "recipient", "subject", "client_ip", "disposition", "tls", "since", "until",
-                          "page"],
+                          "page", "direction"],
     ("/api/v1/messages", "api"): ["sender", "recipient", "subject", "client_ip", "disposition", "tls", "since",
-                                  "until", "limit", "offset"],
+                                  "until", "limit", "offset", "direction"],
     ("/api/v1/audit", "api"): ["action", "target", "limit", "offset"],
     ("/audit", "console"): ["page"],
     ("/spool", "console"): ["domain", "status", "retried", "delivered", "deleted"],

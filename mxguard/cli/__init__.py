@@ -17,6 +17,7 @@ from mxguard.cli.demo import register as register_demo
 from mxguard.cli.doctor import register as register_doctor
 from mxguard.cli.domain import domain_app
 from mxguard.cli.filters import register as register_filters
+from mxguard.cli.relay import relay_app
 from mxguard.cli.sink import register as register_sink
 from mxguard.cli.spool import keys_app, spool_app
 from mxguard.cli.tenancy import apikey_app, org_app, user_app
@@ -49,6 +50,7 @@ app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(tls_app, name="tls")
+app.add_typer(relay_app, name="relay")
 app.add_typer(tls_report_app, name="tls-report")
 app.add_typer(tls_report_app, name="tlsrpt", help="The same as tls-report.")
 register_demo(app)

@@ -141,12 +141,14 @@ class FilterPipeline:
             verdict.timings_ms[engine.name] = round((time.perf_counter() - started) * 1000, 2)
         return None
 
-    async def scan(self, raw: bytes, envelope: Envelope | None = None) -> Verdict:
+    async def scan(self, raw: bytes, envelope: Envelope | None = None, *, check_sender: bool = True) -> Verdict:
         """Filter one message.
 
         Args:
             raw: the message as received.
             envelope: SMTP context (client IP, HELO, sender, recipients).
+            check_sender: run the sender checks (SPF, DKIM, DMARC); ``False`` for mail the
+                organization's own servers relay out, whose sender the relay has authorized.
 
         Returns:
             the verdict; ``verdict.errors`` lists engines that gave no answer.
@@ -180,7 +182,7 @@ class FilterPipeline:
         verdict.subject = " ".join(message.header("Subject").split())[:500]
         verdict.message_id = message.header("Message-ID").strip()[:500]
         auth_task = None
-        if self.sender_auth is not None:
+        if self.sender_auth is not None and check_sender:
             auth_task = asyncio.ensure_future(self._auth(message, verdict))
         ctx = ScanContext(auth_task)
         # Daemons (clamd, Rspamd, spamd) work concurrently under their timeouts while the

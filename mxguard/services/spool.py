@@ -31,8 +31,9 @@ from mxguard.storage.models import SPOOL_SESSIONS_KEY, Domain, SpoolAttempt, Spo
 
 log = structlog.get_logger("mxguard.spool")
 
-#: Every entry status: ``queued`` (held), then ``delivered``, ``failed`` (refused with 5xx) or ``expired``.
-STATUSES = ("queued", "delivered", "failed", "expired")
+#: Every entry status: ``queued`` (held), then ``delivered``, ``failed`` (refused with 5xx) or ``expired``;
+#: ``held``: outbound mail over a relay rate limit, waiting for ``mxguard relay release`` (not retried).
+STATUSES = ("queued", "delivered", "failed", "expired", "held")
 
 #: Seconds the console and the API wait for "retry now" before answering; the
 #: delivery goes on after that (a downstream may take minutes, RFC 5321 4.5.3.2).

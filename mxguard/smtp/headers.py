@@ -66,7 +66,8 @@ def safe_helo(name: str) -> str:
 
 def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls_version: str | None,
                    cipher: str | None, bits: int | None, smtputf8: bool, recipient: str | None,
-                   timestamp: float | None = None, client_cert: tuple[str, str] | None = None) -> str:
+                   timestamp: float | None = None, client_cert: tuple[str, str] | None = None,
+                   authenticated: bool = False) -> str:
     """The ``Received`` field mxguard adds (RFC 5321 section 4.4).
 
     The protocol word follows RFC 3848 / RFC 6531: ``ESMTP``, ``ESMTPS`` when
@@ -77,8 +78,10 @@ def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls
         recipient: added as ``for <...>`` only when the copy has one recipient.
         client_cert: ``(subject, sha256 hex)`` of the client certificate shown at STARTTLS; added
             to the TLS comment (the subject with comment-breaking characters replaced).
+        authenticated: the client used SMTP AUTH: ``ESMTPA``/``ESMTPSA`` (RFC 3848), ``UTF8SMTPA``/
+            ``UTF8SMTPSA`` (RFC 6531).
     """
-    with_ = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls_version else "")
+    with_ = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls_version else "") + ("A" if authenticated else "")
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     parts = [f"Received: from {safe_helo(helo)} ([{ip}])", f"\tby {hostname} (mxguard)"]
     if tls_version:

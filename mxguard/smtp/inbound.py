@@ -17,13 +17,13 @@ import re
 import ssl
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from aiosmtpd.smtp import syntax as command_syntax
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
 from mxguard.config import SmtpSettings
-from mxguard.smtp import limits, syntax
+from mxguard.smtp import limits, submission, syntax
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
 from mxguard.tls.buffers import shrink_tls_read_buffer
@@ -54,13 +54,15 @@ _REQUIRETLS_PARAM = re.compile(r"(?i)(?<=\s)REQUIRETLS(?=\s|$)")
 REQUIRETLS_WITHOUT_TLS = Reply(555, "5.5.4", "REQUIRETLS is offered only after STARTTLS (RFC 8689 4.1)")
 
 
-def _ehlo_lines(lines: list[str], tls: bool = False) -> list[str]:
-    """aiosmtpd's EHLO reply as this MX offers it: no AUTH (not a submission server), no HELP,
-    and PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034) added; REQUIRETLS (RFC 8689)
+def _ehlo_lines(lines: list[str], tls: bool = False, auth: bool = False) -> list[str]:
+    """aiosmtpd's EHLO reply as this gateway offers it: no HELP; AUTH (RFC 4954) only inside TLS
+    and only when ``auth`` (relay credentials exist, or this is the submission listener); and
+    PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034) added; REQUIRETLS (RFC 8689)
     inside TLS only."""
     if len(lines) < 2 or not lines[0].startswith("250"):
         return lines  # a syntax error, not the extension list
-    keep = [line[4:] for line in lines if not line[4:].upper().startswith(("AUTH", "HELP"))]
+    hidden = ("HELP",) if tls and auth else ("AUTH", "HELP")
+    keep = [line[4:] for line in lines if not line[4:].upper().startswith(hidden)]
     keep += ["PIPELINING", "ENHANCEDSTATUSCODES"] + (["REQUIRETLS"] if tls else [])
     return [f"250-{item}" for item in keep[:-1]] + [f"250 {keep[-1]}"]
 
@@ -127,7 +129,8 @@ class InboundSMTP(SMTP):
     """
 
     def __init__(self, handler: "InboundHandler", proxy_ctx: ProxyContext, limits_: SmtpSettings,
-                 counter: limits.ConnectionCounter, *, tls_context=None, **kwargs):
+                 counter: limits.ConnectionCounter, *, tls_context=None, submission_port: bool = False,
+                 max_auth_failures: int = 3, **kwargs):
         # The context is set after aiosmtpd's set-up, which would otherwise re-check its
         # verify mode on every connection (slow enum conversions); ours asks for a client
         # certificate only while partner rules need one (see mxguard.tls.contexts).
@@ -162,6 +165,13 @@ class InboundSMTP(SMTP):
         self._path_problem: str | None = None
         #: The client certificate of this TLS session, parsed once: ``(ssl object, certificate)``.
         self._peer_cert: tuple[object, PeerCertificate | None] | None = None
+        #: This connection came to a submission listener (RFC 6409): relaying needs AUTH or a certificate.
+        self.submission_port = submission_port
+        #: The grant SMTP AUTH gave this TLS session (:class:`~mxguard.relay.access.RelayGrant`).
+        self.auth_grant = None
+        self.auth_failures = 0
+        self.max_auth_failures = max_auth_failures
+        self._credentials: tuple[str, object] | None = None
 
     _dir_names: list[str] | None = None
 
@@ -333,7 +343,8 @@ class InboundSMTP(SMTP):
             self._plain_replies = False
             lines, self._batch = self._batch, None
             if lines:
-                await SMTP.push(self, "\r\n".join(_ehlo_lines(lines, tls=self._tls_protocol is not None)))
+                await SMTP.push(self, "\r\n".join(_ehlo_lines(lines, tls=self._tls_protocol is not None,
+                                                                auth=self.offers_auth)))
                 if lines[-1].startswith("2"):
                     self.errors_in_a_row = 0
 
@@ -356,9 +367,92 @@ class InboundSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
         shrink_tls_read_buffer(self._tls_protocol)
 
+    @property
+    def offers_auth(self) -> bool:
+        """AUTH is available: on the submission listener, or on any listener once some organization
+        has a relay credential (it is still offered inside TLS only)."""
+        relay = self.proxy.ctx.relay
+        return relay is not None and self.proxy.ctx.outbound is not None and (
+            self.submission_port or relay.has_credentials)
+
     async def smtp_AUTH(self, arg: str) -> None:
-        # An MX takes mail for its domains; it is not a submission server.
-        await self.push("502 5.5.1 AUTH not available on this server")
+        if not self.offers_auth:
+            # An MX takes mail for its domains; without relay credentials it is not a submission server.
+            await self.push("502 5.5.1 AUTH not available on this server")
+            return
+        if self.session is not None and self.session.extended_smtp and self._tls_protocol is None:
+            # RFC 4954 section 4 and 6: PLAIN and LOGIN only inside TLS.
+            log.info("AUTH refused before STARTTLS", client=_peer_ip(self.session))
+            self._count_relay_refusal("auth_required")
+            await self.push(str(submission.ENCRYPTION_REQUIRED))
+            return
+        if self.proxy.tx is not None:
+            # RFC 4954 section 4: AUTH is not permitted during a mail transaction.
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
+
+    def _authenticate(self, mechanism: str, auth_data) -> AuthResult:
+        # aiosmtpd decoded the SASL exchange (RFC 4616 PLAIN, LOGIN); the check itself is
+        # asynchronous (argon2 in a worker thread), so the credentials are only kept here
+        # and judged in _judge_credentials.
+        self._credentials = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)
+
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        self._credentials = None
+        return await self._judge_credentials(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
+        self._credentials = None
+        return await self._judge_credentials(await super().auth_LOGIN(_, args))
+
+    async def _judge_credentials(self, result: AuthResult) -> AuthResult:
+        credentials, self._credentials = self._credentials, None
+        if credentials is None:
+            # aiosmtpd already answered (bad base64, "*" cancel): one reply per command.
+            return AuthResult(success=False, handled=True)
+        mechanism, data = credentials
+        try:
+            username = bytes(data.login).decode("utf-8")
+            password = bytes(data.password).decode("utf-8")
+        except (UnicodeDecodeError, AttributeError, TypeError):
+            username, password = None, None
+        self.working = True
+        try:
+            grant = await self.proxy.ctx.relay.authenticate(username, password) if username is not None else None
+        finally:
+            self.working = False
+        client = _peer_ip(self.session)
+        if grant is not None:
+            self.auth_grant = grant
+            log.info("relay AUTH succeeded", client=client, mechanism=mechanism, user=username, org=grant.org)
+            return AuthResult(success=True, auth_data=username, message=str(submission.AUTH_OK))
+        self.auth_failures += 1
+        log.warning("relay AUTH failed", client=client, mechanism=mechanism, user=(username or "?")[:100],
+                    failures=self.auth_failures, reply=submission.AUTH_FAILED.one_line())
+        self._count_relay_refusal("auth_failed")
+        if self.auth_failures >= self.max_auth_failures:
+            await self.push(str(submission.AUTH_FAILED))
+            await self.close_with(submission.TOO_MANY_AUTH_FAILURES, "max_auth_failures")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(submission.AUTH_FAILED))
+
+    def _count_relay_refusal(self, reason: str) -> None:
+        count = self.proxy.ctx.on_relay_refusal
+        if count is not None:
+            count(reason)
+
+    def relay_grant(self, info: ClientInfo):
+        """Who this session may relay for, right now: client certificate, then AUTH, then source network.
+
+        ``None`` when nobody is registered for it (or the gateway does not relay).
+        """
+        relay = self.proxy.ctx.relay
+        if relay is None or self.proxy.ctx.outbound is None:
+            return None
+        grant = relay.by_certificate(info.cert) if info.cert is not None else None
+        return grant or self.auth_grant or relay.by_network(info.ip)
 
     async def smtp_VRFY(self, arg: str) -> None:
         if self.count_junk():
@@ -433,7 +527,8 @@ class InboundSMTP(SMTP):
             self._session_timer = self.loop.call_later(self.limits.max_session_time, self._session_expired)
         super().connection_made(transport)
         if upgraded:
-            # RFC 3207 4.2: STARTTLS resets the SMTP state; end any transaction.
+            # RFC 3207 4.2: STARTTLS resets the SMTP state (an AUTH identity too); end any transaction.
+            self.auth_grant = None
             self.loop.create_task(self.proxy.abort("STARTTLS"))
 
     def _session_expired(self) -> None:
@@ -526,12 +621,17 @@ class InboundHandler:
             return str(syntax.bad_sender(problem))
         if not smtputf8 and not sender.isascii():
             return "553 5.6.7 Non-ASCII address requires SMTPUTF8 (RFC 6531)"
+        client = server.client_info()
+        client.relay = server.relay_grant(client)
+        refusal = submission.refusal_at_mail(server, client, sender)
+        if refusal is not None:
+            return str(server.proxy.refuse_sender(client, sender, refusal))
         partners = server.proxy.ctx.partners
         if partners is not None and server._tls_protocol is None:
             refusal = partners.starttls_first(sender)
             if refusal is not None:
-                return str(server.proxy.refuse_sender(server.client_info(), sender, refusal))
-        server.proxy.begin(server.client_info(), sender, mail_options, requiretls=server.requiretls)
+                return str(server.proxy.refuse_sender(client, sender, refusal))
+        server.proxy.begin(client, sender, mail_options, requiretls=server.requiretls)
         server.junk_commands = 0
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

@@ -39,6 +39,7 @@ from mxguard.smtp.delivery import ConnectionInfo, DownstreamConnection, Downstre
 from mxguard.smtp.legs import LegOutcome, RouteLeg
 from mxguard.smtp.replies import RELAY_DENIED, TLS_REQUIRED_INBOUND, Reply
 from mxguard.smtp.routing import PUBLISHED_POLICY_MODES, DomainDirectory, Route, route_for_message, sender_opted_out
+from mxguard.smtp.submission import sender_not_organizations
 from mxguard.smtp.tlsrpt_inbox import MIXED_WITH_REPORTS, REPORT_RCPT_OK
 from mxguard.storage.messagelog import LogRecord, MessageLogWriter, RecipientResult, overall_disposition
 from mxguard.tls.client_certs import PeerCertificate
@@ -76,8 +77,10 @@ class ClientInfo:
     tls_version: str | None = None
     cipher: str | None = None
     bits: int | None = None
-    #: The client certificate shown at STARTTLS (requested only while partner rules need one).
+    #: The client certificate shown at STARTTLS (requested only while partner or relay rules need one).
     cert: PeerCertificate | None = None
+    #: The session's right to relay for an organization (:class:`~mxguard.relay.access.RelayGrant`), if any.
+    relay: Any = None
 
     @property
     def tls(self) -> bool:
@@ -120,6 +123,14 @@ class ProxyContext:
     report_inbox: Any = None
     #: Partner TLS rules (:class:`~mxguard.smtp.partners.PartnerRules`); ``None``: none.
     partners: Any = None
+    #: Who may relay (:class:`~mxguard.relay.access.RelayAccess`); ``None``: nobody, the gateway is an MX only.
+    relay: Any = None
+    #: Takes relayed recipients at the end of DATA (:class:`~mxguard.relay.accept.OutboundAcceptor`):
+    #: ``await accept(tx, content) -> Reply``; ``None``: nothing is relayed.
+    outbound: Any = None
+    #: Called with a reason when a relay attempt is refused (metrics): ``stranger``, ``auth_failed``,
+    #: ``sender_domain``, ``auth_required``.
+    on_relay_refusal: Callable[[str], None] | None = None
 
     @property
     def hostname(self) -> str:
@@ -156,6 +167,10 @@ class Transaction:
     report_rcpts: list[str] = field(default_factory=list)
     #: Partner TLS rules judged in this transaction: rule -> refusal (``None``: met).
     partner_checks: dict[Any, Reply | None] = field(default_factory=dict)
+    #: Recipients outside the served domains, relayed for the client's organization (store and forward).
+    outbound: list[str] = field(default_factory=list)
+    #: The outbound filter decision for the message log (when the relayed part was filtered).
+    outbound_verdict: dict[str, Any] | None = None
 
 
 #: The message-log disposition of a TLS-RPT report the gateway took for itself.
@@ -234,8 +249,12 @@ class ProxySession:
         assert tx is not None
         tx.attempts += 1
         found = self.ctx.directory.lookup(address)
+        if found is None and tx.client.relay is not None and self.ctx.outbound is not None:
+            return self._relay_recipient(tx, address)
         if found is None:
-            log.info("relay denied", txn=tx.txn_id, rcpt=address, client=tx.client.ip)
+            log.info("relay denied", txn=tx.txn_id, rcpt=address, client=tx.client.ip, sender=tx.mail_from)
+            if self.ctx.on_relay_refusal is not None:
+                self.ctx.on_relay_refusal("stranger")
             return self._refused(address, RELAY_DENIED, None)
         domain, route = found
         if domain.inbound_tls == InboundTls.REQUIRED and not tx.client.tls:
@@ -285,6 +304,23 @@ class ProxySession:
         log.debug("rcpt relayed", txn=tx.txn_id, rcpt=address, reply=reply.one_line())
         return reply
 
+    def _relay_recipient(self, tx: Transaction, address: str) -> Reply:
+        """A recipient outside the served domains from a session that may relay: taken for the
+        outbound spool at the end of DATA, once the sender's domain is the organization's."""
+        grant = tx.client.relay
+        if not self.ctx.relay.sender_allowed(grant, tx.mail_from) and tx.mail_from:
+            log.warning("relay refused: sender domain is not the organization's", txn=tx.txn_id,
+                        sender=tx.mail_from, org=grant.org, via=grant.method, client=tx.client.ip)
+            if self.ctx.on_relay_refusal is not None:
+                self.ctx.on_relay_refusal("sender_domain")
+            return self._refused(address, sender_not_organizations(tx.mail_from, grant.org), None)
+        if tx.report_rcpts:
+            return self._refused(address, MIXED_WITH_REPORTS, None)
+        if address not in tx.outbound:
+            tx.outbound.append(address)
+        log.debug("recipient taken for relaying", txn=tx.txn_id, rcpt=address, org=grant.org, via=grant.method)
+        return Reply(250, "2.1.5", "Recipient ok (relayed)")
+
     def _partner_refusal(self, tx: Transaction, domain: str) -> Reply | None:
         """The recipient domain's partner TLS rule for this sender, judged once per transaction."""
         partners = self.ctx.partners
@@ -312,7 +348,7 @@ class ProxySession:
 
     def _take_report_rcpt(self, tx: Transaction, address: str) -> Reply:
         """A served domain's TLS-RPT address: the gateway's own, so never beside downstream recipients."""
-        if any(leg.accepted for leg in tx.legs.values()):
+        if any(leg.accepted for leg in tx.legs.values()) or tx.outbound:
             log.info("TLS-RPT address mixed with other recipients", txn=tx.txn_id, rcpt=address)
             return self._refused(address, MIXED_WITH_REPORTS, None)
         if address not in tx.report_rcpts:
@@ -482,12 +518,37 @@ class ProxySession:
                 await self._settle_tls_deferred(tx, leg, content)
         legs = [leg for leg in tx.legs.values() if leg.accepted]
         try:
+            if tx.outbound:
+                return await self._finish_outbound(tx, legs, content, received_at)
             return await self._finish_legs(tx, legs, content, received_at)
         finally:
             for conn in tx.relaxed_conns:
                 await conn.close()
 
-    async def _finish_legs(self, tx: Transaction, legs: list[RouteLeg], content: bytes, received_at: float) -> Reply:
+    async def _finish_outbound(self, tx: Transaction, legs: list[RouteLeg], content: bytes,
+                               received_at: float) -> Reply:
+        """End of DATA with relayed recipients: they go to the outbound spool first (``250`` once
+        durable); recipients in served domains of the same transaction then take the in-line path,
+        the message counting as taken (their temporary failures are spooled, not refused)."""
+        reply = await self.ctx.outbound.accept(tx, content)
+        if not reply.is_positive or not legs:
+            if legs:
+                await self._rset_legs(legs)
+                for leg in legs:
+                    self._results(tx, leg, reply, _disposition_for(reply))
+            if tx.verdict is not None and tx.verdict.subject is not None:
+                subject, message_id = tx.verdict.subject, tx.verdict.message_id or ""
+            else:
+                subject, message_id = headers.summarize(content)
+            self._record(tx, reply, size=len(content), subject=subject, message_id=message_id,
+                         accept_ms=(received_at - tx.started) * 1000)
+            self.transactions += 1
+            return reply
+        final = await self._finish_legs(tx, legs, content, received_at, taken=True)
+        return final if not final.is_positive else reply
+
+    async def _finish_legs(self, tx: Transaction, legs: list[RouteLeg], content: bytes, received_at: float,
+                           *, taken: bool = False) -> Reply:
         plan = await self._filter(tx, legs, content)
         if tx.verdict is not None and tx.verdict.subject is not None:
             subject, message_id = tx.verdict.subject, tx.verdict.message_id or ""
@@ -505,9 +566,9 @@ class ProxySession:
                 else:
                     reply = await self._send_leg(tx, leg, message)
                 outcomes.append(LegOutcome(leg, message, reply))
-            final = await self._combine(tx, outcomes, subject)
+            final = await self._combine(tx, outcomes, subject, held=taken)
         else:
-            final = await self._dispose(tx, plan, legs, content, subject)
+            final = await self._dispose(tx, plan, legs, content, subject, taken=taken)
         relay_ms = (time.perf_counter() - relay_started) * 1000
         self._record(tx, final, size=len(content), subject=subject, message_id=message_id,
                      accept_ms=(received_at - tx.started) * 1000, relay_ms=relay_ms)
@@ -532,7 +593,7 @@ class ProxySession:
         return tx.filter_plan
 
     async def _dispose(self, tx: Transaction, plan: dispositions.FilterPlan, legs: list[RouteLeg],
-                       content: bytes, subject: str) -> Reply:
+                       content: bytes, subject: str, *, taken: bool = False) -> Reply:
         """Carry out a filter plan: defer, refuse, hold and/or deliver (or spool) the copies."""
         if plan.deferred or (plan.held and self.ctx.hold is None):
             await self._rset_legs(legs)
@@ -582,7 +643,7 @@ class ProxySession:
                     reply = await self._send_subset(tx, sub, message)
                 leg.lost = leg.lost or sub.lost
                 outcomes.append(LegOutcome(sub, message, reply))
-        return await self._combine(tx, outcomes, subject, held=bool(plan.held))
+        return await self._combine(tx, outcomes, subject, held=bool(plan.held) or taken)
 
     async def _send_subset(self, tx: Transaction, leg: RouteLeg, message: bytes) -> Reply:
         """A copy for part of the leg's recipients: RSET, MAIL and RCPT again for them, then DATA."""
@@ -750,7 +811,7 @@ class ProxySession:
             if leg.conn is not None and leg.conn.in_transaction:
                 await leg.conn.rset()
             self._results(tx, leg, reply, _disposition_for(reply))
-        for rcpt in tx.report_rcpts:
+        for rcpt in tx.report_rcpts + tx.outbound:
             tx.results.append(RecipientResult(rcpt, reply.code, reply.enhanced, reply.text,
                                               _disposition_for(reply), None))
         subject, message_id = headers.summarize(content)
@@ -767,12 +828,12 @@ class ProxySession:
                 await leg.conn.rset()
                 if not leg.conn.is_connected:
                     self.conns.pop(leg.route, None)
-        if tx.results or tx.report_rcpts or any(leg.accepted for leg in tx.legs.values()):
+        if tx.results or tx.report_rcpts or tx.outbound or any(leg.accepted for leg in tx.legs.values()):
             for leg in tx.legs.values():
                 for rcpt in leg.accepted:
                     tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
                                                       "aborted", leg.route.describe()))
-            for rcpt in tx.report_rcpts:
+            for rcpt in tx.report_rcpts + tx.outbound:
                 tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
                                                   "aborted", None))
             self._record(tx, None, abort_reason=reason)
@@ -823,10 +884,11 @@ class ProxySession:
             final_reply=final.one_line() if final else _ended_reply(abort_reason, tx.results),
             accept_ms=accept_ms, connect_ms=tx.connect_ms or None, tls_ms=tx.tls_ms or None,
             relay_ms=relay_ms, total_ms=(time.perf_counter() - tx.started) * 1000,
-            verdict=tx.filter_plan.as_log() if tx.filter_plan else {},
+            verdict=tx.filter_plan.as_log() if tx.filter_plan else (tx.outbound_verdict or {}),
             filter_ms=tx.filter_ms,
             client_cert_subject=client.cert.subject if client.cert else None,
             client_cert_sha256=client.cert.sha256 if client.cert else None,
+            direction="outbound" if tx.outbound else "inbound",
         )
         for observer in self.ctx.observers:
             observer(record)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import structlog
-from sqlalchemy import false, insert, or_, select
+from sqlalchemy import and_, false, insert, or_, select
 
 from mxguard.storage.db import SQLAlchemyError, Store, storable
 from mxguard.storage.models import MessageLogEntry
@@ -73,6 +73,8 @@ class LogRecord:
     total_ms: float | None = None
     client_cert_subject: str | None = None
     client_cert_sha256: str | None = None
+    #: ``inbound`` or ``outbound`` (relayed for an organization).
+    direction: str = "inbound"
 
     def as_row(self) -> dict[str, Any]:
         """The row to insert: strings bounded to their columns; the JSON columns made storable.
@@ -243,16 +245,19 @@ async def search(store: Store, *, sender: str | None = None, recipient: str | No
                  subject: str | None = None, client_ip: str | None = None, disposition: str | None = None,
                  tls: bool | None = None, since: dt.datetime | None = None, until: dt.datetime | None = None,
                  txn_id: str | None = None, limit: int = 100, offset: int = 0,
-                 recipient_domains: list[str] | None = None) -> list[MessageLogEntry]:
+                 recipient_domains: list[str] | None = None, direction: str | None = None) -> list[MessageLogEntry]:
     """Search the message log; text filters match substrings (case-insensitive). Newest first.
 
     ``recipient_domains`` (when not ``None``) keeps only transactions with a
-    recipient in one of those domains (an org-admin's view). All values are
-    bound parameters, never spliced into SQL.
+    recipient in one of those domains, or outbound ones whose sender is in one
+    of them (an org-admin's view). ``direction``: ``inbound`` or ``outbound``
+    (``None``: both). All values are bound parameters, never spliced into SQL.
     """
     q = select(MessageLogEntry)
     if recipient_domains is not None:
         q = q.where(recipient_domain_clause(recipient_domains))
+    if direction:
+        q = q.where(MessageLogEntry.direction == direction)
     if sender:
         q = q.where(MessageLogEntry.mail_from.ilike(f"%{_escape_like(sender)}%", escape="\\"))
     if recipient:
@@ -277,7 +282,8 @@ async def search(store: Store, *, sender: str | None = None, recipient: str | No
 
 
 def recipient_domain_clause(domains: list[str]):
-    """SQL condition: some envelope recipient (``rcpt_to``, space separated) is in one of ``domains``."""
+    """SQL condition: some envelope recipient (``rcpt_to``, space separated) is in one of ``domains``,
+    or the transaction is outbound (relayed for an organization) and its sender is in one of them."""
     if not domains:
         return false()
     clauses = []
@@ -285,6 +291,8 @@ def recipient_domain_clause(domains: list[str]):
         d = _escape_like(d)
         clauses.append(MessageLogEntry.rcpt_to.ilike(f"%@{d}", escape="\\"))
         clauses.append(MessageLogEntry.rcpt_to.ilike(f"%@{d} %", escape="\\"))
+        clauses.append(and_(MessageLogEntry.direction == "outbound",
+                            MessageLogEntry.mail_from.ilike(f"%@{d}", escape="\\")))
     return or_(*clauses)
 
 

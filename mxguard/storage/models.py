@@ -270,6 +270,7 @@ class MessageLogEntry(Base):
         Index("ix_message_log_client_ip", "client_ip"),
         Index("ix_message_log_disposition", "disposition"),
         Index("ix_message_log_txn_id", "txn_id"),
+        Index("ix_message_log_direction", "direction"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -315,6 +316,9 @@ class MessageLogEntry(Base):
     #: its subject (RFC 4514) and SHA-256 of the DER, lower-case hex.
     client_cert_subject: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     client_cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: ``inbound`` (from the internet to a served domain) or ``outbound`` (relayed for an
+    #: organization to the internet; migration 0013_relay_access).
+    direction: Mapped[str] = mapped_column(String(8), default="inbound")
 
 
 class SpoolEntry(Base):
@@ -593,3 +597,60 @@ class AcmeCertificate(Base):
     #: When the last renewal attempt started, and what went wrong with it (``None``: it worked).
     last_attempt: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+# -- the outbound relay: who may relay (migration 0013_relay_access) ----------------------------
+
+class RelayNetwork(Base):
+    """A source network of an organization's own servers: sessions from it may relay (port 25 or 587)."""
+
+    __tablename__ = "relay_networks"
+    __table_args__ = (UniqueConstraint("org_id", "network", name="uq_relay_networks_org_network"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    #: CIDR in canonical form (``192.0.2.0/24``, ``2001:db8::/48``; a host is ``/32`` or ``/128``).
+    network: Mapped[str] = mapped_column(String(64))
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class RelayCredential(Base):
+    """An SMTP AUTH identity (RFC 4954) of an organization; the password is stored as an argon2 hash only."""
+
+    __tablename__ = "relay_credentials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    #: Unique across the gateway: the name says which organization is relaying.
+    username: Mapped[str] = mapped_column(String(255), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class RelayClientCert(Base):
+    """A TLS client certificate that lets a session relay: a leaf fingerprint or an issuing CA."""
+
+    __tablename__ = "relay_client_certs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id", ondelete="CASCADE"))
+    #: ``fingerprint`` (SHA-256 of the leaf) or ``ca`` (any leaf that chains to ``ca_pem``).
+    kind: Mapped[str] = mapped_column(String(12))
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The CA's subject (``ca``) or a note (``fingerprint``), for listings.
+    label: Mapped[str] = mapped_column(String(1024), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class RelayRateCounter(Base):
+    """Messages relayed per sender or per organization in one rate window, shared by every worker."""
+
+    __tablename__ = "relay_rate_counters"
+
+    #: ``sender:<address>`` or ``org:<id>``.
+    scope: Mapped[str] = mapped_column(String(400), primary_key=True)
+    #: Start of the window (UTC, aligned to the window length).
+    window_start: Mapped[dt.datetime] = mapped_column(UtcDateTime(), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -46,7 +46,8 @@ class ThreadedGateway:
         records: message-log records as they are produced (in-process observer).
     """
 
-    def __init__(self, settings: Settings, *, web_listen: str | None = None, web_plain_http: bool = False):
+    def __init__(self, settings: Settings, *, web_listen: str | None = None, web_plain_http: bool = False,
+                 submission_listen: list[str] | None = None, spool_worker: bool = True):
         if settings.filters.sender_auth and not settings.filters.dns_servers:
             # The sender checks would ask the system resolver: DNS must not leave the machine in tests.
             raise RuntimeError("test gateways must point filters.dns_servers at the loopback DNS server: "
@@ -55,7 +56,8 @@ class ThreadedGateway:
         self.records: list[LogRecord] = []
         self.loop = LoopThread("gateway")
         self.gateway = Gateway(settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append],
-                               web_listen=web_listen, web_plain_http=web_plain_http)
+                               web_listen=web_listen, web_plain_http=web_plain_http,
+                               submission_listen=submission_listen, spool_worker=spool_worker)
 
     def start(self) -> "ThreadedGateway":
         self.loop.run(self.gateway.start())
@@ -70,6 +72,11 @@ class ThreadedGateway:
     @property
     def port(self) -> int:
         return self.gateway.smtp_port
+
+    @property
+    def submission_port(self) -> int | None:
+        """The submission listener's port (when started with ``submission_listen``)."""
+        return self.gateway.submission_port
 
     @property
     def web_url(self) -> str:

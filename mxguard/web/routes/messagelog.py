@@ -42,7 +42,7 @@ def parse_tls(value: str | None) -> bool | None:
 async def search(request: Request, sender: str = Query("", max_length=300), recipient: str = Query("", max_length=300),
                  subject: str = Query("", max_length=300), client_ip: str = Query("", max_length=64),
                  disposition: str = Query(""), tls: str = Query(""), since: str = Query(""), until: str = Query(""),
-                 page: int = Query(1, ge=1, le=100000),
+                 page: int = Query(1, ge=1, le=100000), direction: str = Query("", max_length=16),
                  me: ConsoleUser = Depends(console_user), ctx: WebContext = Depends(get_ctx)):
     """Search the message log (each filter optional); 100 per page, newest first."""
     if disposition and disposition not in messages.DISPOSITIONS:
@@ -50,12 +50,14 @@ async def search(request: Request, sender: str = Query("", max_length=300), reci
     rows = await messages.search_messages(
         ctx.store, me.actor, sender=sender or None, recipient=recipient or None, subject=subject or None,
         client_ip=client_ip.strip() or None, disposition=disposition or None, tls=parse_tls(tls),
-        since=parse_time(since, "since"), until=parse_time(until, "until"), limit=PAGE + 1, offset=(page - 1) * PAGE)
+        since=parse_time(since, "since"), until=parse_time(until, "until"), limit=PAGE + 1, offset=(page - 1) * PAGE,
+        direction=direction or None)
     form = {"sender": sender, "recipient": recipient, "subject": subject, "client_ip": client_ip,
-            "disposition": disposition, "tls": tls, "since": since, "until": until}
+            "disposition": disposition, "tls": tls, "since": since, "until": until,
+            "direction": direction}
     return request.app.state.templates.TemplateResponse(request, "messagelog.html", {
         "me": me, "rows": rows[:PAGE], "more": len(rows) > PAGE, "page": page, "form": form,
-        "dispositions": messages.DISPOSITIONS})
+        "dispositions": messages.DISPOSITIONS, "directions": messages.DIRECTIONS})
 
 
 @router.get("/log/{entry_id}")

@@ -13,7 +13,8 @@ from mxguard.web.routes.api_v1.schemas import MessageOut
 
 router = APIRouter(prefix="/messages", tags=["message log"])
 Disposition = Literal["delivered", "rejected", "deferred", "quarantined", "spooled", "partial", "aborted",
-                      "tls-report"]
+                      "tls-report", "held"]
+Direction = Literal["inbound", "outbound"]
 
 
 @router.get("", response_model=list[MessageOut], summary="Search the message log (newest first)")
@@ -22,10 +23,12 @@ async def search(sender: str | None = Query(None, max_length=300), recipient: st
                  disposition: Disposition | None = None, tls: bool | None = Query(None, description="inbound TLS"),
                  since: dt.datetime | None = None, until: dt.datetime | None = None,
                  limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                 direction: Direction | None = Query(None, description="inbound (from the internet) or outbound "
+                                                                       "(relayed for an organization)"),
                  actor: Actor = Depends(api_actor), ctx: WebContext = Depends(get_ctx)):
     rows = await svc.search_messages(ctx.store, actor, sender=sender, recipient=recipient, subject=subject,
                                      client_ip=client_ip, disposition=disposition, tls=tls, since=since, until=until,
-                                     limit=limit, offset=offset)
+                                     limit=limit, offset=offset, direction=direction)
     return [svc.as_dict(r) for r in rows]
 
 

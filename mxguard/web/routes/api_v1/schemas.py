@@ -236,6 +236,8 @@ class MessageOut(BaseModel):
     rcpt_to: str
     subject: str
     disposition: str
+    #: ``inbound`` or ``outbound`` (relayed for an organization).
+    direction: str = "inbound"
     inbound_tls: bool
     downstream_tls: bool | None
     final_reply: str

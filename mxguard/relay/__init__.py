@@ -1,0 +1,6 @@
+"""The outbound relay: the organizations' own servers sending to the internet through the gateway.
+
+* :mod:`mxguard.relay.access` — who may relay (source networks, SMTP AUTH, client certificates);
+* :mod:`mxguard.relay.ratelimit` — messages per hour per sender and per organization;
+* :mod:`mxguard.relay.accept` — end of DATA for relayed recipients: filters, limits, sealed spool.
+"""
