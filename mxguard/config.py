@@ -136,6 +136,13 @@ class DownstreamSettings(_Section):
     mta_sts_ca_file: str = ""
     #: The policy hosts' HTTPS port: 443 (RFC 8461 section 3.3); another only for tests.
     mta_sts_port: int = Field(default=443, ge=1, le=65535)
+    #: The SMTP port of internet destinations' MX hosts for outbound mail: 25 (RFC 5321 section
+    #: 5.1 gives no port: MX hosts take mail on 25); another only for tests.
+    outbound_port: int = Field(default=25, ge=1, le=65535)
+    #: At most this many MX hosts of a destination, and addresses per host, are tried in one
+    #: attempt (bounded work per message; Postfix smtp_mx_address_limit is similar).
+    outbound_max_mx: int = Field(default=5, ge=1, le=50)
+    outbound_max_addresses: int = Field(default=4, ge=1, le=20)
     #: Send each day's TLS-RPT reports (RFC 8460) by itself, after 00:00 UTC (one node of several does).
     tls_reports: bool = True
     #: Seconds between checks whether the previous day's TLS-RPT reports are due.

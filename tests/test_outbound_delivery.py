@@ -1,0 +1,452 @@
+"""Outbound delivery to the internet (issue 15, delivery half): the spool worker takes
+``kind="outbound"`` entries to the destination's MX hosts, found through a real validating
+resolver (unbound over NSD, a DNSSEC-signed zone) and pointing at aiosmtpd sinks on several
+127.0.0.x addresses (and ::1) sharing one port; TLS per destination (DANE, overrides); DSNs to
+the organization's sender through its own server; DKIM signatures verified by dkimpy."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import hashlib
+import random
+import ssl
+
+import dkim
+import dns.resolver
+import dns.rrset
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from dnslib import TXT
+from hypothesis import given, settings as hsettings, strategies as st
+
+from mxguard.config import load_settings
+from mxguard.errors import ValidationFailed
+from mxguard.relay.destinations import LEVELS, DestinationTls, destination_route, matching_override
+from mxguard.relay.mx import MxFailure, MxHost, MxResult, resolve_mx
+from mxguard.services import destination_tls, dkim_keys
+from mxguard.services import domains as domain_service
+from mxguard.services.dns_check import settings_resolver
+from mxguard.sink import ThreadedSink
+from mxguard.smtp.routing import DomainDirectory
+from mxguard.spool.accept import StoreSpooler
+from mxguard.spool.worker import SpoolWorker
+from mxguard.storage.db import Store
+from mxguard.storage.models import SPOOL_SESSIONS_KEY, SpoolAttempt, SpoolEntry
+from mxguard.storage.sealing import KeyRing
+from mxguard.tls.policy import DownstreamTls
+from mxguard.tls.resolver import forget_cached_lookups
+from tests.conftest import FAST_SPOOL, apply_overrides, gateway_environ
+from tests.support.dnssec import LoopbackDnssec, Zone
+from tests.support.smtp import message
+
+ORG = "org.example"
+SENDER = f"alice@{ORG}"
+
+
+def _tls_ctx(cert) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    return ctx
+
+
+class Sinks:
+    """The destinations' MX hosts: one port, several loopback addresses.
+
+    ``plain`` 127.0.0.2 (no STARTTLS), ``second`` 127.0.0.3 (no STARTTLS), ``tls`` 127.0.0.4
+    (STARTTLS, the CA-signed downstream certificate), ``grey`` 127.0.0.5 (answers DATA with 451
+    while ``grey.data_reply`` is set), ``v6`` ::1; nothing listens on 127.0.0.9 (the dead host).
+    """
+
+    def __init__(self, cert):
+        self._threads = [ThreadedSink(host="127.0.0.2", hostname="mx1.dst.test")]
+        self.plain = self._threads[0].start()
+        self.port = self.plain.port
+        for name, host, ctx in (("second", "127.0.0.3", None), ("tls", "127.0.0.4", _tls_ctx(cert)),
+                                ("grey", "127.0.0.5", None), ("v6", "::1", None)):
+            thread = ThreadedSink(host=host, port=self.port, tls_context=ctx, hostname=f"{name}.dst.test")
+            self._threads.append(thread)
+            setattr(self, name, thread.start())
+
+    @property
+    def all(self):
+        return [self.plain, self.second, self.tls, self.grey, self.v6]
+
+    def clear(self) -> None:
+        for sink in self.all:
+            sink.messages.clear()
+        self.grey.data_reply = None
+
+    def stop(self) -> None:
+        for thread in self._threads:
+            thread.stop()
+
+
+@pytest.fixture(scope="module")
+def sinks(downstream_cert):
+    s = Sinks(downstream_cert)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def dnssec(sinks, downstream_cert):
+    leaf = x509.load_pem_x509_certificate(downstream_cert.cert_chain_pems[0].bytes())
+    good = hashlib.sha256(leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+    tlsa = f"_{sinks.port}._tcp"
+    records = [
+        "mx1 IN A 127.0.0.2", "mx2 IN A 127.0.0.3", "dead IN A 127.0.0.9", "mxgrey IN A 127.0.0.5",
+        "mx6 IN AAAA ::1",
+        "mxbad IN A 127.0.0.4", f"{tlsa}.mxbad IN TLSA 3 1 1 {'11' * 32}",
+        "mxgood IN A 127.0.0.4", f"{tlsa}.mxgood IN TLSA 3 1 1 {good}",
+        # preferred MX first; the dead one first, then the next; a null MX; no MX at all
+        "pref IN MX 20 mx2", "pref IN MX 10 mx1",
+        "fallback IN MX 10 dead", "fallback IN MX 20 mx2",
+        "null IN MX 0 .",
+        "implicit IN A 127.0.0.3",
+        "v6 IN MX 10 mx6",
+        "dane IN MX 10 mxbad", "danegood IN MX 10 mxgood",
+        "grey IN MX 10 mxgrey", "gone IN MX 10 dead",
+        "nameless IN MX 10 nowhere",
+    ]
+    with LoopbackDnssec([Zone("dst.test", records)]) as servers:
+        yield servers
+
+
+@pytest.fixture
+async def env(data_dir, loopback_dns, dnssec, sinks):
+    """A migrated store, an organization domain whose own server is a sink, and a spool worker
+    whose resolver is unbound."""
+    forget_cached_lookups()
+    sinks.clear()
+    settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
+    apply_overrides(settings, {**FAST_SPOOL, "downstream.dns_servers": [f"127.0.0.1:{dnssec.resolver_port}"],
+                               "downstream.dns_timeout": 3.0, "downstream.outbound_port": sinks.port,
+                               "downstream.connect_timeout": 3.0})
+    store = Store(settings.effective_database_url)
+    await store.migrate()
+    with ThreadedSink(hostname="mail.org.example") as org_server:
+        await domain_service.add_domain(store, ORG, [f"127.0.0.1:{org_server.port}"])
+        directory = DomainDirectory(store)
+        await directory.load()
+        keyring = KeyRing(settings.path(settings.sealing_key_file))
+        worker = SpoolWorker(store, settings, directory, keyring)
+        yield Env(store, settings, worker, keyring, org_server)
+        await worker.pool.close()
+    await store.close()
+
+
+class Env:
+    def __init__(self, store, settings, worker, keyring, org_server):
+        self.store, self.settings, self.worker, self.keyring, self.org_server = (
+            store, settings, worker, keyring, org_server)
+
+    async def outbound(self, rcpts: list[str], *, sender: str = SENDER, body: bytes | None = None) -> int:
+        """Spool one outbound entry through the acceptance code, due now; its id."""
+        spooler = StoreSpooler(self.store, self.keyring, self.settings)
+        domain = rcpts[0].rpartition("@")[2]
+        entry = spooler.entry(txn_id=f"T{random.getrandbits(40):010x}", domain=domain, mail_from=sender,
+                              recipients=rcpts, message=body or message(sender=sender or "x@org.example",
+                                                                         to=rcpts[0]),
+                              subject="test", kind="outbound", due_now=True)
+        await spooler.hold([entry])
+        async with self.store.session() as session:
+            from sqlalchemy import select
+            return (await session.execute(select(SpoolEntry.id).where(SpoolEntry.txn_id == entry.txn_id,
+                                                                      SpoolEntry.kind == "outbound"))).scalar_one()
+
+    async def run(self, entry_id: int) -> SpoolEntry:
+        await self.worker.run_once(ids=[entry_id])
+        async with self.store.session() as session:
+            return await session.get(SpoolEntry, entry_id)
+
+    async def attempts(self, entry_id: int) -> list[SpoolAttempt]:
+        from sqlalchemy import select
+        async with self.store.session() as session:
+            return list((await session.execute(select(SpoolAttempt).where(SpoolAttempt.spool_id == entry_id)
+                                               .order_by(SpoolAttempt.id))).scalars())
+
+    async def deliver_dsns(self) -> list:
+        """Run the worker over the DSNs it queued; what the organization's server received."""
+        from sqlalchemy import select
+        async with self.store.session() as session:
+            ids = list((await session.execute(select(SpoolEntry.id).where(SpoolEntry.kind == "dsn",
+                                                                          SpoolEntry.status == "queued"))).scalars())
+        if ids:
+            await self.worker.run_once(ids=ids)
+        return list(self.org_server.messages)
+
+
+def _dsn_status(raw: bytes) -> list[str]:
+    msg = email.message_from_bytes(raw)
+    assert msg.get_content_type() == "multipart/report"
+    status = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"][0]
+    return [line.split(":", 1)[1].strip() for line in status.as_string().splitlines() if line.startswith("Status:")]
+
+
+# -- MX resolution -------------------------------------------------------------------------
+
+async def test_mx_resolution_orders_falls_back_and_refuses(dnssec):
+    servers = [f"127.0.0.1:{dnssec.resolver_port}"]
+    pref = await resolve_mx("pref.dst.test", dns_servers=servers)
+    assert [h.name for h in pref.hosts] == ["mx1.dst.test", "mx2.dst.test"] and pref.secure
+    implicit = await resolve_mx("implicit.dst.test", dns_servers=servers)
+    assert implicit.implicit and implicit.hosts == (MxHost("implicit.dst.test", 0, ("127.0.0.3",)),)
+    v6 = await resolve_mx("v6.dst.test", dns_servers=servers)
+    assert v6.hosts[0].addresses == ("::1",)
+    for domain, code, enhanced in (("null.dst.test", 556, "5.1.10"), ("nxdomain.dst.test", 550, "5.1.2"),
+                                   ("nameless.dst.test", 550, "5.4.4")):
+        with pytest.raises(MxFailure) as failure:
+            await resolve_mx(domain, dns_servers=servers)
+        assert (failure.value.reply.code, failure.value.reply.enhanced) == (code, enhanced), domain
+    # No resolver answering: temporary (4.4.3), never a bounce.
+    with pytest.raises(MxFailure) as failure:
+        await resolve_mx("pref.dst.test", dns_servers=["127.0.0.1:9"], timeout=0.5)
+    assert (failure.value.reply.code, failure.value.reply.enhanced) == (451, "4.4.3")
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from("abcdef")), min_size=1, max_size=6, unique_by=lambda t: t[1]),
+       st.integers(0, 2**32))
+def test_equal_preferences_are_shuffled_but_order_by_preference_holds(records, seed):
+    """Whatever the records and the shuffle, hosts come in non-decreasing preference, each once."""
+
+    class Resolver:
+        flags = 0
+
+        async def resolve(self, name, rdtype):
+            if rdtype == "MX":
+                text = [f"{p} {h}.x.test." for p, h in records]
+                return _Answer(dns.rrset.from_text(name, 60, "IN", "MX", *text))
+            if rdtype == "A":
+                return _Answer(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.1"))
+            raise dns.resolver.NoAnswer
+
+    import mxguard.relay.mx as mx_module
+    original = mx_module.dns_resolver
+    mx_module.dns_resolver = lambda servers, timeout: Resolver()
+    try:
+        result = asyncio.run(resolve_mx("x.test", dns_servers=[], rng=random.Random(seed), max_hosts=10))
+    finally:
+        mx_module.dns_resolver = original
+    prefs = [h.preference for h in result.hosts]
+    assert prefs == sorted(prefs)
+    assert sorted(h.name for h in result.hosts) == sorted(f"{h}.x.test" for _, h in records)
+
+
+class _Answer(list):
+    def __init__(self, rrset):
+        super().__init__(rrset)
+
+        class Response:
+            flags = 0
+        self.response = Response()
+
+
+# -- delivery by MX --------------------------------------------------------------------------
+
+async def test_the_preferred_mx_gets_the_message(env, sinks):
+    entry = await env.run(await env.outbound(["bob@pref.dst.test", "carol@pref.dst.test"]))
+    assert entry.status == "delivered", entry.last_reply
+    assert sinks.plain.wait_for(1) and sinks.second.messages == []
+    assert sorted(sinks.plain.messages[0].rcpt_tos) == ["bob@pref.dst.test", "carol@pref.dst.test"]
+    assert sinks.plain.messages[0].mail_from == SENDER
+
+
+async def test_a_dead_mx_falls_back_to_the_next(env, sinks):
+    entry = await env.run(await env.outbound(["bob@fallback.dst.test"]))
+    assert entry.status == "delivered", entry.last_reply
+    assert sinks.second.wait_for(1) and sinks.plain.messages == []
+    attempts = await env.attempts(entry.id)
+    assert attempts[-1].server == f"mx2.dst.test:{sinks.port}"
+
+
+async def test_ipv6_and_implicit_mx(env, sinks):
+    v6 = await env.run(await env.outbound(["bob@v6.dst.test"]))
+    implicit = await env.run(await env.outbound(["bob@implicit.dst.test"]))
+    assert v6.status == implicit.status == "delivered"
+    assert sinks.v6.wait_for(1) and sinks.v6.messages[0].peer == "::1"
+    assert sinks.second.wait_for(1)
+
+
+async def test_null_mx_fails_at_once_with_a_dsn_to_the_sender(env, sinks):
+    entry = await env.run(await env.outbound(["bob@null.dst.test"]))
+    assert entry.status == "failed" and "556 5.1.10" in entry.last_reply
+    dsns = await env.deliver_dsns()
+    assert len(dsns) == 1 and dsns[0].rcpt_tos == [SENDER] and dsns[0].mail_from in ("", "<>")
+    assert _dsn_status(dsns[0].data) == ["5.1.10"]
+
+
+async def test_a_5xx_from_the_destination_gives_a_dsn_now(env, sinks):
+    sinks.plain.rcpt_replies["nobody-here@pref.dst.test"] = "550 5.1.1 no such user"
+    try:
+        entry = await env.run(await env.outbound(["nobody-here@pref.dst.test"]))
+    finally:
+        sinks.plain.rcpt_replies.clear()
+    assert entry.status == "failed"
+    dsns = await env.deliver_dsns()
+    assert len(dsns) == 1 and _dsn_status(dsns[0].data) == ["5.1.1"]
+
+
+async def test_no_dsn_for_a_bounce(env, sinks):
+    """A null-sender message that fails gets no DSN (RFC 5321 4.5.5: never a bounce for a bounce)."""
+    entry = await env.run(await env.outbound(["bob@null.dst.test"], sender=""))
+    assert entry.status == "failed"
+    assert await env.deliver_dsns() == []
+
+
+async def test_4xx_then_accept_is_retried_with_back_off(env, sinks):
+    sinks.grey.data_reply = "451 4.7.1 greylisted, try again"
+    entry_id = await env.outbound(["bob@grey.dst.test"])
+    first = await env.run(entry_id)
+    assert first.status == "queued" and first.attempts == 1 and first.next_attempt_at > first.last_attempt_at
+    sinks.grey.data_reply = None
+    second = await env.run(entry_id)
+    assert second.status == "delivered" and second.attempts == 2
+    assert sinks.grey.wait_for(1)
+
+
+async def test_expiry_sends_a_dsn(env, sinks):
+    """Time scaled: a half-second holding time; the dead destination never answers."""
+    env.settings.spool.max_age = 0.5
+    entry_id = await env.outbound(["bob@gone.dst.test"])
+    first = await env.run(entry_id)
+    assert first.status == "queued" and "4.4.1" in first.last_reply
+    await asyncio.sleep(max(0.0, (first.expires_at - first.last_attempt_at).total_seconds()) + 0.05)
+    last = await env.run(entry_id)
+    assert last.status == "expired"
+    dsns = await env.deliver_dsns()
+    assert len(dsns) == 1 and _dsn_status(dsns[0].data) == ["4.4.7"]
+
+
+async def test_connections_to_a_destination_are_reused_with_rset(env, sinks):
+    before = sinks.plain.connections
+    ids = [await env.outbound([f"u{i}@pref.dst.test"]) for i in range(3)]
+    for entry_id in ids:
+        assert (await env.run(entry_id)).status == "delivered"
+    assert sinks.plain.wait_for(3)
+    assert sinks.plain.connections - before == 1
+    reused = [a.results[SPOOL_SESSIONS_KEY][0].get("reused") for i in ids for a in await env.attempts(i)]
+    assert reused == [False, True, True]
+
+
+# -- TLS per destination ---------------------------------------------------------------------
+
+async def test_dane_with_a_wrong_certificate_defers_and_sends_nothing(env, sinks):
+    entry = await env.run(await env.outbound(["bob@dane.dst.test"]))
+    assert entry.status == "queued" and "451 4.7.5" in entry.last_reply
+    assert sinks.tls.messages == []
+    session = (await env.attempts(entry.id))[-1].results[SPOOL_SESSIONS_KEY][0]
+    assert session["domain"] == "dane.dst.test"
+    assert session["tls_rpt"] == {f"mxbad.dst.test:{sinks.port}": "validation-failure"}
+
+
+async def test_dane_with_the_right_certificate_delivers_verified(env, sinks):
+    entry = await env.run(await env.outbound(["bob@danegood.dst.test"]))
+    assert entry.status == "delivered", entry.last_reply
+    attempt = (await env.attempts(entry.id))[-1]
+    assert attempt.tls and attempt.verified
+    assert sinks.tls.wait_for(1) and sinks.tls.messages[0].tls_version
+
+
+async def test_an_encrypt_override_defers_a_destination_without_starttls(env, sinks):
+    await destination_tls.add_override(env.store, ".dst.test", "may")
+    await destination_tls.add_override(env.store, "pref.dst.test", "encrypt")
+    entry = await env.run(await env.outbound(["bob@pref.dst.test"]))
+    assert entry.status == "queued" and "451 4.7.5" in entry.last_reply
+    assert sinks.plain.messages == [] and sinks.second.messages == []
+    # The suffix override (may) applies to the other destinations: DANE is not consulted.
+    dane = await env.run(await env.outbound(["bob@dane.dst.test"]))
+    assert dane.status == "delivered" and sinks.tls.wait_for(1)
+    assert not (await env.attempts(dane.id))[-1].verified
+
+
+async def test_overrides_are_validated_and_managed(env):
+    with pytest.raises(ValidationFailed):
+        await destination_tls.add_override(env.store, "not a domain", "encrypt")
+    with pytest.raises(ValidationFailed):
+        await destination_tls.add_override(env.store, "x.test", "secure-ish")
+    await destination_tls.add_override(env.store, "X.Test.", "verify")
+    assert await destination_tls.list_overrides(env.store) == [DestinationTls("x.test", "verify")]
+    await destination_tls.add_override(env.store, "x.test", "dane-only", replace=True)
+    assert (await destination_tls.remove_override(env.store, "x.test")).level == "dane-only"
+    assert await destination_tls.list_overrides(env.store) == []
+
+
+@given(st.from_regex(r"[a-z]{1,8}(\.[a-z]{1,8}){0,3}", fullmatch=True),
+       st.from_regex(r"[a-z]{1,8}\.[a-z]{1,8}", fullmatch=True), st.sampled_from(sorted(LEVELS)))
+def test_override_matching(label, base, level):
+    """An exact pattern beats a suffix; a suffix covers every name below it, never the base or
+    a name that merely ends with the same letters."""
+    exact, suffix = DestinationTls(base, level), DestinationTls("." + base, "none")
+    below = f"{label}.{base}"
+    assert matching_override(below, [suffix]) == suffix
+    assert matching_override(base, [suffix]) is None
+    assert matching_override(base, [suffix, exact]) == exact
+    assert matching_override(f"{label}{base}", [suffix]) is None
+    assert matching_override(below.upper() + ".", [exact, suffix]) == suffix
+
+
+def test_default_route_is_dane_then_mta_sts_and_unsigned_mx_gets_no_dane():
+    signed = MxResult("d.test", (MxHost("mx.d.test", 10, ("::1", "127.0.0.1")),), secure=True)
+    route = destination_route(signed, None)
+    assert route.tls is DownstreamTls.DANE and route.sts_fallback and route.policy_domain == "d.test"
+    assert route.addresses == (("mx.d.test", 25, "::1"), ("mx.d.test", 25, "127.0.0.1"))
+    unsigned = MxResult("d.test", signed.hosts, secure=False)
+    assert destination_route(unsigned, None).tls is DownstreamTls.MTA_STS
+    assert destination_route(unsigned, DestinationTls("d.test", "dane")).tls is DownstreamTls.OPPORTUNISTIC
+    assert destination_route(signed, DestinationTls("d.test", "none")).tls is DownstreamTls.OFF
+
+
+# -- DKIM ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+async def test_outbound_mail_is_dkim_signed_and_verifies_at_the_sink(env, sinks, algorithm):
+    view = await dkim_keys.generate_key(env.store, env.keyring.get(), ORG, selector=f"s-{algorithm}",
+                                        algorithm=algorithm)
+    entry = await env.run(await env.outbound(["bob@pref.dst.test"]))
+    assert entry.status == "delivered"
+    assert sinks.plain.wait_for(1)
+    received = sinks.plain.messages[0].data
+    assert received.startswith(b"DKIM-Signature:")
+    published = view.record_value.encode()
+
+    def dnsfunc(name, timeout=5):
+        return published if name == view.record_name.encode() else None
+
+    assert dkim.verify(received, dnsfunc=dnsfunc)
+    sig = email.message_from_bytes(received)["DKIM-Signature"]
+    assert f"d={ORG}" in sig and f"s=s-{algorithm}" in sig
+    assert ("a=ed25519-sha256" if algorithm == "ed25519" else "a=rsa-sha256") in sig.replace(" ", "")
+
+
+async def test_dkim_key_is_sealed_shown_and_checked_in_dns(env, loopback_dns):
+    view = await dkim_keys.generate_key(env.store, env.keyring.get(), ORG, selector="mxg1", algorithm="ed25519")
+    async with env.store.session() as session:
+        from sqlalchemy import select
+        from mxguard.storage.models import DkimKey
+        row = (await session.execute(select(DkimKey))).scalar_one()
+    assert b"PRIVATE KEY" not in row.private_key  # sealed
+    assert view.zone_line.startswith(f"mxg1._domainkey.{ORG}. IN TXT")
+    assert [k.selector for k in await dkim_keys.list_keys(env.store, ORG)] == ["mxg1"]
+    resolver = settings_resolver(env.settings)
+    resolver.nameservers, resolver.port = ["127.0.0.1"], loopback_dns.port
+    assert (await dkim_keys.check_dns(view, resolver)).status == "missing"
+    loopback_dns.set_records(f"mxg1._domainkey.{ORG}", "TXT", [TXT(view.record_value.encode())])
+    try:
+        assert (await dkim_keys.check_dns(view, resolver)).status == "ok"
+        loopback_dns.set_records(f"mxg1._domainkey.{ORG}", "TXT", [TXT(b"v=DKIM1; k=ed25519; p=AAAA")])
+        assert (await dkim_keys.check_dns(view, resolver)).status == "mismatch"
+    finally:
+        loopback_dns.set_records(f"mxg1._domainkey.{ORG}", "TXT", [])
+
+
+@given(st.text(min_size=1, max_size=70))
+def test_selectors_outside_dns_label_syntax_are_refused(selector):
+    from mxguard.relay.dkim import valid_selector
+    ok = valid_selector(selector)
+    if ok:
+        assert all(label and label[0] != "-" and label[-1] != "-" for label in selector.split("."))
+        assert set(selector) <= set("abcdefghijklmnopqrstuvwxyz0123456789-.")
