@@ -40,6 +40,7 @@ from mxguard.tls.resolver import forget_cached_lookups
 from tests.conftest import FAST_SPOOL, apply_overrides, gateway_environ
 from tests.support.dnssec import LoopbackDnssec, Zone
 from tests.support.smtp import message
+from tests.support.web import csrf_token
 
 ORG = "org.example"
 SENDER = f"alice@{ORG}"
@@ -450,3 +451,79 @@ def test_selectors_outside_dns_label_syntax_are_refused(selector):
     if ok:
         assert all(label and label[0] != "-" and label[-1] != "-" for label in selector.split("."))
         assert set(selector) <= set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+# -- console, API, CLI -----------------------------------------------------------------------
+
+def test_overrides_and_dkim_keys_in_the_api_and_console(web, plain_sink, loopback_dns):
+    admin = web.api(web.admin_key)
+    acme = web.tenant("Acme", "ops@acme.test")
+    assert admin.post("/domains", json={"name": "acme.test", "servers": [plain_sink.address], "org": "Acme"}
+                      ).status_code == 201
+    assert admin.post("/domains", json={"name": "other.test", "servers": [plain_sink.address]}).status_code == 201
+    # Destination TLS: admins only; bad input is 422 naming the field, a duplicate 409.
+    assert admin.post("/destination-tls", json={"pattern": ".Example.org", "level": "encrypt"}).status_code == 201
+    assert admin.post("/destination-tls", json={"pattern": ".example.org", "level": "may"}).status_code == 409
+    bad = admin.post("/destination-tls", json={"pattern": "exa mple", "level": "may"})
+    assert bad.status_code == 422 and "pattern" in bad.text
+    assert admin.get("/destination-tls").json() == [{"pattern": ".example.org", "level": "encrypt", "ca_file": None}]
+    org_admin = web.api(acme.key)
+    assert org_admin.get("/destination-tls").status_code == 403
+    assert org_admin.post("/destination-tls", json={"pattern": "x.test", "level": "may"}).status_code == 403
+    # DKIM: an org-admin makes a key for its own domain; another organization's is not found.
+    made = org_admin.post("/domains/acme.test/dkim", json={"selector": "s1", "algorithm": "ed25519"})
+    assert made.status_code == 201 and made.json()["zone_line"].startswith("s1._domainkey.acme.test. IN TXT")
+    assert org_admin.post("/domains/other.test/dkim", json={}).status_code == 404
+    assert [k["selector"] for k in org_admin.get("/domains/acme.test/dkim").json()] == ["s1"]
+    assert org_admin.post("/domains/acme.test/dkim/check").json()[0]["status"] == "missing"
+    loopback_dns.set_records("s1._domainkey.acme.test", "TXT", [TXT(made.json()["record_value"].encode())])
+    try:
+        assert org_admin.post("/domains/acme.test/dkim/check").json()[0]["status"] == "ok"
+        # The console shows the record and the check.
+        console, _ = web.login("ops@acme.test")
+        page = console.get("/outbound").text
+        assert made.json()["public_key"] in page and "Set by the gateway's administrators" in page
+        assert "other.test" not in page
+        token = csrf_token(page)
+        checked = console.post("/outbound/dkim/check", data={"csrf_token": token, "domain": "acme.test"})
+        assert checked.status_code == 200 and "the published key is this key" in checked.text
+        assert console.post("/outbound/dkim", data={"csrf_token": token, "domain": "other.test",
+                                                    "algorithm": "rsa"}).status_code == 404
+        made_rsa = console.post("/outbound/dkim", data={"csrf_token": token, "domain": "acme.test",
+                                                        "selector": "s2", "algorithm": "rsa"})
+        assert made_rsa.status_code == 303
+        keys = org_admin.get("/domains/acme.test/dkim").json()
+        assert [(k["selector"], k["algorithm"], k["active"]) for k in keys] == [("s2", "rsa", True),
+                                                                                ("s1", "ed25519", False)]
+    finally:
+        loopback_dns.set_records("s1._domainkey.acme.test", "TXT", [])
+    # The admin's console form: an override with a bad level names the field and keeps the input.
+    console, _ = web.login("admin@gw.test")
+    token = csrf_token(console.get("/outbound").text)
+    refused = console.post("/outbound/destination-tls", data={"csrf_token": token, "pattern": "dst.test",
+                                                              "level": "maybe"})
+    assert refused.status_code == 422 and "level" in refused.text and 'value="dst.test"' in refused.text
+    assert console.post("/outbound/destination-tls", data={"csrf_token": token, "pattern": "dst.test",
+                                                           "level": "dane-only"}).status_code == 303
+    assert "dane-only" in console.get("/outbound?saved=tls").text
+    assert console.post("/outbound/destination-tls/remove", data={"csrf_token": token, "pattern": "dst.test"}
+                        ).status_code == 303
+    assert admin.delete("/destination-tls/.example.org").status_code == 204
+    assert admin.get("/destination-tls").json() == []
+
+
+def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir):
+    from tests.test_cli import mx
+    mx("domain", "add", ORG, "--server", "127.0.0.1:2525", data_dir=data_dir)
+    out = mx("domain", "dkim", "generate", ORG, "--selector", "cli1", "--algorithm", "ed25519", data_dir=data_dir)
+    assert f'cli1._domainkey.{ORG}. IN TXT ( "v=DKIM1; k=ed25519; p=' in out.stdout
+    shown = mx("domain", "dkim", "show", ORG, "--json", data_dir=data_dir)
+    assert '"selector": "cli1"' in shown.stdout
+    wrong = mx("domain", "dkim", "generate", ORG, "--algorithm", "dsa", data_dir=data_dir, check=False)
+    assert wrong.returncode == 2 and "algorithm" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert "encrypt" in mx("destination-tls", "add", ".dst.test", "encrypt", data_dir=data_dir).stdout
+    again = mx("destination-tls", "add", ".dst.test", "may", data_dir=data_dir, check=False)
+    assert again.returncode == 1 and "replace" in again.stderr
+    assert ".dst.test" in mx("destination-tls", "list", data_dir=data_dir).stdout
+    mx("destination-tls", "remove", ".dst.test", data_dir=data_dir)
+    assert mx("destination-tls", "list", "--json", data_dir=data_dir).stdout.strip() == "[]"

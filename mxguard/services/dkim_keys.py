@@ -91,6 +91,7 @@ async def generate_key(store: Store, sealer: Sealer, domain: str, *, selector: s
         ValidationFailed: (``selector``, ``algorithm``) invalid.
         AlreadyExists: the domain has a key with that selector.
     """
+    actor.require_console()  # before the work of making a key
     name = normalize_domain_name(domain)
     algorithm = (algorithm or "").strip().lower()
     if algorithm not in keys.ALGORITHMS:
