@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import email
 import hashlib
+import http.server
 import random
 import ssl
+import threading
 
 import dkim
 import dns.resolver
@@ -85,15 +87,52 @@ class Sinks:
 
 
 @pytest.fixture(scope="module")
-def sinks(downstream_cert):
-    s = Sinks(downstream_cert)
+def mx_cert(ca):
+    """The TLS sink's certificate, from the test CA, naming the MX hosts that point at it."""
+    return ca.issue_cert("mxgood.dst.test", "mxsts.dst.test", "mxsts2.dst.test")
+
+
+@pytest.fixture(scope="module")
+def sinks(mx_cert):
+    s = Sinks(mx_cert)
     yield s
     s.stop()
 
 
+STS_POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mxsts.dst.test\r\nmax_age: 86400\r\n"
+
+
+class _PolicyHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        host = self.headers.get("Host", "").split(":")[0]
+        known = host in ("mta-sts.stsgood.dst.test", "mta-sts.stsbad.dst.test")
+        self.send_response(200 if known and self.path == "/.well-known/mta-sts.txt" else 404)
+        self.send_header("Content-Type", "text/plain")
+        body = STS_POLICY if known else b"no"
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture(scope="module")
-def dnssec(sinks, downstream_cert):
-    leaf = x509.load_pem_x509_certificate(downstream_cert.cert_chain_pems[0].bytes())
+def policy_server(ca):
+    """The destinations' MTA-STS policy host (HTTPS, a certificate from the test CA)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PolicyHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("mta-sts.stsgood.dst.test", "mta-sts.stsbad.dst.test").configure_cert(ctx)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dnssec(sinks, mx_cert):
+    leaf = x509.load_pem_x509_certificate(mx_cert.cert_chain_pems[0].bytes())
     good = hashlib.sha256(leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
     tlsa = f"_{sinks.port}._tcp"
@@ -111,13 +150,17 @@ def dnssec(sinks, downstream_cert):
         "dane IN MX 10 mxbad", "danegood IN MX 10 mxgood",
         "grey IN MX 10 mxgrey", "gone IN MX 10 dead",
         "nameless IN MX 10 nowhere",
+        # MTA-STS enforce (no TLSA: DANE does not apply), MX host in the policy or not
+        "mxsts IN A 127.0.0.4", "mxsts2 IN A 127.0.0.4",
+        "stsgood IN MX 10 mxsts", '_mta-sts.stsgood IN TXT "v=STSv1; id=1"', "mta-sts.stsgood IN A 127.0.0.1",
+        "stsbad IN MX 10 mxsts2", '_mta-sts.stsbad IN TXT "v=STSv1; id=1"', "mta-sts.stsbad IN A 127.0.0.1",
     ]
     with LoopbackDnssec([Zone("dst.test", records)]) as servers:
         yield servers
 
 
 @pytest.fixture
-async def env(data_dir, loopback_dns, dnssec, sinks):
+async def env(data_dir, loopback_dns, dnssec, sinks, policy_server, ca_file):
     """A migrated store, an organization domain whose own server is a sink, and a spool worker
     whose resolver is unbound."""
     forget_cached_lookups()
@@ -125,7 +168,9 @@ async def env(data_dir, loopback_dns, dnssec, sinks):
     settings = load_settings(data_dir, environ=gateway_environ(loopback_dns))
     apply_overrides(settings, {**FAST_SPOOL, "downstream.dns_servers": [f"127.0.0.1:{dnssec.resolver_port}"],
                                "downstream.dns_timeout": 3.0, "downstream.outbound_port": sinks.port,
-                               "downstream.connect_timeout": 3.0})
+                               "downstream.connect_timeout": 3.0, "downstream.mta_sts_port": policy_server,
+                               "downstream.mta_sts_ca_file": str(ca_file),
+                               "downstream.outbound_ca_file": str(ca_file)})
     store = Store(settings.effective_database_url)
     await store.migrate()
     with ThreadedSink(hostname="mail.org.example") as org_server:
@@ -350,6 +395,23 @@ async def test_dane_with_the_right_certificate_delivers_verified(env, sinks):
     attempt = (await env.attempts(entry.id))[-1]
     assert attempt.tls and attempt.verified
     assert sinks.tls.wait_for(1) and sinks.tls.messages[0].tls_version
+
+
+async def test_mta_sts_enforce_is_honoured(env, sinks):
+    """No TLSA records: the destination's MTA-STS policy decides. Its MX host is delivered to over
+    PKIX-verified TLS; an MX host outside the policy gets nothing (RFC 8461 section 5)."""
+    good = await env.run(await env.outbound(["bob@stsgood.dst.test"]))
+    assert good.status == "delivered", good.last_reply
+    attempt = (await env.attempts(good.id))[-1]
+    assert attempt.tls and attempt.verified
+    assert attempt.results[SPOOL_SESSIONS_KEY][0]["policy"] == "mta-sts"
+    assert sinks.tls.wait_for(1)
+    bad = await env.run(await env.outbound(["bob@stsbad.dst.test"]))
+    assert bad.status == "queued" and "451 4.7.5" in bad.last_reply
+    assert len(sinks.tls.messages) == 1
+    session = (await env.attempts(bad.id))[-1].results[SPOOL_SESSIONS_KEY][0]
+    assert session["tls_rpt"] == {f"mxsts2.dst.test:{sinks.port}": "validation-failure"}
+    assert session["tls_rpt_policy"] == {f"mxsts2.dst.test:{sinks.port}": "mta-sts"}
 
 
 async def test_an_encrypt_override_defers_a_destination_without_starttls(env, sinks):

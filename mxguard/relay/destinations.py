@@ -74,13 +74,16 @@ def matching_override(domain: str, overrides: Iterable[DestinationTls]) -> Desti
     return best
 
 
-def destination_route(mx: MxResult, override: DestinationTls | None, *, port: int = 25) -> Route:
+def destination_route(mx: MxResult, override: DestinationTls | None, *, port: int = 25,
+                      ca_file: str | None = None) -> Route:
     """The :class:`Route` to ``mx.domain``'s MX hosts under the destination's TLS policy.
 
     Args:
         mx: the MX hosts and addresses (:func:`mxguard.relay.mx.resolve_mx`).
         override: the destination's override, if any (:func:`matching_override`).
         port: the MX hosts' SMTP port (25).
+        ca_file: CA bundle for PKIX verification (MTA-STS ``enforce``, ``verify``); ``None``: the
+            system trust store. An override's own CA file wins.
 
     Returns:
         A route whose ``addresses`` are every (host, port, address) in order; ``policy_domain``
@@ -91,10 +94,10 @@ def destination_route(mx: MxResult, override: DestinationTls | None, *, port: in
     if override is None:
         # DANE only over a validated MX answer; MTA-STS where DANE does not apply.
         tls = DownstreamTls.DANE if mx.secure else DownstreamTls.MTA_STS
-        return Route(servers=servers, tls=tls, policy_domain=mx.domain, addresses=addresses,
+        return Route(servers=servers, tls=tls, ca_file=ca_file, policy_domain=mx.domain, addresses=addresses,
                      sts_fallback=tls is DownstreamTls.DANE)
     mode = LEVELS[override.level]
     if mode is DownstreamTls.DANE and not mx.secure:
         mode = DownstreamTls.OPPORTUNISTIC  # RFC 7672 2.2.1: an unsigned MX answer gives no DANE
-    return Route(servers=servers, tls=mode, ca_file=override.ca_file if mode is DownstreamTls.VERIFY else None,
+    return Route(servers=servers, tls=mode, ca_file=(override.ca_file or ca_file) if mode is DownstreamTls.VERIFY else None,
                  policy_domain=mx.domain, addresses=addresses)

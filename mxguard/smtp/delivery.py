@@ -255,6 +255,7 @@ class DownstreamConnection:
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
                         result_type=refusal.result_type)
+            self._decided_source = refusal.policy
             raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         mode = policy.mode
         self._decided_source = policy.source

@@ -275,7 +275,8 @@ class SpoolWorker:
         except MxFailure as failure:
             log.info("no MX host for the destination", domain=domain, reply=failure.reply.one_line())
             return failure.reply
-        return destination_route(mx, matching_override(domain, self._overrides), port=d.outbound_port)
+        return destination_route(mx, matching_override(domain, self._overrides), port=d.outbound_port,
+                                 ca_file=d.outbound_ca_file and str(self.settings.path(d.outbound_ca_file)) or None)
 
     async def _routes_for(self, entry: SpoolEntry, rcpts: list[str]) -> dict[Route | Reply | None, list[str]]:
         if entry.kind == "dsn":

@@ -47,10 +47,13 @@ class PolicyRefusal(Exception):
         result_type: the RFC 8460 (TLS-RPT) result type, e.g. ``dnssec-invalid``.
     """
 
-    def __init__(self, reason: str, result_type: str):
+    def __init__(self, reason: str, result_type: str, policy: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.result_type = result_type
+        #: The policy source that refused (``mta-sts``...), when the caller cannot tell from the
+        #: mode alone (an outbound route consults DANE, then MTA-STS); ``None`` otherwise.
+        self.policy = policy
 
 
 @dataclass
@@ -290,7 +293,7 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
     if not policy.matches(host):
         if policy.mode == "enforce":
             raise PolicyRefusal(f"{host} does not match the MTA-STS mx patterns of {policy_domain} "
-                                f"({', '.join(policy.mx)})", "validation-failure")
+                                f"({', '.join(policy.mx)})", "validation-failure", "mta-sts")
         log.warning("MTA-STS testing: MX host does not match the policy", domain=policy_domain, host=host)
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address,
                             report_failure="validation-failure", report_policy="mta-sts-testing")
