@@ -581,6 +581,18 @@ def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir):
     assert f'cli1._domainkey.{ORG}. IN TXT ( "v=DKIM1; k=ed25519; p=' in out.stdout
     shown = mx("domain", "dkim", "show", ORG, "--json", data_dir=data_dir)
     assert '"selector": "cli1"' in shown.stdout
+    # A new sealing key re-seals the DKIM key; it still opens and signs.
+    assert "and 1 DKIM keys" in mx("keys", "rotate", data_dir=data_dir).stdout
+    from mxguard.dkim_signing import DkimSigner
+
+    async def signer():
+        settings = load_settings(data_dir, environ={})
+        store = Store(settings.effective_database_url)
+        try:
+            return await dkim_keys.signer_for(store, KeyRing(settings.path(settings.sealing_key_file)).get(), ORG)
+        finally:
+            await store.close()
+    assert isinstance(asyncio.run(signer()), DkimSigner)
     wrong = mx("domain", "dkim", "generate", ORG, "--algorithm", "dsa", data_dir=data_dir, check=False)
     assert wrong.returncode == 2 and "algorithm" in wrong.stderr and "Traceback" not in wrong.stderr
     assert "encrypt" in mx("destination-tls", "add", ".dst.test", "encrypt", data_dir=data_dir).stdout

@@ -171,6 +171,22 @@ async def signer_for(store: Store, sealer: Sealer, domain: str) -> DkimSigner | 
     return keys.signer(pem, key.selector, name)
 
 
+async def reseal_keys(store: Store, sealer: Sealer) -> int:
+    """Re-seal every DKIM private key not sealed with the current key (``keys rotate``); the count.
+
+    Raises:
+        SealingError: a key cannot be opened with the key file.
+    """
+    async with store.session() as session:
+        rows = (await session.execute(select(DkimKey, Domain.name).join(Domain, Domain.id == DkimKey.domain_id)
+                                      .where(DkimKey.key_id != sealer.current_key_id))).all()
+        for row, name in rows:
+            plain = sealer.open(row.private_key, seal_context(name, row.selector))
+            row.key_id, row.private_key = sealer.seal(plain, seal_context(name, row.selector))
+        await session.commit()
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class DkimDnsCheck:
     """What DNS says about one key's record.
