@@ -72,6 +72,7 @@ class MxFailure(Exception):
 
 
 def null_mx(domain: str) -> Reply:
+    """The permanent refusal for a domain that publishes a null MX (RFC 7505 section 4.2)."""
     return Reply(556, "5.1.10", f"{domain} accepts no mail (null MX, RFC 7505)")
 
 

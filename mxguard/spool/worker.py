@@ -19,9 +19,8 @@ import os
 import socket
 from collections import defaultdict
 
-import structlog
-
 import dkim
+import structlog
 
 from mxguard.config import Settings
 from mxguard.dkim_signing import KeyFileError
@@ -65,7 +64,7 @@ class SpoolWorker:
         self.keyring = keyring
         self.message_log = message_log
         self.owner = f"{settings.hostname}:{socket.gethostname()}:{os.getpid()}"
-        self.route_limits: dict[Route, asyncio.Semaphore] = defaultdict(
+        self.route_limits: dict[Route | tuple[str, str], asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.spool.route_concurrency))
         self.resolver_nameservers = resolver_nameservers or []
         self._task: asyncio.Task | None = None
@@ -75,6 +74,7 @@ class SpoolWorker:
         #: Open connections to internet destinations, reused across outbound entries.
         self.pool = ConnectionPool(d.pool_max_idle, d.pool_idle_timeout, d.pool_max_age)
         self._overrides: list[DestinationTls] | None = None
+        self._outbound_users: dict[tuple[str, str], int] = {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -215,11 +215,29 @@ class SpoolWorker:
     async def _attempt_outbound(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
                                 attempt: SpoolAttempt, sessions: list[dict]) -> dict[str, Reply]:
         """One attempt to an internet destination on a pooled connection (``RSET`` before reuse).
-        TLS-RPT counts the session
-        under the destination domain (reports go only where it publishes ``_smtp._tls``)."""
+
+        TLS-RPT counts the session under the destination domain (reports go only where it
+        publishes ``_smtp._tls``, see :mod:`mxguard.tls.reporting`).
+        """
         route = route_for_message(route, message, requiretls=entry.requiretls)
         policy_domain = entry.domain
-        async with self.route_limits[route]:
+        # At most route_concurrency deliveries per destination; the semaphore lives while in use
+        # (destinations are many: none is kept for ever).
+        key = ("outbound", entry.domain)
+        self._outbound_users[key] = self._outbound_users.get(key, 0) + 1
+        try:
+            return await self._attempt_outbound_limited(entry, route, rcpts, message, attempt, sessions,
+                                                        self.route_limits[key], policy_domain)
+        finally:
+            self._outbound_users[key] -= 1
+            if not self._outbound_users[key]:
+                del self._outbound_users[key]
+                self.route_limits.pop(key, None)
+
+    async def _attempt_outbound_limited(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
+                                        attempt: SpoolAttempt, sessions: list[dict], limit: asyncio.Semaphore,
+                                        policy_domain: str) -> dict[str, Reply]:
+        async with limit:
             # A parked connection is used when its RSET is answered; one the server dropped
             # meanwhile fails the RSET and a fresh one is opened instead.
             conn = self.pool.acquire(route)
