@@ -239,7 +239,8 @@ async def test_mx_resolution_orders_falls_back_and_refuses(dnssec):
     pref = await resolve_mx("pref.dst.test", dns_servers=servers)
     assert [h.name for h in pref.hosts] == ["mx1.dst.test", "mx2.dst.test"] and pref.secure
     implicit = await resolve_mx("implicit.dst.test", dns_servers=servers)
-    assert implicit.implicit and implicit.hosts == (MxHost("implicit.dst.test", 0, ("127.0.0.3",)),)
+    assert implicit.implicit and implicit.secure
+    assert implicit.hosts == (MxHost("implicit.dst.test", 0, ("127.0.0.3",)),)
     v6 = await resolve_mx("v6.dst.test", dns_servers=servers)
     assert v6.hosts[0].addresses == ("::1",)
     for domain, code, enhanced in (("null.dst.test", 556, "5.1.10"), ("nxdomain.dst.test", 550, "5.1.2"),
@@ -323,6 +324,7 @@ async def test_null_mx_fails_at_once_with_a_dsn_to_the_sender(env, sinks):
     dsns = await env.deliver_dsns()
     assert len(dsns) == 1 and dsns[0].rcpt_tos == [SENDER] and dsns[0].mail_from in ("", "<>")
     assert _dsn_status(dsns[0].data) == ["5.1.10"]
+    assert b"does not exist or accepts no mail" in dsns[0].data
 
 
 async def test_a_5xx_from_the_destination_gives_a_dsn_now(env, sinks):
@@ -424,6 +426,20 @@ async def test_an_encrypt_override_defers_a_destination_without_starttls(env, si
     dane = await env.run(await env.outbound(["bob@dane.dst.test"]))
     assert dane.status == "delivered" and sinks.tls.wait_for(1)
     assert not (await env.attempts(dane.id))[-1].verified
+
+
+async def test_a_verify_override_checks_the_certificate_names_the_mx_host(env, sinks):
+    """``verify``: the certificate must chain to the CA and name the MX host; the TLS sink's names
+    mxgood but not mxbad, so the one is delivered verified and the other deferred, nothing sent."""
+    await destination_tls.add_override(env.store, "danegood.dst.test", "verify")
+    await destination_tls.add_override(env.store, "dane.dst.test", "verify")
+    good = await env.run(await env.outbound(["bob@danegood.dst.test"]))
+    assert good.status == "delivered" and (await env.attempts(good.id))[-1].verified
+    assert sinks.tls.wait_for(1)
+    bad = await env.run(await env.outbound(["bob@dane.dst.test"]))
+    assert bad.status == "queued" and "451 4.7.5" in bad.last_reply and len(sinks.tls.messages) == 1
+    session = (await env.attempts(bad.id))[-1].results[SPOOL_SESSIONS_KEY][0]
+    assert session["tls_rpt"] == {f"mxbad.dst.test:{sinks.port}": "certificate-host-mismatch"}
 
 
 async def test_overrides_are_validated_and_managed(env):

@@ -43,6 +43,10 @@ from mxguard.storage.sealing import KeyRing, SealingError
 
 log = structlog.get_logger("mxguard.spool")
 
+#: Enhanced codes of an outbound destination without a mail server (null MX, RFC 7505; no such
+#: domain; no address): the DSN says so instead of "refused".
+NO_ROUTE_STATUSES = ("5.1.10", "5.1.2", "5.4.4")
+
 
 class SpoolWorker:
     """Claims due spool entries and delivers them.
@@ -342,7 +346,9 @@ class SpoolWorker:
                         recipients=[f.rcpt for f in failed])
             return
         expired = any(f.status == "4.4.7" for f in failed)
+        no_route = all(f.status in NO_ROUTE_STATUSES for f in failed)
         reason = ("It stayed undeliverable for the maximum holding time." if expired
+                  else "The recipient's domain does not exist or accepts no mail." if no_route
                   else "The recipient's server refused it.")
         dsn = build_dsn(reporting_host=self.settings.hostname, original_sender=entry.mail_from,
                         original_message=message, recipients=failed, arrival=entry.created_at,
