@@ -189,14 +189,15 @@ class Env:
         self.store, self.settings, self.worker, self.keyring, self.org_server = (
             store, settings, worker, keyring, org_server)
 
-    async def outbound(self, rcpts: list[str], *, sender: str = SENDER, body: bytes | None = None) -> int:
+    async def outbound(self, rcpts: list[str], *, sender: str = SENDER, body: bytes | None = None,
+                       requiretls: bool = False) -> int:
         """Spool one outbound entry through the acceptance code, due now; its id."""
         spooler = StoreSpooler(self.store, self.keyring, self.settings)
         domain = rcpts[0].rpartition("@")[2]
         entry = spooler.entry(txn_id=f"T{random.getrandbits(40):010x}", domain=domain, mail_from=sender,
                               recipients=rcpts, message=body or message(sender=sender or "x@org.example",
                                                                          to=rcpts[0]),
-                              subject="test", kind="outbound", due_now=True)
+                              subject="test", kind="outbound", due_now=True, requiretls=requiretls)
         await spooler.hold([entry])
         async with self.store.session() as session:
             from sqlalchemy import select
@@ -378,6 +379,13 @@ async def test_connections_to_a_destination_are_reused_with_rset(env, sinks):
     assert sinks.plain.connections - before == 1
     reused = [a.results[SPOOL_SESSIONS_KEY][0].get("reused") for i in ids for a in await env.attempts(i)]
     assert reused == [False, True, True]
+    # The server drops the parked connection: the RSET fails and a fresh connection carries the next one.
+    sinks.plain.drop_connections()
+    await asyncio.sleep(0.05)
+    later = await env.run(await env.outbound(["u9@pref.dst.test"]))
+    assert later.status == "delivered" and sinks.plain.wait_for(4)
+    assert sinks.plain.connections - before == 2
+    assert (await env.attempts(later.id))[-1].results[SPOOL_SESSIONS_KEY][0]["reused"] is False
 
 
 # -- TLS per destination ---------------------------------------------------------------------
@@ -414,6 +422,17 @@ async def test_mta_sts_enforce_is_honoured(env, sinks):
     session = (await env.attempts(bad.id))[-1].results[SPOOL_SESSIONS_KEY][0]
     assert session["tls_rpt"] == {f"mxsts2.dst.test:{sinks.port}": "validation-failure"}
     assert session["tls_rpt_policy"] == {f"mxsts2.dst.test:{sinks.port}": "mta-sts"}
+
+
+async def test_requiretls_goes_only_over_verified_tls_to_a_requiretls_server(env, sinks):
+    """RFC 8689: neither a server without TLS nor a DANE-verified one without REQUIRETLS gets it;
+    the sender hears so (5.7.10), nothing is sent."""
+    plain = await env.run(await env.outbound(["bob@pref.dst.test"], requiretls=True))
+    verified = await env.run(await env.outbound(["bob@danegood.dst.test"], requiretls=True))
+    for entry in (plain, verified):
+        assert entry.status == "failed" and "550 5.7.10" in entry.last_reply
+    assert sinks.plain.messages == [] and sinks.tls.messages == []
+    assert [_dsn_status(m.data) for m in await env.deliver_dsns()] == [["5.7.10"], ["5.7.10"]]
 
 
 async def test_an_encrypt_override_defers_a_destination_without_starttls(env, sinks):
@@ -466,6 +485,26 @@ def test_override_matching(label, base, level):
     assert matching_override(base, [suffix, exact]) == exact
     assert matching_override(f"{label}{base}", [suffix]) is None
     assert matching_override(below.upper() + ".", [exact, suffix]) == suffix
+
+
+_hosts = st.lists(st.tuples(st.from_regex(r"mx[0-9]{1,2}\.d\.test", fullmatch=True),
+                            st.lists(st.sampled_from(["127.0.0.2", "127.0.0.3", "::1"]), min_size=1, max_size=3,
+                                     unique=True)), min_size=1, max_size=4, unique_by=lambda h: h[0])
+
+
+@given(_hosts, st.booleans(), st.none() | st.sampled_from(sorted(LEVELS)))
+def test_routes_keep_the_mx_order_and_never_use_dane_over_an_unsigned_mx(hosts, secure, level):
+    mx = MxResult("d.test", tuple(MxHost(name, 10 * i, tuple(addrs)) for i, (name, addrs) in enumerate(hosts)),
+                  secure=secure)
+    route = destination_route(mx, DestinationTls("d.test", level) if level else None, port=2525)
+    assert route.addresses == tuple((name, 2525, a) for name, addrs in hosts for a in addrs)
+    assert route.servers == tuple((name, 2525) for name, _ in hosts) and route.policy_domain == "d.test"
+    if not secure and level != "dane-only":
+        assert route.tls not in (DownstreamTls.DANE, DownstreamTls.DANE_ONLY)
+    if level is None:
+        assert route.tls in (DownstreamTls.DANE, DownstreamTls.MTA_STS)
+    elif level != "dane":
+        assert route.tls is LEVELS[level] and not route.sts_fallback
 
 
 def test_default_route_is_dane_then_mta_sts_and_unsigned_mx_gets_no_dane():
