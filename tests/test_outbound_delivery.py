@@ -540,6 +540,26 @@ async def test_outbound_mail_is_dkim_signed_and_verifies_at_the_sink(env, sinks,
     assert ("a=ed25519-sha256" if algorithm == "ed25519" else "a=rsa-sha256") in sig.replace(" ", "")
 
 
+async def test_the_from_domain_signs_when_it_is_the_organizations(env, sinks):
+    """DMARC alignment (RFC 7489 3.1.1): From: news.org.example, same organization as the
+    envelope's org.example, signs with its own key; a From domain of another organization never
+    lends its key (the envelope domain's key signs instead, or nothing)."""
+    from mxguard.services import orgs
+    await orgs.add_org(env.store, "Other")
+    await domain_service.add_domain(env.store, "news.org.example", ["127.0.0.1:9"])
+    await domain_service.add_domain(env.store, "other.example", ["127.0.0.1:9"], org="Other")
+    for name in ("news.org.example", "other.example"):
+        await dkim_keys.generate_key(env.store, env.keyring.get(), name, selector="k", algorithm="ed25519")
+    aligned = message(sender="news@news.org.example", to="bob@pref.dst.test")
+    foreign = message(subject="foreign", sender="ceo@other.example", to="bob@pref.dst.test")
+    for body in (aligned, foreign):
+        assert (await env.run(await env.outbound(["bob@pref.dst.test"], body=body))).status == "delivered"
+    assert sinks.plain.wait_for(2)
+    first, second = (m.data for m in sinks.plain.messages)
+    assert "d=news.org.example" in email.message_from_bytes(first)["DKIM-Signature"]
+    assert not second.startswith(b"DKIM-Signature:")
+
+
 async def test_dkim_key_is_sealed_shown_and_checked_in_dns(env, loopback_dns):
     view = await dkim_keys.generate_key(env.store, env.keyring.get(), ORG, selector="mxg1", algorithm="ed25519")
     async with env.store.session() as session:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import base64
 import re
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mxguard.dkim_signing import DkimSigner, signer_from_pem
+from mxguard.smtp.headers import header_block_end
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
@@ -83,6 +87,18 @@ def public_key_of(txt: str) -> str | None:
         if name.strip() == "p":
             return re.sub(r"\s+", "", value)
     return None
+
+
+def from_header_domain(message: bytes) -> str | None:
+    """The domain of the first address in the message's ``From`` header (RFC 5322 section
+    3.6.2), lower-case; ``None`` when there is none or it has no domain."""
+    head = message[:header_block_end(message)]
+    value = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n").get("From")
+    if value is None:
+        return None
+    addresses = getaddresses([str(value)])
+    domain = addresses[0][1].rpartition("@")[2].strip().lower() if addresses else ""
+    return domain or None
 
 
 def signer(pem: bytes, selector: str, domain: str) -> DkimSigner:

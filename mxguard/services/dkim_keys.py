@@ -154,6 +154,31 @@ async def remove_key(store: Store, domain: str, selector: str, *, actor: Actor =
     return view
 
 
+async def signing_domain(store: Store, envelope_domain: str, from_domain: str | None) -> str:
+    """Which domain's key signs an outbound message: the ``From`` header's domain when it is a
+    served domain of the envelope sender's domain's organization with an active key (the
+    signature then aligns with ``From`` for DMARC, RFC 7489 section 3.1.1), else the envelope
+    sender's domain. Never another organization's domain (domains of no organization, the
+    administrators' own, count as one organization).
+
+    Args:
+        envelope_domain: the envelope sender's domain (the relay checked it is the organization's).
+        from_domain: the ``From`` header's domain, if any.
+    """
+    envelope_domain = envelope_domain.rstrip(".").lower()
+    from_domain = (from_domain or "").rstrip(".").lower()
+    if not from_domain or from_domain == envelope_domain:
+        return envelope_domain
+    async with store.session() as session:
+        rows = dict((await session.execute(select(Domain.name, Domain.org_id).where(
+            Domain.name.in_([envelope_domain, from_domain])))).all())
+        if envelope_domain not in rows or from_domain not in rows or rows[envelope_domain] != rows[from_domain]:
+            return envelope_domain
+        has_key = await session.scalar(select(DkimKey.id).join(Domain, Domain.id == DkimKey.domain_id)
+                                       .where(Domain.name == from_domain, DkimKey.active.is_(True)))
+    return from_domain if has_key is not None else envelope_domain
+
+
 async def signer_for(store: Store, sealer: Sealer, domain: str) -> DkimSigner | None:
     """The signer of a domain's active key, or ``None`` (no key; the domain is not served).
 

@@ -25,10 +25,10 @@ import structlog
 from mxguard.config import Settings
 from mxguard.dkim_signing import KeyFileError
 from mxguard.relay.destinations import DestinationTls, destination_route, matching_override
-from mxguard.relay.dkim import sign_outbound
+from mxguard.relay.dkim import from_header_domain, sign_outbound
 from mxguard.relay.mx import MxFailure, resolve_mx
 from mxguard.services.destination_tls import all_overrides
-from mxguard.services.dkim_keys import signer_for
+from mxguard.services.dkim_keys import signer_for, signing_domain
 from mxguard.smtp.delivery import (DownstreamConnection, DownstreamLost, RouteFailure, attempt_item, deliver_once,
                                    send_transaction)
 from mxguard.smtp.pool import ConnectionPool
@@ -272,11 +272,13 @@ class SpoolWorker:
         return results
 
     async def _signed(self, entry: SpoolEntry, message: bytes) -> bytes:
-        """The message DKIM-signed with the sender's domain's active key, if it has one (else as it is)."""
+        """The message DKIM-signed with the active key of the ``From`` domain (when it is the
+        sender's organization's) or of the envelope sender's domain, if it has one (else as it is)."""
         domain = entry.mail_from.rpartition("@")[2].lower()
         if not domain:
             return message
         try:
+            domain = await signing_domain(self.store, domain, from_header_domain(message))
             signer = await signer_for(self.store, self.keyring.get(), domain)
             return sign_outbound(message, signer) if signer is not None else message
         except (SealingError, KeyFileError, dkim.DKIMException) as exc:
