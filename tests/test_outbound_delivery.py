@@ -461,6 +461,22 @@ async def test_a_verify_override_checks_the_certificate_names_the_mx_host(env, s
     assert session["tls_rpt"] == {f"mxbad.dst.test:{sinks.port}": "certificate-host-mismatch"}
 
 
+async def test_explain_says_how_mail_to_a_destination_goes(env, sinks):
+    """What ``destination-tls show`` and the console print: the same resolver as delivery."""
+    d = env.settings.downstream
+    dane = await destination_tls.explain(env.store, d, "danegood.dst.test")
+    assert dane.mx_secure and dane.mode == "dane" and dane.sts_fallback and dane.override is None
+    assert [(s.source, s.tlsa[0][:6]) for s in dane.servers] == [("dane", "3 1 1 ")]
+    bad = await destination_tls.explain(env.store, d, "stsbad.dst.test")
+    assert bad.servers[0].source == "refused" and bad.servers[0].result_type == "validation-failure"
+    await destination_tls.add_override(env.store, "pref.dst.test", "encrypt")
+    pref = await destination_tls.explain(env.store, d, "pref.dst.test")
+    assert pref.override == DestinationTls("pref.dst.test", "encrypt")
+    assert [h[0] for h in pref.hosts] == ["mx1.dst.test", "mx2.dst.test"]
+    assert {s.mode for s in pref.servers} == {"required"}
+    assert (await destination_tls.explain(env.store, d, "null.dst.test")).failure.startswith("556 5.1.10")
+
+
 async def test_overrides_are_validated_and_managed(env):
     with pytest.raises(ValidationFailed):
         await destination_tls.add_override(env.store, "not a domain", "encrypt")
@@ -592,6 +608,12 @@ def test_selectors_outside_dns_label_syntax_are_refused(selector):
 
 # -- console, API, CLI -----------------------------------------------------------------------
 
+@pytest.fixture
+def gateway_overrides(loopback_dns) -> dict:
+    """The ``web`` gateway's destination lookups go to the loopback DNS server (NXDOMAIN for
+    what it does not know), never to the system's resolver."""
+    return {"downstream.dns_servers": [loopback_dns.address], "downstream.dns_timeout": 2.0}
+
 def test_overrides_and_dkim_keys_in_the_api_and_console(web, plain_sink, loopback_dns):
     admin = web.api(web.admin_key)
     acme = web.tenant("Acme", "ops@acme.test")
@@ -643,6 +665,9 @@ def test_overrides_and_dkim_keys_in_the_api_and_console(web, plain_sink, loopbac
     assert console.post("/outbound/destination-tls", data={"csrf_token": token, "pattern": "dst.test",
                                                            "level": "dane-only"}).status_code == 303
     assert "dane-only" in console.get("/outbound?saved=tls").text
+    looked = console.post("/outbound/explain", data={"csrf_token": token, "domain": "null.test"})
+    assert looked.status_code == 200 and 'id="explain-result"' in looked.text and "550 5.1.2" in looked.text
+    assert console.post("/outbound/explain", data={"csrf_token": token, "domain": "no domain"}).status_code == 422
     assert console.post("/outbound/destination-tls/remove", data={"csrf_token": token, "pattern": "dst.test"}
                         ).status_code == 303
     assert admin.delete("/destination-tls/.example.org").status_code == 204

@@ -1,4 +1,4 @@
-"""``mxguard destination-tls add|list|remove``: TLS overrides per internet destination for
+"""``mxguard destination-tls add|list|remove|show``: TLS overrides per internet destination for
 outbound delivery (Postfix ``smtp_tls_policy_maps``)."""
 
 from __future__ import annotations
@@ -64,3 +64,29 @@ def remove(pattern: str = typer.Argument(..., show_default=False, metavar="DESTI
 
     view = run(with_store(lambda store: svc.remove_override(store, pattern, actor=Actor.cli())))
     console.print(f"Removed the TLS override for {view.pattern} (was {view.level})", highlight=False)
+
+
+@destination_tls_app.command("show")
+@handle_errors
+def show(domain: str = typer.Argument(..., show_default=False, metavar="DOMAIN", help="A destination domain"),
+         as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """How mail to DOMAIN would go now: its MX hosts, the override, the TLS policy per address
+    (DNS lookups and the MTA-STS policy only; no SMTP connection)."""
+    from mxguard.cli.common import settings
+    from mxguard.services import destination_tls as svc
+
+    report = run(with_store(lambda store: svc.explain(store, settings().downstream, domain, actor=Actor.cli())))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    if report.failure:
+        console.print(f"{report.domain}: no delivery: {escape(report.failure)}", highlight=False)
+        raise typer.Exit(1)
+    how = (f"override {report.override.pattern} = {report.override.level}" if report.override else
+           "default (opportunistic, upgraded by DANE and MTA-STS)")
+    console.print(f"{report.domain}: {how}; MX answer {'DNSSEC-validated' if report.mx_secure else 'not validated'}",
+                  highlight=False)
+    table = Table("server", "decided by", "mode", "what it means")
+    for s in report.servers:
+        table.add_row(escape(s.server), s.source, s.mode, escape(s.meaning))
+    console.print(table)

@@ -11,8 +11,14 @@ import os
 
 from sqlalchemy import select
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from mxguard.config import DownstreamSettings
 from mxguard.errors import AlreadyExists, NotFound, ValidationFailed
-from mxguard.relay.destinations import LEVELS, DestinationTls
+from mxguard.relay.destinations import LEVELS, DestinationTls, destination_route, matching_override
+from mxguard.relay.mx import MxFailure, resolve_mx
+from mxguard.tls.explain import ServerPolicyReport, explain_destination
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.services.domains import bump_generation, normalize_domain_name
@@ -126,3 +132,62 @@ async def all_overrides(store: Store) -> list[DestinationTls]:
     """Every override, for delivery (no actor: the gateway's own read)."""
     async with store.session() as session:
         return [_view(r) for r in (await session.execute(select(DestinationTlsPolicy))).scalars()]
+
+
+@dataclass
+class DestinationReport:
+    """How mail to a destination would go now (``destination-tls show``, the console).
+
+    Attributes:
+        domain: the destination domain.
+        override: the matching override, if any.
+        mode: the route's TLS mode (``dane`` with ``mta_sts`` fallback is the default over a
+            DNSSEC-validated MX answer, ``mta-sts`` over an unsigned one).
+        sts_fallback: MTA-STS decides where DANE does not apply.
+        mx_secure: the MX answer was DNSSEC-validated.
+        hosts: ``[(MX host, preference, [addresses])]`` in the order tried.
+        servers: the resolver's decision per address.
+        failure: the reply when there is no host (null MX, no such domain, DNS failure).
+    """
+
+    domain: str
+    override: DestinationTls | None = None
+    mode: str = ""
+    sts_fallback: bool = False
+    mx_secure: bool = False
+    hosts: list[tuple[str, int, list[str]]] = field(default_factory=list)
+    servers: list[ServerPolicyReport] = field(default_factory=list)
+    failure: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"domain": self.domain, "override": self.override.as_dict() if self.override else None,
+                "mode": self.mode, "sts_fallback": self.sts_fallback, "mx_secure": self.mx_secure,
+                "hosts": [{"name": h, "preference": p, "addresses": a} for h, p, a in self.hosts],
+                "servers": [s.as_dict() for s in self.servers], "failure": self.failure}
+
+
+async def explain(store: Store, settings: DownstreamSettings, domain: str, *,
+                  actor: Actor = SYSTEM) -> DestinationReport:
+    """Look the destination up as the next outbound delivery would (MX, override, TLS per
+    address); DNS lookups and an MTA-STS fetch only, no SMTP connection.
+
+    Raises:
+        PermissionDenied: the actor is not an administrator.
+        ValidationFailed: (``domain``) not a domain name.
+    """
+    actor.require_admin()
+    name = normalize_domain_name(domain)
+    override = matching_override(name, await all_overrides(store))
+    report = DestinationReport(name, override)
+    try:
+        mx = await resolve_mx(name, dns_servers=settings.dns_servers, timeout=settings.dns_timeout,
+                              max_hosts=settings.outbound_max_mx, max_addresses=settings.outbound_max_addresses)
+    except MxFailure as failure:
+        report.failure = failure.reply.one_line()
+        return report
+    route = destination_route(mx, override, port=settings.outbound_port)
+    report.mode, report.sts_fallback, report.mx_secure = route.tls.value, route.sts_fallback, mx.secure
+    report.hosts = [(h.name, h.preference, list(h.addresses)) for h in mx.hosts]
+    report.servers = await explain_destination(name, route.tls, list(route.addresses), settings,
+                                               sts_fallback=route.sts_fallback)
+    return report

@@ -25,7 +25,7 @@ NOTICES = {"tls": "TLS override saved; the next delivery to that destination use
 
 async def _render(request: Request, me: ConsoleUser, ctx: WebContext, *, status: int = 200, tls_error=None,
                   tls_form: dict | None = None, dkim_error=None, dkim_form: dict | None = None, checks=None,
-                  notice: str | None = None):
+                  notice: str | None = None, report=None, report_error=None):
     overrides = await destination_tls.list_overrides(ctx.store, actor=me.actor) if me.actor.is_admin else []
     domains = await domain_service.list_domains(ctx.store, actor=me.actor)
     keys = {d.name: await dkim_keys.list_keys(ctx.store, d.name, actor=me.actor) for d in domains}
@@ -33,7 +33,8 @@ async def _render(request: Request, me: ConsoleUser, ctx: WebContext, *, status:
         "me": me, "overrides": overrides, "levels": list(LEVELS), "algorithms": ALGORITHMS, "domains": domains,
         "keys": keys, "tls_error": str(tls_error) if tls_error else None, "tls_form": tls_form or {},
         "dkim_error": str(dkim_error) if dkim_error else None, "dkim_form": dkim_form or {},
-        "checks": checks or {}, "notice": notice,
+        "checks": checks or {}, "notice": notice, "report": report,
+        "report_error": str(report_error) if report_error else None,
     }, status_code=status)
 
 
@@ -95,3 +96,15 @@ async def check(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: 
     for view in await dkim_keys.list_keys(ctx.store, name, actor=me.actor):
         results[(view.domain, view.selector)] = await dkim_keys.check_dns(view, resolver)
     return await _render(request, me, ctx, checks=results)
+
+
+@router.post("/outbound/explain")
+async def explain(request: Request, me: ConsoleUser = Depends(csrf_checked), ctx: WebContext = Depends(get_ctx)):
+    """How mail to a destination would go now (MX hosts, override, TLS per address); admins."""
+    form = await request.form()
+    try:
+        report = await destination_tls.explain(ctx.store, ctx.settings.downstream, str(form.get("domain", "")),
+                                               actor=me.actor)
+    except ValidationFailed as exc:
+        return await _render(request, me, ctx, report_error=exc, status=422)
+    return await _render(request, me, ctx, report=report)
