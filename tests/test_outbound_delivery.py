@@ -674,7 +674,7 @@ def test_overrides_and_dkim_keys_in_the_api_and_console(web, plain_sink, loopbac
     assert admin.get("/destination-tls").json() == []
 
 
-def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir):
+def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir, loopback_dns):
     from tests.test_cli import mx
     mx("domain", "add", ORG, "--server", "127.0.0.1:2525", data_dir=data_dir)
     out = mx("domain", "dkim", "generate", ORG, "--selector", "cli1", "--algorithm", "ed25519", data_dir=data_dir)
@@ -699,5 +699,8 @@ def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir):
     again = mx("destination-tls", "add", ".dst.test", "may", data_dir=data_dir, check=False)
     assert again.returncode == 1 and "replace" in again.stderr
     assert ".dst.test" in mx("destination-tls", "list", data_dir=data_dir).stdout
+    looked = mx("destination-tls", "show", "nosuch.dst.test", data_dir=data_dir, check=False,
+                env={"MXGUARD_DOWNSTREAM__DNS_SERVERS": loopback_dns.address})
+    assert looked.returncode == 1 and "550 5.1.2" in looked.stdout and "Traceback" not in looked.stderr
     mx("destination-tls", "remove", ".dst.test", data_dir=data_dir)
     assert mx("destination-tls", "list", "--json", data_dir=data_dir).stdout.strip() == "[]"
