@@ -325,7 +325,7 @@ async def test_null_mx_fails_at_once_with_a_dsn_to_the_sender(env, sinks):
     dsns = await env.deliver_dsns()
     assert len(dsns) == 1 and dsns[0].rcpt_tos == [SENDER] and dsns[0].mail_from in ("", "<>")
     assert _dsn_status(dsns[0].data) == ["5.1.10"]
-    assert b"does not exist or accepts no mail" in dsns[0].data
+    assert b"does not exist or accepts no mail" in dsns[0].data and b"Remote-MTA" not in dsns[0].data
 
 
 async def test_a_5xx_from_the_destination_gives_a_dsn_now(env, sinks):

@@ -157,7 +157,6 @@ class SpoolWorker:
                 reply = Reply(550, "5.1.2", "Domain no longer served by this gateway")
                 results = {r: reply for r in rcpts}
             elif isinstance(route, Reply):  # no MX host to try (null MX, no such domain, DNS failure)
-                attempt.server = attempt.server or route.one_line()[:300]
                 results = {r: route for r in rcpts}
             elif entry.kind == "outbound":
                 results = await self._attempt_outbound(entry, route, rcpts, outgoing, attempt, sessions)
