@@ -5,7 +5,11 @@ the spool worker (one connection per attempt). The rules:
 
 * Servers of a route are tried in order (failover); a server that refuses the
   connection, times out, greets with 4xx/5xx, or cannot give the TLS the
-  policy demands, is skipped for the next one.
+  policy demands, is skipped for the next one. An outbound route (to an
+  internet destination) lists its MX hosts' addresses, IPv6 and IPv4, already
+  resolved (:attr:`Route.addresses <mxguard.smtp.routing.Route.addresses>`):
+  each address is such a server, the host's name deciding TLSA, MTA-STS and
+  the certificate name.
 * ``off``: never STARTTLS. ``opportunistic``: STARTTLS when offered; if it is
   not offered or the handshake fails, plain SMTP on a fresh connection
   (RFC 3207 section 4.1; Postfix ``may``). ``required``: STARTTLS or the
