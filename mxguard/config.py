@@ -147,6 +147,17 @@ class DownstreamSettings(_Section):
     mta_sts_ca_file: str = ""
     #: The policy hosts' HTTPS port: 443 (RFC 8461 section 3.3); another only for tests.
     mta_sts_port: int = Field(default=443, ge=1, le=65535)
+    #: The SMTP port of internet destinations' MX hosts for outbound mail: 25 (RFC 5321 section
+    #: 5.1 gives no port: MX hosts take mail on 25); another only for tests.
+    outbound_port: int = Field(default=25, ge=1, le=65535)
+    #: At most this many MX hosts of a destination, and addresses per host, are tried in one
+    #: attempt (bounded work per message; Postfix smtp_mx_address_limit is similar).
+    outbound_max_mx: int = Field(default=5, ge=1, le=50)
+    #: CA bundle that destination MX hosts' certificates are verified against where PKIX applies
+    #: (MTA-STS ``enforce``, an override ``verify`` without its own CA file); empty: the system
+    #: trust store (the internet's CAs: leave it empty in production).
+    outbound_ca_file: str = ""
+    outbound_max_addresses: int = Field(default=4, ge=1, le=20)
     #: Send each day's TLS-RPT reports (RFC 8460) by itself, after 00:00 UTC (one node of several does).
     tls_reports: bool = True
     #: Seconds between checks whether the previous day's TLS-RPT reports are due.
@@ -687,6 +698,15 @@ def _check_key_files(settings: Settings, source: str, env_sources: dict[str, str
     """Key files named by the settings must load now, not at their first use a day later."""
     _check_acme_files(settings, source, env_sources)
     d = settings.downstream
+    if d.outbound_ca_file:
+        import ssl
+        key = "downstream.outbound_ca_file"
+        try:
+            ssl.create_default_context(cafile=str(settings.path(d.outbound_ca_file)))
+        except (OSError, ssl.SSLError) as exc:
+            where = f"environment variable {env_sources[key]}" if key in env_sources else source
+            raise ConfigError(f"{where}: setting '{key}' ({d.outbound_ca_file}): not a readable PEM CA bundle: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
     if not d.tls_report_dkim_key_file:
         return
     from mxguard.dkim_signing import KeyFileError, load_signer  # dkimpy: only when a key is set
@@ -802,6 +822,13 @@ tls_reports = {str(s.downstream.tls_reports).lower()}
 tls_report_dkim_selector = "{s.downstream.tls_report_dkim_selector}"
 tls_report_dkim_domain = "{s.downstream.tls_report_dkim_domain}"
 tls_report_dkim_key_file = "{s.downstream.tls_report_dkim_key_file}"
+# Outbound mail (the relay) to internet destinations: the MX hosts' port (25), at most this
+# many MX hosts and addresses per host per attempt, and a CA bundle for MX certificates where
+# PKIX applies (MTA-STS enforce, destination-tls verify; empty = the system trust store).
+outbound_port = {s.downstream.outbound_port}
+outbound_max_mx = {s.downstream.outbound_max_mx}
+outbound_max_addresses = {s.downstream.outbound_max_addresses}
+outbound_ca_file = "{s.downstream.outbound_ca_file}"
 
 [spool]
 # Held mail (every server of a route unreachable): seconds to the first retry, the longest

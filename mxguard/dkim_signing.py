@@ -67,6 +67,15 @@ def load_signer(path: Path, selector: str, domain: str) -> DkimSigner:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read the key file: {exc.strerror or exc}") from None
+    return signer_from_pem(data, selector, domain)
+
+
+def signer_from_pem(data: bytes, selector: str, domain: str) -> DkimSigner:
+    """:func:`load_signer` for PEM bytes already read (a key kept sealed in the database).
+
+    Raises:
+        KeyFileError: as :func:`load_signer`.
+    """
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -355,7 +355,7 @@ def test_each_name_gets_its_certificate_on_starttls_and_https(web, test_ca, tmp_
 
     # keys rotate re-seals the stored keys too; the gateway keeps serving the certificate.
     rotated = mx("keys", "rotate", data_dir=data_dir).stdout
-    assert "re-sealed 0 spool entries and 1 SNI certificate keys" in rotated, rotated
+    assert "re-sealed 0 spool entries, 1 SNI certificate keys and 0 DKIM keys" in rotated, rotated
     assert starttls_sha256(port, "mx.example.com") == renewed.sha256
 
     # The key is stored sealed with the current key, bound to its name.

@@ -172,6 +172,13 @@ SCOPED = {
                                                                         {"sender": "partner.example", "min_tls": "1.2"}),
     ("POST", "/domains/{name}/partners/remove"): lambda c, a, t: _console_post(
         c, f"/domains/{t['domain']}/partners/remove", {"sender": "partner.example"}),
+    # DKIM keys of outbound mail (generated, checked in DNS, deleted again).
+    ("GET", "/api/v1/domains/{name}/dkim"): lambda c, a, t: a.get(f"/domains/{t['domain']}/dkim"),
+    ("POST", "/api/v1/domains/{name}/dkim"): lambda c, a, t: a.post(f"/domains/{t['domain']}/dkim",
+                                                                    json={"selector": "tenancy", "algorithm": "ed25519"}),
+    ("POST", "/api/v1/domains/{name}/dkim/check"): lambda c, a, t: a.post(f"/domains/{t['domain']}/dkim/check"),
+    ("DELETE", "/api/v1/domains/{name}/dkim/{selector}"):
+        lambda c, a, t: a.delete(f"/domains/{t['domain']}/dkim/tenancy"),
     ("POST", "/domains/{name}"): lambda c, a, t: _console_post(c, f"/domains/{t['domain']}",
                                                               {**DOMAIN_FORM, "servers": t["servers"]}),
     ("POST", "/domains/{name}/delete"): lambda c, a, t: _console_post(c, f"/domains/{t['domain']}/delete"),
@@ -232,10 +239,22 @@ CAPABILITIES = {
 }
 
 
+#: Routes that take a name of no organization's object (the gateway's own configuration): an
+#: org-admin is refused (403) whatever the name.
+ADMIN_ONLY = {
+    ("DELETE", "/api/v1/destination-tls/{pattern}"): lambda c, a: a.delete("/destination-tls/.example.org"),
+}
+
+
 def test_the_scoped_route_table_covers_every_route_with_an_id_or_name(web):
     with_params = {(m, p) for m, p in _routes(web) if "{" in p}
-    assert with_params == set(SCOPED) | set(CAPABILITIES), \
+    assert with_params == set(SCOPED) | set(CAPABILITIES) | set(ADMIN_ONLY), \
         "a route that takes an id or a name needs a tenancy case here"
+
+
+def test_gateway_wide_routes_refuse_an_org_admin(web, tenants):
+    for (method, path), call in ADMIN_ONLY.items():
+        assert call(tenants["console"], tenants["api"]).status_code == 403, (method, path)
 
 
 def test_another_organizations_objects_are_not_found_on_every_route(web, tenants):
@@ -322,7 +341,7 @@ def test_a_plain_user_gets_403_from_every_api_endpoint(web, tenants):
         url = (path.removeprefix("/api/v1").replace("{name}", "acme.test").replace("{entry_id}", "1")
                .replace("{report_pk}", "1").replace("{sender}", "partner.example").replace("{org}", "Acme")
                .replace("{network:path}", "192.0.2.0/24").replace("{username}", "relay@acme.test")
-               .replace("{fingerprint}", "ab" * 32))
+               .replace("{fingerprint}", "ab" * 32).replace("{selector}", "s1").replace("{pattern}", "example.org"))
         reply = clerk.request(method, url, json={} if method in ("POST", "PUT", "PATCH") else None)
         assert reply.status_code in (403, 422), (method, path, reply.status_code)
         if reply.status_code == 422:  # a body was needed; with a valid one it is still refused

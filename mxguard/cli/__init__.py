@@ -14,6 +14,7 @@ import typer
 from mxguard.cli import common
 from mxguard.cli.core import register as register_core
 from mxguard.cli.demo import register as register_demo
+from mxguard.cli.destination_tls import destination_tls_app
 from mxguard.cli.doctor import register as register_doctor
 from mxguard.cli.domain import domain_app
 from mxguard.cli.filters import register as register_filters
@@ -51,6 +52,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(tls_app, name="tls")
 app.add_typer(relay_app, name="relay")
+app.add_typer(destination_tls_app, name="destination-tls")
 app.add_typer(tls_report_app, name="tls-report")
 app.add_typer(tls_report_app, name="tlsrpt", help="The same as tls-report.")
 register_demo(app)

@@ -1,4 +1,4 @@
-"""``mxguard domain add|list|show|set|remove|test|mta-sts|dns-check|partner``."""
+"""``mxguard domain add|list|show|set|remove|test|mta-sts|dns-check|partner|dkim``."""
 
 from __future__ import annotations
 
@@ -430,3 +430,82 @@ def partner_remove(domain: str = typer.Argument(..., show_default=False),
 
     view = run(with_store(lambda store: partners.remove_rule(store, domain, sender, actor=Actor.cli())))
     console.print(f"Removed partner rule on {view.domain} for {view.sender}", highlight=False)
+
+
+# -- DKIM keys for outbound mail -------------------------------------------------------------
+
+dkim_app = typer.Typer(help="DKIM keys: outbound mail from the domain is signed at delivery (RFC 6376).",
+                       no_args_is_help=True)
+domain_app.add_typer(dkim_app, name="dkim")
+
+
+def _print_dkim(view, check=None) -> None:
+    state = "active" if view.active else "inactive"
+    console.print(f"{view.domain} selector {view.selector} ({view.algorithm}, {state}, "
+                  f"created {view.created_at:%Y-%m-%d %H:%M} UTC)", highlight=False)
+    console.print("Publish this TXT record:", highlight=False)
+    # Printed without markup or wrapping: an operator pastes it into a zone file.
+    typer.echo(view.zone_line)
+    if check is not None:
+        colour = "green" if check.status == "ok" else "red"
+        console.print(f"DNS: [{colour}]{check.status}[/{colour}]: {escape(check.detail)}")
+
+
+@dkim_app.command("generate")
+@handle_errors
+def dkim_generate(domain: str = typer.Argument(..., show_default=False, help="A served domain"),
+                  selector: str = typer.Option(None, "--selector", show_default=False, metavar="S",
+                                               help="The s= tag (default mxg<YYYYMM>)"),
+                  algorithm: str = typer.Option("rsa", "--algorithm", metavar="rsa|ed25519",
+                                                help="rsa (RSA-2048, rsa-sha256) or ed25519 (RFC 8463)")) -> None:
+    """Generate a DKIM key (stored sealed), make it the domain's active key, print the DNS record."""
+    from mxguard.services import dkim_keys
+    from mxguard.storage.sealing import Sealer
+
+    s = settings()
+    sealer = Sealer.from_file(s.path(s.sealing_key_file))
+    view = run(with_store(lambda store: dkim_keys.generate_key(store, sealer, domain, selector=selector,
+                                                               algorithm=algorithm, actor=Actor.cli())))
+    _print_dkim(view)
+    console.print("Outbound mail from the domain is signed with this key from now on; publish the record first "
+                  "if mail is already flowing.", highlight=False)
+
+
+@dkim_app.command("show")
+@handle_errors
+def dkim_show(domain: str = typer.Argument(..., show_default=False),
+              check: bool = typer.Option(False, "--check", help="Look the records up in DNS and compare"),
+              as_json: bool = typer.Option(False, "--json", help="JSON output")) -> None:
+    """Show a domain's DKIM keys and the TXT records to publish (with --check: what DNS says)."""
+    from mxguard.services import dkim_keys
+    from mxguard.services.dns_check import settings_resolver
+
+    async def work(store):
+        views = await dkim_keys.list_keys(store, domain, actor=Actor.cli())
+        checks = [await dkim_keys.check_dns(v, settings_resolver(settings())) for v in views] if check else []
+        return views, checks
+
+    views, checks = run(with_store(work))
+    if as_json:
+        typer.echo(json.dumps([{**v.as_dict(), **({"dns": c.as_dict()} if checks else {})}
+                               for v, c in zip(views, checks or [None] * len(views))], indent=2))
+        return
+    if not views:
+        console.print(f"{domain}: no DKIM key; outbound mail goes unsigned (mxguard domain dkim generate {domain})",
+                      highlight=False)
+        return
+    for v, c in zip(views, checks or [None] * len(views)):
+        _print_dkim(v, c)
+    if checks and any(c.status != "ok" for c, v in zip(checks, views) if v.active):
+        raise typer.Exit(1)
+
+
+@dkim_app.command("remove")
+@handle_errors
+def dkim_remove(domain: str = typer.Argument(..., show_default=False),
+                selector: str = typer.Option(..., "--selector", show_default=False, metavar="S")) -> None:
+    """Delete a DKIM key for good (remove its DNS record a few days later)."""
+    from mxguard.services import dkim_keys
+
+    view = run(with_store(lambda store: dkim_keys.remove_key(store, domain, selector, actor=Actor.cli())))
+    console.print(f"Removed DKIM key {view.selector} of {view.domain}", highlight=False)

@@ -135,6 +135,7 @@ def stats(as_json: bool = typer.Option(False, "--json")) -> None:
 @handle_errors
 def rotate() -> None:
     """Add a new current sealing key and re-seal held mail with it (old keys stay readable)."""
+    from mxguard.services import dkim_keys
     from mxguard.services.sni_certificates import reseal_keys
     from mxguard.storage.sealing import Sealer, append_key
 
@@ -143,8 +144,8 @@ def rotate() -> None:
         key_id = append_key(path)
         sealer = Sealer.from_file(path)
         count = await queue.reseal_all(store, sealer)
-        return key_id, count, await reseal_keys(store, sealer)
+        return key_id, count, await reseal_keys(store, sealer), await dkim_keys.reseal_keys(store, sealer)
 
-    key_id, count, sni_keys = run(_with(go))
-    console.print(f"New sealing key {key_id}; re-sealed {count} spool entries and {sni_keys} SNI certificate keys. "
-                  "Running gateways pick the key up on their next seal.", highlight=False)
+    key_id, count, sni_keys, dkim = run(_with(go))
+    console.print(f"New sealing key {key_id}; re-sealed {count} spool entries, {sni_keys} SNI certificate keys "
+                  f"and {dkim} DKIM keys. Running gateways pick the key up on their next seal.", highlight=False)

@@ -376,6 +376,7 @@ async def _deliver_and_audit(store: Store, settings: Settings, actor: Actor, bef
 
 async def _deliver(store: Store, settings: Settings, ids: list[int], worker: Any) -> set[int]:
     """Claim and deliver ``ids``; returns the ids this call claimed (and so attempted)."""
+    own = worker is None
     if worker is None:
         # Imported here: the worker pulls in DNS and SMTP client code the read-only views do not need.
         from mxguard.smtp.routing import DomainDirectory
@@ -395,6 +396,8 @@ async def _deliver(store: Store, settings: Settings, ids: list[int], worker: Any
         remaining = [i for i in remaining if i not in claimed]
         if not remaining:
             break
+    if own:
+        await worker.pool.close()  # connections kept for reuse by outbound deliveries
     return claimed
 
 

@@ -5,7 +5,11 @@ the spool worker (one connection per attempt). The rules:
 
 * Servers of a route are tried in order (failover); a server that refuses the
   connection, times out, greets with 4xx/5xx, or cannot give the TLS the
-  policy demands, is skipped for the next one.
+  policy demands, is skipped for the next one. An outbound route (to an
+  internet destination) lists its MX hosts' addresses, IPv6 and IPv4, already
+  resolved (:attr:`Route.addresses <mxguard.smtp.routing.Route.addresses>`):
+  each address is such a server, the host's name deciding TLSA, MTA-STS and
+  the certificate name.
 * ``off``: never STARTTLS. ``opportunistic``: STARTTLS when offered; if it is
   not offered or the handshake fails, plain SMTP on a fresh connection
   (RFC 3207 section 4.1; Postfix ``may``). ``required``: STARTTLS or the
@@ -206,15 +210,17 @@ class DownstreamConnection:
         tls_related = False
         tls_results: dict[str, str] = {}
         tls_policies: dict[str, str] = {}
-        for host, port in self.route.servers:
+        targets = self.route.addresses or tuple((host, port, None) for host, port in self.route.servers)
+        for host, port, address in targets:
             try:
-                self.info = await self._open_one(host, port)
+                self.info = await self._open_one(host, port, address)
                 self.opened_at = time.monotonic()
                 if attempts:
                     log.info("downstream failover", route=self.route.describe(), used=f"{host}:{port}", skipped=attempts)
                 return self.info
             except _ServerSkipped as skip:
-                attempts.append(f"{host}:{port}: {skip.note}")
+                where = f" [{address}]" if address and address != host else ""
+                attempts.append(f"{host}:{port}{where}: {skip.note}")
                 tls_related = tls_related or skip.tls_related
                 if skip.result_type:
                     tls_results[f"{host}:{port}"] = skip.result_type
@@ -227,10 +233,10 @@ class DownstreamConnection:
             reply = Reply(451, "4.4.1", "Downstream server unreachable, try again later")
         raise RouteFailure(reply, tls_related, attempts, tls_results, tls_policies)
 
-    async def _open_one(self, host: str, port: int) -> ConnectionInfo:
+    async def _open_one(self, host: str, port: int, address: str | None = None) -> ConnectionInfo:
         self._decided_source = None
         try:
-            return await self._open_one_policy(host, port)
+            return await self._open_one_policy(host, port, address)
         except _ServerSkipped as skip:
             skip.policy = self._decided_source or self._refusing_source
             raise
@@ -242,17 +248,18 @@ class DownstreamConnection:
             return "mta-sts"
         return "dane" if self.route.tls.uses_dane else "setting"
 
-    async def _open_one_policy(self, host: str, port: int) -> ConnectionInfo:
+    async def _open_one_policy(self, host: str, port: int, address: str | None = None) -> ConnectionInfo:
         try:
             d = self.settings
             policy = await resolve_server_policy(
                 self.route.tls, host, port, dns_servers=d.dns_servers, timeout=d.dns_timeout,
                 policy_domain=self.route.policy_domain,
                 sts=sts_fetcher(d.dns_servers, d.dns_timeout, d.mta_sts_ca_file, d.mta_sts_port),
-                relaxed=self.route.relaxed)
+                relaxed=self.route.relaxed, address=address, sts_fallback=self.route.sts_fallback)
         except PolicyRefusal as refusal:
             log.warning("TLS policy refuses the server", server=f"{host}:{port}", reason=refusal.reason,
                         result_type=refusal.result_type)
+            self._decided_source = refusal.policy
             raise _ServerSkipped(refusal.reason, tls_related=True, result_type=refusal.result_type) from None
         mode = policy.mode
         self._decided_source = policy.source
@@ -474,6 +481,21 @@ class DownstreamConnection:
         if not reply.is_positive:
             await self._discard()
 
+    async def reset(self) -> bool:
+        """Send ``RSET`` before reusing a connection for another message (RFC 5321 section 4.1.1.5).
+
+        Returns:
+            True when the server took it; otherwise the connection is closed.
+        """
+        try:
+            reply = await self._command(b"RSET")
+        except DownstreamLost:
+            return False
+        self.in_transaction = False
+        if not reply.is_positive:
+            await self._discard()
+        return reply.is_positive
+
     async def resend_envelope(self, sender: str, recipients: list[str], *, size: int | None = None,
                               body: str | None = None, smtputf8: bool = False,
                               requiretls: bool = False) -> tuple[Reply, dict[str, Reply]]:
@@ -537,22 +559,38 @@ async def deliver_once(route: Route, settings: DownstreamSettings, local_hostnam
     conn = DownstreamConnection(route, settings, local_hostname)
     info = await conn.open()
     try:
-        mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8, requiretls=requiretls)
-        if not mail.is_positive:
-            return info, {r: mail for r in recipients}
-        results: dict[str, Reply] = {}
-        accepted = []
-        for rcpt in recipients:
-            reply = await conn.rcpt(rcpt)
-            results[rcpt] = reply
-            if reply.is_positive:
-                accepted.append(rcpt)
-        if not accepted:
-            await conn.rset()
-            return info, results
-        final = await conn.data(message)
-        for rcpt in accepted:
-            results[rcpt] = final
-        return info, results
+        return info, await send_transaction(conn, sender, recipients, message, body=body, smtputf8=smtputf8,
+                                            requiretls=requiretls)
     finally:
         await conn.close()
+
+
+async def send_transaction(conn: DownstreamConnection, sender: str, recipients: list[str], message: bytes, *,
+                           body: str | None = None, smtputf8: bool = False,
+                           requiretls: bool = False) -> dict[str, Reply]:
+    """One transaction (``MAIL``, ``RCPT``s, ``DATA``) on an open connection, which stays open.
+
+    Returns:
+        ``{recipient: reply}``: a recipient refused at RCPT has its RCPT reply, the others share
+        the final reply (or the MAIL reply if MAIL was refused).
+
+    Raises:
+        DownstreamLost: the connection broke mid-transaction.
+    """
+    mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8, requiretls=requiretls)
+    if not mail.is_positive:
+        return {r: mail for r in recipients}
+    results: dict[str, Reply] = {}
+    accepted = []
+    for rcpt in recipients:
+        reply = await conn.rcpt(rcpt)
+        results[rcpt] = reply
+        if reply.is_positive:
+            accepted.append(rcpt)
+    if not accepted:
+        await conn.rset()
+        return results
+    final = await conn.data(message)
+    for rcpt in accepted:
+        results[rcpt] = final
+    return results

@@ -56,6 +56,13 @@ class Route:
     #: This route is a ``dane``/``dane-only``/``mta-sts`` route relaxed to opportunistic by the
     #: message's ``TLS-Required: No`` (RFC 8689 section 5); see :func:`route_for_message`.
     relaxed: bool = False
+    #: Outbound delivery (:mod:`mxguard.relay.destinations`): ``(MX host, port, address)`` in the
+    #: order to try, IPv6 and IPv4, resolved already; when set, the connection tries these
+    #: instead of ``servers`` (each host's name still decides TLSA, MTA-STS and the TLS name).
+    addresses: tuple[tuple[str, int, str], ...] = ()
+    #: An internet destination: where DANE does not apply, ``policy_domain``'s MTA-STS policy does
+    #: (see :func:`mxguard.tls.resolver.resolve_server_policy`).
+    sts_fallback: bool = False
 
     @classmethod
     def for_domain(cls, domain: DomainView) -> "Route":
@@ -72,7 +79,8 @@ class Route:
 
     def describe(self) -> str:
         relaxed = " (TLS-Required: No)" if self.relaxed else ""
-        return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={self.tls.value}{relaxed}"
+        tls = self.tls.value + ("+mta-sts" if self.sts_fallback else "")
+        return ",".join(f"{h}:{p}" for h, p in self.servers) + f" tls={tls}{relaxed}"
 
 
 #: Modes whose TLS requirement comes from what the destination publishes (DANE, MTA-STS).

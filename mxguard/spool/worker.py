@@ -4,6 +4,12 @@ Every attempt uses the domain's *current* downstream TLS policy (a spool never
 downgrades TLS: a ``required`` route whose server comes back without STARTTLS
 keeps the message held). At most ``route_concurrency`` deliveries run per route
 at a time, so a server that comes back is not flooded.
+
+Outbound entries (``kind="outbound"``, written by the relay) go to the destination
+domain's MX hosts (:mod:`mxguard.relay.mx`) under the destination's TLS policy
+(:mod:`mxguard.relay.destinations`: the internet default or the operator's override),
+DKIM-signed when the sender's domain has a key; their connections are kept in a pool and
+reused for the next entry to the same destination (``RSET`` first).
 """
 
 from __future__ import annotations
@@ -13,10 +19,19 @@ import os
 import socket
 from collections import defaultdict
 
+import dkim
 import structlog
 
 from mxguard.config import Settings
-from mxguard.smtp.delivery import DownstreamLost, RouteFailure, attempt_item, deliver_once
+from mxguard.dkim_signing import KeyFileError
+from mxguard.relay.destinations import DestinationTls, destination_route, matching_override
+from mxguard.relay.dkim import from_header_domain, sign_outbound
+from mxguard.relay.mx import MxFailure, resolve_mx
+from mxguard.services.destination_tls import all_overrides
+from mxguard.services.dkim_keys import signer_for, signing_domain
+from mxguard.smtp.delivery import (DownstreamConnection, DownstreamLost, RouteFailure, attempt_item, deliver_once,
+                                   send_transaction)
+from mxguard.smtp.pool import ConnectionPool
 from mxguard.smtp.replies import Reply
 from mxguard.smtp.routing import DomainDirectory, Route, external_route, route_for_message
 from mxguard.spool import queue
@@ -27,6 +42,10 @@ from mxguard.storage.models import SPOOL_SESSIONS_KEY, SpoolAttempt, SpoolEntry,
 from mxguard.storage.sealing import KeyRing, SealingError
 
 log = structlog.get_logger("mxguard.spool")
+
+#: Enhanced codes of an outbound destination without a mail server (null MX, RFC 7505; no such
+#: domain; no address): the DSN says so instead of "refused".
+NO_ROUTE_STATUSES = ("5.1.10", "5.1.2", "5.4.4")
 
 
 class SpoolWorker:
@@ -49,12 +68,17 @@ class SpoolWorker:
         self.keyring = keyring
         self.message_log = message_log
         self.owner = f"{settings.hostname}:{socket.gethostname()}:{os.getpid()}"
-        self.route_limits: dict[Route, asyncio.Semaphore] = defaultdict(
+        self.route_limits: dict[Route | tuple[str, str], asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(settings.spool.route_concurrency))
         self.resolver_nameservers = resolver_nameservers or []
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         self.delivered = 0
+        d = settings.downstream
+        #: Open connections to internet destinations, reused across outbound entries.
+        self.pool = ConnectionPool(d.pool_max_idle, d.pool_idle_timeout, d.pool_max_age)
+        self._overrides: list[DestinationTls] | None = None
+        self._outbound_users: dict[tuple[str, str], int] = {}
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -70,6 +94,7 @@ class SpoolWorker:
                 pass
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=10)
+        await self.pool.close()
 
     async def _run(self) -> None:
         while True:
@@ -89,6 +114,7 @@ class SpoolWorker:
         if room == 0:
             return []
         entries = await queue.claim_due(self.store, self.owner, self.settings.spool, limit=room, ids=ids)
+        self._overrides = None  # destination TLS overrides are read again for each batch
         tasks = []
         for entry in entries:
             task = asyncio.create_task(self._deliver_guarded(entry))
@@ -124,10 +150,16 @@ class SpoolWorker:
         sessions: list[dict] = []
         replies: list[str] = []
         newly_failed: list[FailedRecipient] = []
+        # The DSN quotes the message as it was accepted; what leaves is signed.
+        outgoing = await self._signed(entry, message) if entry.kind == "outbound" else message
         for route, rcpts in groups.items():
             if route is None:
                 reply = Reply(550, "5.1.2", "Domain no longer served by this gateway")
                 results = {r: reply for r in rcpts}
+            elif isinstance(route, Reply):  # no MX host to try (null MX, no such domain, DNS failure)
+                results = {r: route for r in rcpts}
+            elif entry.kind == "outbound":
+                results = await self._attempt_outbound(entry, route, rcpts, outgoing, attempt, sessions)
             else:
                 results = await self._attempt(entry, route, rcpts, message, attempt, sessions)
             for rcpt, reply in results.items():
@@ -183,10 +215,108 @@ class SpoolWorker:
             info.tls, info.tls_version, info.cipher, info.verified)
         return results
 
-    async def _routes_for(self, entry: SpoolEntry, rcpts: list[str]) -> dict[Route | None, list[str]]:
+    async def _attempt_outbound(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
+                                attempt: SpoolAttempt, sessions: list[dict]) -> dict[str, Reply]:
+        """One attempt to an internet destination on a pooled connection (``RSET`` before reuse).
+
+        TLS-RPT counts the session under the destination domain (reports go only where it
+        publishes ``_smtp._tls``, see :mod:`mxguard.tls.reporting`).
+        """
+        route = route_for_message(route, message, requiretls=entry.requiretls)
+        policy_domain = entry.domain
+        # At most route_concurrency deliveries per destination; the semaphore lives while in use
+        # (destinations are many: none is kept for ever).
+        key = ("outbound", entry.domain)
+        self._outbound_users[key] = self._outbound_users.get(key, 0) + 1
+        try:
+            return await self._attempt_outbound_limited(entry, route, rcpts, message, attempt, sessions,
+                                                        self.route_limits[key], policy_domain)
+        finally:
+            self._outbound_users[key] -= 1
+            if not self._outbound_users[key]:
+                del self._outbound_users[key]
+                self.route_limits.pop(key, None)
+
+    async def _attempt_outbound_limited(self, entry: SpoolEntry, route: Route, rcpts: list[str], message: bytes,
+                                        attempt: SpoolAttempt, sessions: list[dict], limit: asyncio.Semaphore,
+                                        policy_domain: str) -> dict[str, Reply]:
+        async with limit:
+            # A parked connection is used when its RSET is answered; one the server dropped
+            # meanwhile fails the RSET and a fresh one is opened instead.
+            conn = self.pool.acquire(route)
+            reused = conn is not None and await conn.reset()
+            if conn is not None and not reused:
+                await conn.close()
+            if not reused:
+                conn = DownstreamConnection(route, self.settings.downstream, self.settings.hostname)
+                try:
+                    await conn.open()
+                except RouteFailure as failure:
+                    attempt.server = "; ".join(failure.attempts)[:300]
+                    sessions.append({"route": route.describe(), **attempt_item(policy_domain, None, failure)})
+                    return {r: failure.reply for r in rcpts}
+            try:
+                results = await send_transaction(
+                    conn, entry.mail_from, rcpts, message, body="8BITMIME" if entry.body_8bit else None,
+                    smtputf8=entry.smtputf8, requiretls=entry.requiretls)
+            except DownstreamLost as exc:
+                await conn.close()
+                return {r: Reply(451, "4.4.2", f"Connection lost: {exc}") for r in rcpts}
+        info = conn.info
+        self.pool.release(conn)
+        sessions.append({"route": route.describe(), "reused": reused, **attempt_item(policy_domain, info, None)})
+        attempt.server = f"{info.host}:{info.port}"
+        attempt.tls, attempt.tls_version, attempt.cipher, attempt.verified = (
+            info.tls, info.tls_version, info.cipher, info.verified)
+        return results
+
+    async def _signed(self, entry: SpoolEntry, message: bytes) -> bytes:
+        """The message DKIM-signed with the active key of the ``From`` domain (when it is the
+        sender's organization's) or of the envelope sender's domain, if it has one (else as it is)."""
+        domain = entry.mail_from.rpartition("@")[2].lower()
+        if not domain:
+            return message
+        try:
+            domain = await signing_domain(self.store, domain, from_header_domain(message))
+            signer = await signer_for(self.store, self.keyring.get(), domain)
+            return sign_outbound(message, signer) if signer is not None else message
+        except (SealingError, KeyFileError, dkim.DKIMException) as exc:
+            # Unsigned mail is still mail; the operator hears of the key.
+            log.error("outbound message not DKIM-signed", id=entry.id, domain=domain, error=str(exc)[:200])
+            return message
+
+    async def outbound_route(self, domain: str) -> Route | Reply:
+        """The route to an internet destination (its MX hosts under its TLS policy), or the
+        reply that says why there is none (``556 5.1.10`` null MX, ``550 5.1.2`` no such
+        domain, ``451 4.4.3`` DNS failure; see :func:`mxguard.relay.mx.resolve_mx`)."""
+        d = self.settings.downstream
+        if self._overrides is None:
+            self._overrides = await all_overrides(self.store)
+        try:
+            mx = await resolve_mx(domain, dns_servers=d.dns_servers, timeout=d.dns_timeout,
+                                  max_hosts=d.outbound_max_mx, max_addresses=d.outbound_max_addresses)
+        except MxFailure as failure:
+            log.info("no MX host for the destination", domain=domain, reply=failure.reply.one_line())
+            return failure.reply
+        return destination_route(mx, matching_override(domain, self._overrides), port=d.outbound_port,
+                                 ca_file=d.outbound_ca_file and str(self.settings.path(d.outbound_ca_file)) or None)
+
+    async def _routes_for(self, entry: SpoolEntry, rcpts: list[str]) -> dict[Route | Reply | None, list[str]]:
         if entry.kind == "dsn":
-            route = await self.dsn_route(rcpts[0].rpartition("@")[2]) if rcpts else None
+            # A DSN to a served domain's sender (outbound mail that failed) takes that domain's
+            # route to its own server, not its MX (which is this gateway).
+            found = self.directory.lookup(rcpts[0]) if rcpts else None
+            route = found[1] if found else (await self.dsn_route(rcpts[0].rpartition("@")[2]) if rcpts else None)
             return {route: rcpts}
+        if entry.kind == "outbound":
+            by_domain: dict[str, Route | Reply] = {}
+            groups_out: dict[Route | Reply | None, list[str]] = defaultdict(list)
+            for rcpt in rcpts:
+                domain = rcpt.rpartition("@")[2].lower()
+                if domain not in by_domain:
+                    by_domain[domain] = await self.outbound_route(domain)
+                groups_out[by_domain[domain]].append(rcpt)
+            return groups_out
         groups: dict[Route | None, list[str]] = defaultdict(list)
         for rcpt in rcpts:
             found = self.directory.lookup(rcpt)
@@ -209,14 +339,17 @@ class SpoolWorker:
             return
         if not entry.mail_from:
             return  # null reverse-path: nobody to tell (RFC 5321 4.5.5)
-        if not self.settings.dsn.enabled or not entry.sender_aligned:
+        # An outbound sender is the organization's own, admitted by the relay: it hears of failures.
+        if not self.settings.dsn.enabled or not (entry.sender_aligned or entry.kind == "outbound"):
             # The message is undeliverable and its sender will not hear of it: an operator should.
             log.warning("undeliverable and no DSN sent: sender not authenticated (SPF/DKIM alignment) or "
                         "DSNs disabled", id=entry.id, txn=entry.txn_id, sender=entry.mail_from,
                         recipients=[f.rcpt for f in failed])
             return
         expired = any(f.status == "4.4.7" for f in failed)
+        no_route = all(f.status in NO_ROUTE_STATUSES for f in failed)
         reason = ("It stayed undeliverable for the maximum holding time." if expired
+                  else "The recipient's domain does not exist or accepts no mail." if no_route
                   else "The recipient's server refused it.")
         dsn = build_dsn(reporting_host=self.settings.hostname, original_sender=entry.mail_from,
                         original_message=message, recipients=failed, arrival=entry.created_at,

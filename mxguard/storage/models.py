@@ -654,3 +654,49 @@ class RelayRateCounter(Base):
     #: Start of the window (UTC, aligned to the window length).
     window_start: Mapped[dt.datetime] = mapped_column(UtcDateTime(), primary_key=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+# -- the outbound relay: delivery to the internet (migration 0014_outbound_delivery) -----------------
+
+class DestinationTlsPolicy(Base):
+    """A per-destination TLS override for outbound delivery to the internet (migration
+    0014_outbound_delivery), like Postfix's ``smtp_tls_policy_maps``.
+
+    ``pattern`` is a destination domain (``example.org``: that domain only) or ``.example.org``
+    (every domain below it); ``level`` is ``none``, ``may``, ``encrypt``, ``dane``, ``dane-only``
+    or ``verify`` (see :mod:`mxguard.relay.destinations`). Without an override a destination
+    gets the default: opportunistic, upgraded by DANE and MTA-STS.
+    """
+
+    __tablename__ = "destination_tls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pattern: Mapped[str] = mapped_column(String(254), unique=True)
+    level: Mapped[str] = mapped_column(String(16))
+    #: PEM bundle for ``verify`` (``None``: the system trust store).
+    ca_file: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class DkimKey(Base):
+    """A served domain's DKIM signing key for outbound mail (migration 0014_outbound_delivery).
+
+    The private key (PKCS#8 PEM) is sealed with the keyring (AES-256-GCM, associated data
+    ``dkim:<domain>:<selector>``); ``public_key`` is the base64 value of the ``p=`` tag.
+    """
+
+    __tablename__ = "dkim_keys"
+    __table_args__ = (UniqueConstraint("domain_id", "selector", name="uq_dkim_keys_domain_selector"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    #: The ``s=`` tag: the record is at ``<selector>._domainkey.<domain>``.
+    selector: Mapped[str] = mapped_column(String(63))
+    #: ``rsa`` (RSA-2048, rsa-sha256) or ``ed25519`` (ed25519-sha256, RFC 8463).
+    algorithm: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str] = mapped_column(String(32))
+    private_key: Mapped[bytes] = mapped_column(LargeBinary)
+    public_key: Mapped[str] = mapped_column(Text)
+    #: The key outbound mail is signed with (one per domain; the newest generated).
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -144,3 +144,44 @@ async def explain_route(domain: str, setting: str, servers: list[tuple[str, int]
         out.servers.append(ServerPolicyReport(server, policy.source, policy.mode.value, meaning, dnssec=dnssec,
                                               tlsa=tlsa, requiretls=_requiretls(policy.source, policy.mode)))
     return out
+
+
+async def explain_destination(domain: str, mode: DownstreamTls, targets: list[tuple[str, int, str]],
+                              settings: DownstreamSettings, *,
+                              sts_fallback: bool = False) -> list[ServerPolicyReport]:
+    """:func:`explain_route` for an outbound destination: each MX address as the next delivery
+    would treat it (DANE, then MTA-STS, else opportunistic, or an override's mode).
+
+    Args:
+        domain: the destination domain (the MTA-STS policy domain).
+        mode: the route's mode (:func:`mxguard.relay.destinations.destination_route`).
+        targets: ``(MX host, port, address)`` in the order delivery tries them.
+        settings: ``[downstream]``.
+        sts_fallback: the route's MTA-STS-where-DANE-does-not-apply flag.
+
+    Returns:
+        One report per target; refusals are reports (``source == "refused"``), never raised.
+    """
+    sts = sts_fetcher(settings.dns_servers, settings.dns_timeout, settings.mta_sts_ca_file, settings.mta_sts_port)
+    out: list[ServerPolicyReport] = []
+    for host, port, address in targets:
+        server = f"{host}:{port} [{address}]"
+        try:
+            policy = await resolve_server_policy(mode, host, port, dns_servers=settings.dns_servers,
+                                                 timeout=settings.dns_timeout, policy_domain=domain, sts=sts,
+                                                 address=address, sts_fallback=sts_fallback)
+        except PolicyRefusal as refusal:
+            out.append(ServerPolicyReport(server, "refused", mode.value,
+                                          f"not used: {refusal.reason}; deliveries defer with 451 4.7.5",
+                                          refusal=refusal.reason, result_type=refusal.result_type,
+                                          requiretls="refused: the server is not used"))
+            continue
+        dnssec, tlsa = _tlsa_lines(policy.dane)
+        meaning = _MEANING.get(policy.source, f"{policy.mode.value} TLS")
+        if policy.source == "setting" and mode.uses_dane:
+            meaning = f"DANE does not apply ({dnssec or 'no TLSA lookup'}): opportunistic TLS (RFC 7672 2.2)"
+        elif policy.source == "setting" and (mode is DownstreamTls.MTA_STS or sts_fallback):
+            meaning = "no DANE and no MTA-STS policy in force: opportunistic TLS"
+        out.append(ServerPolicyReport(server, policy.source, policy.mode.value, meaning, dnssec=dnssec, tlsa=tlsa,
+                                      requiretls=_requiretls(policy.source, policy.mode)))
+    return out

@@ -47,10 +47,13 @@ class PolicyRefusal(Exception):
         result_type: the RFC 8460 (TLS-RPT) result type, e.g. ``dnssec-invalid``.
     """
 
-    def __init__(self, reason: str, result_type: str):
+    def __init__(self, reason: str, result_type: str, policy: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.result_type = result_type
+        #: The policy source that refused (``mta-sts``...), when the caller cannot tell from the
+        #: mode alone (an outbound route consults DANE, then MTA-STS); ``None`` otherwise.
+        self.policy = policy
 
 
 @dataclass
@@ -185,6 +188,43 @@ async def _lookup_address(host: str, nameservers: list[str] | None, port: int, t
     return answer[0].address
 
 
+async def _secure_addresses(host: str, nameservers: list[str] | None, port: int, timeout: float) -> set[str]:
+    """Every IPv4 and IPv6 address of ``host`` from DNSSEC-validated answers (RFC 7672 section
+    2.2.1: under DANE the server's addresses must be secure too); cached like :func:`_address`.
+
+    Raises:
+        PolicyRefusal: a lookup failed, an answer is not DNSSEC-signed, or there is no address.
+    """
+    key = ("secure-set", host.rstrip(".").lower(), tuple(nameservers or ()), port)
+    now = time.monotonic()
+    hit = _address_cache.get(key)
+    if hit is not None and hit[0] > now:
+        return set(hit[1].split())
+    resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
+    if nameservers is not None:
+        resolver.nameservers = nameservers
+        resolver.port = port
+    resolver.lifetime = timeout
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    found: set[str] = set()
+    for rdtype in ("AAAA", "A"):
+        try:
+            answer = await resolver.resolve(host, rdtype)
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout):
+            raise PolicyRefusal(f"DNSSEC validation failed for the address of {host}", "dnssec-invalid") from None
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        if not answer.response.flags & dns.flags.AD:
+            raise PolicyRefusal(f"the address of {host} is not DNSSEC-signed", "dnssec-invalid")
+        found.update(r.address for r in answer)
+    if not found:
+        raise PolicyRefusal(f"{host} has no address", "dnssec-invalid")
+    if len(_address_cache) >= TLSA_CACHE_SIZE:
+        _address_cache.clear()
+    _address_cache[key] = (now + TLSA_CACHE_SECONDS, " ".join(sorted(found)))
+    return found
+
+
 _fetchers: dict[tuple, StsFetcher] = {}
 
 #: TLSA answers by (host, port, resolver), kept for :data:`TLSA_CACHE_SECONDS` (a bogus answer
@@ -230,12 +270,14 @@ def sts_fetcher(dns_servers: list[str], timeout: float, ca_file: str = "", https
 
 
 async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_servers: list[str],
-                          timeout: float, sts: StsFetcher) -> ServerPolicy:
-    """RFC 8461 section 4 for one MX host of ``policy_domain``."""
+                          timeout: float, sts: StsFetcher, address: str | None = None) -> ServerPolicy:
+    """RFC 8461 section 4 for one MX host of ``policy_domain`` (``address``: where to connect,
+    when the caller resolved the host already)."""
     nameservers, ns_port = _resolver(dns_servers, timeout)
-    address = host
-    if nameservers and not _is_address(host):
-        address = await _address(host, nameservers, ns_port, timeout, secure=False)
+    if address is None:
+        address = host
+        if nameservers and not _is_address(host):
+            address = await _address(host, nameservers, ns_port, timeout, secure=False)
     if not policy_domain:
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
     try:
@@ -251,7 +293,7 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
     if not policy.matches(host):
         if policy.mode == "enforce":
             raise PolicyRefusal(f"{host} does not match the MTA-STS mx patterns of {policy_domain} "
-                                f"({', '.join(policy.mx)})", "validation-failure")
+                                f"({', '.join(policy.mx)})", "validation-failure", "mta-sts")
         log.warning("MTA-STS testing: MX host does not match the policy", domain=policy_domain, host=host)
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "mta-sts-testing", address,
                             report_failure="validation-failure", report_policy="mta-sts-testing")
@@ -262,7 +304,8 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
 
 async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dns_servers: list[str],
                                 timeout: float = 5.0, policy_domain: str | None = None,
-                                sts: StsFetcher | None = None, relaxed: bool = False) -> ServerPolicy:
+                                sts: StsFetcher | None = None, relaxed: bool = False,
+                                address: str | None = None, sts_fallback: bool = False) -> ServerPolicy:
     """Decide the TLS policy for one server before connecting.
 
     Args:
@@ -277,6 +320,12 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
             ``TLS-Required: No`` relaxed to ``opportunistic`` (RFC 8689 section 5): source
             ``tls-required-no``, and the address still comes from the configured resolver, as it
             would have under the policy (unsigned answers are fine: no DANE).
+        address: the IPv4 or IPv6 address to connect to, when the caller resolved ``host``
+            already (outbound delivery: :mod:`mxguard.relay.mx`); under DANE it must be among
+            the host's DNSSEC-validated addresses. ``None``: the resolver looks the host up.
+        sts_fallback: an internet destination (outbound): with mode ``dane`` and no usable
+            TLSA records, the ``policy_domain``'s MTA-STS policy decides (RFC 8461 section 2:
+            DANE takes precedence where both exist).
 
     Returns:
         The :class:`ServerPolicy`; for ``dane``, DANE when usable TLSA records exist,
@@ -289,14 +338,15 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
     """
     if mode is DownstreamTls.MTA_STS:
         return await _mta_sts_policy(host, port, policy_domain, dns_servers, timeout,
-                                     sts or sts_fetcher(dns_servers, timeout))
+                                     sts or sts_fetcher(dns_servers, timeout), address)
     if relaxed:
         nameservers, ns_port = _resolver(dns_servers, timeout)
-        address = (await _address(host, nameservers, ns_port, timeout, secure=False)
-                   if nameservers and not _is_address(host) else host)
+        if address is None:
+            address = (await _address(host, nameservers, ns_port, timeout, secure=False)
+                       if nameservers and not _is_address(host) else host)
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "tls-required-no", address)
     if not mode.uses_dane:
-        return ServerPolicy(mode, "setting", host)
+        return ServerPolicy(mode, "setting", address or host)
     if _is_address(host):
         if mode is DownstreamTls.DANE_ONLY:
             raise PolicyRefusal(f"{host} is an address: DANE needs a host name with TLSA records", "tlsa-invalid")
@@ -310,8 +360,17 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
         if mode is DownstreamTls.DANE_ONLY:
             raise PolicyRefusal(f"{host} has no usable DNSSEC-signed TLSA records ({lookup.status})",
                                 "tlsa-invalid")
-        # The configured resolver also names the address (unsigned is fine without DANE).
-        address = await _address(host, nameservers, ns_port, timeout, secure=False) if nameservers else host
+        if sts_fallback and mode is DownstreamTls.DANE and policy_domain:
+            policy = await _mta_sts_policy(host, port, policy_domain, dns_servers, timeout,
+                                           sts or sts_fetcher(dns_servers, timeout), address)
+            policy.dane = lookup
+            return policy
+        if address is None:
+            # The configured resolver also names the address (unsigned is fine without DANE).
+            address = await _address(host, nameservers, ns_port, timeout, secure=False) if nameservers else host
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address, lookup)
-    address = await _address(host, nameservers, ns_port, timeout)
+    if address is None:
+        address = await _address(host, nameservers, ns_port, timeout)
+    elif address not in await _secure_addresses(host, nameservers, ns_port, timeout):
+        raise PolicyRefusal(f"{address} is not among the DNSSEC-validated addresses of {host}", "dnssec-invalid")
     return ServerPolicy(DownstreamTls.REQUIRED, "dane", address, lookup)

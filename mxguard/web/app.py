@@ -46,7 +46,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         ctx: settings, store, metrics and the gateway hooks.
     """
     from mxguard.web.routes import (account, audit, auth, dashboard, domains, messagecenter, messagelog, orgs,
-                                    partners, relay, spool, system, tls, tls_reports, tlsrpt_intake)
+                                    outbound, partners, relay, spool, system, tls, tls_reports, tlsrpt_intake)
     from mxguard.web.routes.api_v1 import router as api_router
 
     app = FastAPI(
@@ -65,7 +65,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.mount("/static", StaticFiles(packages=[("mxguard.web", "static")]), name="static")
     # One router per resource.
     for module in (auth, account, dashboard, domains, partners, tls_reports, tls, messagelog, spool, audit, system,
-                   messagecenter, orgs, relay, tlsrpt_intake):
+                   messagecenter, orgs, relay, tlsrpt_intake, outbound):
         app.include_router(module.router)
     app.include_router(api_router, prefix=API_PREFIX)
 

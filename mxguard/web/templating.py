@@ -14,6 +14,7 @@ NAV: list[tuple[str, str]] = [
     ("Dashboard", "/"),
     ("Domains", "/domains"),
     ("TLS", "/tls"),
+    ("Outbound", "/outbound"),
     ("Message log", "/log"),
     ("Spool", "/spool"),
     ("Audit log", "/audit"),
