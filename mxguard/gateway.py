@@ -129,7 +129,7 @@ class Gateway:
         self.sni = SniContexts(self.store, self.keyring, self.tls, min_version=s.tls.min_version)
         self.directory.listeners.append(self.sni.load)
         # Client certificates are requested while partner rules or relay entries need one.
-        self._client_cas: dict[str, list[str]] = {"partners": [], "relay": []}
+        self._client_cas: dict[str, tuple[list[str], list[str]]] = {"partners": ([], []), "relay": ([], [])}
         self.partners = PartnerRules(self.store, on_client_cas=functools.partial(self._set_client_cas, "partners"))
         self.directory.listeners.append(self.partners.load)
         self.relay_access = RelayAccess(self.store, trust_dir=s.data_dir / "tls",
@@ -242,10 +242,13 @@ class Gateway:
             self.listeners.append(listener)
             log.info("listening", submission=f"{host}:{listener.port}", hostname=self.settings.hostname)
 
-    def _set_client_cas(self, source: str, files: list[str]) -> None:
-        """Partner rules and relay entries each name CA files; the TLS context trusts them all."""
-        self._client_cas[source] = list(files)
-        self.tls.set_client_cas(sorted({f for group in self._client_cas.values() for f in group}))
+    def _set_client_cas(self, source: str, files: list[str], pems: list[str] = ()) -> None:
+        """Partner rules (CA files and stored PEM bundles) and relay entries (a CA bundle file)
+        each name client CAs; the TLS context trusts them all."""
+        self._client_cas[source] = (list(files), list(pems))
+        groups = self._client_cas.values()
+        self.tls.set_client_cas(sorted({f for files_, _ in groups for f in files_}),
+                                sorted({p for _, pems_ in groups for p in pems_}))
 
     def _domain_view(self, name: str):
         """The served domain's settings (the outbound filters use the sender domain's), or ``None``."""
