@@ -334,3 +334,13 @@ def test_front_door_reads_data_as_aiosmtpd_would(gateway, plain_sink, add_domain
         code = b"552 5.3.4" if outcome is Outcome.TOO_BIG else b"500 5.6.0"
         assert final.startswith(code), final
         assert len(plain_sink.messages) == before
+
+
+@settings(max_examples=2000, deadline=None)
+@given(raw=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"B: c"]), max_size=30).map(b"".join))
+def test_header_block_end_searches_only_the_head(raw):
+    """The end of the header block (run on every message) is the first blank line, CRLF or LF."""
+    from mxguard.smtp.headers import header_block_end
+    ends = [p + 2 for p in [raw.find(b"\r\n\r\n")] if p >= 0] + [p + 1 for p in [raw.find(b"\n\n")] if p >= 0]
+    want = 0 if raw.startswith((b"\r\n", b"\n")) else min(ends, default=len(raw))
+    assert header_block_end(raw) == want
