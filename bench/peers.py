@@ -529,7 +529,8 @@ class MxguardTarget(Target):
         self.workdir, self.cert, self.filters = workdir, cert, filters
         self.label = "mxguard +filters" if filters else "mxguard -filters"
         self.env = dict(env or {})
-        self.serve_args: list[str] = []
+        # One process unless a target asks for more (``serve`` alone runs one per CPU).
+        self.serve_args: list[str] = ["--workers", "1"]
         self.proc: subprocess.Popen | None = None
 
     def _cli(self, data_dir: Path, *args: str) -> None:

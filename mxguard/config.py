@@ -52,8 +52,9 @@ class SmtpSettings(_Section):
     """Inbound listener and its RFC 5321 limits."""
 
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:25"])
-    #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU.
-    workers: int = Field(default=1, ge=0, le=64)
+    #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU (one
+    #: process when ``[log] file`` is set), 1 = a single process.
+    workers: int = Field(default=0, ge=0, le=64)
     #: Largest message accepted, in bytes (advertised as SIZE, RFC 1870).
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     #: Recipients per transaction; RFC 5321 4.5.3.1.8 asks for at least 100.
@@ -718,7 +719,8 @@ sealing_key_file = "{s.sealing_key_file}"
 [smtp]
 # Inbound listeners, HOST:PORT ([::1]:25 for IPv6).
 listen = [{listen}]
-# Gateway processes sharing the listeners, to use every core; 0 = one per CPU.
+# Gateway processes sharing the listeners, to use every core; 0 = one per CPU
+# (one when [log] file is set), 1 = a single process.
 workers = {s.smtp.workers}
 # Largest message in bytes, advertised as SIZE (RFC 1870).
 max_message_size = {s.smtp.max_message_size}
