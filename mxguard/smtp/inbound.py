@@ -408,7 +408,8 @@ class InboundSMTP(SMTP):
         :mod:`mxguard.smtp.data_reader`, which decides as aiosmtpd's line-by-line reading
         does (end of data, dot-unstuffing, size and line limits) at a fraction of its cost.
         A refused transfer is read to its end, then answered ``552 5.3.4`` (size) or
-        ``500 5.6.0`` (line length), and ends the downstream transaction too.
+        ``500 5.6.0`` (line length), and ends the downstream transaction too. The
+        message stays bytes (the gateway runs aiosmtpd with ``decode_data=False``).
         """
         if await self.check_helo_needed():
             return
