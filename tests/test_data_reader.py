@@ -301,9 +301,10 @@ def gateway_overrides() -> dict:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(body=st.lists(TEXT_PIECE, max_size=25).map(b"".join), cuts=st.lists(st.integers(min_value=0), max_size=6))
-def test_front_door_reads_data_as_aiosmtpd_would(gateway, plain_sink, add_domain, body, cuts):
+def test_front_door_reads_data_as_aiosmtpd_would(plain_sink, gateway, add_domain, body, cuts):
     """Same bytes to mxguard: the reply class the line-by-line reading implies, the message
-    delivered as it would have read it, and the pipelined command after the dot still answered."""
+    delivered as it would have read it, and the pipelined command after the dot still answered.
+    (``plain_sink`` comes first so that it outlives the gateway's pooled connection to it.)"""
     if not getattr(gateway, "_data_path_domain", False):
         add_domain("example.com", [plain_sink.address], downstream_tls="off")
         gateway._data_path_domain = True
