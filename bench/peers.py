@@ -535,7 +535,7 @@ class MxguardTarget(Target):
         self.workdir, self.cert, self.filters = workdir, cert, filters
         self.label = "mxguard +filters" if filters else "mxguard -filters"
         self.env = dict(env or {})
-        # One process unless a target asks for more: the serve default may be one per core.
+        # One process unless a target asks for more (``serve`` alone runs one per CPU).
         self.serve_args: list[str] = ["--workers", "1"]
         self.proc: subprocess.Popen | None = None
 

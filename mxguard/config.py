@@ -56,8 +56,9 @@ class SmtpSettings(_Section):
     #: There a session must authenticate (SMTP AUTH after STARTTLS, a registered network or
     #: client certificate) before MAIL (``530 5.7.0``, RFC 4954 section 6).
     submission_listen: list[str] = Field(default_factory=list)
-    #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU.
-    workers: int = Field(default=1, ge=0, le=64)
+    #: Gateway processes sharing the listeners (``serve --workers``); 0 = one per CPU (one
+    #: process when ``[log] file`` is set), 1 = a single process.
+    workers: int = Field(default=0, ge=0, le=64)
     #: Largest message accepted, in bytes (advertised as SIZE, RFC 1870).
     max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
     #: Recipients per transaction; RFC 5321 4.5.3.1.8 asks for at least 100.
@@ -770,7 +771,8 @@ listen = [{listen}]
 # Submission listeners for the outbound relay (RFC 6409), e.g. ["0.0.0.0:587"]: there MAIL needs
 # SMTP AUTH after STARTTLS, a registered client certificate or network (530 5.7.0). Empty: none.
 submission_listen = {toml_list(s.smtp.submission_listen)}
-# Gateway processes sharing the listeners, to use every core; 0 = one per CPU.
+# Gateway processes sharing the listeners, to use every core; 0 = one per CPU
+# (one when [log] file is set), 1 = a single process.
 workers = {s.smtp.workers}
 # Largest message in bytes, advertised as SIZE (RFC 1870).
 max_message_size = {s.smtp.max_message_size}

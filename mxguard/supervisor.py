@@ -1,12 +1,16 @@
 """``serve --workers N``: several gateway processes sharing the listening sockets, so every core works.
 
+``serve`` runs one per CPU by default (``[smtp] workers = 0``); ``--workers 1``
+is a single process with no supervisor.
+
 The parent binds the SMTP listeners once, then forks N workers that all accept
 on them (the kernel hands each new connection to one waiting worker). Each
 worker is a complete :class:`Gateway` with its own event loop, downstream
 connection pool and batched message log, on the same database. Worker 0 also
 runs the console and the spool delivery worker. The parent forwards SIGTERM and
 SIGINT, and restarts a worker that dies unexpectedly (at most a few times a
-minute, so a crash loop stops instead of spinning).
+minute, so a crash loop stops instead of spinning); if the parent itself is
+killed, the kernel ends the workers too.
 
 Front-door limits (``smtp.max_connections`` and the per-client limit) count per
 worker process.
@@ -35,6 +39,44 @@ MAX_RESTARTS_PER_MINUTE = 5
 #: Seconds a worker has to stop after SIGTERM before it is killed: the gateway's
 #: shutdown grace for transactions in progress (10 s) and its clean-up, with room to spare.
 STOP_TIMEOUT = 60
+
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent dies (Linux)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, a cgroup cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+def worker_count(setting: int, *, log_file: bool) -> int:
+    """How many gateway processes ``serve`` runs for ``--workers``/``[smtp] workers``.
+
+    Args:
+        setting: the configured count; ``0`` (the default) means one per CPU
+            (:func:`available_cpus`).
+        log_file: a ``[log] file`` is set. Each process would rotate the file on
+            its own, so ``0`` then means one process; an explicit count is kept.
+    """
+    if setting > 0:
+        return setting
+    return 1 if log_file else available_cpus()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker if the supervisor dies (``kill -9``, a crash): no orphan
+    keeps serving on the shared sockets. Linux ``prctl``; elsewhere nothing happens."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
+
 
 
 def bind_listeners(endpoints: list[str], backlog: int = 1024, *, key: str = "smtp.listen",
@@ -88,8 +130,10 @@ def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_liste
     worker would never stop. Blocked, it stays pending in the supervisor and is
     forwarded once the new worker is in ``children``.
     """
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker
+        _die_with_parent(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

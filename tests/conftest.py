@@ -53,6 +53,20 @@ def _dns_stays_on_loopback(loopback_dns):
         os.environ["MXGUARD_FILTERS__DNS_SERVERS"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_gateway_process():
+    """``mxguard serve`` started by a test is one process unless the test asks for more
+    (``--workers``, or an environment without ``MXGUARD_*``): the limit tests count
+    connections per process. The default, one per CPU, is tested in test_serve_startup."""
+    previous = os.environ.get("MXGUARD_SMTP__WORKERS")
+    os.environ["MXGUARD_SMTP__WORKERS"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("MXGUARD_SMTP__WORKERS", None)
+    else:
+        os.environ["MXGUARD_SMTP__WORKERS"] = previous
+
+
 def gateway_environ(loopback_dns: LoopbackDNS, **overrides: str) -> dict[str, str]:
     """Settings overrides every test gateway gets: sender checks use the loopback DNS server."""
     return {"MXGUARD_FILTERS__DNS_SERVERS": loopback_dns.address, **overrides}

@@ -94,3 +94,50 @@ def test_curl_with_the_generated_certificate_reaches_the_console_on_127_0_0_1(tm
         assert "listening" in log.read_text() and f"127.0.0.1:{web_port}" in log.read_text()
     finally:
         stop_process(proc)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_serve_runs_one_process_per_cpu_by_default_and_they_end_with_it(tmp_path):
+    """Issue 17: no --workers and the data dir's ``workers = 0`` mean one gateway process per CPU
+    the supervisor may run on; when the supervisor is killed outright, no worker stays behind."""
+    from mxguard.supervisor import available_cpus, worker_count
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    assert worker_count(0, log_file=False) == available_cpus() and worker_count(3, log_file=False) == 3
+    assert worker_count(0, log_file=True) == 1 and worker_count(2, log_file=True) == 2  # each would rotate the file
+    data = tmp_path / "data"
+    init_data_dir(data)
+    assert "\nworkers = 0\n" in (data / "mxguard.toml").read_text()
+    expected = available_cpus()
+    if expected < 2:
+        pytest.skip("one CPU: serve runs a single process")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
+    proc = subprocess.Popen([MXGUARD, "--data-dir", str(data), "serve", "--no-web", "--smtp", f"127.0.0.1:{port}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(_children(proc.pid)) == expected, 30, "the workers", None, proc)
+
+        def greets() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                return s.recv(100).startswith(b"220")
+        wait_until(greets, 30, "a worker's greeting", None, proc)
+        workers = _children(proc.pid)
+        proc.kill()  # SIGKILL: the supervisor cannot forward anything
+        proc.wait(10)
+        wait_until(lambda: all(_gone(pid) for pid in workers), 10, "the workers to end")
+        assert all(_gone(pid) for pid in workers), workers
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "nothing listens once the gateway is gone"
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)

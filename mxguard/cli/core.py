@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import typer
 from rich.table import Table
@@ -13,6 +12,7 @@ from mxguard.errors import ConfigError
 from mxguard.gateway import Gateway
 from mxguard.netaddr import has_port, parse_host_port
 from mxguard.services.setup import initialize
+from mxguard.supervisor import run_workers, worker_count
 from mxguard.storage.messagelog import entry_as_dict, recent
 
 
@@ -52,8 +52,8 @@ def serve(
                                         help="Serve the console over plain HTTP: only behind a TLS-terminating proxy"),
     no_web: bool = typer.Option(False, "--no-web", help="Do not serve the console and API"),
     workers: int = typer.Option(None, "--workers", show_default=False, min=0, max=64, metavar="N",
-                                help="Gateway processes sharing the SMTP listeners; 0 = one per CPU "
-                                     "(default: smtp.workers, 1)"),
+                                help="Gateway processes sharing the SMTP listeners; 0 = one per CPU, 1 = a "
+                                     "single process (default: smtp.workers, 0; one process when log.file is set)"),
 ) -> None:
     """Run the gateway: inbound SMTP with STARTTLS, in-line relay to the downstream servers, and the console."""
     s = settings()
@@ -70,10 +70,8 @@ def serve(
     plain = s.web.plain_http if web_plain_http is None else web_plain_http
     if plain:
         s.web.plain_http = True
-    workers = s.smtp.workers if workers is None else workers
-    workers = workers or os.cpu_count() or 1
+    workers = worker_count(s.smtp.workers if workers is None else workers, log_file=bool(s.log.file))
     if workers > 1:
-        from mxguard.supervisor import run_workers
         raise typer.Exit(run_workers(s, workers, smtp or None, web_listen, plain))
     run(Gateway(s, smtp_listen=smtp or None, web_listen=web_listen, web_plain_http=plain).run_forever())
 

@@ -22,14 +22,13 @@ def header_block_end(raw: bytes) -> int:
 
     Accepts CRLF or bare LF line ends; a message without a body ends at len(raw).
     """
-    best = len(raw)
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        pos = raw.find(sep)
-        if pos != -1:
-            best = min(best, pos + (2 if sep == b"\r\n\r\n" else 1))
     if raw.startswith((b"\r\n", b"\n")):
         return 0
-    return best
+    crlf = raw.find(b"\r\n\r\n")
+    best = len(raw) if crlf < 0 else crlf + 2
+    # An LF LF can end the block only before that CRLF CRLF: no need to search the whole body.
+    lf = raw.find(b"\n\n", 0, best)
+    return best if lf < 0 else min(best, lf + 1)
 
 
 def remove_fields(raw: bytes, names: Iterable[str]) -> bytes:

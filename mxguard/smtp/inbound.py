@@ -17,13 +17,14 @@ import re
 import ssl
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 from aiosmtpd.smtp import syntax as command_syntax
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
 from mxguard.config import SmtpSettings
-from mxguard.smtp import limits, submission, syntax
+from mxguard.smtp import data_reader, limits, submission, syntax
+from mxguard.smtp.data_reader import DataReader, Outcome
 from mxguard.smtp.proxy import ClientInfo, ProxyContext, ProxySession
 from mxguard.smtp.replies import BAD_SEQUENCE, TOO_MANY_RECIPIENTS, Reply, with_enhanced_code
 from mxguard.tls.buffers import shrink_tls_read_buffer
@@ -34,13 +35,11 @@ log = structlog.get_logger("mxguard.inbound")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error; nothing was delivered, try again later")
 
 #: Refusals aiosmtpd words itself (by the start of its text), as mxguard's replies.
-#: Those in the DATA phase also end the transaction (see ``InboundSMTP.smtp_DATA``).
-_LIBRARY_REFUSALS: list[tuple[str, Reply, bool]] = [
-    ("502 5.5.1 Too many unrecognized commands", limits.TOO_MANY_UNRECOGNIZED, False),
-    ("552 Error: message size exceeds fixed maximum", limits.MESSAGE_TOO_BIG, False),  # MAIL ... SIZE=n
-    ("552 Error: Too much mail data", limits.MESSAGE_TOO_BIG, True),
-    ("500 Line too long", limits.LINE_TOO_LONG, True),
-    ("500 Command line too long", limits.COMMAND_TOO_LONG, False),
+#: (The DATA phase's own, size and line length, are ``InboundSMTP.smtp_DATA``'s.)
+_LIBRARY_REFUSALS: list[tuple[str, Reply]] = [
+    ("502 5.5.1 Too many unrecognized commands", limits.TOO_MANY_UNRECOGNIZED),
+    ("552 Error: message size exceeds fixed maximum", limits.MESSAGE_TOO_BIG),  # MAIL ... SIZE=n
+    ("500 Command line too long", limits.COMMAND_TOO_LONG),
 ]
 
 
@@ -116,6 +115,17 @@ class CommandLineReader(asyncio.StreamReader):
                 return line
             await self.on_bare_lf(line)
 
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` back in front of the buffered bytes.
+
+        The DATA reader (:mod:`mxguard.smtp.data_reader`) reads in chunks; the
+        bytes of a chunk after the end of the message are the client's next
+        commands (RFC 2920 pipelining) and are read from here as usual. (The
+        buffer is the StreamReader's own, which aiosmtpd also clears itself at
+        STARTTLS.)
+        """
+        self._buffer[:0] = data
+
 
 class InboundSMTP(SMTP):
     """aiosmtpd's SMTP protocol with enhanced status codes and an attached proxy session.
@@ -158,7 +168,8 @@ class InboundSMTP(SMTP):
         self.working = False
         #: True while the message data is being received (see ``_timeout_cb``).
         self.receiving_data = False
-        self._data_refusal: Reply | None = None
+        #: The last message data held a bare CR or LF (found while it was read).
+        self.data_bare_line_ends = False
         self._gone = False
         #: The MAIL/RCPT being handled, and why its path was refused (see ``_getaddr``).
         self._path_verb: str | None = None
@@ -218,15 +229,13 @@ class InboundSMTP(SMTP):
                 status = str(syntax.bad_sender(problem) if problem else syntax.malformed_sender())
             elif problem:
                 status = str(syntax.bad_recipient(problem))
-        for prefix, reply, ends_data in _LIBRARY_REFUSALS if status[:1] == "5" else ():
+        for prefix, reply in _LIBRARY_REFUSALS if status[:1] == "5" else ():
             if status.startswith(prefix):
                 # A limit aiosmtpd enforces: our code and text, and a log line naming the limit.
                 # (After too many unknown commands aiosmtpd closes, which RFC 5321 3.8 announces with 421.)
                 log.warning("limit reached", limit=limits.limit_name(reply), client=_peer_ip(self.session),
                             reply=reply.one_line())
                 status = str(reply)
-                if ends_data:
-                    self._data_refusal = reply
                 break
         if self._greeting_sent and (not self._plain_replies or status[:1] in "45"):
             status = with_enhanced_code(status)
@@ -487,17 +496,54 @@ class InboundSMTP(SMTP):
         return await super().handle_exception(error)
 
     async def smtp_DATA(self, arg: str) -> None:
-        self._data_refusal = None
-        self.receiving_data = True  # until the handler runs (it sets ``working``) or DATA is refused
+        """DATA (RFC 5321 4.1.1.4): aiosmtpd's command, with the message data read in chunks.
+
+        The checks before ``354`` and their replies are aiosmtpd's; the data is read by
+        :mod:`mxguard.smtp.data_reader`, which decides as aiosmtpd's line-by-line reading
+        does (end of data, dot-unstuffing, size and line limits) at a fraction of its cost.
+        A refused transfer is read to its end, then answered ``552 5.3.4`` (size) or
+        ``500 5.6.0`` (line length), and ends the downstream transaction too. The
+        message stays bytes (the gateway runs aiosmtpd with ``decode_data=False``).
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        self.receiving_data = True  # until the data has ended (the timeout then is ours: see ``working``)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            data = DataReader(self.data_size_limit, self.line_length_limit)
+            try:
+                await data_reader.receive(self._reader, data, self._reader.unread)
+            except asyncio.CancelledError:
+                # The connection went away (or timed out) during DATA, as aiosmtpd handles it.
+                log.info("connection lost during DATA", client=_peer_ip(self.session))
+                self._writer.close()
+                raise
         finally:
             self.receiving_data = False
-        refusal, self._data_refusal = self._data_refusal, None
-        if refusal is not None and self.proxy.tx is not None:
-            # aiosmtpd refused the data (size, line length) without calling the handler:
-            # end the downstream transaction too, and leave a message-log record.
-            await self.proxy.refuse(refusal, b"")
+        if data.outcome is not Outcome.OK:
+            refusal = limits.LINE_TOO_LONG if data.outcome is Outcome.LINE_TOO_LONG else limits.MESSAGE_TOO_BIG
+            log.warning("limit reached", limit=limits.limit_name(refusal), client=_peer_ip(self.session),
+                        reply=refusal.one_line())
+            self._set_post_data_state()
+            await self.push(str(refusal))
+            if self.proxy.tx is not None:
+                # End the downstream transaction too, and leave a message-log record.
+                await self.proxy.refuse(refusal, b"")
+            return
+        content = data.content()
+        self.envelope.content = self.envelope.original_content = content
+        self.data_bare_line_ends = data.bare_line_ends
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.5.3.2 and 3.8 ask for a 421 first, and the log names the limit.
@@ -676,7 +722,8 @@ class InboundHandler:
         server.receiving_data = False
         if server.proxy.tx is None:
             return str(BAD_SEQUENCE)
-        refusal, content = limits.check_message(envelope.original_content, server.limits)
+        refusal, content = limits.check_message(envelope.original_content, server.limits,
+                                                bare_line_ends=server.data_bare_line_ends)
         server.working = True
         try:
             if refusal is not None:

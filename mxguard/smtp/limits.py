@@ -104,15 +104,22 @@ def normalize_line_ends(content: bytes) -> bytes:
     return _BARE.sub(b"\r\n", content)
 
 
-def check_message(content: bytes, settings: SmtpSettings) -> tuple[Reply | None, bytes]:
+def check_message(content: bytes, settings: SmtpSettings, *,
+                  bare_line_ends: bool | None = None) -> tuple[Reply | None, bytes]:
     """Header limits, loop detection and bare line ends on a received message.
+
+    Args:
+        content: the message (dot-unstuffed).
+        settings: the ``[smtp]`` limits.
+        bare_line_ends: whether ``content`` holds a bare CR or LF, when the caller
+            already knows (the DATA reader finds out while reading); ``None``: look.
 
     Returns:
         ``(refusal, content)``: ``refusal`` is the reply for the sender when the
         message must be refused; ``content`` is normalised when
         ``bare_line_endings = "normalize"``.
     """
-    if has_bare_line_ends(content):
+    if has_bare_line_ends(content) if bare_line_ends is None else bare_line_ends:
         if settings.bare_line_endings == "reject":
             return BARE_LINE_END, content
         content = normalize_line_ends(content)
