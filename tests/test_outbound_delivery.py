@@ -351,6 +351,10 @@ async def test_4xx_then_accept_is_retried_with_back_off(env, sinks):
     entry_id = await env.outbound(["bob@grey.dst.test"])
     first = await env.run(entry_id)
     assert first.status == "queued" and first.attempts == 1 and first.next_attempt_at > first.last_attempt_at
+    # The first try was from the spool: the first retry comes after first_retry, not twice that.
+    spool = env.settings.spool
+    wait = (first.next_attempt_at - first.last_attempt_at).total_seconds()
+    assert spool.first_retry * (1 - spool.jitter) - 0.01 <= wait <= spool.first_retry * (1 + spool.jitter) + 0.01, wait
     sinks.grey.data_reply = None
     second = await env.run(entry_id)
     assert second.status == "delivered" and second.attempts == 2

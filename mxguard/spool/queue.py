@@ -155,9 +155,12 @@ async def record_attempt(store: Store, entry: SpoolEntry, attempt: SpoolAttempt,
         entry.status = "expired"
         entry.completed_at = now
     else:
-        # The last attempt happens at expiry, not after it.
+        # The last attempt happens at expiry, not after it. A spooled inbound message was
+        # tried in line before it was spooled (that try is not in ``attempts``); outbound mail
+        # is first tried from the spool, so its first retry comes after ``first_retry``.
+        failed_tries = entry.attempts + (0 if entry.kind == "outbound" else 1)
         entry.next_attempt_at = min(entry.expires_at,
-                                    now + dt.timedelta(seconds=backoff(entry.attempts + 1, settings)))
+                                    now + dt.timedelta(seconds=backoff(failed_tries, settings)))
     async with store.session() as session:
         attempt.spool_id = entry.id
         session.add(attempt)
