@@ -30,17 +30,21 @@ DEFAULT_DATA_DIR = "./mxguard-data"
 
 
 
+_BRACKETED_IPV6_ITEM = re.compile(r"\[[0-9A-Fa-f:.]+\](:\d*)?\s*(,|$)")
+
+
 def _env_list(value: Any) -> Any:
     """A list setting given as one string (the environment has no lists): a JSON array
     (``["127.0.0.1:53"]``) or comma-separated items (``127.0.0.1,127.0.0.2``)."""
     if not isinstance(value, str):
         return value
     text = value.strip()
-    if text.startswith("["):
+    # "[::1]:2525" or "[::1]:25,127.0.0.1:25" are bracketed IPv6 items, not JSON.
+    if text.startswith("[") and not _BRACKETED_IPV6_ITEM.match(text):
         try:
             return json.loads(text)
         except ValueError:
-            raise ValueError("is neither a JSON list nor comma-separated items") from None
+            raise ValueError(f"{value!r} is neither a JSON list nor comma-separated items") from None
     return [v.strip() for v in text.split(",") if v.strip()]
 
 class _Section(BaseModel):
@@ -817,6 +821,15 @@ data_timeout = {s.downstream.data_timeout}
 pool_max_idle = {s.downstream.pool_max_idle}
 pool_idle_timeout = {s.downstream.pool_idle_timeout}
 pool_max_age = {s.downstream.pool_max_age}
+# The DNS resolver(s) for MX, TLSA (DANE) and MTA-STS lookups, "HOST" or "HOST:PORT"; empty: the
+# system's (/etc/resolv.conf). DANE trusts its AD bit: use a validating resolver on a trusted
+# path (loopback, e.g. unbound). Seconds per lookup and per MTA-STS policy fetch.
+dns_servers = {toml_list(s.downstream.dns_servers)}
+dns_timeout = {s.downstream.dns_timeout}
+# CA bundle that MTA-STS policy hosts are verified against (empty: the system trust store), and
+# their HTTPS port (443, RFC 8461 section 3.3; another only for tests).
+mta_sts_ca_file = "{s.downstream.mta_sts_ca_file}"
+mta_sts_port = {s.downstream.mta_sts_port}
 # TLS-RPT (RFC 8460): send each day's reports to the domains that ask for them. Mailed reports
 # are DKIM-signed when all three are set: selector, signing domain, PEM private key file (RSA of
 # 1024+ bits or Ed25519); publish the public key at <selector>._domainkey.<domain> TXT.

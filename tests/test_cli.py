@@ -39,6 +39,11 @@ def test_init_is_idempotent_and_reports_files(tmp_path):
     out = mx("init", "--hostname", "mx1.example.com", data_dir=d).stdout
     assert "mx1.example.com" in out and "certificate" in out
     assert (d / "mxguard.toml").exists() and (d / "mxguard.db").exists()
+    # The database holds the message log and password hashes: owner only, like the keys.
+    assert (d / "mxguard.db").stat().st_mode & 0o777 == 0o600
+    # Every setting is written with its meaning, the delivery resolver too (DANE trusts it).
+    toml = (d / "mxguard.toml").read_text()
+    assert "\n[downstream]\n" in toml and "\ndns_servers = []\n" in toml.split("\n[downstream]\n")[1].split("\n[")[0]
     out = mx("init", data_dir=d).stdout
     assert "already initialised" in out
     bad = mx("init", "--hostname", "other.example.com", data_dir=d, check=False)

@@ -87,3 +87,12 @@ def test_list_settings_from_the_environment_take_json_or_commas(data_dir, value)
     assert s.server.mx_hosts == ["mx1.example.net", "mx2.example.net"]
     with pytest.raises(ConfigError, match="MXGUARD_SMTP__LISTEN"):
         load_settings(data_dir, environ={"MXGUARD_SMTP__LISTEN": '["127.0.0.1:25"'})
+
+
+@pytest.mark.parametrize("value, expected", [("[::1]:2536", ["[::1]:2536"]),
+                                             ("[::1]:2536,127.0.0.1:2537", ["[::1]:2536", "127.0.0.1:2537"]),
+                                             ("[2001:db8::1]:25 , [::1]:26", ["[2001:db8::1]:25", "[::1]:26"])])
+def test_a_bracketed_ipv6_listener_first_is_an_item_not_json(data_dir, value, expected):
+    """``[::1]:2536`` starts like a JSON array; an IPv6-only listener given in the environment
+    (systemd ``Environment=``) was refused as malformed JSON."""
+    assert load_settings(data_dir, environ={"MXGUARD_SMTP__LISTEN": value}).smtp.listen == expected

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
+
 import smtplib
 import socket
 import ssl
@@ -131,6 +134,10 @@ def test_delivered_message_carries_received_with_tls_details(gateway, tls_sink, 
     assert "with ESMTPS id " in head
     assert f"(using {out.tls} with cipher" in head
     assert "for <alice@example.com>;" in head
+    # RFC 5322 3.3: the date says UTC ("+0000"), not "zone unknown" ("-0000"), and parses.
+    date = head.split("for <alice@example.com>;", 1)[1].split("\r\n")[0].strip()
+    assert date.endswith(" +0000"), date
+    assert email.utils.parsedate_to_datetime(date).utcoffset() == dt.timedelta(0)
     assert data.endswith(body), "the message itself is unchanged"
 
 

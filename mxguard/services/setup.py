@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from mxguard.config import (CONFIG_FILE_NAME, Settings, describe_validation_error, load_settings,
                             render_settings_file)
@@ -113,4 +114,18 @@ async def initialize(data_dir: Path, *, hostname: str | None = None, database_ur
         await store.migrate()
     finally:
         await store.close()
+    _restrict_sqlite_file(settings.effective_database_url)
     return settings, created
+
+
+def _restrict_sqlite_file(url: str) -> None:
+    """Mode 0600 for an SQLite database (and its WAL files): it holds the message log, password
+    and key hashes and sessions. The data dir is 0700 already; this holds when it is opened up
+    (a backup group, a shared mount)."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+        return
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(parsed.database + suffix)
+        if path.exists():
+            path.chmod(0o600)

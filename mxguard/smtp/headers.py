@@ -89,7 +89,8 @@ def received_field(*, helo: str, client_ip: str, hostname: str, txn_id: str, tls
             subject = _COMMENT_UNSAFE.sub("?", client_cert[0])[:200]
             parts.append(f"\t(client certificate {subject}; sha256 {client_cert[1]})")
     parts.append(f"\twith {with_} id {txn_id}")
-    date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
+    # "+0000": UTC known; formatdate's "-0000" means "no zone information" (RFC 5322 3.3).
+    date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)[:-5] + "+0000"
     if recipient:
         parts.append(f"\tfor <{recipient}>; {date}")
     else:
