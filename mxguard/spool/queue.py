@@ -205,7 +205,7 @@ class Scope:
         return entry.kind != "outbound" and entry.domain in self.domains
 
 
-def _scoped(q, domains: "Collection[str] | Scope | None"):
+def _scoped(q, domains: Collection[str] | Scope | None):
     if domains is None:
         return q
     if isinstance(domains, Scope):
@@ -213,7 +213,7 @@ def _scoped(q, domains: "Collection[str] | Scope | None"):
     return q.where(SpoolEntry.domain.in_(list(domains)))
 
 
-def _visible(entry: SpoolEntry, domains: "Collection[str] | Scope | None") -> bool:
+def _visible(entry: SpoolEntry, domains: Collection[str] | Scope | None) -> bool:
     if domains is None:
         return True
     if isinstance(domains, Scope):
@@ -222,7 +222,7 @@ def _visible(entry: SpoolEntry, domains: "Collection[str] | Scope | None") -> bo
 
 
 async def list_entries(store: Store, *, domain: str | None = None, status: str | None = "queued",
-                       limit: int | None = 500, domains: Collection[str] | None = None) -> list[SpoolEntry]:
+                       limit: int | None = 500, domains: Collection[str] | Scope | None = None) -> list[SpoolEntry]:
     """Entries oldest first; ``status=None`` lists every status, ``limit=None`` every entry."""
     q = _scoped(select(SpoolEntry).order_by(SpoolEntry.created_at, SpoolEntry.id), domains)
     if limit is not None:
@@ -236,7 +236,7 @@ async def list_entries(store: Store, *, domain: str | None = None, status: str |
 
 
 async def get_entry(store: Store, entry_id: int, *,
-                    domains: Collection[str] | None = None) -> tuple[SpoolEntry, list[SpoolAttempt]]:
+                    domains: Collection[str] | Scope | None = None) -> tuple[SpoolEntry, list[SpoolAttempt]]:
     """One entry and its attempts (oldest first).
 
     Raises:
@@ -252,7 +252,7 @@ async def get_entry(store: Store, entry_id: int, *,
 
 
 async def make_due_now(store: Store, *, entry_id: int | None = None, domain: str | None = None,
-                       ids: Collection[int] | None = None, domains: Collection[str] | None = None) -> list[int]:
+                       ids: Collection[int] | None = None, domains: Collection[str] | Scope | None = None) -> list[int]:
     """Make held (``queued``) entries due at once; returns their ids.
 
     Args:
@@ -291,7 +291,7 @@ async def get_entries(store: Store, ids: Collection[int]) -> list[SpoolEntry]:
                                            .order_by(SpoolEntry.id))).scalars().all())
 
 
-async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | None = None,
+async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | Scope | None = None,
                        before_commit: Callable[[AsyncSession, SpoolEntry], Awaitable[None]] | None = None,
                        now: dt.datetime | None = None) -> SpoolEntry:
     """Remove an entry and its attempts for good.
@@ -327,7 +327,7 @@ async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] 
         return entry
 
 
-async def stats(store: Store, *, domains: Collection[str] | None = None) -> dict[str, Any]:
+async def stats(store: Store, *, domains: Collection[str] | Scope | None = None) -> dict[str, Any]:
     """Counts by status; held messages, bytes and the oldest held entry's age (seconds) by domain.
 
     Returns:
