@@ -7,7 +7,8 @@ destination's MX host, found through the project's loopback DNS server (MX, A an
 organization's DKIM record), an aiosmtpd sink with STARTTLS on 127.0.0.6. At the sink the
 message arrives over TLS with a DKIM signature dkimpy verifies against the record in that DNS;
 the message log has the relay's acceptance and the delivery as ``direction="outbound"``, with
-the outbound hop's TLS, and the direction filter of the message search shows them.
+the outbound hop's TLS, and the direction filter of the API and the console shows them to the
+organization's admin, with the organization's spool entry.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ from sqlalchemy import select
 
 from mxguard.config import load_settings
 from mxguard.services import domains as domain_service
-from mxguard.services import messages as message_service
 from mxguard.services import orgs as org_service
 from mxguard.services import relay as relay_service
-from mxguard.services.access import Actor, Role
 from mxguard.sink import ThreadedSink
 from mxguard.storage.models import MessageLogEntry
 from tests.conftest import FAST_SPOOL, apply_overrides, gateway_environ
 from tests.support.gateway import ThreadedGateway
+from tests.support.web import WebGateway
 from tests.support.peers import need, wait_until
 from tests.support.smtp import crlf, message
 from tests.test_cli import mx
@@ -72,10 +72,12 @@ def relay(data_dir, loopback_dns, tls_sink, mx_sink, ca_file):
                                "downstream.dns_timeout": 3.0, "downstream.connect_timeout": 3.0,
                                "downstream.outbound_port": mx_sink.port,
                                "downstream.outbound_ca_file": str(ca_file)})
-    gw = ThreadedGateway(settings, submission_listen=["127.0.0.1:0"]).start()
+    gw = ThreadedGateway(settings, submission_listen=["127.0.0.1:0"], web_listen="127.0.0.1:0").start()
+    gw.web = WebGateway(gw, data_dir / "tls" / "cert.pem")
     published: list[tuple[str, str]] = []
     try:
         gw.run(org_service.add_org(gw.store, ORG))
+        gw.web.add_user("ops@example.com", "org-admin", ORG)
         gw.run(domain_service.add_domain(gw.store, "example.com", [tls_sink.address], org=ORG,
                                          downstream_tls="off"))
         gw.run(relay_service.add_credential(gw.store, ORG, "relay@example.com", PASSWORD))
@@ -93,6 +95,7 @@ def relay(data_dir, loopback_dns, tls_sink, mx_sink, ca_file):
     finally:
         for name, qtype in published:
             loopback_dns.set_records(name, qtype, [])
+        gw.web.close()
         gw.stop()
 
 
@@ -170,13 +173,19 @@ def test_postfix_relays_with_sasl_and_the_message_is_delivered_by_mx_dkim_signed
     assert record.results[0]["route"] == "mx:tls.e2e.test"
     accepted = [r for r in _outbound_log(relay) if r.client_ip != "spool"]
     assert accepted and accepted[-1].final_code == 250 and accepted[-1].txn_id == record.txn_id
-    # The direction filter (console and API call this search) as the organization's admin.
-    org_id = relay.run(org_service.get_org(relay.store, ORG)).id
-    actor = Actor("user:ops@example.com", role=Role.ORG_ADMIN, org_id=org_id, org=ORG)
-    outbound = relay.run(message_service.search_messages(relay.store, actor, direction="outbound"))
-    inbound = relay.run(message_service.search_messages(relay.store, actor, direction="inbound"))
-    assert {r.id for r in outbound} >= {record.id, accepted[-1].id}
-    assert not {r.id for r in inbound} & {record.id, accepted[-1].id}
+    # The direction filter in the API and the console, as the organization's admin; and its spool
+    # entry (the destination's domain, the organization's entry) on the spool API.
+    api = relay.web.api(relay.web.api_key("ops@example.com"))
+    outbound = api.get("/messages", params={"direction": "outbound"}).json()
+    inbound = api.get("/messages", params={"direction": "inbound"}).json()
+    assert {r["id"] for r in outbound} >= {record.id, accepted[-1].id}
+    assert not {r["id"] for r in inbound} & {record.id, accepted[-1].id}
+    console, _ = relay.web.login("ops@example.com")
+    page = console.get("/log", params={"direction": "outbound"}).text
+    assert "bob@tls.e2e.test" in page
+    assert "bob@tls.e2e.test" not in console.get("/log", params={"direction": "inbound"}).text
+    [entry] = api.get("/spool", params={"status": "all"}).json()
+    assert (entry["kind"], entry["domain"], entry["status"]) == ("outbound", "tls.e2e.test", "delivered")
 
 
 def test_swaks_with_a_client_certificate_is_delivered_past_a_dead_mx(relay, mx_sink, ca, tmp_path, loopback_dns):
