@@ -7,7 +7,10 @@ sender's SPF, DKIM and DMARC records, configures three domains with different
 downstream TLS policies, starts the gateway with its embedded filters (YARA,
 built-in junk scorer, content policy), sends mail through it over STARTTLS
 with Python's smtplib, and prints what happened to every recipient, with the
-filters' verdict.
+filters' verdict. Then the organization's own server relays one message out
+(SMTP AUTH after STARTTLS): the gateway finds the destination's MX host in the
+demo DNS, signs the message with the organization's DKIM key (published in the
+same DNS) and delivers it to a third sink, where dkimpy verifies the signature.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mxguard.config import load_settings
-from mxguard.demo_dns import DemoDNS
+from mxguard.demo_dns import DemoDNS, txt_value
 from mxguard.gateway import Gateway
 from mxguard.logsetup import configure as configure_logging
 from mxguard.services import domains as domain_service
@@ -63,6 +66,13 @@ def _console_listen() -> str:
             port = 0
     return f"{host}:{port}"
 SENDER = "newsletter@sender.test"
+#: The outbound relay in the demo: the organization's server authenticates as RELAY_USER and
+#: sends to OUTBOUND_RCPT, whose domain's MX host (in the demo DNS) is the destination sink.
+RELAY_USER = "relay@example.com"
+OUTBOUND_SENDER = "alice@example.com"
+OUTBOUND_RCPT = "partner@partner.test"
+OUTBOUND_MX = "mx.partner.test"
+DKIM_SELECTOR = "demo"
 
 
 @dataclass
@@ -259,6 +269,16 @@ class DemoEnvironment:
         # A branch office server that will be down for a moment: its mail goes through the spool.
         self.sink_branch = await DownstreamSink(tls_context=server_context(labdir / "cert.pem", labdir / "key.pem"),
                                                 hostname="mail.branch.example.com").start()
+        # An internet destination for the outbound relay: its MX host (the demo DNS says so) is a sink
+        # with STARTTLS; outbound delivery looks MX hosts up in the demo DNS and connects to its port.
+        self.sink_partner = await DownstreamSink(
+            tls_context=server_context(labdir / "cert.pem", labdir / "key.pem"), hostname=OUTBOUND_MX).start()
+        domain = OUTBOUND_RCPT.rpartition("@")[2]
+        self.dns.zone[(domain, "MX")] = [f"10 {OUTBOUND_MX}."]
+        self.dns.zone[(OUTBOUND_MX, "A")] = ["127.0.0.1"]
+        self.settings.downstream.dns_servers = [self.dns.address]
+        self.settings.downstream.outbound_port = self.sink_partner.port
+        self.relay_password: str | None = None
         self.settings.spool.first_retry = 0.3
         self.settings.spool.max_retry = 1.0
         self.settings.spool.poll_interval = 0.2
@@ -275,6 +295,13 @@ class DemoEnvironment:
                                         downstream_tls="required")
         await domain_service.add_domain(store, "branch.example.com", [f"127.0.0.1:{self.sink_branch.port}"],
                                         downstream_tls="required")
+        # The organization may relay: an SMTP AUTH user, and a DKIM key published in the demo DNS.
+        from mxguard.services import dkim_keys
+        from mxguard.services import relay as relay_service
+        _, self.relay_password = await relay_service.add_credential(store, DEMO_ORG, RELAY_USER)
+        key = await dkim_keys.generate_key(store, self.gateway.keyring.get(), "example.com",
+                                           selector=DKIM_SELECTOR, algorithm="rsa")
+        self.dns.zone[(key.record_name.rstrip("."), "TXT")] = [txt_value(key.record_value)]
         if self.web:
             # After the domains: a Message Center user's address must be in one of its organization's domains.
             _, self.admin_password = await user_service.add_user(store, DEMO_ADMIN, "admin")
@@ -288,6 +315,7 @@ class DemoEnvironment:
         await self.sink_tls.stop()
         await self.sink_plain.stop()
         await self.sink_branch.stop()
+        await self.sink_partner.stop()
         self.dns.stop()
         if self.own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -327,6 +355,39 @@ class DemoEnvironment:
         except (smtplib.SMTPException, OSError) as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         return result
+
+    def _relay_blocking(self, content: bytes) -> tuple[str, str]:
+        """The organization's server relays ``content``: STARTTLS, AUTH, one recipient on the internet.
+
+        Returns:
+            ``(TLS version, final reply)``.
+        """
+        with smtplib.SMTP("127.0.0.1", self.gateway.smtp_port, local_hostname="mail.example.com",
+                          timeout=60) as client:
+            client.starttls(context=self.client_tls_context())
+            client.ehlo()
+            client.login(RELAY_USER, self.relay_password or "")
+            client.mail(OUTBOUND_SENDER)
+            client.rcpt(OUTBOUND_RCPT)
+            code, text = client.data(normalize_line_ends(content))
+            return client.sock.version() or "", f"{code} {text.decode(errors='replace')}"
+
+    def dkim_verified(self, data: bytes) -> bool:
+        """dkimpy's verdict on ``data``, the key looked up in the demo DNS over UDP (blocking: call it
+        from a thread, the DNS server answers from the event loop)."""
+        import dkim
+        import dns.exception
+        import dns.resolver
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = ["127.0.0.1"], self.dns.port
+
+        def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+            try:
+                answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+            except dns.exception.DNSException:
+                return None
+            return b"".join(b"".join(r.strings) for r in answer)
+        return dkim.verify(data, dnsfunc=dnsfunc)
 
     async def send(self, message: DemoMessage) -> SendResult:
         """Send one message through the gateway and wait for its message-log record."""
@@ -454,6 +515,8 @@ async def run_demo(corpus: Path | None = None, keep_running: bool = False, conso
         if not corpus:
             await _print_spool(env, console)
             await _send_summaries(env, console)
+            if not await _outbound(env, console):
+                status = 1
         if keep_running:
             _print_running(console, env)
             stop = asyncio.Event()
@@ -479,9 +542,45 @@ async def _spool_round_trip(env: DemoEnvironment, console: Console) -> SendResul
     return result
 
 
+async def _outbound(env: DemoEnvironment, console: Console) -> bool:
+    """The organization's server relays one message to the internet; print how it went (two lines).
+
+    Returns:
+        ``True`` when it reached the destination's MX host with a DKIM signature that verifies.
+    """
+    msg = EmailMessage()
+    msg["From"] = f"Alice <{OUTBOUND_SENDER}>"
+    msg["To"] = OUTBOUND_RCPT
+    msg["Subject"] = "Order confirmation (outbound)"
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = make_msgid(domain="example.com")
+    msg.set_content("Relayed by the gateway for Example Corp's own mail server.")
+    try:
+        tls, reply = await asyncio.to_thread(env._relay_blocking, msg.as_bytes())
+    except (smtplib.SMTPException, OSError) as exc:
+        console.print(f"[yellow]Outbound: the relay refused the organization's server: {exc}[/yellow]")
+        return False
+    deadline = time.monotonic() + 10
+    while not env.sink_partner.messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    console.print(f"Outbound: Example Corp's server relayed {OUTBOUND_SENDER} -> {OUTBOUND_RCPT} through the "
+                  f"gateway (AUTH as {RELAY_USER} over {tls}): {reply}", highlight=False)
+    if not env.sink_partner.messages:
+        console.print(f"[yellow]Outbound: nothing reached {OUTBOUND_MX} in 10 s.[/yellow]")
+        return False
+    got = env.sink_partner.messages[0]
+    # In a thread: the demo DNS server answers from this event loop.
+    verified = got.data.startswith(b"DKIM-Signature:") and await asyncio.to_thread(env.dkim_verified, got.data)
+    console.print(f"Outbound: delivered by MX to {OUTBOUND_MX} over {got.tls_version or 'plain SMTP'}, DKIM-signed "
+                  f"d=example.com s={DKIM_SELECTOR}: "
+                  + ("signature verified against the DNS record" if verified else "[yellow]signature NOT verified[/yellow]"),
+                  highlight=False)
+    return verified
+
+
 async def _print_spool(env: DemoEnvironment, console: Console) -> None:
     from mxguard.spool import queue
-    entries = await queue.list_entries(env.gateway.store, status=None)
+    entries = [e for e in await queue.list_entries(env.gateway.store, status=None) if e.kind != "outbound"]
     table = Table(title="Spool: held while the branch server was down, then delivered")
     for col in ("entry", "recipient", "attempt", "server", "downstream TLS", "reply"):
         table.add_column(col, overflow="fold")

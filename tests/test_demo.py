@@ -42,6 +42,32 @@ async def test_demo_shows_every_behaviour():
     assert "branch server down (spool)" in text and "held for delivery" in text
     assert "#1 delivered" in text and "The branch server received the spooled message over TLSv1.3" in text
     assert "virus: EICAR-Test-File" in text and "junk: builtin score" in text
+    # Outbound: the organization's server relays one message (AUTH); it is delivered by MX, DKIM-signed,
+    # and the signature verifies against the record in the demo DNS.
+    assert re.search(r"Outbound: Example Corp's server relayed alice@example.com -> partner@partner.test through "
+                     r"the gateway \(AUTH as relay@example.com over TLSv1\.[23]\): 250 2\.0\.0 .*\(relayed\)", text), text
+    assert re.search(r"Outbound: delivered by MX to mx.partner.test over TLSv1\.[23], DKIM-signed d=example.com "
+                     r"s=demo: signature verified against the DNS record", text), text
+
+
+async def test_demo_outbound_message_is_signed_and_only_authenticated_clients_relay():
+    """The demo's outbound leg for real: without AUTH the same message is refused (550 5.7.1); with
+    it, the destination sink gets one message whose signature verifies, and a tampered copy does not."""
+    import smtplib
+    from mxguard.demo import OUTBOUND_RCPT, OUTBOUND_SENDER, _outbound
+    async with DemoEnvironment() as env:
+        def stranger() -> int:
+            with smtplib.SMTP("127.0.0.1", env.gateway.smtp_port, timeout=30) as c:
+                c.starttls(context=env.client_tls_context())
+                c.ehlo("mail.example.com")
+                c.mail(OUTBOUND_SENDER)
+                return c.rcpt(OUTBOUND_RCPT)[0]
+        import asyncio
+        assert await asyncio.to_thread(stranger) == 550
+        assert await _outbound(env, Console(file=io.StringIO(), width=200))
+        [got] = env.sink_partner.messages
+        assert got.rcpt_tos == [OUTBOUND_RCPT] and got.tls
+        assert not await asyncio.to_thread(env.dkim_verified, got.data.replace(b"(outbound)", b"(0utbound)"))
 
 
 async def test_default_messages_show_each_verdict():

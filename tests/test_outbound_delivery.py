@@ -703,6 +703,8 @@ def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir, loopback_dns
     again = mx("destination-tls", "add", ".dst.test", "may", data_dir=data_dir, check=False)
     assert again.returncode == 1 and "replace" in again.stderr
     assert ".dst.test" in mx("destination-tls", "list", data_dir=data_dir).stdout
+    # The same commands under ``relay``, where the rest of the outbound set-up is.
+    assert ".dst.test" in mx("relay", "destination-tls", "list", data_dir=data_dir).stdout
     looked = mx("destination-tls", "show", "nosuch.dst.test", data_dir=data_dir, check=False,
                 env={"MXGUARD_DOWNSTREAM__DNS_SERVERS": loopback_dns.address})
     assert looked.returncode == 1 and "550 5.1.2" in looked.stdout and "Traceback" not in looked.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import ipaddress
 import json
 import smtplib
@@ -174,8 +175,10 @@ def test_authenticated_mail_to_the_internet_is_spooled_sealed_before_250(relay_g
         ("outbound", "elsewhere.test", ("bob@elsewhere.test", "carol@elsewhere.test")),
         ("outbound", "other.example", ("dave@other.example",))]
     sealer = relay_gw.gateway.keyring.get()
+    org_id = relay_gw.run(org_service.get_org(relay_gw.store, ORG)).id
     for e in entries:
         assert e.status == "queued" and e.mail_from == "alice@example.com"
+        assert e.org_id == org_id, "the relaying organization is kept (its org-admins see the entry)"
         assert b"Quarterly numbers" not in e.body, "the body is sealed (AES-256-GCM)"
         plain = sealer.open(e.body, seal_context(e.txn_id))
         received = plain.split(b"\r\n\r\n", 1)[0].decode()
@@ -448,6 +451,69 @@ async def test_relay_entries_survive_the_migration_down_and_up_and_passwords_are
     assert await relay_service.list_credentials(store, ORG) == [], "the downgrade dropped the relay tables"
     await relay_service.add_network(store, ORG, "2001:db8::/48")
     assert [n.network for n in await relay_service.list_networks(store, ORG)] == ["2001:db8::/48"]
+
+
+async def test_outbound_entries_get_their_organization_in_migration_0015(store):
+    """0015_spool_org: existing outbound entries get the organization of their sender's domain
+    (none when the domain is no organization's); inbound entries stay without one; down and up again."""
+    from alembic import command
+    from sqlalchemy import text
+    from mxguard.storage.db import _alembic_config
+
+    await org_service.add_org(store, ORG)
+    await domain_service.add_domain(store, "example.com", ["127.0.0.1:9"], org=ORG)
+    await domain_service.add_domain(store, "orphan.test", ["127.0.0.1:9"])
+    org_id = (await org_service.get_org(store, ORG)).id
+    rows = [("outbound", "elsewhere.test", "alice@Example.COM"), ("outbound", "elsewhere.test", "bob@orphan.test"),
+            ("message", "example.com", "x@sender.test")]
+
+    def down_insert_up(connection):
+        command.downgrade(_alembic_config(connection), "0014_outbound_delivery")
+        for kind, domain, sender in rows:
+            connection.execute(text(
+                "INSERT INTO spool (kind, txn_id, created_at, expires_at, domain, mail_from, recipients, size, "
+                "body_8bit, smtputf8, requiretls, sender_aligned, subject, key_id, body, status, attempts, "
+                "next_attempt_at, last_reply) VALUES (:kind, 'T1', :now, :now, :domain, :sender, '[]', 0, "
+                "false, false, false, false, '', 'k', :body, 'queued', 0, :now, '')"),
+                {"kind": kind, "domain": domain, "sender": sender, "now": dt.datetime.now(dt.timezone.utc),
+                 "body": b"x"})
+        command.upgrade(_alembic_config(connection), "head")
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(down_insert_up)
+    assert await store.schema_is_current()
+    async with store.session() as session:
+        found = (await session.execute(select(SpoolEntry.mail_from, SpoolEntry.org_id).order_by(SpoolEntry.id))).all()
+    assert found == [("alice@Example.COM", org_id), ("bob@orphan.test", None), ("x@sender.test", None)]
+
+
+async def test_spool_scope_shows_an_organization_its_own_outbound_entries_only(store):
+    """Every combination of kind, domain and organization column: the SQL scope and its Python
+    twin agree, an organization sees its own outbound entries whatever their destination (even one
+    of another organization's domains), never another's, and no outbound entry without one."""
+    import itertools
+    from mxguard.spool import queue
+    from mxguard.storage.models import utcnow
+
+    kinds, domains, owners = ("message", "dsn", "outbound"), ("a.test", "b.test", "elsewhere.test"), (None, 1, 2)
+    now = utcnow()
+    async with store.session() as session:
+        for kind, domain, owner in itertools.product(kinds, domains, owners):
+            session.add(SpoolEntry(kind=kind, txn_id="T", created_at=now, expires_at=now, domain=domain,
+                                   recipients=[], key_id="k", body=b"x", next_attempt_at=now, org_id=owner))
+        await session.commit()
+    for scope in (queue.Scope(frozenset({"a.test"}), 1), queue.Scope(frozenset({"b.test"}), 2),
+                  queue.Scope(frozenset(), 1), queue.Scope(frozenset({"a.test", "b.test"}), None)):
+        every = await queue.list_entries(store, status=None, limit=None)
+        seen = {e.id for e in await queue.list_entries(store, status=None, limit=None, domains=scope)}
+        assert seen == {e.id for e in every if scope.allows(e)}, scope
+        for e in every:
+            if e.kind == "outbound":
+                assert (e.id in seen) == (e.org_id is not None and e.org_id == scope.org_id), (scope, e.domain, e.org_id)
+            elif e.org_id is None:
+                assert (e.id in seen) == (e.domain in scope.domains), (scope, e.kind, e.domain)
+        by_status = (await queue.stats(store, domains=scope))["by_status"]
+        assert sum(by_status.values()) == len(seen)
 
 
 def test_relay_access_is_managed_over_the_api_and_console_per_organization(web):

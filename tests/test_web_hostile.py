@@ -112,9 +112,13 @@ def tenants(web, tls_sink):
 
 
 def _relay_entries(web, org: str, domain: str, network: str) -> dict:
-    """Who may relay for ``org`` (a network, an AUTH user, a certificate fingerprint) and one outbound
-    message of its sender held by a rate limit; returns their names and the held entry's id."""
+    """Who may relay for ``org`` (a network, an AUTH user, a certificate fingerprint), one outbound
+    message of its sender held by a rate limit and one queued for a later attempt (both to the same
+    foreign destination, elsewhere.test, for every organization: the destination says nothing of
+    whose mail it is); returns their names and the entries' ids."""
+    import datetime as dt
     import hashlib
+    from mxguard.services import orgs as org_service
     from mxguard.services import relay as relay_service
     from mxguard.spool import queue
     store = web.gw.store
@@ -122,18 +126,22 @@ def _relay_entries(web, org: str, domain: str, network: str) -> dict:
     web.run(relay_service.add_credential(store, org, f"relay@{domain}", "a long relay password"))
     fingerprint = hashlib.sha256(domain.encode()).hexdigest()
     web.run(relay_service.add_certificate(store, org, fingerprint=fingerprint))
+    org_id = web.run(org_service.get_org(store, org)).id
 
-    async def held() -> int:
+    async def outbound(status: str) -> int:
         async with store.session() as session:
             [row] = queue.add_entries(session, [queue.NewSpoolEntry(
-                txn_id=f"HELD{org.upper()}", domain="elsewhere.test", mail_from=f"alice@{domain}",
-                recipients=["zed@elsewhere.test"], message=b"Subject: held\r\n\r\nx\r\n", kind="outbound")],
-                web.gw.gateway.keyring.get(), web.gw.settings.spool)
-            row.status = "held"
+                txn_id=f"{status.upper()}{org.upper()}", domain="elsewhere.test", mail_from=f"alice@{domain}",
+                recipients=["zed@elsewhere.test"], message=b"Subject: outbound\r\n\r\nx\r\n", kind="outbound",
+                org_id=org_id)], web.gw.gateway.keyring.get(), web.gw.settings.spool)
+            row.status = status
+            # Not due for a day: the gateway's worker never looks the destination up.
+            row.next_attempt_at = row.created_at + dt.timedelta(days=1)
             await session.commit()
             return row.id
     return {"net": network, "net2": network.replace(".0/24", ".128/25"), "user": f"relay@{domain}",
-            "fp": fingerprint, "fp2": hashlib.sha256(b"2" + domain.encode()).hexdigest(), "held": web.run(held())}
+            "fp": fingerprint, "fp2": hashlib.sha256(b"2" + domain.encode()).hexdigest(),
+            "held": web.run(outbound("held")), "queued": web.run(outbound("queued"))}
 
 
 # -- authorization across organizations -----------------------------------------------------------------
@@ -277,7 +285,16 @@ def test_another_organizations_objects_are_not_found_on_every_route(web, tenants
         reply = call(console, api, theirs)
         assert reply.status_code == 404, (method, path, reply.status_code)
         assert "Globex secret" not in reply.text and "carol@" not in reply.text and "erin@" not in reply.text
+    # Globex's outbound entry (to the same destination domain as Acme's) is not Acme's either.
+    outbound = tenants["relay"]["globex.test"]["queued"]
+    for reply in (console.get(f"/spool/{outbound}"), api.get(f"/spool/{outbound}"),
+                  api.post(f"/spool/{outbound}/retry"), api.delete(f"/spool/{outbound}"),
+                  _console_post(console, f"/spool/{outbound}/retry")):
+        assert reply.status_code == 404 and "globex" not in reply.text, reply.status_code
     assert globex_state() == before, "nothing of Globex's changed"
+    own = tenants["relay"]["acme.test"]["queued"]
+    assert api.get(f"/spool/{own}").json()["mail_from"] == "alice@acme.test"
+    assert console.get(f"/spool/{own}").status_code == 200
     # The same calls on Acme's own objects work: the 404s above were the tenancy rule, not broken routes.
     # (409: the own message was already delivered by the call before; it was found all the same.)
     mine = objects_of("acme.test", "spare.acme.test", "Acme")
@@ -316,8 +333,21 @@ def test_lists_and_searches_show_only_the_own_organization(web, tenants):
         page = console.get("/mc", params=params).text
         assert "carol@" not in page and "globex.test" not in page, params
     assert tenants["held"]["acme.test"] in console.get("/mc").text
-    assert {e["domain"] for e in api.get("/spool").json()} == {"down.acme.test"}
-    assert {d["domain"] for d in api.get("/spool/stats").json()["by_domain"]} == {"down.acme.test"}
+    # The spool: Acme's inbound entries (by domain) and its own outbound entry (by organization; its
+    # domain is the destination's), never Globex's outbound entry to the same destination.
+    relay = tenants["relay"]
+    listed = api.get("/spool").json()
+    assert {e["domain"] for e in listed} == {"down.acme.test", "elsewhere.test"}
+    assert {e["id"] for e in listed if e["domain"] == "elsewhere.test"} == {relay["acme.test"]["queued"]}
+    every = {e["id"] for e in api.get("/spool", params={"status": "all"}).json()}
+    assert {relay["acme.test"]["queued"], relay["acme.test"]["held"]} <= every
+    assert not {relay["globex.test"]["queued"], relay["globex.test"]["held"]} & every
+    assert {d["domain"] for d in api.get("/spool/stats").json()["by_domain"]} == {"down.acme.test", "elsewhere.test"}
+    assert [h["id"] for h in api.get("/relay/held").json()] == [relay["acme.test"]["held"]]
+    assert {h["id"] for h in tenants["admin"].get("/relay/held").json()} == {
+        relay["acme.test"]["held"], relay["globex.test"]["held"]}
+    assert "alice@globex.test" not in console.get("/spool", params={"status": "all"}).text
+    assert "alice@acme.test" in console.get("/spool").text
     page = console.get("/spool").text
     assert "erin@" not in page and "down.globex.test" not in page and "dan@down.acme.test" in page
     assert api.get("/spool", params={"domain": "down.globex.test"}).status_code == 404

@@ -52,6 +52,8 @@ app.add_typer(user_app, name="user")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(tls_app, name="tls")
 app.add_typer(relay_app, name="relay")
+# The same commands under ``relay`` too, where the outbound story is (``mxguard relay destination-tls``).
+relay_app.add_typer(destination_tls_app, name="destination-tls")
 app.add_typer(destination_tls_app, name="destination-tls")
 app.add_typer(tls_report_app, name="tls-report")
 app.add_typer(tls_report_app, name="tlsrpt", help="The same as tls-report.")

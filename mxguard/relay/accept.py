@@ -137,7 +137,7 @@ class OutboundAcceptor:
             entries.append(queue.NewSpoolEntry(
                 txn_id=tx.txn_id, domain=domain, mail_from=tx.mail_from, recipients=group, message=message,
                 subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8, requiretls=tx.requiretls,
-                sender_aligned=True, kind="outbound",
+                sender_aligned=True, kind="outbound", org_id=grant.org_id,
                 first_reply="held: over the outbound rate limit" if over else ""))
         try:
             await self._store(entries, held=bool(over))

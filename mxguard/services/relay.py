@@ -438,11 +438,10 @@ async def _held_rows(session, actor: Actor, entry_id: int | None = None):
     q = select(SpoolEntry).where(SpoolEntry.kind == "outbound", SpoolEntry.status == "held")
     if entry_id is not None:
         q = q.where(SpoolEntry.id == entry_id)
-    rows = (await session.execute(q.order_by(SpoolEntry.id))).scalars().all()
-    if actor.is_admin:
-        return list(rows)
-    mine = set((await session.execute(select(Domain.name).where(Domain.org_id == actor.org_id))).scalars().all())
-    return [r for r in rows if r.mail_from.rpartition("@")[2].lower() in mine]
+    # The relaying organization is the entry's org_id (set at acceptance), never the sender's or
+    # the destination's domain string.
+    q = actor.scope(q, SpoolEntry.org_id)
+    return list((await session.execute(q.order_by(SpoolEntry.id))).scalars().all())
 
 
 def _held_view(row) -> HeldView:
@@ -451,7 +450,7 @@ def _held_view(row) -> HeldView:
 
 
 async def list_held(store: Store, *, actor: Actor = SYSTEM) -> list[HeldView]:
-    """Outbound messages held by a rate limit, oldest first (an org-admin sees its senders' only)."""
+    """Outbound messages held by a rate limit, oldest first (an org-admin sees its organization's only)."""
     async with store.session() as session:
         return [_held_view(r) for r in await _held_rows(session, actor)]
 
@@ -471,9 +470,7 @@ async def release_held(store: Store, entry_id: int, *, actor: Actor = SYSTEM) ->
         row = rows[0]
         row.status, row.next_attempt_at = "queued", utcnow()
         view = _held_view(row)
-        org_id = await session.scalar(select(Domain.org_id).where(
-            Domain.name == row.mail_from.rpartition("@")[2].lower()))
-        audit.record(session, actor, "relay.release", f"spool #{row.id}", org_id=org_id,
+        audit.record(session, actor, "relay.release", f"spool #{row.id}", org_id=row.org_id,
                      after={"mail_from": row.mail_from, "domain": row.domain})
         await session.commit()
     return view

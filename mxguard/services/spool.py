@@ -88,6 +88,8 @@ class EntryView:
     #: The sealing key the held copy is sealed with (``keys rotate`` re-seals).
     key_id: str = ""
     delivering: bool = False
+    #: The relaying organization of an outbound entry (``None``: the domain's organization).
+    org_id: int | None = None
 
     @property
     def pending(self) -> list[str]:
@@ -186,7 +188,8 @@ def entry_view(row: SpoolEntry, now: dt.datetime | None = None) -> EntryView:
         next_attempt_at=as_utc(row.next_attempt_at), last_attempt_at=as_utc(row.last_attempt_at),
         completed_at=as_utc(row.completed_at), last_reply=row.last_reply or "",
         recipients=tuple(RecipientState(r["rcpt"], r["status"], r.get("reply", "")) for r in row.recipients),
-        key_id=row.key_id, delivering=lease is not None and lease > now and row.status == "queued")
+        key_id=row.key_id, delivering=lease is not None and lease > now and row.status == "queued",
+        org_id=row.org_id)
 
 
 def _attempt_view(row: SpoolAttempt) -> AttemptView:
@@ -199,8 +202,9 @@ def _attempt_view(row: SpoolAttempt) -> AttemptView:
 
 # -- tenancy ----------------------------------------------------------------------------------
 
-async def _scope(store: Store, actor: Actor) -> set[str] | None:
-    """``None`` for admins (every entry), else the names of the actor's domains.
+async def _scope(store: Store, actor: Actor) -> queue.Scope | None:
+    """``None`` for admins (every entry), else the actor's share: the entries of their
+    organization's domains and the organization's own outbound entries (whatever the destination).
 
     Raises:
         PermissionDenied: a plain user.
@@ -208,15 +212,15 @@ async def _scope(store: Store, actor: Actor) -> set[str] | None:
     actor.require_console()
     if actor.is_admin:
         return None
-    return {d.name for d in await list_domains(store, actor=actor)}
+    return queue.Scope(frozenset(d.name for d in await list_domains(store, actor=actor)), actor.org_id)
 
 
-def _domain_filter(domain: str | None, scope: Collection[str] | None) -> str | None:
+def _domain_filter(domain: str | None, scope: queue.Scope | None) -> str | None:
     """A validated ``domain`` filter; an org-admin's filter must name one of their domains."""
     if not domain or not domain.strip():
         return None
     name = normalize_domain_name(domain)
-    if scope is not None and name not in scope:
+    if scope is not None and name not in scope.domains:
         raise NotFound(f"domain {name} is not configured")
     return name
 
@@ -296,7 +300,7 @@ async def visible_depth(store: Store, actor: Actor) -> dict[str, int] | None:
     scope = await _scope(store, actor)
     if figures is None or scope is None:
         return figures
-    return {d: n for d, n in figures.items() if d in scope}
+    return {d: n for d, n in figures.items() if d in scope.domains}
 
 
 # -- acting -----------------------------------------------------------------------------------
@@ -368,7 +372,8 @@ async def _deliver_and_audit(store: Store, settings: Settings, actor: Actor, bef
         orgs = await _org_ids(session, {e.domain for e in before})
         for e in before:
             new = after.get(e.id)
-            audit.record(session, actor, "spool.retry", f"spool #{e.id} ({e.domain})", org_id=orgs.get(e.domain),
+            audit.record(session, actor, "spool.retry", f"spool #{e.id} ({e.domain})",
+                         org_id=e.org_id if e.org_id is not None else orgs.get(e.domain),
                          before=e.audit_state(), after=new.audit_state() if new else None)
         await session.commit()
     return [RetryOutcome(i, i in claimed, after.get(i)) for i in ids]
@@ -417,7 +422,7 @@ async def delete_entry(store: Store, actor: Actor, entry_id: int) -> EntryView:
         removed.append(view)
         orgs = await _org_ids(session, [view.domain])
         audit.record(session, actor, "spool.delete", f"spool #{view.id} ({view.domain})",
-                     org_id=orgs.get(view.domain), before={**view.audit_state(), "size": view.size})
+                     org_id=view.org_id if view.org_id is not None else orgs.get(view.domain), before={**view.audit_state(), "size": view.size})
 
     await queue.delete_entry(store, entry_id, domains=scope, before_commit=record)
     return removed[0]

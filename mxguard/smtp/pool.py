@@ -81,7 +81,8 @@ class ConnectionPool:
                 while queue and queue[0][0] < cutoff:
                     _, conn = queue.popleft()
                     await conn.close()
-                if not queue:
+                # close() may have swapped the table meanwhile, acquire() emptied it: only this queue goes.
+                if not queue and self._idle.get(route) is queue:
                     del self._idle[route]
 
     @property

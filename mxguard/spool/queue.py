@@ -49,6 +49,8 @@ class NewSpoolEntry:
     first_reply: str = ""
     #: Try at once instead of after the first retry interval (DSNs).
     due_now: bool = False
+    #: The relaying organization of an outbound entry (who may see it besides admins).
+    org_id: int | None = None
 
 
 def backoff(attempts: int, settings: SpoolSettings, rng: random.Random | None = None) -> float:
@@ -80,7 +82,7 @@ def add_entries(session: AsyncSession, entries: list[NewSpoolEntry], sealer: Sea
             sender_aligned=e.sender_aligned,
             subject=e.subject[:500], key_id=key_id, body=blob, status="queued", attempts=0,
             next_attempt_at=now if e.due_now else now + dt.timedelta(seconds=backoff(1, settings)),
-            last_reply=e.first_reply)
+            last_reply=e.first_reply, org_id=e.org_id)
         session.add(row)
         rows.append(row)
     return rows
@@ -175,15 +177,55 @@ async def record_attempt(store: Store, entry: SpoolEntry, attempt: SpoolAttempt,
 
 # -- the operator's view (used through mxguard.services.spool) ----------------------------
 #
-# ``domains`` restricts every query to entries of those domains (an org-admin's
-# tenancy); ``None`` means no restriction.
+# ``domains`` restricts every query to what an org-admin may see: a collection of domain
+# names (entries of those domains) or a :class:`Scope` (also the organization's outbound
+# entries, whatever their destination); ``None`` means no restriction.
 
-def _scoped(q, domains: Collection[str] | None):
-    return q if domains is None else q.where(SpoolEntry.domain.in_(list(domains)))
+@dataclass(frozen=True)
+class Scope:
+    """An org-admin's share of the spool.
+
+    Attributes:
+        domains: the organization's served domains: their inbound entries and DSNs (whose
+            ``domain`` is the organization's) are visible.
+        org_id: the organization: its outbound entries (``SpoolEntry.org_id``) are visible;
+            another organization's outbound entry never is, even to one of these domains.
+    """
+
+    domains: frozenset[str]
+    org_id: int | None
+
+    def clause(self):
+        """The SQL condition for rows inside this scope."""
+        own_domain = and_(SpoolEntry.org_id.is_(None), SpoolEntry.kind != "outbound",
+                          SpoolEntry.domain.in_(sorted(self.domains)))
+        return own_domain if self.org_id is None else or_(SpoolEntry.org_id == self.org_id, own_domain)
+
+    def allows(self, entry: SpoolEntry) -> bool:
+        """The Python twin of :meth:`clause` for a loaded row."""
+        if entry.org_id is not None:
+            return entry.org_id == self.org_id
+        return entry.kind != "outbound" and entry.domain in self.domains
+
+
+def _scoped(q, domains: Collection[str] | Scope | None):
+    if domains is None:
+        return q
+    if isinstance(domains, Scope):
+        return q.where(domains.clause())
+    return q.where(SpoolEntry.domain.in_(list(domains)))
+
+
+def _visible(entry: SpoolEntry, domains: Collection[str] | Scope | None) -> bool:
+    if domains is None:
+        return True
+    if isinstance(domains, Scope):
+        return domains.allows(entry)
+    return entry.domain in domains
 
 
 async def list_entries(store: Store, *, domain: str | None = None, status: str | None = "queued",
-                       limit: int | None = 500, domains: Collection[str] | None = None) -> list[SpoolEntry]:
+                       limit: int | None = 500, domains: Collection[str] | Scope | None = None) -> list[SpoolEntry]:
     """Entries oldest first; ``status=None`` lists every status, ``limit=None`` every entry."""
     q = _scoped(select(SpoolEntry).order_by(SpoolEntry.created_at, SpoolEntry.id), domains)
     if limit is not None:
@@ -197,7 +239,7 @@ async def list_entries(store: Store, *, domain: str | None = None, status: str |
 
 
 async def get_entry(store: Store, entry_id: int, *,
-                    domains: Collection[str] | None = None) -> tuple[SpoolEntry, list[SpoolAttempt]]:
+                    domains: Collection[str] | Scope | None = None) -> tuple[SpoolEntry, list[SpoolAttempt]]:
     """One entry and its attempts (oldest first).
 
     Raises:
@@ -205,7 +247,7 @@ async def get_entry(store: Store, entry_id: int, *,
     """
     async with store.session() as session:
         entry = await session.get(SpoolEntry, entry_id)
-        if entry is None or (domains is not None and entry.domain not in domains):
+        if entry is None or not _visible(entry, domains):
             raise NotFound(f"spool entry {entry_id} does not exist")
         attempts = (await session.execute(select(SpoolAttempt).where(SpoolAttempt.spool_id == entry_id)
                                           .order_by(SpoolAttempt.id))).scalars().all()
@@ -213,7 +255,7 @@ async def get_entry(store: Store, entry_id: int, *,
 
 
 async def make_due_now(store: Store, *, entry_id: int | None = None, domain: str | None = None,
-                       ids: Collection[int] | None = None, domains: Collection[str] | None = None) -> list[int]:
+                       ids: Collection[int] | None = None, domains: Collection[str] | Scope | None = None) -> list[int]:
     """Make held (``queued``) entries due at once; returns their ids.
 
     Args:
@@ -252,7 +294,7 @@ async def get_entries(store: Store, ids: Collection[int]) -> list[SpoolEntry]:
                                            .order_by(SpoolEntry.id))).scalars().all())
 
 
-async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | None = None,
+async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | Scope | None = None,
                        before_commit: Callable[[AsyncSession, SpoolEntry], Awaitable[None]] | None = None,
                        now: dt.datetime | None = None) -> SpoolEntry:
     """Remove an entry and its attempts for good.
@@ -273,7 +315,7 @@ async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] 
     now = now or utcnow()
     async with store.session() as session:
         entry = await session.get(SpoolEntry, entry_id)
-        if entry is None or (domains is not None and entry.domain not in domains):
+        if entry is None or not _visible(entry, domains):
             raise NotFound(f"spool entry {entry_id} does not exist")
         free = or_(SpoolEntry.lease_until.is_(None), SpoolEntry.lease_until < now)
         gone = await session.execute(delete(SpoolEntry).where(SpoolEntry.id == entry_id, free)
@@ -288,7 +330,7 @@ async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] 
         return entry
 
 
-async def stats(store: Store, *, domains: Collection[str] | None = None) -> dict[str, Any]:
+async def stats(store: Store, *, domains: Collection[str] | Scope | None = None) -> dict[str, Any]:
     """Counts by status; held messages, bytes and the oldest held entry's age (seconds) by domain.
 
     Returns:

@@ -365,6 +365,15 @@ class SpoolWorker:
             return
         disposition = {"delivered": "delivered", "failed": "rejected", "expired": "expired"}.get(
             entry.status, entry.status)
+        outbound = entry.kind == "outbound"
+        hop = ""
+        if outbound and attempt.server:
+            # The outbound hop in one phrase: which MX host, with which TLS (the console's search
+            # finds it; the TLS columns below carry the same facts field by field).
+            tls = (f"{attempt.tls_version or 'TLS'} {attempt.cipher or ''}".strip()
+                   + (", certificate verified" if attempt.verified else ", certificate not verified")
+                   if attempt.tls else "no TLS")
+            hop = f" via {attempt.server} ({tls})"
         self.message_log.submit(LogRecord(
             txn_id=entry.txn_id, ts=utcnow(), node=self.settings.hostname, client_ip="spool",
             mail_from=entry.mail_from, rcpt_to=" ".join(r["rcpt"] for r in entry.recipients), size=entry.size,
@@ -372,8 +381,13 @@ class SpoolWorker:
             downstream_tls_version=attempt.tls_version, downstream_cipher=attempt.cipher,
             downstream_verified=attempt.verified,
             results=[{"rcpt": r["rcpt"], "code": int(r["reply"][:3]) if r["reply"][:3].isdigit() else 0,
-                      "enhanced": "", "text": r["reply"], "disposition": r["status"], "route": None}
+                      "enhanced": "", "text": r["reply"], "disposition": r["status"],
+                      "route": f"mx:{r['rcpt'].rpartition('@')[2].lower()}" if outbound else None}
                      for r in entry.recipients],
             disposition=disposition, final_reply=f"spool {entry.kind} #{entry.id}: {entry.status} after "
-                                                 f"{entry.attempts} attempt(s)"))
+                                                 f"{entry.attempts} attempt(s){hop}",
+            # Mail an organization relays to the internet is outbound in the log (the console's and
+            # the API's direction filter); everything else the spool delivers goes to a served
+            # domain's own server or back to a sender (a DSN): inbound.
+            direction="outbound" if outbound else "inbound"))
 

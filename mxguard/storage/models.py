@@ -363,6 +363,10 @@ class SpoolEntry(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_until: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     completed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    #: The organization whose mail this is when ``domain`` does not say so: an outbound entry's
+    #: ``domain`` is the foreign destination, so its relaying organization is kept here (set at
+    #: acceptance; migration 0015_spool_org). ``None`` for inbound mail (its domain's organization).
+    org_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
 
 
 class SpoolAttempt(Base):

@@ -20,6 +20,7 @@ from mxguard.web.deps import ConsoleUser, console_user, csrf_checked, get_ctx
 router = APIRouter(include_in_schema=False)
 LIMIT = 500
 STATUS_CHOICES = [("queued", "held"), ("delivered", "delivered"), ("failed", "failed"), ("expired", "expired"),
+                  ("held", "over a rate limit (outbound)"),
                   ("all", "any")]
 
 

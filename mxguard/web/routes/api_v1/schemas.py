@@ -262,7 +262,7 @@ class ProbeOut(BaseModel):
 
 # -- spool ----------------------------------------------------------------------------------
 
-SpoolStatus = Literal["queued", "delivered", "failed", "expired", "all"]
+SpoolStatus = Literal["queued", "delivered", "failed", "expired", "held", "all"]
 
 
 class SpoolRecipientOut(BaseModel):
@@ -275,13 +275,16 @@ class SpoolEntryOut(BaseModel):
     """A spool entry (never its body)."""
 
     id: int
-    kind: Literal["message", "dsn"] = Field(description="'dsn': a delivery status notification to a sender")
+    kind: Literal["message", "dsn", "outbound"] = Field(
+        description="'message': mail for a served domain; 'dsn': a delivery status notification to a sender; "
+                    "'outbound': mail an organization relays to the internet (its domain is the destination's)")
     txn_id: str
     domain: str
     mail_from: str = Field(description="Envelope sender ('' for the null reverse-path)")
     subject: str
     size: int = Field(description="Bytes")
-    status: Literal["queued", "delivered", "failed", "expired"] = Field(description="'queued': held")
+    status: Literal["queued", "delivered", "failed", "expired", "held"] = Field(
+        description="'queued': held for delivery; 'held': outbound mail over a relay rate limit (see /relay/held)")
     attempts: int = Field(description="Delivery attempts from the spool")
     created_at: dt.datetime
     age_seconds: float
