@@ -708,5 +708,6 @@ def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir, loopback_dns
     looked = mx("destination-tls", "show", "nosuch.dst.test", data_dir=data_dir, check=False,
                 env={"MXGUARD_DOWNSTREAM__DNS_SERVERS": loopback_dns.address})
     assert looked.returncode == 1 and "550 5.1.2" in looked.stdout and "Traceback" not in looked.stderr
+    assert "override .dst.test = encrypt" in looked.stdout, "the override is shown even when DNS fails"
     mx("destination-tls", "remove", ".dst.test", data_dir=data_dir)
     assert mx("destination-tls", "list", "--json", data_dir=data_dir).stdout.strip() == "[]"

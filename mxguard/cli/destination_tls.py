@@ -79,11 +79,12 @@ def show(domain: str = typer.Argument(..., show_default=False, metavar="DOMAIN",
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
-    if report.failure:
-        console.print(f"{report.domain}: no delivery: {escape(report.failure)}", highlight=False)
-        raise typer.Exit(1)
     how = (f"override {report.override.pattern} = {report.override.level}" if report.override else
            "default (opportunistic, upgraded by DANE and MTA-STS)")
+    if report.failure:
+        # The override applies whatever DNS says now: show it with the failure.
+        console.print(f"{report.domain}: {how}; no delivery: {escape(report.failure)}", highlight=False)
+        raise typer.Exit(1)
     console.print(f"{report.domain}: {how}; MX answer {'DNSSEC-validated' if report.mx_secure else 'not validated'}",
                   highlight=False)
     table = Table("server", "decided by", "mode", "what it means")

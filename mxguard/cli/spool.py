@@ -121,6 +121,10 @@ def stats(as_json: bool = typer.Option(False, "--json")) -> None:
         typer.echo(json.dumps(asdict(data), indent=2))
         return
     console.print(f"held: {data.held}   by status: {data.by_status}", highlight=False)
+    if data.by_status.get("held"):
+        # Status "held" is outbound mail over a rate limit: never retried, released by hand.
+        console.print(f"over the outbound rate limit, waiting for release: {data.by_status['held']} "
+                      "(mxguard relay held; mxguard relay release ID)", highlight=False)
     if data.oldest_age_seconds is not None:
         console.print(f"oldest held message: {data.oldest_age_seconds / 60:.1f} minutes", highlight=False)
     table = Table(title="Held by domain")
