@@ -53,6 +53,19 @@ def test_ehlo_offers_the_required_extensions(gateway):
         assert c.noop()[0] == 250, "the TLS session goes on"
 
 
+def test_help_lists_the_commands_a_client_may_use(gateway):
+    """HELP names every command the front door takes, not only the three it did not override."""
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        c.ehlo("client.test")
+        code, text = c.docmd("HELP")
+        assert code == 250 and text.startswith(b"2.0.0 Supported commands:"), text
+        listed = set(text.decode().split(":", 1)[1].split())
+        assert {"DATA", "EHLO", "HELO", "HELP", "MAIL", "NOOP", "QUIT", "RCPT", "RSET", "STARTTLS"} <= listed, listed
+        assert not listed & {"VRFY", "EXPN"}, "not offered on an MX"
+        code, text = c.docmd("HELP", "RSET")
+        assert (code, text) == (250, b"2.0.0 Syntax: RSET")
+
+
 def test_ehlo_and_helo_refusals_carry_enhanced_codes(gateway):
     with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
         for verb in ("EHLO", "HELO"):

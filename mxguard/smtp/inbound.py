@@ -315,16 +315,19 @@ class InboundSMTP(SMTP):
         finally:
             self._path_verb = self._path_problem = None
 
+    @command_syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         await super().smtp_NOOP(arg)
 
+    @command_syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
         await super().smtp_RSET(arg)
 
+    @command_syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
@@ -337,6 +340,7 @@ class InboundSMTP(SMTP):
             return True
         return False
 
+    @command_syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
@@ -357,6 +361,7 @@ class InboundSMTP(SMTP):
                 if lines[-1].startswith("2"):
                     self.errors_in_a_row = 0
 
+    @command_syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if self.count_junk():
             return await self.close_with(limits.TOO_MANY_COMMANDS, "junk_command_limit")
@@ -368,6 +373,7 @@ class InboundSMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    @command_syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:
             # RFC 3207 4.2: no STARTTLS inside TLS; aiosmtpd would start a second handshake.
@@ -495,6 +501,7 @@ class InboundSMTP(SMTP):
             return "421 4.4.2 Connection closed"
         return await super().handle_exception(error)
 
+    @command_syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """DATA (RFC 5321 4.1.1.4): aiosmtpd's command, with the message data read in chunks.
 
