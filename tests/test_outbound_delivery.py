@@ -10,6 +10,7 @@ import asyncio
 import email
 import hashlib
 import http.server
+import json
 import random
 import ssl
 import threading
@@ -697,6 +698,19 @@ def test_cli_manages_overrides_and_prints_the_dkim_record(data_dir, loopback_dns
         finally:
             await store.close()
     assert isinstance(asyncio.run(signer()), DkimSigner)
+    # A newer key takes over; the older one can be made the signing key again (a rollback).
+    mx("domain", "dkim", "generate", ORG, "--selector", "cli2", "--algorithm", "rsa", data_dir=data_dir)
+
+    def active() -> list[str]:
+        return [k["selector"] for k in json.loads(mx("domain", "dkim", "show", ORG, "--json", data_dir=data_dir).stdout)
+                if k["active"]]
+    assert active() == ["cli2"]
+    assert "cli1 of" in mx("domain", "dkim", "activate", ORG, "--selector", "cli1", data_dir=data_dir).stdout
+    assert active() == ["cli1"]
+    assert asyncio.run(signer()).selector == "cli1"
+    missing = mx("domain", "dkim", "activate", ORG, "--selector", "nosuch", data_dir=data_dir, check=False)
+    assert missing.returncode != 0 and "no DKIM key with selector nosuch" in missing.stderr
+    assert active() == ["cli1"], "a failed activation changes nothing"
     wrong = mx("domain", "dkim", "generate", ORG, "--algorithm", "dsa", data_dir=data_dir, check=False)
     assert wrong.returncode == 2 and "algorithm" in wrong.stderr and "Traceback" not in wrong.stderr
     assert "encrypt" in mx("destination-tls", "add", ".dst.test", "encrypt", data_dir=data_dir).stdout

@@ -500,6 +500,18 @@ def dkim_show(domain: str = typer.Argument(..., show_default=False),
         raise typer.Exit(1)
 
 
+@dkim_app.command("activate")
+@handle_errors
+def dkim_activate(domain: str = typer.Argument(..., show_default=False),
+                  selector: str = typer.Option(..., "--selector", show_default=False, metavar="S")) -> None:
+    """Sign outbound mail with this stored key again (the domain's other keys become inactive)."""
+    from mxguard.services import dkim_keys
+
+    view = run(with_store(lambda store: dkim_keys.activate_key(store, domain, selector, actor=Actor.cli())))
+    console.print(f"DKIM key {view.selector} of {view.domain} is active: outbound mail is signed with it",
+                  highlight=False)
+
+
 @dkim_app.command("remove")
 @handle_errors
 def dkim_remove(domain: str = typer.Argument(..., show_default=False),

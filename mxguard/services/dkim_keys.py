@@ -154,6 +154,31 @@ async def remove_key(store: Store, domain: str, selector: str, *, actor: Actor =
     return view
 
 
+async def activate_key(store: Store, domain: str, selector: str, *, actor: Actor = SYSTEM) -> DkimKeyView:
+    """Make the key with ``selector`` the one outbound mail of ``domain`` is signed with (the
+    others stay stored, inactive): a rollback after a new key, or a planned rotation back.
+
+    Raises:
+        NotFound: no such domain (or not the actor's), or no key with that selector.
+        PermissionDenied: the actor is not an admin or org-admin.
+    """
+    name = normalize_domain_name(domain)
+    async with store.session() as session:
+        row = await _scoped_row(session, name, actor)
+        key = (await session.execute(select(DkimKey).where(DkimKey.domain_id == row.id,
+                                                           DkimKey.selector == selector.strip().lower()))
+               ).scalar_one_or_none()
+        if key is None:
+            raise NotFound(f"{name} has no DKIM key with selector {selector}")
+        await session.execute(update(DkimKey).where(DkimKey.domain_id == row.id, DkimKey.id != key.id)
+                              .values(active=False))
+        key.active = True
+        view = _view(key, name)
+        audit.record(session, actor, "domain.dkim.activate", f"{name} {view.selector}", org_id=row.org_id)
+        await session.commit()
+    return view
+
+
 async def signing_domain(store: Store, envelope_domain: str, from_domain: str | None) -> str:
     """Which domain's key signs an outbound message: the ``From`` header's domain when it is a
     served domain of the envelope sender's domain's organization with an active key (the
