@@ -652,17 +652,27 @@ class MxguardDaneTarget(MxguardTarget):
         return [(PLAIN_DOMAIN, f"mx1.plain.bench.test:{plain_sink.port}", "dane"),
                 (TLS_DOMAIN, f"mx1.dane.bench.test:{tls_sink.port}", "dane")]
 
+    def _last_policy(self) -> dict:
+        """What decided the last logged delivery's TLS (``{}`` when no record has a leg yet)."""
+        proc = subprocess.run([sys.executable, "-m", "mxguard", "--data-dir", str(self.data_dir), "log",
+                               "--last", "1", "--json"], capture_output=True, text=True, timeout=60,
+                              env=self._environ())
+        legs = [leg for line in proc.stdout.splitlines() if line.strip()
+                for leg in json.loads(line).get("downstream") or []]
+        return {k: legs[-1].get(k) for k in ("policy", "tls", "verified")} if legs else {}
+
     def stop(self):
+        # Read while the gateway runs: its message log is written in batches (every 0.2 s), and a
+        # gateway slow to stop on a loaded machine may be killed before its last batch.
+        deadline = time.monotonic() + 10
+        self.last_policy = self._last_policy()
+        while not self.last_policy and time.monotonic() < deadline:
+            time.sleep(0.2)
+            self.last_policy = self._last_policy()
         super().stop()
         try:
-            # What decided the last delivery's TLS, from the message log (flushed at shutdown):
-            # the figures only mean something if DANE was really in the path.
-            proc = subprocess.run([sys.executable, "-m", "mxguard", "--data-dir", str(self.data_dir), "log",
-                                   "--last", "1", "--json"], capture_output=True, text=True, timeout=60,
-                                  env=self._environ())
-            legs = [leg for line in proc.stdout.splitlines() if line.strip()
-                    for leg in json.loads(line).get("downstream") or []]
-            self.last_policy = {k: legs[-1].get(k) for k in ("policy", "tls", "verified")} if legs else {}
+            # The figures only mean something if DANE was really in the path.
+            self.last_policy = self.last_policy or self._last_policy()
             print(f"  {self.label}: last delivery's TLS policy {self.last_policy}", file=sys.stderr)
         finally:
             if self.dnssec is not None:
