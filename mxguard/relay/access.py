@@ -28,7 +28,8 @@ from pathlib import Path
 
 import structlog
 
-from mxguard.services.relay import RelayAccessData, load_access_data, verify_password
+from mxguard.services.passwords import verify_password
+from mxguard.services.relay import RelayAccessData, load_access_data
 from mxguard.storage.db import Store
 from mxguard.tls.client_certs import PeerCertificate, chain_problem
 

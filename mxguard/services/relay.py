@@ -16,15 +16,12 @@ the configuration generation so running gateways reload.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import ipaddress
 import re
 import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from cryptography import x509
 from sqlalchemy import select
 
@@ -32,37 +29,14 @@ from mxguard.errors import AlreadyExists, NotFound, ValidationFailed
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.services.domains import bump_generation
+from mxguard.services.passwords import hash_password, verify_password  # noqa: F401 - the relay's API
 from mxguard.storage.db import Store
 from mxguard.storage.models import Domain, Organization, RelayClientCert, RelayCredential, RelayNetwork
 from mxguard.tls.certs import normalize_fingerprint, sha256_fingerprint
 
-_hasher = PasswordHasher()
-
 #: Shortest relay password accepted (a server's secret, typed once into its configuration).
 MIN_PASSWORD_LENGTH = 16
 _USERNAME = re.compile(r"^[A-Za-z0-9._@+-]{1,255}$")
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    # Verified against for unknown user names, so that the answer takes as long.
-    return _hasher.hash(secrets.token_urlsafe(16))
-
-
-def hash_password(password: str) -> str:
-    """The argon2id hash of a relay password (argon2-cffi's defaults, RFC 9106)."""
-    return _hasher.hash(password)
-
-
-def verify_password(password_hash: str | None, password: str) -> bool:
-    """True when ``password`` matches ``password_hash``; ``None`` (unknown user) costs the same and is False.
-
-    CPU-bound (tens of milliseconds): call it in a worker thread from the event loop.
-    """
-    try:
-        return _hasher.verify(password_hash or _dummy_hash(), password or "") and password_hash is not None
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
 
 
 def generate_password() -> str:

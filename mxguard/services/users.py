@@ -11,32 +11,23 @@ row's key, so a copy of the database does not give working sessions.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import re
 import secrets
 from dataclasses import dataclass
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from mxguard.errors import AlreadyExists, MxguardError, NotFound, PermissionDenied, ValidationFailed
-from mxguard.services import audit
+from mxguard.services import audit, passwords
 from mxguard.services.access import SYSTEM, Actor, Role, as_utc
 from mxguard.services.orgs import org_id_for
 from mxguard.services.tenancy import check_user_address
 from mxguard.storage.db import Store
 from mxguard.storage.models import LoginAttempt, User, WebSession, utcnow
 
-_hasher = PasswordHasher()
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    # Verified against for unknown e-mail addresses, so that the answer takes as long.
-    return _hasher.hash(secrets.token_urlsafe(16))
+_hasher = passwords.HASHER  # the one hasher (tests make hashes with it)
 
 
 _EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}$")
@@ -159,7 +150,7 @@ async def add_user(store: Store, email: str, role: str, *, org: str | None = Non
         if not actor.is_admin and (role == Role.ADMIN or org_id != actor.org_id):
             raise PermissionDenied("an org-admin may only add org-admins and users of their own organization")
         await check_user_address(store, session, actor, email, role, org_id, org)
-        row = User(email=email, password_hash=_hasher.hash(password), role=role, org_id=org_id, failed_logins=0,
+        row = User(email=email, password_hash=passwords.hash_password(password), role=role, org_id=org_id, failed_logins=0,
                    must_change_password=generated is not None)
         session.add(row)
         try:
@@ -192,7 +183,7 @@ async def set_password(store: Store, email: str, password: str | None = None, *,
         row = await _user_row(session, email)
         if row is None or not (actor.may_see_org(row.org_id) or actor.user_id == row.id):
             raise NotFound(f"user {email} does not exist")
-        row.password_hash = _hasher.hash(password)
+        row.password_hash = passwords.hash_password(password)
         row.must_change_password = generated is not None
         row.failed_logins = 0
         row.locked_until = None
@@ -224,7 +215,7 @@ async def change_own_password(store: Store, user_id: int, current: str, new: str
             raise ValidationFailed("new_password", exc.message) from None
         if new == current:
             raise ValidationFailed("new_password", "must differ from the current password")
-        row.password_hash = _hasher.hash(new)
+        row.password_hash = passwords.hash_password(new)
         row.must_change_password = False
         keep = _token_hash(keep_session_token) if keep_session_token else ""
         await session.execute(delete(WebSession).where(WebSession.user_id == row.id,
@@ -276,7 +267,7 @@ async def authenticate(store: Store, email: str, password: str, client_ip: str,
         row = await _user_row(session, email)
         refused: LoginRefused | None = None
         if row is None:
-            _verify(_dummy_hash(), password)
+            _verify(None, password)  # as long as a real check
             refused = await _unknown_account_refusal(session, email, now, policy)
         elif row.locked_until is not None and as_utc(row.locked_until) > now:
             refused = LoginRefused("locked", int((as_utc(row.locked_until) - now).total_seconds()) + 1)
@@ -294,8 +285,8 @@ async def authenticate(store: Store, email: str, password: str, client_ip: str,
             row.failed_logins = 0
             row.locked_until = None
             row.last_login_at = now
-            if _hasher.check_needs_rehash(row.password_hash):
-                row.password_hash = _hasher.hash(password)
+            if passwords.needs_rehash(row.password_hash):
+                row.password_hash = passwords.hash_password(password)
         await session.commit()
         if refused is not None:
             raise refused
@@ -321,11 +312,8 @@ async def _unknown_account_refusal(session, email: str, now: dt.datetime, policy
     return LoginRefused("locked", max(1, int((oldest - since).total_seconds()) + 1))
 
 
-def _verify(password_hash: str, password: str) -> bool:
-    try:
-        return _hasher.verify(password_hash, password or "")
-    except (VerifyMismatchError, VerificationError, InvalidHashError):
-        return False
+def _verify(password_hash: str | None, password: str) -> bool:
+    return passwords.verify_password(password_hash, password)
 
 
 def _token_hash(token: str) -> str:
