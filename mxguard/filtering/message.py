@@ -552,7 +552,12 @@ def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_m
                 member.detected, member.kind = detect(content)
                 parts.append(member)
 
-    visit(msg, "", 0)
+    try:
+        visit(msg, "", 0)
+    finally:
+        # The recursive closure refers to itself through its cell: a reference cycle (holding
+        # the message's parts) that only the garbage collector would free.
+        del visit
     if counters["parts"] <= 5000:
         parts.extend(other_readings(msg, level=level, budget=budget or Budget.for_message(len(raw)),
                                     max_archive_member=max_archive_member))

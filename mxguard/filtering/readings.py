@@ -316,5 +316,8 @@ def other_readings(msg: EmailMessage, *, level: int = 0, budget: Budget | None =
                 parts.extend(members)
             read(data, part.path, depth, declared)
 
-    visit(msg, "", 0)
+    try:
+        visit(msg, "", 0)
+    finally:
+        del visit  # the recursive closure refers to itself: a reference cycle per message otherwise
     return parts
