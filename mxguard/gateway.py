@@ -29,7 +29,7 @@ from mxguard.services import spool as spool_service
 from mxguard.services import status
 from mxguard.services.sni_certificates import SniContexts
 from mxguard.smtp.inbound import InboundHandler, InboundSMTP
-from mxguard.smtp.limits import ConnectionCounter
+from mxguard.smtp.limits import ConnectionCounter, ConnectionTable
 from mxguard.smtp.pool import ConnectionPool
 from mxguard.smtp.proxy import ProxyContext
 from mxguard.smtp.routing import DomainDirectory
@@ -96,6 +96,11 @@ class Gateway:
     #: (``serve --workers``: the first worker only, as with the console).
     acme_http: bool = True
     acme_responder: object | None = None
+    #: Connection counts shared with the other workers of ``serve --workers N`` (made by the
+    #: supervisor before it forks); ``None``: this process counts alone.
+    connection_table: ConnectionTable | None = None
+    #: This process's slot in ``connection_table`` (its worker index).
+    worker_index: int = 0
 
     async def start(self) -> None:
         """Open the database (migrating it), load TLS and domains, and listen.
@@ -173,7 +178,8 @@ class Gateway:
         status.register_spool_depth(self._spool_depth)
         self.handler = InboundHandler(max_recipients=s.smtp.max_recipients)
         self.sessions: weakref.WeakSet[InboundSMTP] = weakref.WeakSet()
-        self.connections = ConnectionCounter(s.smtp)
+        self.connections = (ConnectionCounter(s.smtp) if self.connection_table is None
+                            else self.connection_table.counter(self.worker_index, s.smtp))
         if self.smtp_sockets:
             for sock in self.smtp_sockets:
                 host, port = sock.getsockname()[:2]

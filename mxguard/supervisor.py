@@ -12,8 +12,13 @@ SIGINT, and restarts a worker that dies unexpectedly (at most a few times a
 minute, so a crash loop stops instead of spinning); if the parent itself is
 killed, the kernel ends the workers too.
 
-Front-door limits (``smtp.max_connections`` and the per-client limit) count per
-worker process.
+Front-door limits (``smtp.max_connections`` and ``smtp.max_connections_per_client``)
+count for all workers together: the parent makes one shared
+:class:`~mxguard.smtp.limits.ConnectionTable` before it forks, each worker writes
+its own slots in it, and when a worker dies the parent zeroes that worker's
+slots before starting its replacement (the dead worker's connections are gone
+with it). Workers admitting at the same moment may overshoot a limit by at
+most ``workers - 1`` connections (see the table's docstring).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import structlog
 from mxguard.config import Settings
 from mxguard.errors import ConfigError, MxguardError
 from mxguard.netaddr import parse_host_port
+from mxguard.smtp.limits import ConnectionTable
 
 log = structlog.get_logger("mxguard.supervisor")
 
@@ -102,14 +108,15 @@ def bind_listeners(endpoints: list[str], backlog: int = 1024, *, key: str = "smt
 
 
 def _run_worker(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
-                web_plain_http: bool, submission_socks: list[socket.socket] | None = None) -> int:
+                web_plain_http: bool, submission_socks: list[socket.socket] | None = None,
+                table: ConnectionTable | None = None) -> int:
     from mxguard.gateway import Gateway
 
     structlog.contextvars.bind_contextvars(worker=index)
     gateway = Gateway(settings, smtp_sockets=socks, submission_sockets=submission_socks or [],
                       web_listen=web_listen if index == 0 else None,
                       web_plain_http=web_plain_http, spool_worker=index == 0,
-                      acme_http=index == 0)
+                      acme_http=index == 0, connection_table=table, worker_index=index)
     try:
         asyncio.run(gateway.run_forever())
     except MxguardError as exc:
@@ -122,7 +129,8 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_listen: str | None,
-           web_plain_http: bool, submission_socks: list[socket.socket] | None = None) -> int:
+           web_plain_http: bool, submission_socks: list[socket.socket] | None = None,
+           table: ConnectionTable | None = None) -> int:
     """Fork one worker; the caller holds SIGTERM/SIGINT blocked (see ``run_workers``).
 
     Between ``fork`` and the worker's own handlers a stop signal would otherwise reach
@@ -139,7 +147,7 @@ def _spawn(index: int, settings: Settings, socks: list[socket.socket], web_liste
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         code = 1
         try:
-            code = _run_worker(index, settings, socks, web_listen, web_plain_http, submission_socks)
+            code = _run_worker(index, settings, socks, web_listen, web_plain_http, submission_socks, table)
         finally:
             os._exit(code)
     return pid
@@ -165,6 +173,7 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
                  hostname=settings.hostname)
     for sock in submission_socks:
         log.info("listening", submission="{}:{}".format(*sock.getsockname()[:2]), workers=workers)
+    table = ConnectionTable(workers)  # before the forks: every worker maps the same memory
     children: dict[int, int] = {}
     stopping = False
     restarts: list[float] = []
@@ -172,7 +181,7 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
     def spawn(index: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
-            children[_spawn(index, settings, socks, web_listen, web_plain_http, submission_socks)] = index
+            children[_spawn(index, settings, socks, web_listen, web_plain_http, submission_socks, table)] = index
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -229,6 +238,7 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
             forward(signal.SIGTERM, None)
             continue
         log.error("worker died; restarting it", worker=index, exit=code)
+        table.clear(index)  # its connections died with it; the replacement starts from zero
         spawn(index)
     signal.alarm(0)
     for sock in socks + submission_socks:

@@ -9,6 +9,9 @@ or LF, section 2.3.8).
 from __future__ import annotations
 
 import collections
+import hashlib
+import mmap
+import os
 import re
 
 from mxguard.config import SmtpSettings
@@ -68,7 +71,16 @@ _RECEIVED = re.compile(rb"^received[ \t]*:", re.MULTILINE | re.IGNORECASE)
 
 
 class ConnectionCounter:
-    """Open inbound connections, in all and per client address."""
+    """Open inbound connections of one process, in all and per client address.
+
+    This is the counter of a single gateway process (``serve --workers 1``, the
+    test gateways). ``serve --workers N`` shares one :class:`ConnectionTable`
+    between its processes instead (:class:`SharedConnectionCounter`).
+
+    Args:
+        settings: the ``[smtp]`` section; ``max_connections`` and
+            ``max_connections_per_client`` are read at each :meth:`admit`.
+    """
 
     def __init__(self, settings: SmtpSettings):
         self.settings = settings
@@ -76,7 +88,13 @@ class ConnectionCounter:
         self.per_client: collections.Counter[str] = collections.Counter()
 
     def admit(self, client: str) -> Reply | None:
-        """Count a new connection, or return the ``421`` reply that refuses it."""
+        """Count a new connection from ``client`` (its address as text), or return the reply that refuses it.
+
+        Returns:
+            ``None`` when admitted (the caller must :meth:`release` it later);
+            :data:`TOO_MANY_CONNECTIONS` or :data:`TOO_MANY_FROM_CLIENT`
+            (``421 4.7.0``, sent instead of the greeting, RFC 5321 3.1) when not.
+        """
         if self.total >= self.settings.max_connections:
             return TOO_MANY_CONNECTIONS
         if self.per_client[client] >= self.settings.max_connections_per_client:
@@ -86,10 +104,160 @@ class ConnectionCounter:
         return None
 
     def release(self, client: str) -> None:
+        """Uncount a connection from ``client`` that :meth:`admit` admitted; a client with none is ignored."""
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+            return
         self.total -= 1
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
+
+
+#: Per-client buckets of each worker's slot in a :class:`ConnectionTable`.
+CLIENT_BUCKETS = 4096
+
+
+class ConnectionTable:
+    """Open-connection counts shared by the worker processes of one ``serve --workers N``.
+
+    The supervisor creates the table before it forks (an anonymous shared
+    ``mmap``, inherited by every worker); each worker counts through its own
+    :class:`SharedConnectionCounter` (:meth:`counter`). The table holds, per
+    worker, one slot for its open connections in all and a fixed row of
+    :data:`CLIENT_BUCKETS` per-client counts indexed by a keyed hash of the
+    client address. A worker writes only its own slots (aligned 64-bit
+    integers, no lock), so a worker that dies leaves nothing half-written for
+    the others: the supervisor zeroes the dead worker's slots (:meth:`clear`)
+    before it starts the replacement, and the dead worker's connections stop
+    counting.
+
+    The limits therefore hold for the gateway as a whole, as Postfix's anvil
+    counts for all ``smtpd`` processes. Two known inexactnesses, both documented
+    for operators:
+
+    * Workers admitting at the same moment each read the sums before the other
+      has written its own count, so ``max_connections`` and
+      ``max_connections_per_client`` can be overshot by at most ``workers - 1``
+      connections (one per other worker). Within one worker the event loop
+      admits one connection at a time, so sequential admissions never overshoot.
+    * Other workers' connections from a client are counted by bucket: addresses
+      whose hash shares a bucket add up, so a client can be refused a little
+      early (never late). The hash is keyed with a random key chosen when the
+      table is made, so a sender cannot pick addresses that collide on purpose.
+
+    Args:
+        workers: number of worker slots, at least 1.
+        buckets: per-client buckets per worker.
+        key: the hash key (16 bytes); a random one when ``None`` (tests pass one
+            to get the same buckets every run).
+
+    Raises:
+        ValueError: ``workers`` or ``buckets`` below 1.
+    """
+
+    def __init__(self, workers: int, *, buckets: int = CLIENT_BUCKETS, key: bytes | None = None):
+        if workers < 1 or buckets < 1:
+            raise ValueError("a connection table needs at least one worker and one bucket")
+        self.workers = workers
+        self.buckets = buckets
+        self._key = os.urandom(16) if key is None else key
+        self._stride = 1 + buckets
+        # fileno -1: anonymous memory, MAP_SHARED by default, so forked workers see each other's writes.
+        self._map = mmap.mmap(-1, 8 * self._stride * workers)
+        self._slots = memoryview(self._map).cast("q")
+
+    def bucket(self, client: str) -> int:
+        """The per-client bucket (``0 <= bucket < buckets``) of ``client``, the address as text."""
+        digest = hashlib.blake2b(client.encode(errors="surrogateescape"), digest_size=8, key=self._key).digest()
+        return int.from_bytes(digest, "little") % self.buckets
+
+    def total(self) -> int:
+        """Open connections of every worker together."""
+        slots, stride = self._slots, self._stride
+        return sum(slots[w * stride] for w in range(self.workers))
+
+    def worker_total(self, worker: int) -> int:
+        """Open connections counted in ``worker``'s slot (``0 <= worker < workers``)."""
+        return self._slots[worker * self._stride]
+
+    def bucket_count(self, worker: int, bucket: int) -> int:
+        """``worker``'s open connections from the clients of ``bucket``."""
+        return self._slots[worker * self._stride + 1 + bucket]
+
+    def clear(self, worker: int) -> None:
+        """Zero ``worker``'s slots: the supervisor calls it for a worker that has died, before replacing it.
+
+        Only call it when that worker no longer runs (it would keep writing).
+        """
+        start = worker * self._stride
+        self._slots[start:start + self._stride] = memoryview(bytes(8 * self._stride)).cast("q")
+
+    def counter(self, worker: int, settings: SmtpSettings) -> "SharedConnectionCounter":
+        """The counter for the process that owns slot ``worker`` (see :class:`SharedConnectionCounter`).
+
+        Raises:
+            ValueError: ``worker`` is not a slot of this table.
+        """
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"worker {worker} is not a slot of a {self.workers}-worker connection table")
+        return SharedConnectionCounter(self, worker, settings)
+
+    def _add(self, worker: int, bucket: int, delta: int) -> None:
+        start = worker * self._stride
+        self._slots[start] += delta
+        self._slots[start + 1 + bucket] += delta
+
+
+class SharedConnectionCounter:
+    """One worker's view of a :class:`ConnectionTable`, with :class:`ConnectionCounter`'s interface.
+
+    ``admit`` refuses when the open connections of all workers reach
+    ``max_connections``, or when this worker's exact count for the address plus
+    the other workers' bucket counts reach ``max_connections_per_client``; it
+    then writes only this worker's slots. See :class:`ConnectionTable` for the
+    overshoot of at most ``workers - 1`` when workers admit at the same moment.
+
+    Args:
+        table: the table the supervisor created before forking.
+        worker: this process's slot (its worker index).
+        settings: the ``[smtp]`` section; the limits are read at each :meth:`admit`.
+    """
+
+    def __init__(self, table: ConnectionTable, worker: int, settings: SmtpSettings):
+        self.table = table
+        self.worker = worker
+        self.settings = settings
+        self.per_client: collections.Counter[str] = collections.Counter()
+
+    def admit(self, client: str) -> Reply | None:
+        """Count a new connection from ``client`` (its address as text), or return the reply that refuses it.
+
+        Returns:
+            ``None`` when admitted (the caller must :meth:`release` it later);
+            :data:`TOO_MANY_CONNECTIONS` or :data:`TOO_MANY_FROM_CLIENT`
+            (``421 4.7.0``, sent instead of the greeting, RFC 5321 3.1) when not.
+        """
+        table = self.table
+        if table.total() >= self.settings.max_connections:
+            return TOO_MANY_CONNECTIONS
+        bucket = table.bucket(client)
+        others = sum(table.bucket_count(w, bucket) for w in range(table.workers) if w != self.worker)
+        if self.per_client[client] + others >= self.settings.max_connections_per_client:
+            return TOO_MANY_FROM_CLIENT
+        self.per_client[client] += 1
+        table._add(self.worker, bucket, 1)
+        return None
+
+    def release(self, client: str) -> None:
+        """Uncount a connection from ``client`` that :meth:`admit` admitted; a client with none is ignored."""
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+            return
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
+        self.table._add(self.worker, self.table.bucket(client), -1)
 
 
 def has_bare_line_ends(content: bytes) -> bool:
