@@ -343,3 +343,22 @@ def test_front_door_agrees_with_postfix(gateway, tls_sink, add_domain, postfix_m
     assert not failures, "\n".join(failures[:30])
     # The comparison must have reached the deep states, not only the greeting and 503s.
     assert stats["bodies_accepted"] >= 3 and stats["pipelined"] >= 10, stats
+
+
+def test_the_comparison_reports_every_undeclared_difference():
+    """The normaliser is narrow: a disagreement outside DELIBERATE is reported, one inside is not."""
+    def t(*items):
+        return Transcript([("<greeting>", "2", "")] + list(items))
+
+    rcpt = ("RCPT TO:<bob@notours.test>", "2", "250 2.1.5 Ok")
+    assert diff(t(rcpt), t(("RCPT TO:<bob@notours.test>", "5", "554 5.7.1 Relay access denied")))
+    assert diff(t(("QUIT", "closed", "")), t(("QUIT", "2", "221 2.0.0 Bye")))
+    assert diff(t(("NOOP", "timeout", "")), t(("NOOP", "closed", "")))
+    # HELP is declared, and the comparison goes on after it: a later difference still counts.
+    help_mx, help_pf = ("HELP", "2", "250 2.0.0 Supported commands"), ("HELP", "5", "500 5.5.2 Error")
+    assert not diff(t(help_mx), t(help_pf))
+    assert diff(t(help_mx, rcpt), t(help_pf, ("RCPT TO:<bob@notours.test>", "5", "554 5.7.1 denied")))
+    # A 500 to an over-long line is declared only for mxguard's "too long" refusal.
+    long_line = "NOOP " + "x" * 600
+    assert not diff(t((long_line, "5", "500 5.5.2 Command line too long")), t((long_line, "2", "250 2.0.0 Ok")))
+    assert diff(t((long_line, "5", "500 5.5.2 Error: bad syntax")), t((long_line, "2", "250 2.0.0 Ok")))
