@@ -7,7 +7,6 @@ each limit is reached once and the test then looks for its line in the log.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from mxguard.sink import ThreadedSink
 from tests.support.gateway import init_data_dir
 from tests.support.peers import free_port, stop_process, wait_until
 from tests.support.smtp import Raw, message
+from tests.support.processlog import json_lines, wait_for_line
 
 MXGUARD = str(Path(sys.executable).with_name("mxguard"))
 LIMITS = {
@@ -52,22 +52,10 @@ class ServedGateway:
             return s.recv(100).startswith(b"220")
 
     def lines(self) -> list[dict]:
-        out = []
-        for line in self.log_file.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": "(not JSON)", "text": line})
-        return out
+        return json_lines(self.log_file)
 
     def wait_for(self, predicate, timeout: float = 5) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.lines():
-                if predicate(record):
-                    return record
-            time.sleep(0.05)
-        raise AssertionError("no such log line; the log holds:\n" + self.log_file.read_text()[-3000:])
+        return wait_for_line(self.log_file, predicate, timeout)
 
     def limit_line(self, limit: str) -> dict:
         return self.wait_for(lambda r: r.get("limit") == limit and r.get("level") == "warning")

@@ -8,7 +8,6 @@ smtplib on loopback, and ``/proc`` tells which worker holds each connection.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import smtplib
@@ -22,6 +21,7 @@ import pytest
 
 from tests.support.gateway import init_data_dir
 from tests.support.peers import free_port, stop_process, wait_until
+from tests.support.processlog import json_lines, wait_for_line
 
 MXGUARD = str(Path(sys.executable).with_name("mxguard"))
 
@@ -44,22 +44,10 @@ class TwoWorkers:
         return [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
 
     def lines(self) -> list[dict]:
-        out = []
-        for line in self.log_file.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": "(not JSON)", "text": line})
-        return out
+        return json_lines(self.log_file)
 
     def wait_for(self, predicate, timeout: float = 10) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.lines():
-                if predicate(record):
-                    return record
-            time.sleep(0.05)
-        raise AssertionError("no such log line; the log holds:\n" + self.log_file.read_text()[-3000:])
+        return wait_for_line(self.log_file, predicate, timeout)
 
     def holder(self, client: socket.socket) -> int | None:
         """The pid of the worker that holds the gateway's end of ``client``'s connection."""
