@@ -101,10 +101,20 @@ def _children(pid: int) -> list[int]:
 
 
 def _gone(pid: int) -> bool:
+    """Every thread of ``pid`` has exited. The leader shows ``Z`` as soon as it exits, while its
+    other threads (say one waiting on an fsync) may still hold the process's sockets open."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return True
+    for tid in tasks:
+        try:
+            state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except FileNotFoundError:
+            continue
+        if state not in ("Z", "X"):
+            return False
+    return True
 
 
 def test_serve_runs_one_process_per_cpu_by_default_and_they_end_with_it(tmp_path):
