@@ -44,6 +44,7 @@ def backend_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def sealer(tmp_path) -> Sealer:
+    """A sealer with a fresh key file, for spool and quarantine bodies."""
     create_key_file(tmp_path / "keys")
     return Sealer.from_file(tmp_path / "keys")
 

@@ -9,8 +9,8 @@ which leaves ``sqlite_sequence`` at the current maximum. PostgreSQL sequences
 never reuse a value: nothing to do there.
 
 A rebuild drops the old table. With foreign keys enforced (the store turns them on
-for every connection, and a pragma cannot turn them off inside the migration's
-transaction) that drop runs the ``ON DELETE CASCADE`` of the tables referring to
+for every connection, and ``PRAGMA foreign_keys`` does nothing once the migration's
+transaction has begun) that drop runs the ``ON DELETE CASCADE`` of the tables referring to
 it (``spool_attempts`` to ``spool``), so their rows are kept aside in a temporary
 table and put back after the rebuild.
 
