@@ -41,6 +41,13 @@ class UtcDateTime(TypeDecorator):
         return value
 
 
+#: Table arguments of a table whose IDs people see and act on (``mxguard spool delete 12``, a
+#: log line naming entry 12): SQLite declares its key ``AUTOINCREMENT`` (migration
+#: 0016_ids_never_reused), so deleting the newest row never hands its ID to the next one.
+#: Without it SQLite reuses ``max(id) + 1``; PostgreSQL sequences never reuse a value.
+NEVER_REUSED_IDS: dict[str, Any] = {"sqlite_autoincrement": True}
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -230,6 +237,7 @@ class ReceivedTlsReport(Base):
     __table_args__ = (
         UniqueConstraint("organization", "report_id", "domain", name="uq_tls_reports_received_report"),
         Index("ix_tls_reports_received_domain_start", "domain", "start"),
+        NEVER_REUSED_IDS,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -271,6 +279,7 @@ class MessageLogEntry(Base):
         Index("ix_message_log_disposition", "disposition"),
         Index("ix_message_log_txn_id", "txn_id"),
         Index("ix_message_log_direction", "direction"),
+        NEVER_REUSED_IDS,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -333,6 +342,7 @@ class SpoolEntry(Base):
     __table_args__ = (
         Index("ix_spool_due", "status", "next_attempt_at"),
         Index("ix_spool_domain", "domain"),
+        NEVER_REUSED_IDS,
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -493,7 +503,7 @@ class AuditEntry(Base):
     """One change: who, what, before → after."""
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_log_ts", "ts"), Index("ix_audit_log_org_id", "org_id"))
+    __table_args__ = (Index("ix_audit_log_ts", "ts"), Index("ix_audit_log_org_id", "org_id"), NEVER_REUSED_IDS)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     ts: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
@@ -514,7 +524,7 @@ class SenderListEntry(Base):
     """One entry of a user's allow or block list: an address (``a@b.example``) or a domain (``b.example``)."""
 
     __tablename__ = "sender_lists"
-    __table_args__ = (Index("ix_sender_lists_user_pattern", "user_id", "pattern", unique=True),)
+    __table_args__ = (Index("ix_sender_lists_user_pattern", "user_id", "pattern", unique=True), NEVER_REUSED_IDS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
