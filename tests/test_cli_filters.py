@@ -31,7 +31,7 @@ def test_domain_filter_settings(tmp_path):
     assert (shown["junk_tag"], shown["junk_quarantine"], shown["junk_reject"]) == (3.0, 6.0, 12.0)
     assert shown["virus_action"] == "quarantine" and shown["engine_failure"] == "tag"
     assert [r["name"] for r in shown["attachment_rules"]] == ["executable-extension", "executable-content",
-                                                              "encrypted-archive"]
+                                                              "encrypted-archive", "unscanned-archive"]
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([{"name": "no-iso", "action": "reject", "extensions": ["iso"]}]))
     assert mx(data, "domain", "set", "example.com", "--attachment-rules", f"@{rules}",

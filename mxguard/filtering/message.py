@@ -52,7 +52,8 @@ _MAX_ARCHIVE_TOTAL = 100 * 1024 * 1024
 #: What ``zipfile`` raises on an archive or member it cannot read: a damaged archive
 #: (``BadZipFile``, ``EOFError``...), a compression method it lacks (Deflate64, PPMd:
 #: it raises ``NotImplementedError`` for these) or a member that needs a password
-#: (``RuntimeError``). Such a member is listed by name only; the policy still sees it.
+#: (``RuntimeError``). Such a member is listed by name with ``Part.unscanned`` set, and the
+#: ``unscanned-archive`` rule holds it (tests/test_unscanned_archives.py).
 _ZIP_UNREADABLE = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
 
 
@@ -182,6 +183,11 @@ class Part:
             ``archive``, ``office``, ``pdf``, ``html``, ``image``, ``other`` or ``None``.
         origin: ``mime``, ``archive`` or ``uuencode``.
         encrypted: a password-protected archive member (content not readable).
+        unscanned: why the filter could not read this part's content although a mail
+            client or unzip tool may (a compression method ``zipfile`` lacks, a damaged
+            member, an archive whose directory cannot be read, archives nested too deep,
+            the scan budget spent); ``None`` when it was read. Encrypted members have
+            ``encrypted`` instead.
         names: every file name given for the part; more than one distinct name is itself
             suspicious (clients differ in which they show and save).
     """
@@ -195,6 +201,7 @@ class Part:
     kind: str | None = None
     origin: str = "mime"
     encrypted: bool = False
+    unscanned: str | None = None
     #: Every file name the part carries, decoded (``filename``, ``filename*`` and its
     #: continuations, Content-Type ``name``, encoded words), in header order, distinct.
     names: tuple[str, ...] = ()
@@ -454,32 +461,56 @@ def _uuencoded(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def _zip_members(container: Part, max_member: int, budget: list[int], level: int = 1) -> list[Part]:
-    """Members of a zip part as parts (names always; content when small enough and not encrypted)."""
+    """Members of a zip part as parts: names always; content up to ``max_member`` bytes each
+    while ``budget[0]`` (bytes, shared by the message) lasts, unless encrypted.
+
+    A member or archive the filter cannot read gets ``unscanned`` (and the archive itself
+    when its directory cannot be read or lists more than ``_MAX_ARCHIVE_MEMBERS``), so the
+    content policy can hold it: Windows and 7-Zip open Deflate64 members that ``zipfile``
+    cannot, and a declared size is the sender's word, so content is read, not trusted from
+    the header.
+    """
     members: list[Part] = []
     try:
         archive = zipfile.ZipFile(io.BytesIO(container.data))
-        infos = archive.infolist()[:_MAX_ARCHIVE_MEMBERS]
-    except _ZIP_UNREADABLE:
+        infos = archive.infolist()
+    except _ZIP_UNREADABLE as exc:
+        container.unscanned = f"the archive's directory cannot be read ({_why(exc)})"
         return members
+    if len(infos) > _MAX_ARCHIVE_MEMBERS:
+        container.unscanned = f"more than {_MAX_ARCHIVE_MEMBERS} members"
+        infos = infos[:_MAX_ARCHIVE_MEMBERS]
     for info in infos:
         if info.is_dir():
             continue
         encrypted = bool(info.flag_bits & 0x1)
-        data = b""
-        if not encrypted and info.file_size <= max_member and budget[0] >= info.file_size:
+        data, unscanned = b"", None
+        if encrypted:
+            pass
+        elif budget[0] <= 0:
+            unscanned = "the message's archive scan budget is spent"
+        else:
             try:
-                data = archive.read(info)[:max_member]
+                with archive.open(info) as member_file:
+                    data = member_file.read(min(max_member, budget[0]))
                 budget[0] -= len(data)
-            except _ZIP_UNREADABLE:
-                data = b""
+            except _ZIP_UNREADABLE as exc:
+                data, unscanned = b"", f"the member cannot be read ({_why(exc)})"
         member = Part(path=f"{container.path}/{info.filename}", depth=container.depth,
                       content_type="", filename=info.filename.rsplit("/", 1)[-1] or info.filename,
-                      data=data, origin="archive", encrypted=encrypted)
+                      data=data, origin="archive", encrypted=encrypted, unscanned=unscanned)
         member.detected, member.kind = detect(data)
         members.append(member)
-        if member.kind == "archive" and member.detected == "application/zip" and level < 3:
-            members += _zip_members(member, max_member, budget, level + 1)
+        if member.kind == "archive" and member.detected == "application/zip":
+            if level < 3:
+                members += _zip_members(member, max_member, budget, level + 1)
+            else:
+                member.unscanned = "an archive nested more than 3 deep"
     return members
+
+
+def _why(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:120]
 
 
 def parse_message(raw: bytes, envelope: Envelope | None = None, *, max_archive_member: int = 10 * 1024 * 1024,

@@ -24,6 +24,9 @@ more matchers, all of which must match one attachment:
 ``content_types``   *claimed* Content-Type patterns (``application/x-ms*``)
 ``min_size``        size in bytes at or above which the rule matches
 ``encrypted``       true: a password-protected archive member
+``unscanned``       true: content the filter could not read though a client may
+                    (a zip compression method it lacks, a damaged member or
+                    archive, archives nested too deep, the scan budget spent)
 ``in_archive``      true/false: only inside (or outside) archives
 ==================  ============================================================
 
@@ -51,6 +54,8 @@ DEFAULT_ATTACHMENT_RULES: list[dict[str, Any]] = [
     {"name": "executable-extension", "action": "reject", "extensions": EXECUTABLE_EXTENSIONS},
     {"name": "executable-content", "action": "reject", "kinds": ["executable"]},
     {"name": "encrypted-archive", "action": "quarantine", "encrypted": True},
+    # Fail closed: what the filter could not read is held, not delivered as clean.
+    {"name": "unscanned-archive", "action": "quarantine", "unscanned": True},
 ]
 
 _LIST_MATCHERS = ("extensions", "filenames", "kinds", "detected_types", "content_types")
@@ -77,7 +82,7 @@ def validate_rules(rules: Any) -> list[dict[str, Any]]:
             raise ValidationFailed("attachment_rules", f"{where} is not an object")
         name = str(rule.get("name") or f"rule-{index}")
         where = f"rule {index} ({name})"
-        unknown = set(rule) - {"name", "action", "min_size", "encrypted", "in_archive", *_LIST_MATCHERS}
+        unknown = set(rule) - {"name", "action", "min_size", "encrypted", "unscanned", "in_archive", *_LIST_MATCHERS}
         if unknown:
             raise ValidationFailed("attachment_rules", f"{where}: unknown key {sorted(unknown)[0]!r}")
         action = str(rule.get("action", "")).lower()
@@ -100,14 +105,14 @@ def validate_rules(rules: Any) -> list[dict[str, Any]]:
             if not isinstance(rule["min_size"], int) or isinstance(rule["min_size"], bool) or rule["min_size"] < 0:
                 raise ValidationFailed("attachment_rules", f"{where}: min_size must be a number of bytes")
             clean["min_size"] = rule["min_size"]
-        for key in ("encrypted", "in_archive"):
+        for key in ("encrypted", "unscanned", "in_archive"):
             if key in rule:
                 if not isinstance(rule[key], bool):
                     raise ValidationFailed("attachment_rules", f"{where}: {key} must be true or false")
                 clean[key] = rule[key]
         if len(clean) == 2:
             raise ValidationFailed("attachment_rules", f"{where}: needs at least one matcher "
-                                   f"({', '.join(_LIST_MATCHERS)}, min_size, encrypted)")
+                                   f"({', '.join(_LIST_MATCHERS)}, min_size, encrypted, unscanned)")
         out.append(clean)
     return out
 
@@ -145,6 +150,10 @@ def _matches(rule: dict[str, Any], att: dict[str, Any]) -> str | None:
         if att["encrypted"] != rule["encrypted"]:
             return None
         reasons.append("encrypted archive member" if att["encrypted"] else "not encrypted")
+    if "unscanned" in rule:
+        if bool(att.get("unscanned")) != rule["unscanned"]:
+            return None
+        reasons.append(f"not scanned: {att['unscanned']}" if att.get("unscanned") else "scanned")
     if "in_archive" in rule:
         if (att["origin"] == "archive") != rule["in_archive"]:
             return None
@@ -201,7 +210,8 @@ def attachments_of(message: ParsedMessage) -> list[dict[str, Any]]:
         for name in names:
             out.append({"path": part.path, "filename": name, "extension": _extension(name),
                         "content_type": part.content_type, "detected": part.detected, "kind": part.kind,
-                        "size": part.size, "origin": part.origin, "encrypted": part.encrypted})
+                        "size": part.size, "origin": part.origin, "encrypted": part.encrypted,
+                        "unscanned": part.unscanned})
     return out
 
 
