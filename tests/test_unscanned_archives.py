@@ -103,10 +103,12 @@ async def test_a_member_hidden_from_the_filter_is_never_delivered_as_clean(pipel
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=names, payload=st.binary(min_size=1, max_size=2000).filter(lambda b: not b.startswith(b"MZ")))
-async def test_the_same_member_readable_is_delivered(pipeline, name, payload):
-    """The control: without the hiding step the same archive goes through."""
-    action, reason = await _action(pipeline, mail.zipped({name: payload}))
+@given(name=names, text=st.text(alphabet="abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n",
+                                 min_size=1, max_size=2000))
+async def test_the_same_member_readable_is_delivered(pipeline, name, text):
+    """The control: without the hiding step the same archive of harmless text goes through.
+    (Random bytes are not a control: they may start with an ELF or PE signature.)"""
+    action, reason = await _action(pipeline, mail.zipped({name: text.encode()}))
     assert action == "deliver", reason
 
 
