@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import re
+import time
+from urllib.parse import urlsplit
 
 import pytest
 
 from mxguard.services import domains as domain_service
 from mxguard.web.security import safe_next
 from tests.support.smtp import message, send
-from tests.support.web import PASSWORD, csrf_token
+from mxguard.web.server import KEEP_ALIVE_SECONDS
+from tests.support.web import PASSWORD, csrf_token, gateway_tls_context
 
 
 def test_unauthenticated_pages_redirect_to_login_with_next(web):
@@ -144,6 +148,24 @@ def test_security_headers_and_csp(web):
     svg = client.get("/charts/messages.svg")
     assert svg.headers["content-type"].startswith("image/svg+xml") and b"<script" not in svg.content
     assert "script-src" not in svg.headers["content-security-policy"]  # default-src 'none' forbids script
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(web):
+    """A client reuses an idle connection for about 5 s (httpx, browsers); the
+    console must not close it at that same moment, or the reused request meets
+    "server disconnected". http.client does not reconnect by itself, so a
+    connection the server closed fails the second request."""
+    assert KEEP_ALIVE_SECONDS > 10
+    url = urlsplit(web.url)
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=gateway_tls_context(web.cert_file), timeout=30)
+    try:
+        for pause in (0, 6.5):
+            time.sleep(pause)
+            conn.request("GET", "/login")
+            reply = conn.getresponse()
+            assert reply.status == 200 and reply.read()
+    finally:
+        conn.close()
 
 
 def test_plain_user_may_not_use_the_console(web):

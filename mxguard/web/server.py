@@ -22,6 +22,11 @@ from mxguard.netaddr import parse_host_port
 log = structlog.get_logger("mxguard.web")
 
 
+# An idle keep-alive connection is closed after this long. Clients (httpx,
+# browsers) forget theirs after about 5 s; closing at the same moment races a
+# reused connection into "server disconnected", so the server waits longer.
+KEEP_ALIVE_SECONDS = 20
+
 class _EmbeddedServer(uvicorn.Server):
     # The gateway owns SIGTERM/SIGINT (loop.add_signal_handler); uvicorn must not replace them.
     @contextlib.contextmanager
@@ -85,7 +90,7 @@ class WebServer:
         plain = self.tls_context is None
         config = uvicorn.Config(self.app, log_config=None, lifespan="off", access_log=False,
                                 proxy_headers=plain, server_header=False, date_header=True,
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS)
         config.load()
         config.ssl = self.tls_context
         self._server = _EmbeddedServer(config)

@@ -13,6 +13,9 @@ from mxguard.services import apikeys, orgs, users
 from tests.support.gateway import ThreadedGateway
 
 PASSWORD = "correct horse battery staple"
+# Forget an idle connection well before the console closes it
+# (mxguard.web.server.KEEP_ALIVE_SECONDS), so a reused one is never half-closed.
+_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
@@ -73,14 +76,14 @@ class WebGateway:
     def client(self, **kwargs) -> httpx.Client:
         """An HTTPS client to the console that keeps cookies."""
         client = httpx.Client(base_url=self.url, verify=gateway_tls_context(self.cert_file), timeout=30,
-                              follow_redirects=False, **kwargs)
+                              follow_redirects=False, limits=_LIMITS, **kwargs)
         self.clients.append(client)
         return client
 
     def api(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         client = httpx.Client(base_url=self.url + "/api/v1", verify=gateway_tls_context(self.cert_file), timeout=60,
-                              headers=headers)
+                              headers=headers, limits=_LIMITS)
         self.clients.append(client)
         return client
 
