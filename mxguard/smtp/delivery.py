@@ -192,14 +192,19 @@ def data_stream(message: bytes) -> bytes:
     return stuffed + b".\r\n"
 
 
+# The library's private members the subclass below relies on; without any of them it is not installed.
+_PROTOCOL_MEMBERS = ("_command_lock", "_response_pending", "_read_response_from_buffer")
+
+
 class _DataStreamProtocol(SMTPProtocol):
-    """aiosmtplib's client protocol with ``DATA`` sending :func:`data_stream`'s bytes.
+    """aiosmtplib's client protocol with ``DATA`` sending :func:`data_stream`'s bytes, and command groups.
 
     The dialogue is the library's: ``DATA``, a ``354``, the message and the
     final reply, under the protocol's command lock, each write marking a
-    reply as expected. Installed on a connection by :func:`_fast_data` only
-    when the protocol has the members this relies on; otherwise the
-    library's own ``DATA`` runs.
+    reply as expected. :meth:`execute_group` adds what the library lacks,
+    RFC 2920 command groups. Installed on a connection by :func:`_fast_data`
+    only when the protocol has the members this relies on; otherwise the
+    library's own ``DATA`` runs and commands go one at a time.
     """
 
     async def execute_data_command(self, message: bytes, timeout: float | None = None):
@@ -219,12 +224,41 @@ class _DataStreamProtocol(SMTPProtocol):
                 raise smtperr.SMTPDataError(response.code, response.message)
         return response
 
+    async def execute_group(self, lines: list[bytes], timeout: float | None = None) -> list:
+        """Send ``lines`` (whole commands, each ending in CRLF) in one write, then read one reply each.
+
+        RFC 2920 section 3.1: a client may send MAIL and RCPT commands as a
+        group to a server that offers PIPELINING, and read the replies in
+        order afterwards. One write and, usually, one read instead of one
+        round trip per command. Replies that came in the same read as an
+        earlier one wait in the protocol's buffer and are parsed from there;
+        the event loop runs this task between two reads of one socket, so the
+        library never sees a reply arrive while another waits to be picked up.
+
+        Raises:
+            SMTPServerDisconnected, SMTPReadTimeoutError, SMTPResponseException:
+                as for the library's own commands.
+        """
+        if self._command_lock is None:
+            raise smtperr.SMTPServerDisconnected("Server not connected")
+        responses: list = []
+        async with self._command_lock:
+            self._response_pending = True
+            self.write(b"".join(lines))
+            for _ in lines:
+                # Replies that came in one read: the library parsed the first; the rest wait in the buffer.
+                response = self._read_response_from_buffer() if responses else None
+                if response is None:
+                    self._response_pending = True
+                    response = await self.read_response(timeout=timeout)
+                responses.append(response)
+        return responses
+
 
 def _fast_data(client: aiosmtplib.SMTP) -> None:
     """Let ``client`` send message data with :class:`_DataStreamProtocol` (same bytes, less CPU)."""
     protocol = client.protocol
-    if type(protocol) is SMTPProtocol and all(hasattr(protocol, name) for name in ("_command_lock",
-                                                                                  "_response_pending")):
+    if type(protocol) is SMTPProtocol and all(hasattr(protocol, name) for name in _PROTOCOL_MEMBERS):
         protocol.__class__ = _DataStreamProtocol
 
 
@@ -480,12 +514,15 @@ class DownstreamConnection:
         Raises:
             DownstreamLost: the connection broke.
         """
-        if smtputf8 and not self.supports("smtputf8"):
-            return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531)")
-        if requiretls:
-            refusal = self.requiretls_refusal()
-            if refusal is not None:
-                return refusal
+        refusal = self._refuse_mail(smtputf8, requiretls)
+        if refusal is not None:
+            return refusal
+        reply = await self._command(b"MAIL", *self._mail_args(sender, size, body, smtputf8, requiretls))
+        self.in_transaction = reply.is_positive
+        return reply
+
+    def _mail_args(self, sender: str, size: int | None, body: str | None, smtputf8: bool,
+                   requiretls: bool) -> list[bytes]:
         args = [b"FROM:<" + sender.encode("utf-8", "surrogateescape") + b">"]
         if size and self.supports("size"):
             args.append(b"SIZE=%d" % size)
@@ -495,9 +532,66 @@ class DownstreamConnection:
             args.append(b"SMTPUTF8")
         if requiretls:
             args.append(b"REQUIRETLS")
-        reply = await self._command(b"MAIL", *args)
-        self.in_transaction = reply.is_positive
-        return reply
+        return args
+
+    def pipelines(self) -> bool:
+        """True when commands may be sent as a group: the server offers PIPELINING (RFC 2920) and the
+        connection has the protocol that reads grouped replies."""
+        return (self.client is not None and isinstance(self.client.protocol, _DataStreamProtocol)
+                and self.client.supports_extension("pipelining"))
+
+    async def envelope(self, sender: str, recipients: list[str], *, size: int | None = None,
+                       body: str | None = None, smtputf8: bool = False,
+                       requiretls: bool = False) -> tuple[Reply, dict[str, Reply]]:
+        """``MAIL FROM`` and a ``RCPT TO`` per recipient: one group when the server offers PIPELINING.
+
+        RFC 2920 section 3.1 lets MAIL and RCPT go in one group; the replies
+        come back in order. Without PIPELINING the commands go one at a time
+        and no RCPT is sent after a refused MAIL.
+
+        Args:
+            sender, size, body, smtputf8, requiretls: as for :meth:`mail`.
+            recipients: envelope recipients, in order.
+
+        Returns:
+            ``(MAIL reply, {recipient: RCPT reply})``; the dict is empty when MAIL was refused
+            (a grouped RCPT's reply to a refused MAIL means nothing and is dropped).
+
+        Raises:
+            DownstreamLost: the connection broke or a reply was malformed or late.
+        """
+        if not recipients or not self.pipelines():
+            mail = await self.mail(sender, size=size, body=body, smtputf8=smtputf8, requiretls=requiretls)
+            replies: dict[str, Reply] = {}
+            if mail.is_positive:
+                for rcpt in recipients:
+                    replies[rcpt] = await self.rcpt(rcpt)
+            return mail, replies
+        refusal = self._refuse_mail(smtputf8, requiretls)
+        if refusal is not None:
+            return refusal, {}
+        lines = [b" ".join([b"MAIL", *self._mail_args(sender, size, body, smtputf8, requiretls)]) + b"\r\n"]
+        lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in recipients]
+        try:
+            responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
+        except smtperr.SMTPResponseException as exc:  # malformed reply
+            await self._discard()
+            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
+        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            await self._discard()
+            raise DownstreamLost(_reason(exc)) from None
+        mail = Reply.from_downstream(responses[0].code, responses[0].message)
+        self.in_transaction = mail.is_positive
+        if not mail.is_positive:
+            return mail, {}
+        return mail, {rcpt: Reply.from_downstream(r.code, r.message) for rcpt, r in zip(recipients, responses[1:])}
+
+    def _refuse_mail(self, smtputf8: bool, requiretls: bool) -> Reply | None:
+        if smtputf8 and not self.supports("smtputf8"):
+            return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531)")
+        if requiretls:
+            return self.requiretls_refusal()
+        return None
 
     async def rcpt(self, recipient: str) -> Reply:
         """Send ``RCPT TO``. Raises DownstreamLost."""
@@ -568,7 +662,7 @@ class DownstreamConnection:
         needs its own downstream transaction before ``DATA``.
 
         Returns:
-            ``(MAIL reply, {recipient: RCPT reply})``; no RCPT is sent when MAIL is refused.
+            ``(MAIL reply, {recipient: RCPT reply})``, as for :meth:`envelope`.
 
         Raises:
             DownstreamLost: the connection broke.
@@ -577,12 +671,8 @@ class DownstreamConnection:
             await self.rset()
             if not self.is_connected:
                 raise DownstreamLost("connection closed after RSET")
-        mail = await self.mail(sender, size=size, body=body, smtputf8=smtputf8, requiretls=requiretls)
-        replies: dict[str, Reply] = {}
-        if mail.is_positive:
-            for rcpt in recipients:
-                replies[rcpt] = await self.rcpt(rcpt)
-        return mail, replies
+        return await self.envelope(sender, recipients, size=size, body=body, smtputf8=smtputf8,
+                                   requiretls=requiretls)
 
     async def close(self) -> None:
         """Say QUIT (briefly) and close."""
@@ -632,6 +722,8 @@ async def send_transaction(conn: DownstreamConnection, sender: str, recipients: 
                            requiretls: bool = False) -> dict[str, Reply]:
     """One transaction (``MAIL``, ``RCPT``s, ``DATA``) on an open connection, which stays open.
 
+    MAIL and the RCPTs go as one group where the server offers PIPELINING (RFC 2920).
+
     Returns:
         ``{recipient: reply}``: a recipient refused at RCPT has its RCPT reply, the others share
         the final reply (or the MAIL reply if MAIL was refused).
@@ -639,16 +731,11 @@ async def send_transaction(conn: DownstreamConnection, sender: str, recipients: 
     Raises:
         DownstreamLost: the connection broke mid-transaction.
     """
-    mail = await conn.mail(sender, size=len(message), body=body, smtputf8=smtputf8, requiretls=requiretls)
+    mail, results = await conn.envelope(sender, recipients, size=len(message), body=body, smtputf8=smtputf8,
+                                        requiretls=requiretls)
     if not mail.is_positive:
         return {r: mail for r in recipients}
-    results: dict[str, Reply] = {}
-    accepted = []
-    for rcpt in recipients:
-        reply = await conn.rcpt(rcpt)
-        results[rcpt] = reply
-        if reply.is_positive:
-            accepted.append(rcpt)
+    accepted = [rcpt for rcpt in recipients if results[rcpt].is_positive]
     if not accepted:
         await conn.rset()
         return results

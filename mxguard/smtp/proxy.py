@@ -270,10 +270,11 @@ class ProxySession:
             log.info("recipient mixed with a TLS-RPT address", txn=tx.txn_id, rcpt=address)
             return self._refused(address, MIXED_WITH_REPORTS, route)
         leg = tx.legs.get(route)
+        first_reply: Reply | None = None
         if leg is None:
             leg = RouteLeg(route, domain)
             tx.legs[route] = leg
-            await self._start_leg(tx, leg)
+            first_reply = await self._start_leg(tx, leg, address)
         if leg.failure is not None and self._may_spool(leg):
             return self._accept_for_spool(leg, address, domain)
         if leg.failure is not None and self._waits_for_header(tx, leg):
@@ -283,7 +284,7 @@ class ProxySession:
         if leg.mail_reply is not None and not leg.mail_reply.is_positive:
             return self._refused(address, leg.mail_reply, route)
         try:
-            reply = await leg.conn.rcpt(address)
+            reply = first_reply or await leg.conn.rcpt(address)
         except DownstreamLost as exc:
             leg.lost = str(exc)
             leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
@@ -451,8 +452,14 @@ class ProxySession:
                                                _disposition_for(reply), route.describe() if route else None))
         return reply
 
-    async def _start_leg(self, tx: Transaction, leg: RouteLeg) -> None:
-        """Get a connection for the leg's route and send MAIL FROM on it."""
+    async def _start_leg(self, tx: Transaction, leg: RouteLeg, recipient: str) -> Reply | None:
+        """Get a connection for the leg's route and send MAIL FROM and the first RCPT TO on it.
+
+        Returns:
+            the downstream's reply to ``RCPT TO:<recipient>``, or ``None`` when it was not
+            sent (no connection, MAIL refused or lost); ``leg.failure`` and ``leg.mail_reply``
+            tell which.
+        """
         for attempt in (1, 2):
             conn = self.conns.get(leg.route)
             if conn is not None and not conn.is_connected:
@@ -470,7 +477,7 @@ class ProxySession:
                 except RouteFailure as failure:
                     leg.failure = failure
                     log.warning("route unavailable", txn=tx.txn_id, route=leg.route.describe(), reason=str(failure))
-                    return
+                    return None
                 tx.connect_ms += info.connect_ms
                 tx.tls_ms += info.tls_ms
                 self.conns[leg.route] = conn
@@ -478,16 +485,19 @@ class ProxySession:
                           tls=info.describe_tls())
             leg.conn = conn
             try:
-                leg.mail_reply = await conn.mail(tx.mail_from, size=tx.size_hint, body=tx.body, smtputf8=tx.smtputf8,
-                                                  requiretls=tx.requiretls)
-                return
+                # MAIL and this first RCPT in one group where the server pipelines (RFC 2920).
+                leg.mail_reply, first = await conn.envelope(tx.mail_from, [recipient], size=tx.size_hint,
+                                                            body=tx.body, smtputf8=tx.smtputf8,
+                                                            requiretls=tx.requiretls)
+                return first.get(recipient)
             except DownstreamLost as exc:
                 self.conns.pop(leg.route, None)
                 if leg.reused and attempt == 1:
                     continue  # the idle connection timed out downstream; open a fresh one
                 leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
-                                           attempts=[f"lost at MAIL: {exc}"])
-                return
+                                           attempts=[f"lost at MAIL/RCPT: {exc}"])
+                return None
+        return None
 
     async def finish(self, content: bytes) -> Reply:
         """End of DATA: send the message to every leg and give the sender one reply.
