@@ -140,6 +140,7 @@ class DownstreamSink:
         outdir: also write each message as ``NNNNN.eml`` plus ``NNNNN.json``.
         hostname: name in the greeting.
         offer_requiretls: offer REQUIRETLS (RFC 8689) after STARTTLS and take the MAIL parameter.
+        offer_smtputf8: offer SMTPUTF8 (RFC 6531); ``False`` plays a server without it.
 
     Attributes:
         messages: received messages, in order.
@@ -152,9 +153,10 @@ class DownstreamSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls_context: ssl.SSLContext | None = None,
                  require_tls: bool = False, outdir: Path | None = None, hostname: str = "downstream.test",
-                 offer_requiretls: bool = False):
+                 offer_requiretls: bool = False, offer_smtputf8: bool = True):
         self.host = host
         self.offer_requiretls = offer_requiretls
+        self.offer_smtputf8 = offer_smtputf8
         self.port = port
         self.tls_context = tls_context
         self.require_tls = require_tls
@@ -186,7 +188,7 @@ class DownstreamSink:
         protocol = _SinkSMTP(_SinkHandler(self), hostname=self.hostname, tls_context=self.tls_context,
                              offer_requiretls=self.offer_requiretls,
                              require_starttls=self.require_tls and self.tls_context is not None,
-                             enable_SMTPUTF8=True, data_size_limit=None, timeout=60,
+                             enable_SMTPUTF8=self.offer_smtputf8, data_size_limit=None, timeout=60,
                              loop=asyncio.get_running_loop())
         self._protocols.add(protocol)
         return protocol

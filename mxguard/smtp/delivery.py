@@ -255,6 +255,12 @@ class _DataStreamProtocol(SMTPProtocol):
         return responses
 
 
+def _header_section(message: bytes) -> bytes:
+    """The header section of ``message``: up to the first empty line (any line ends), or all of it."""
+    ends = [i for i in (message.find(b"\r\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    return message[:min(ends)] if ends else message
+
+
 def _fast_data(client: aiosmtplib.SMTP) -> None:
     """Let ``client`` send message data with :class:`_DataStreamProtocol` (same bytes, less CPU)."""
     protocol = client.protocol
@@ -292,6 +298,9 @@ class DownstreamConnection:
         self.used = 0  # transactions completed on this connection
         self.opened_at = 0.0  # monotonic seconds, set when open() succeeds
         self._decided_source: str | None = None  # policy source of the server being tried
+        #: The open transaction asked for SMTPUTF8 but goes without it (RFC 6531 3.4): the
+        #: server lacks it and the sender address is ASCII; recipients and header are checked.
+        self.utf8_downgraded = False
 
     # -- connecting -----------------------------------------------------------------
 
@@ -514,10 +523,11 @@ class DownstreamConnection:
         Raises:
             DownstreamLost: the connection broke.
         """
-        refusal = self._refuse_mail(smtputf8, requiretls)
+        refusal = self._refuse_mail(sender, smtputf8, requiretls)
         if refusal is not None:
             return refusal
-        reply = await self._command(b"MAIL", *self._mail_args(sender, size, body, smtputf8, requiretls))
+        reply = await self._command(b"MAIL", *self._mail_args(sender, size, body,
+                                                               smtputf8 and not self.utf8_downgraded, requiretls))
         self.in_transaction = reply.is_positive
         return reply
 
@@ -567,11 +577,14 @@ class DownstreamConnection:
                 for rcpt in recipients:
                     replies[rcpt] = await self.rcpt(rcpt)
             return mail, replies
-        refusal = self._refuse_mail(smtputf8, requiretls)
+        refusal = self._refuse_mail(sender, smtputf8, requiretls)
         if refusal is not None:
             return refusal, {}
-        lines = [b" ".join([b"MAIL", *self._mail_args(sender, size, body, smtputf8, requiretls)]) + b"\r\n"]
-        lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in recipients]
+        refused = {rcpt: r for rcpt in recipients if (r := self._utf8_refusal(rcpt)) is not None}
+        sent = [rcpt for rcpt in recipients if rcpt not in refused]
+        lines = [b" ".join([b"MAIL", *self._mail_args(sender, size, body, smtputf8 and not self.utf8_downgraded,
+                                                         requiretls)]) + b"\r\n"]
+        lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in sent]
         try:
             responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
         except smtperr.SMTPResponseException as exc:  # malformed reply
@@ -584,17 +597,43 @@ class DownstreamConnection:
         self.in_transaction = mail.is_positive
         if not mail.is_positive:
             return mail, {}
-        return mail, {rcpt: Reply.from_downstream(r.code, r.message) for rcpt, r in zip(recipients, responses[1:])}
+        replies = {rcpt: Reply.from_downstream(r.code, r.message) for rcpt, r in zip(sent, responses[1:])}
+        return mail, {rcpt: refused.get(rcpt) or replies[rcpt] for rcpt in recipients}
 
-    def _refuse_mail(self, smtputf8: bool, requiretls: bool) -> Reply | None:
+    def _refuse_mail(self, sender: str, smtputf8: bool, requiretls: bool) -> Reply | None:
+        """Why MAIL may not be sent (``None``: it may); sets :attr:`utf8_downgraded`.
+
+        RFC 6531 3.4: a client SHOULD NOT ask for SMTPUTF8 when neither the
+        envelope nor the message needs it. So a sender's SMTPUTF8 is dropped
+        for a server without it while what is known so far is ASCII, as
+        Postfix does; a non-ASCII recipient or header is refused later with
+        ``5.6.7``.
+        """
+        self.utf8_downgraded = False
         if smtputf8 and not self.supports("smtputf8"):
-            return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531)")
+            if not sender.isascii():
+                return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531), "
+                                           "which this sender address needs")
+            self.utf8_downgraded = True
         if requiretls:
             return self.requiretls_refusal()
         return None
 
+    def _utf8_refusal(self, recipient: str) -> Reply | None:
+        if self.utf8_downgraded and not recipient.isascii():
+            return Reply(553, "5.6.7", "The downstream server does not support SMTPUTF8 (RFC 6531), "
+                                       "which this recipient address needs")
+        return None
+
     async def rcpt(self, recipient: str) -> Reply:
-        """Send ``RCPT TO``. Raises DownstreamLost."""
+        """Send ``RCPT TO`` (a non-ASCII address on a downgraded transaction is refused, ``553 5.6.7``).
+
+        Raises:
+            DownstreamLost: the connection broke.
+        """
+        refusal = self._utf8_refusal(recipient)
+        if refusal is not None:
+            return refusal
         return await self._command(b"RCPT", b"TO:<" + recipient.encode("utf-8", "surrogateescape") + b">")
 
     async def data(self, message: bytes) -> Reply:
@@ -609,6 +648,10 @@ class DownstreamConnection:
         """
         if self.client is None:
             raise DownstreamLost("not connected")
+        if self.utf8_downgraded and not _header_section(message).isascii():
+            await self.rset()
+            return Reply(550, "5.6.7", "The message header needs SMTPUTF8 (RFC 6531, 6532), which the downstream "
+                                       "server does not support")
         try:
             response = await self.client.data(message, timeout=self.settings.data_timeout)
             reply = Reply.from_downstream(response.code, response.message)
