@@ -157,6 +157,38 @@ def _warn_undeliverable(view) -> None:
         err_console.print(f"warning: {view.name} is dane-only but its servers are all addresses, which have no "
                           "TLSA records: every delivery will defer with 451 4.7.5 until a server is given by "
                           "host name", highlight=False, soft_wrap=True)
+    for server in view.servers:
+        if _is_own_listener(server):
+            err_console.print(f"warning: {view.name}'s server {server} is this gateway's own SMTP listener: its mail "
+                              "would loop and is refused with 554 5.4.6", highlight=False, soft_wrap=True)
+
+
+def _is_own_listener(server: str) -> bool:
+    """True when ``server`` (``HOST[:PORT]``) is one of the gateway's own SMTP listeners: the same
+    address, or a loopback address, ``localhost`` or the gateway's host name on a listener's port
+    (a wildcard listener also answers there). Unreadable entries are not the gateway's."""
+    import ipaddress
+
+    from mxguard.errors import MxguardError
+    from mxguard.netaddr import parse_host_port
+
+    try:
+        s = settings()
+        host, port = parse_host_port(server, default_port=25)
+        listeners = [parse_host_port(x, default_port=25) for x in s.smtp.listen]
+    except (MxguardError, ValueError):
+        return False
+    host = host.lower().rstrip(".")
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host in ("localhost", s.hostname.lower().rstrip("."))
+    for listen_host, listen_port in listeners:
+        if port != listen_port:
+            continue
+        if host == listen_host.lower() or (local and listen_host in ("0.0.0.0", "::", "")):
+            return True
+    return False
 
 
 @domain_app.command("list")

@@ -11,11 +11,15 @@ settings; each recipient gets the disposition of its own domain:
   or, when not set, the engine's own verdict (built-in threshold, Rspamd's
   action, spamd's ``Spam: True``); ``junk_tag`` (off by default) -> deliver
   with ``X-Spam-Flag: YES`` and a subject tag.
-* **engine failure** (down or timed out), when the result would otherwise be
-  a delivery -> the domain's ``engine_failure``: ``defer`` (default, the
-  sender gets ``451 4.3.0`` and retries) or ``tag`` (deliver with a header
-  saying the message was not fully scanned). A reject or quarantine found by
-  the engines that did answer still applies.
+* **engine failure** (down or timed out) -> the domain's ``engine_failure``:
+  ``defer`` (default, the sender gets ``451 4.3.0`` and retries) or ``tag``
+  (deliver with a header saying the message was not fully scanned). When a
+  *virus* engine failed and the domain says ``defer``, only a refusal found by
+  the engines that did answer still applies: a quarantine (junk, a content
+  rule, a virus under ``virus_action = quarantine``), a tag or a delivery
+  becomes ``defer``, because held mail is later released and must not reach
+  anyone unscanned. When only a *junk* engine failed, a quarantine found by
+  the others still applies too (nothing unscanned for viruses is held).
 
 The most severe action wins: reject > quarantine > tag > deliver.
 """
@@ -127,10 +131,14 @@ def decide(verdict: Verdict, policy: DomainFilterPolicy) -> Disposition:
         return Disposition("deliver", "unscanned", "filtering is switched off")
     hits = list(verdict.policy) + match_rules(verdict.attachments, policy.rules())
     hits_t = tuple(hits)
+    # A virus engine that could not scan: only an outright refusal stands (see the module docstring).
+    hold_back = bool(verdict.virus_unscanned) and policy.engine_failure != "tag"
     if verdict.viruses:
         names = ", ".join(verdict.virus_names[:3])
         action = "quarantine" if policy.virus_action == "quarantine" else "reject"
-        return Disposition(action, "virus", f"virus: {names}", hits_t)
+        if action == "reject" or not hold_back:
+            return Disposition(action, "virus", f"virus: {names}", hits_t)
+        return _not_scanned(verdict, policy, hits_t)
     candidates: list[tuple[str, str, str]] = []
     acting = [h for h in hits if h.action != "deliver"]
     if acting:
@@ -142,17 +150,22 @@ def decide(verdict: Verdict, policy: DomainFilterPolicy) -> Disposition:
         candidates.append((junk_action, "junk", junk_reason))
     if candidates:
         action, category, reason = max(candidates, key=lambda c: _RANK[c[0]])
-        if action in ("reject", "quarantine") or not verdict.errors:
+        if action == "reject" or not verdict.errors or (action == "quarantine" and not hold_back):
             return Disposition(action, category, reason, hits_t)
     if verdict.errors:
-        failed = ", ".join(sorted({e.engine for e in verdict.errors}))
-        if policy.engine_failure == "tag":
-            return Disposition("deliver", "unscanned", f"not fully scanned: {failed} unavailable", hits_t)
-        return Disposition("defer", "unscanned", f"not scanned: {failed} unavailable", hits_t)
+        return _not_scanned(verdict, policy, hits_t)
     if candidates:
         action, category, reason = candidates[0]
         return Disposition(action, category, reason, hits_t)
     return Disposition("deliver", "clean", "clean", hits_t)
+
+
+def _not_scanned(verdict: Verdict, policy: DomainFilterPolicy, hits: tuple[PolicyHit, ...]) -> Disposition:
+    """The disposition of a message some engine could not scan: the domain's ``engine_failure``."""
+    failed = ", ".join(sorted({e.engine for e in verdict.errors}))
+    if policy.engine_failure == "tag":
+        return Disposition("deliver", "unscanned", f"not fully scanned: {failed} unavailable", hits)
+    return Disposition("defer", "unscanned", f"not scanned: {failed} unavailable", hits)
 
 
 def verdict_header_value(verdict: Verdict, disposition: Disposition, txn_id: str = "") -> str:

@@ -15,6 +15,10 @@ from typing import Any
 #: Actions a content-policy rule (or a disposition) can name, mildest first.
 POLICY_ACTIONS = ("deliver", "quarantine", "reject")
 
+#: The virus engines (:func:`mxguard.filtering.pipeline.build_engines`). A message one of them
+#: could not scan is never delivered or held on the strength of the other engines alone.
+VIRUS_ENGINES = frozenset({"yara", "clamd"})
+
 
 @dataclass
 class VirusHit:
@@ -160,6 +164,11 @@ class Verdict:
     def failed(self) -> bool:
         """True when at least one engine could not give a result."""
         return bool(self.errors)
+
+    @property
+    def virus_unscanned(self) -> list[str]:
+        """The virus engines that could not scan the message (sorted names; empty: none failed)."""
+        return sorted({e.engine for e in self.errors if e.engine in VIRUS_ENGINES})
 
     @property
     def virus_names(self) -> list[str]:

@@ -18,6 +18,14 @@ gets it over TLS or not at all. The row is claimed first with a conditional
 update (``released_at IS NULL``), so two clicks, two links or two nodes cannot
 deliver it twice; a failed delivery gives the claim back. Each release leaves
 a message-log record (disposition ``released``) and an audit entry.
+
+A copy held while a virus engine could not scan it (its stored verdict lists
+``yara`` or ``clamd`` among the failed engines: held before that case was
+deferred instead, or under ``engine_failure = tag``) is scanned again with the
+configured virus engines before it is sent. If an engine still cannot scan it,
+or a virus is found, nothing is sent and it stays held (:class:`ReleaseFailed`,
+``451 4.3.0`` or ``554 5.7.1``); a virus found makes it a ``virus`` copy, which
+only administrators can release. Nothing marked unscanned leaves unscanned.
 """
 
 from __future__ import annotations
@@ -223,6 +231,8 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
     row = await get_visible(store, actor, qid)
     _may_release(actor, row)
     content = sealer.open(row.sealed, _associated(row.id)) if row.deleted_at is None and row.sealed else None
+    if content is not None:
+        await _rescan_unscanned(store, settings, row, content)
     domain = await get_domain(store, recipient_domain(row.recipient))
     claimed_at = utcnow()
     async with store.session() as session:
@@ -268,6 +278,53 @@ async def release(store: Store, sealer: Sealer, settings: Settings, qid: str, *,
     log.info("released from quarantine", qid=row.id, rcpt=row.recipient, via=via, actor=actor.name,
              tls=info.describe_tls() if info else None, reply=reply.one_line())
     return ReleaseResult(row.id, row.recipient, reply, info)
+
+
+async def _rescan_unscanned(store: Store, settings: Settings, row: QuarantinedMessage, content: bytes) -> None:
+    """Scan a held copy again with the virus engines when its verdict says one of them failed.
+
+    Returns when the copy may go (nothing to rescan, or the rescan is clean: the stored
+    verdict then records it).
+
+    Raises:
+        ReleaseFailed: ``451 4.3.0`` when a virus engine still cannot scan it;
+            ``554 5.7.1`` when a virus is found (the row becomes a ``virus`` copy).
+    """
+    from mxguard.filtering.pipeline import FilterPipeline, build_engines
+    from mxguard.filtering.verdict import VIRUS_ENGINES
+
+    stored = dict(row.verdict or {})
+    errors = [e for e in stored.get("errors") or [] if isinstance(e, dict)]
+    failed = sorted({str(e.get("engine")) for e in errors} & VIRUS_ENGINES)
+    if not failed:
+        return
+    engines = [e for e in build_engines(settings.filters) if e.name in VIRUS_ENGINES]
+    pipeline = FilterPipeline(engines, None, settings.filters)
+    try:
+        verdict = await pipeline.scan(content, check_sender=False)
+    finally:
+        await pipeline.close()
+    if verdict.virus_unscanned:
+        still = ", ".join(verdict.virus_unscanned)
+        log.warning("release refused: the held copy still cannot be scanned", qid=row.id, engines=still,
+                    errors=[f"{e.engine}: {e.reason}" for e in verdict.errors])
+        raise ReleaseFailed(Reply(451, "4.3.0", f"Not scanned: {still} unavailable; nothing was sent"),
+                            f"held while {', '.join(failed)} could not scan it")
+    stored["errors"] = [e for e in errors if e.get("engine") not in VIRUS_ENGINES]
+    stored["rescanned"] = {"engines": [e.name for e in engines], "viruses": [dict(vars(v)) for v in verdict.viruses]}
+    values: dict = {"verdict": stored}
+    if verdict.viruses:
+        names = ", ".join(verdict.virus_names[:3])
+        stored["viruses"] = list(stored.get("viruses") or []) + [dict(vars(v)) for v in verdict.viruses]
+        values.update(category="virus", reason=f"virus: {names} (found when scanned again for release)")
+    async with store.session() as session:
+        await session.execute(update(QuarantinedMessage).where(QuarantinedMessage.id == row.id).values(**values))
+        await session.commit()
+    if verdict.viruses:
+        log.warning("release refused: virus found when scanned again", qid=row.id, viruses=verdict.virus_names)
+        raise ReleaseFailed(Reply(554, "5.7.1", f"Virus found when scanned again: {names}; nothing was sent"))
+    log.info("held copy scanned again before release", qid=row.id, engines=[e.name for e in engines],
+             previously_failed=failed)
 
 
 def _log_record(settings: Settings, row: QuarantinedMessage, actor: Actor, via: str, reply: Reply,

@@ -15,6 +15,11 @@ the spool worker (one connection per attempt). The rules:
   (RFC 3207 section 4.1; Postfix ``may``). ``required``: STARTTLS or the
   server is skipped — nothing is sent in clear. ``verify``: ``required`` plus
   chain and host name verification, or a pinned SHA-256 fingerprint.
+* A server whose greeting or EHLO reply names this gateway's own host name is
+  this gateway (a route pointed back at it): skipped as a mail loop, and a
+  route with nothing but such servers fails permanently with ``554 5.4.6``
+  (RFC 3463: routing loop detected; Postfix: "mail for X loops back to
+  myself"), never spooled or retried.
 * After STARTTLS, EHLO is sent again and what was learnt before is forgotten
   (RFC 3207 section 4.2); bytes a server sends between its 220 and the
   handshake are discarded (aiosmtplib does this: STARTTLS injection defence).
@@ -141,14 +146,28 @@ class DownstreamLost(Exception):
 
 
 class _ServerSkipped(Exception):
-    def __init__(self, note: str, tls_related: bool = False, result_type: str | None = None):
+    def __init__(self, note: str, tls_related: bool = False, result_type: str | None = None, *,
+                 loop: bool = False):
         super().__init__(note)
         self.note = note
         self.tls_related = tls_related
+        #: The server is this gateway itself (its greeting or EHLO reply names our host name).
+        self.loop = loop
         #: RFC 8460 section 4.3 result type of a TLS failure (for TLS-RPT).
         self.result_type = result_type
         #: The policy source in force when the server was skipped (set by ``_open_one``).
         self.policy: str | None = None
+
+
+def _names_host(reply_text: str, hostname: str) -> bool:
+    """True when a greeting or EHLO reply's text starts with ``hostname`` (RFC 5321 4.1.1.1, 4.2:
+    the first word of a 220 greeting or of an EHLO reply's first line is the server's domain).
+
+    Compared without case and a trailing dot; an empty ``hostname`` names nobody.
+    """
+    words = reply_text.split(None, 1)
+    own = hostname.strip().rstrip(".").lower()
+    return bool(own and words) and words[0].rstrip(".").lower() == own
 
 
 def _stamp(path: str | None) -> int:
@@ -314,6 +333,7 @@ class DownstreamConnection:
         tls_related = False
         tls_results: dict[str, str] = {}
         tls_policies: dict[str, str] = {}
+        loops = 0
         targets = self.route.addresses or tuple((host, port, None) for host, port in self.route.servers)
         for host, port, address in targets:
             try:
@@ -325,11 +345,17 @@ class DownstreamConnection:
             except _ServerSkipped as skip:
                 where = f" [{address}]" if address and address != host else ""
                 attempts.append(f"{host}:{port}{where}: {skip.note}")
+                loops += skip.loop
                 tls_related = tls_related or skip.tls_related
                 if skip.result_type:
                     tls_results[f"{host}:{port}"] = skip.result_type
                     tls_policies[f"{host}:{port}"] = skip.policy or "setting"
                 await self._discard()
+        if loops and loops == len(targets):
+            # Every server is this gateway: retrying cannot help, and each retry would loop again.
+            log.error("mail loops back to myself", route=self.route.describe(), hostname=self.local_hostname)
+            raise RouteFailure(Reply(554, "5.4.6", f"Mail for {self.route.describe()} loops back to myself "
+                                                   f"({self.local_hostname})"), False, attempts)
         if tls_related:
             reply = Reply(451, "4.7.5", "TLS to the downstream server is required by policy but could not "
                                         "be established; nothing was sent, try again later")
@@ -399,21 +425,29 @@ class DownstreamConnection:
         self.client = aiosmtplib.SMTP(hostname=address or host, port=port, local_hostname=self.local_hostname,
                                       timeout=self.settings.command_timeout, start_tls=False, use_tls=False)
         try:
-            await self.client.connect(timeout=self.settings.connect_timeout)
+            greeting = await self.client.connect(timeout=self.settings.connect_timeout)
         except smtperr.SMTPConnectResponseError as exc:
             raise _ServerSkipped(f"greeting {exc.code} {exc.message[:80]}") from None
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise _ServerSkipped(f"connect failed: {_reason(exc)}") from None
+        self._check_loop(host, port, greeting.message)
         _fast_data(self.client)
-        await self._ehlo()
+        self._check_loop(host, port, (await self._ehlo()).message)
         info.connect_ms = (time.perf_counter() - started) * 1000
 
-    async def _ehlo(self) -> None:
+    def _check_loop(self, host: str, port: int, reply_text: str) -> None:
+        """Skip a server that names itself with our host name: it is this gateway (a mail loop)."""
+        if _names_host(reply_text, self.local_hostname):
+            log.error("downstream server is this gateway: mail loop", server=f"{host}:{port}",
+                      route=self.route.describe(), reply=reply_text[:120])
+            raise _ServerSkipped(f"loops back to myself ({reply_text[:80]!r})", loop=True)
+
+    async def _ehlo(self) -> "aiosmtplib.SMTPResponse":
         try:
             try:
-                await self.client.ehlo()
+                return await self.client.ehlo()
             except smtperr.SMTPHeloError:
-                await self.client.helo()
+                return await self.client.helo()
         except smtperr.SMTPResponseException as exc:
             raise _ServerSkipped(f"EHLO/HELO refused: {exc.code}") from None
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:

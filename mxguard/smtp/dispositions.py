@@ -18,7 +18,10 @@ some held or delivered, none deferred       ``250``; a recipient whose domain sa
 A reply after DATA cannot refuse some recipients and accept others (RFC 5321
 has one reply per DATA), and a bounce to an unauthenticated sender would be
 backscatter, so the "reject" copy of a mixed transaction is held in
-quarantine instead of being silently dropped.
+quarantine instead of being silently dropped — except when a virus engine
+could not scan the message and that recipient's domain defers on engine
+failure: then the whole message is deferred (``451 4.3.0``), because nothing
+unscanned is held.
 """
 
 from __future__ import annotations
@@ -113,11 +116,16 @@ def apply_sender_list(disposition: Disposition, kind: str | None, sender: str, b
     ``allow`` turns a junk verdict (quarantine, tag, reject) into a delivery; it
     never overrides a virus, a content-policy hit or an engine failure.
     ``block`` holds (or, with ``block_action`` ``reject``, refuses) anything
-    that was not refused already. See :mod:`mxguard.quarantine.senderlists`.
+    that was not refused already, except that a message deferred because it
+    could not be scanned is refused or stays deferred, never held (a held copy
+    can be released, and must not be released unscanned).
+    See :mod:`mxguard.quarantine.senderlists`.
     """
     if kind == "allow" and disposition.category == "junk" and disposition.action in ("quarantine", "tag", "reject"):
         return Disposition("deliver", "allowed", f"allow list: {sender} ({disposition.reason})",
                            disposition.policy_hits)
+    if kind == "block" and disposition.action == "defer" and block_action != "reject":
+        return disposition
     if kind == "block" and disposition.action in ("deliver", "tag", "defer"):
         action = "reject" if block_action == "reject" else "quarantine"
         return Disposition(action, "junk", f"block list: {sender}", disposition.policy_hits)
@@ -156,6 +164,11 @@ def plan(verdict: Verdict, legs: list[RouteLeg], txn_id: str, *, sender: str = "
     if actions == {"reject"}:
         result.rejected = entries
         return result
+    if verdict.virus_unscanned and any(d.action == "reject" and _strict(leg, rcpt) for leg, rcpt, d in entries):
+        # A refusal that a mixed transaction would turn into a held copy, of a message a virus
+        # engine could not scan: only an outright refusal may stand, so the sender retries.
+        result.deferred = True
+        return result
     for leg, rcpt, disposition in entries:
         if disposition.action == "quarantine":
             result.held.append(Held(leg, rcpt, disposition, disposition.reason))
@@ -172,6 +185,11 @@ def plan(verdict: Verdict, legs: list[RouteLeg], txn_id: str, *, sender: str = "
             result.copies.append(groups[key])
         groups[key].rcpts.append(rcpt)
     return result
+
+
+def _strict(leg: RouteLeg, rcpt: str) -> bool:
+    """The recipient's domain defers mail an engine could not scan (``engine_failure = defer``)."""
+    return getattr(leg.rcpt_domains.get(rcpt, leg.domain), "engine_failure", "defer") != "tag"
 
 
 def reject_reply(dispositions: list[Disposition], txn_id: str) -> Reply:

@@ -195,6 +195,13 @@ def _ended_reply(reason: str | None, results: list[RecipientResult]) -> str:
     return f"{ended} refused at RCPT: " + "; ".join(refused) if refused else ended
 
 
+def _entry_domain(leg: RouteLeg) -> str:
+    """The domain a spool entry is filed under: its first recipient's (the leg's first
+    recipient may have been refused, e.g. its domain defers while this one spools)."""
+    first = leg.accepted[0] if leg.accepted else None
+    return leg.rcpt_domains.get(first, leg.domain).name if first else leg.domain.name
+
+
 def _disposition_for(reply: Reply) -> str:
     if reply.is_positive:
         return "delivered"
@@ -275,7 +282,7 @@ class ProxySession:
             leg = RouteLeg(route, domain)
             tx.legs[route] = leg
             first_reply = await self._start_leg(tx, leg, address)
-        if leg.failure is not None and self._may_spool(leg):
+        if leg.failure is not None and self._may_spool(leg, domain):
             return self._accept_for_spool(leg, address, domain)
         if leg.failure is not None and self._waits_for_header(tx, leg):
             return self._accept_pending_tls(leg, address, domain)
@@ -290,7 +297,7 @@ class ProxySession:
             leg.failure = RouteFailure(Reply(451, "4.4.1", "Downstream connection lost, try again later"),
                                        attempts=[f"lost at RCPT: {exc}"])
             self.conns.pop(route, None)
-            if self._may_spool(leg):
+            if self._may_spool(leg, domain):
                 return self._accept_for_spool(leg, address, domain)
             return self._refused(address, leg.failure.reply, route)
         if reply.is_positive:
@@ -371,10 +378,16 @@ class ProxySession:
         self.transactions += 1
         return reply
 
-    def _may_spool(self, leg: RouteLeg) -> bool:
-        """Unreachable (not a TLS policy failure) and the domain chose to spool."""
+    def _may_spool(self, leg: RouteLeg, domain: DomainView) -> bool:
+        """Unreachable (a temporary failure, not a TLS policy one) and the recipient's own domain
+        chose to spool.
+
+        Args:
+            domain: the recipient's domain; a route shared by several domains is one leg, but
+                ``on_unreachable`` is each domain's own (not the leg's first recipient's).
+        """
         return (self.ctx.spooler is not None and leg.failure is not None and not leg.failure.tls_related
-                and leg.domain.on_unreachable == "spool")
+                and leg.failure.reply.is_transient and domain.on_unreachable == "spool")
 
     def _accept_for_spool(self, leg: RouteLeg, address: str, domain: DomainView) -> Reply:
         if not leg.spool:
@@ -797,13 +810,17 @@ class ProxySession:
     def _spoolable_after_data(self, leg: RouteLeg) -> bool:
         # A TLS policy failure is not "unreachable": as at RCPT, the sender keeps the message
         # unless another copy was taken (then a partial 4xx is impossible and it is spooled).
+        # A route shared by several domains: one reply after DATA serves them all, so the copy
+        # is spooled only when every recipient's domain spools; one that says "defer" keeps
+        # the sender retrying (nothing is lost) rather than the gateway storing its mail.
         tls_refused = leg.data_reply is not None and leg.failure is not None and leg.failure.tls_related
-        return self.ctx.spooler is not None and leg.domain.on_unreachable == "spool" and not tls_refused
+        spools = all(leg.rcpt_domains.get(r, leg.domain).on_unreachable == "spool" for r in leg.accepted)
+        return self.ctx.spooler is not None and spools and not tls_refused
 
     def _spool_entry(self, tx: Transaction, o: "LegOutcome", subject: str):
         reply = o.reply or (o.leg.failure.reply if o.leg.failure else None)
         return self.ctx.spooler.entry(
-            txn_id=tx.txn_id, domain=o.leg.domain.name, mail_from=tx.mail_from, recipients=list(o.leg.accepted),
+            txn_id=tx.txn_id, domain=_entry_domain(o.leg), mail_from=tx.mail_from, recipients=list(o.leg.accepted),
             message=o.message, subject=subject, body_8bit=tx.body == "8BITMIME", smtputf8=tx.smtputf8,
             requiretls=tx.requiretls, sender_aligned=sender_aligned(tx), first_reply=reply.one_line() if reply else "")
 
