@@ -74,7 +74,7 @@ def check_host_name(value: str) -> str:
     """
     if not isinstance(value, str):
         raise ValueError("must be a host name such as mx.example.com")
-    name = value.strip()
+    name = value  # no stripping: " mx" or "mx\n" is a mistake to name, not to guess at
     if name.endswith("."):
         name = name[:-1]
     name = name.lower()
