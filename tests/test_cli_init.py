@@ -273,3 +273,21 @@ def test_listening_log_line_brackets_ipv6(tmp_path, workers):
         proc.communicate(timeout=20)
     line = next(x for x in seen if "smtp=" in x)
     assert "smtp=[::1]:" in line and "smtp=::1:" not in line, line
+
+
+def test_a_new_node_on_a_shared_database_with_sealed_data_needs_the_key_first(tmp_path):
+    """A second node's new data dir on the first node's database: while nothing is sealed it may
+    start with a key of its own (replaced by the first node's copy); once mail is held, init
+    refuses until the first node's key file is there."""
+    first, second, third = tmp_path / "n1", tmp_path / "n2", tmp_path / "n3"
+    _ok(mx("init", "--hostname", "mx1.example.com", data_dir=first))
+    shared = f"sqlite+aiosqlite:///{first / 'mxguard.db'}"
+    _ok(mx("init", "--hostname", "mx2.example.com", "--database-url", shared, data_dir=second))
+    _hold_one(first)
+    line = _one_line_error(mx("init", "--hostname", "mx3.example.com", "--database-url", shared, data_dir=third))
+    assert "sealing.keys" in line and "spool" in line and "copy it from another node" in line
+    assert not third.exists()
+    (third / "keys").mkdir(parents=True)
+    (third / "keys" / "sealing.keys").write_bytes((first / "keys" / "sealing.keys").read_bytes())
+    (third / "keys" / "sealing.keys").chmod(0o600)
+    _ok(mx("init", "--hostname", "mx3.example.com", "--database-url", shared, data_dir=third))

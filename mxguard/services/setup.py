@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from pydantic import ValidationError
+from sqlalchemy import exists, inspect, select
 from sqlalchemy.engine import make_url
 
 from mxguard.config import (CONFIG_FILE_NAME, Settings, check_host_name, describe_validation_error,
@@ -14,6 +15,7 @@ from mxguard.config import (CONFIG_FILE_NAME, Settings, check_host_name, describ
 from mxguard.errors import ConfigError
 from mxguard.netaddr import parse_host_port
 from mxguard.storage.db import Store
+from mxguard.storage.models import Base
 from mxguard.storage.sealing import create_key_file, ensure_secret_file
 from mxguard.tls.certs import generate_self_signed, write_private
 
@@ -191,19 +193,24 @@ async def _initialize(data_dir: Path, made: list[Path], *, hostname: str | None,
     # The database first: an unreachable one must fail before any file is written.
     store = Store(url)
     sqlite_file = _sqlite_path(url)
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        if sqlite_file is not None:
+    if sqlite_file is not None and not sqlite_file.exists():
+        # Only a database this call creates is removed on failure: never the WAL of one in use.
+        for suffix in ("", "-wal", "-shm", "-journal"):
             _track_new(Path(str(sqlite_file) + suffix), made)
     try:
-        initialised_before = await store.has_schema()
         sealing = settings.path(settings.sealing_key_file)
-        if not sealing.exists() and initialised_before and not new_sealing_key:
-            raise ConfigError(
-                f"sealing_key_file: {sealing} is missing, but the database {store.display_name} was initialised "
-                "before: the spool, quarantine and stored private keys in it are sealed with the keys in that "
-                "file. Restore it from your backup of the data dir (or copy it from another node). Only if it "
-                "is lost for good: 'mxguard init --new-sealing-key' makes a new one, and mail and keys sealed "
-                "with the old one stay unreadable")
+        if not sealing.exists() and not new_sealing_key and await store.has_schema():
+            # This data dir's database was initialised before (a restore without the key file),
+            # or a new node's shared database holds data sealed by another node's key.
+            sealed = await sealed_tables(store)
+            if not created or sealed:
+                held = f" (sealed rows in {', '.join(sealed)})" if sealed else ""
+                raise ConfigError(
+                    f"sealing_key_file: {sealing} is missing, but the database {store.display_name} was "
+                    f"initialised before{held}: what it holds is sealed with the keys in that file. Restore it "
+                    "from your backup of the data dir, or copy it from another node that shares the database, "
+                    "then run init again. Only if it is lost for good: 'mxguard init --new-sealing-key' makes "
+                    "a new one, and mail and keys sealed with the old one stay unreadable")
         if created:
             made.append(config_path)
             config_path.write_text(render_settings_file(settings), encoding="utf-8")
@@ -236,6 +243,25 @@ async def _initialize(data_dir: Path, made: list[Path], *, hostname: str | None,
         await store.close()
     _restrict_sqlite_file(url)
     return settings, created
+
+
+async def sealed_tables(store: Store) -> list[str]:
+    """The tables that hold at least one row sealed with a sealing key (a ``key_id`` column:
+    spool, quarantine, SNI certificates, DKIM keys, and whatever is sealed in future), in the
+    schema as it is (an older revision may lack some of them)."""
+    wanted = [table for table in Base.metadata.sorted_tables if "key_id" in table.c]
+
+    def present(connection) -> set[str]:
+        return set(inspect(connection).get_table_names())
+
+    found: list[str] = []
+    async with store.connection_errors():
+        async with store.engine.connect() as conn:
+            existing = await conn.run_sync(present)
+            for table in wanted:
+                if table.name in existing and await conn.scalar(select(exists().select_from(table))):
+                    found.append(table.name)
+    return found
 
 
 def _sqlite_path(url: str) -> Path | None:
