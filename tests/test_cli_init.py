@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,8 +260,11 @@ def test_remove_refusal_names_the_force_option(tmp_path):
 def test_listening_log_line_brackets_ipv6(tmp_path, workers):
     d = tmp_path / "d"
     _ok(mx("init", "--hostname", "mx1.example.com", data_dir=d))
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen(MXGUARD + ["--data-dir", str(d), "serve", "--workers", workers, "--no-web",
-                                       "--smtp", "[::1]:0"],
+                                       "--smtp", f"[::1]:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     try:
@@ -268,11 +272,23 @@ def test_listening_log_line_brackets_ipv6(tmp_path, workers):
             seen.append(line)
             if "listening" in line and "smtp=" in line:
                 break
+        # Stop it only once it serves (a signal while workers start is another test's subject).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket(socket.AF_INET6) as s:
+                if s.connect_ex(("::1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
     line = next(x for x in seen if "smtp=" in x)
-    assert "smtp=[::1]:" in line and "smtp=::1:" not in line, line
+    assert f"smtp=[::1]:{port}" in line and "smtp=::1:" not in line, line
 
 
 def test_a_new_node_on_a_shared_database_with_sealed_data_needs_the_key_first(tmp_path):
