@@ -30,6 +30,8 @@ DEFAULT_DATA_DIR = "./mxguard-data"
 
 
 
+#: One LDH label (RFC 1123 2.1), lower case.
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _BRACKETED_IPV6_ITEM = re.compile(r"\[[0-9A-Fa-f:.]+\](:\d*)?\s*(,|$)")
 
 
@@ -46,6 +48,53 @@ def _env_list(value: Any) -> Any:
         except ValueError:
             raise ValueError(f"{value!r} is neither a JSON list nor comma-separated items") from None
     return [v.strip() for v in text.split(",") if v.strip()]
+
+def wire_text(value: str) -> str:
+    """Check text that goes into an SMTP reply line (RFC 5321 4.2 ``textstring``: HT and
+    printable US-ASCII only).
+
+    Raises:
+        ValueError: the text has a control character (CR, LF, NUL, DEL ...) or non-ASCII.
+    """
+    for char in value:
+        if not (char == "\t" or " " <= char <= "~"):
+            raise ValueError(f"must be printable ASCII text on one line (found {char!r}; RFC 5321 4.2 textstring)")
+    return value
+
+
+def check_host_name(value: str) -> str:
+    """Validate and normalise a DNS host name (lower case, no trailing dot).
+
+    RFC 1123 2.1 and RFC 5321 4.1.2 ``Domain``: labels of letters, digits and hyphens, 1-63
+    octets, neither starting nor ending with a hyphen; no empty label; at most 253 octets.
+    A name whose last label is all digits would read as an address, so it is refused too.
+
+    Raises:
+        ValueError: the name is not such a host name (the message says why).
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be a host name such as mx.example.com")
+    name = value  # no stripping: " mx" or "mx\n" is a mistake to name, not to guess at
+    if name.endswith("."):
+        name = name[:-1]
+    name = name.lower()
+    if not name:
+        raise ValueError("must be a host name such as mx.example.com (it is empty)")
+    if len(name) > 253:
+        raise ValueError(f"must be a host name of at most 253 characters (it has {len(name)})")
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            raise ValueError(f"{value!r} is not a host name: it has an empty label")
+        if len(label) > 63:
+            raise ValueError(f"{value!r} is not a host name: a label is longer than 63 characters")
+        if not _HOST_LABEL.match(label):
+            raise ValueError(f"{value!r} is not a host name: labels are letters, digits and hyphens, "
+                             "not starting or ending with a hyphen (RFC 1123)")
+    if labels[-1].isdigit():
+        raise ValueError(f"{value!r} is not a host name (an address is not a name)")
+    return name
+
 
 class _Section(BaseModel):
     # A misspelt key must stop start-up, not be ignored.
@@ -92,6 +141,12 @@ class SmtpSettings(_Section):
     #: A bare CR or LF in message data (RFC 5321 2.3.8 forbids them; SMTP smuggling uses them):
     #: ``reject`` (554 5.6.0) or ``normalize`` (to CRLF, before filtering and relaying).
     bare_line_endings: Literal["reject", "normalize"] = "reject"
+
+    @field_validator("banner")
+    @classmethod
+    def _valid_banner(cls, value: str) -> str:
+        # The greeting is one reply line: a CR or LF here would inject a reply of its own.
+        return wire_text(value)
 
     @field_validator("listen", "submission_listen", mode="before")
     @classmethod
@@ -514,8 +569,8 @@ class NotifySettings(_Section):
     @classmethod
     def _valid_address(cls, value: str) -> str:
         value = value.strip()
-        if value and ("@" not in value or any(c.isspace() for c in value)):
-            raise ValueError("must be an e-mail address")
+        if value and ("@" not in value or any(c.isspace() or not " " <= c <= "~" for c in value)):
+            raise ValueError("must be an e-mail address (printable ASCII, no spaces: it goes into RCPT TO)")
         return value
 
 
@@ -539,8 +594,6 @@ class TlsReportsSettings(_Section):
             raise ValueError("must be a plain local part such as tlsrpt (RFC 5322 dot-atom, at most 64 characters)")
         return value.lower()
 
-
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
 class ServerSettings(_Section):
@@ -601,10 +654,8 @@ class Settings(_Section):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, value: str) -> str:
-        value = value.strip().rstrip(".").lower()
-        if not value or any(c.isspace() for c in value) or len(value) > 253:
-            raise ValueError("must be a host name such as mx.example.com")
-        return value
+        # It is the greeting's, Received's, EHLO's and authserv-id's name and the certificate's.
+        return check_host_name(value)
 
     @property
     def mx_hosts(self) -> list[str]:
@@ -661,8 +712,16 @@ def describe_validation_error(error: ValidationError, source: str, env_sources: 
         # "filters.virus_engines.0" was set by MXGUARD_FILTERS__VIRUS_ENGINES: match by prefix.
         variable = next((env_sources[k] for k in sorted(env_sources or {}, key=len, reverse=True)
                          if key == k or key.startswith(k + ".")), None)
+        msg = item["msg"]
+        if variable is None and item.get("type") == "extra_forbidden":
+            # MXGUARD_FOO__BAR makes an unknown section 'foo': the variable made it, not the file.
+            below = sorted(v for k, v in (env_sources or {}).items() if k.startswith(key + "."))
+            if below:
+                variable = ", ".join(below)
+        if item.get("type") == "extra_forbidden":
+            msg = "no such setting (misspelt?)"
         where = f"environment variable {variable}" if variable else source
-        lines.append(f"{where}: setting '{key}': {item['msg']}")
+        lines.append(f"{where}: setting '{key}': {msg}")
     return "\n".join(lines)
 
 

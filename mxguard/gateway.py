@@ -16,7 +16,7 @@ from mxguard.errors import ConfigError
 from mxguard.metrics import GatewayMetrics
 from mxguard.filtering.pipeline import FilterPipeline
 from mxguard.filtering.sender_auth import SenderAuth
-from mxguard.netaddr import parse_host_port
+from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.notify import Notifier
 from mxguard.quarantine.jobs import QuarantineJobs
 from mxguard.quarantine.links import LinkSigner, ensure_link_key
@@ -198,7 +198,7 @@ class Gateway:
             sock = listener.server.sockets[0]
             listener.port = sock.getsockname()[1]
             self.listeners.append(listener)
-            log.info("listening", smtp=f"{host}:{listener.port}", hostname=s.hostname)
+            log.info("listening", smtp=format_host_port(host, listener.port), hostname=s.hostname)
         await self._start_submission()
         if self.web_listen:
             try:
@@ -246,7 +246,7 @@ class Gateway:
                                   f"{exc.strerror or exc}") from None
             listener.port = listener.server.sockets[0].getsockname()[1]
             self.listeners.append(listener)
-            log.info("listening", submission=f"{host}:{listener.port}", hostname=self.settings.hostname)
+            log.info("listening", submission=format_host_port(host, listener.port), hostname=self.settings.hostname)
 
     def _set_client_cas(self, source: str, files: list[str], pems: list[str] = ()) -> None:
         """Partner rules (CA files and stored PEM bundles) and relay entries (a CA bundle file)

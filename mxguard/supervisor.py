@@ -34,7 +34,7 @@ import structlog
 
 from mxguard.config import Settings
 from mxguard.errors import ConfigError, MxguardError
-from mxguard.netaddr import parse_host_port
+from mxguard.netaddr import format_host_port, parse_host_port
 from mxguard.smtp.limits import ConnectionTable
 
 log = structlog.get_logger("mxguard.supervisor")
@@ -169,10 +169,10 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
             sock.close()
         raise
     for sock in socks:
-        log.info("listening", smtp="{}:{}".format(*sock.getsockname()[:2]), workers=workers,
+        log.info("listening", smtp=format_host_port(*sock.getsockname()[:2]), workers=workers,
                  hostname=settings.hostname)
     for sock in submission_socks:
-        log.info("listening", submission="{}:{}".format(*sock.getsockname()[:2]), workers=workers)
+        log.info("listening", submission=format_host_port(*sock.getsockname()[:2]), workers=workers)
     table = ConnectionTable(workers)  # before the forks: every worker maps the same memory
     children: dict[int, int] = {}
     stopping = False

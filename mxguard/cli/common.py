@@ -16,7 +16,7 @@ from rich.console import Console
 from mxguard.config import Settings, load_settings, resolve_data_dir
 from mxguard.errors import ConfigError, MxguardError, ValidationFailed
 from mxguard.logsetup import configure_from_settings as configure_logging
-from mxguard.storage.db import Store
+from mxguard.storage.db import SQLAlchemyError, Store
 
 console = Console()
 if not console.is_terminal:
@@ -58,7 +58,22 @@ def handle_errors(func: Callable[..., T]) -> Callable[..., T]:
             fail(str(exc), 1)
         except OSError as exc:
             fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
+        except SQLAlchemyError as exc:
+            # Migration catches what it sees at start; this is for a database damaged later.
+            fail(f"database_url: the database {_database_name()} failed: {_short_db_error(exc)}", 1)
     return wrapper
+
+
+def _database_name() -> str:
+    try:
+        return Store.describe_url(load_settings(state.data_dir).effective_database_url)
+    except Exception:  # noqa: BLE001 - only for an error message
+        return "of the data dir"
+
+
+def _short_db_error(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -7,11 +7,11 @@ import json
 import typer
 from rich.table import Table
 
-from mxguard.cli.common import console, handle_errors, run, settings, state, with_store
+from mxguard.cli.common import console, err_console, handle_errors, run, settings, state, with_store
 from mxguard.errors import ConfigError
 from mxguard.gateway import Gateway
 from mxguard.netaddr import has_port, parse_host_port
-from mxguard.services.setup import initialize
+from mxguard.services.setup import hostname_warning, initialize
 from mxguard.supervisor import run_workers, worker_count
 from mxguard.storage.messagelog import entry_as_dict, recent
 
@@ -28,9 +28,22 @@ def init(
                                  help="Gateway host name (greeting, Received, certificate) (default: this host's FQDN)"),
     database_url: str = typer.Option(None, "--database-url", show_default=False, metavar="URL",
                                      help="postgresql+asyncpg://user:pass@host/db (default: SQLite in the data dir)"),
+    new_sealing_key: bool = typer.Option(
+        False, "--new-sealing-key",
+        help="Make a new sealing key although keys/sealing.keys is missing from a database that holds data: "
+             "mail and keys sealed with the lost key stay unreadable. Restore the file instead if you can"),
 ) -> None:
-    """Create the data dir: settings, self-signed certificate, sealing key, database schema."""
-    s, created = run(initialize(state.data_dir, hostname=hostname, database_url=database_url))
+    """Create the data dir: settings, self-signed certificate, sealing key, database schema.
+
+    Run on an existing data dir it only migrates the schema. It refuses to make a new sealing
+    key while the database was initialised before (restore keys/sealing.keys from the backup).
+    A failed init removes whatever it had created.
+    """
+    s, created = run(initialize(state.data_dir, hostname=hostname, database_url=database_url,
+                                new_sealing_key=new_sealing_key))
+    warning = hostname_warning(s.hostname)
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False, soft_wrap=True)
     if created:
         console.print(f"Initialised [bold]{state.data_dir}[/bold] for [bold]{s.hostname}[/bold]")
         console.print(f"  settings     {state.data_dir / 'mxguard.toml'}")

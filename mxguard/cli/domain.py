@@ -17,7 +17,7 @@ from mxguard.services.access import Actor
 domain_app = typer.Typer(help="Served domains, their downstream servers and TLS policy.", no_args_is_help=True)
 
 SERVER_HELP = "Downstream server HOST[:PORT] (port 25 by default); repeat for failover, in order"
-DOWNSTREAM_HELP = ("TLS to the downstream server: off | opportunistic | required | verify | dane | dane-only "
+DOWNSTREAM_HELP = ("TLS to the downstream server: off | opportunistic | required | verify | dane | dane-only | mta-sts "
                    "(default: opportunistic)")
 INBOUND_HELP = "TLS from senders: optional | required (530 5.7.0 without STARTTLS) (default: optional)"
 UNREACHABLE_HELP = "Every server down: spool (accept, hold sealed, deliver later) | defer (451 4.4.1) (default: spool)"

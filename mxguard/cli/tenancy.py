@@ -107,6 +107,24 @@ def _prompt_password() -> str:
     return typer.prompt("Password (12 characters or more)", hide_input=True, confirmation_prompt=True)
 
 
+def _password_from_input(generate: bool) -> str | None:
+    """The password for ``user add`` / ``user passwd``: None (generate one) with
+    ``--generate-password``; prompted twice on a terminal; otherwise the first line of stdin
+    (``echo ... | mxguard user add``), without its line ending. Stdin that is empty (no line at
+    all, e.g. ``</dev/null``) means None too. The service checks the length either way.
+    """
+    if generate:
+        return None
+    if sys.stdin is None:
+        return None
+    if sys.stdin.isatty():
+        return _prompt_password()
+    line = sys.stdin.readline()
+    if line == "":
+        return None  # end of input without a line: nothing was piped
+    return line.rstrip("\r\n")
+
+
 @user_app.command("add")
 @handle_errors
 def user_add(
@@ -114,10 +132,11 @@ def user_add(
     role: str = typer.Option(..., "--role", show_default=False, metavar="ROLE", help=ROLE_HELP),
     org: str = typer.Option(None, "--org", show_default=False, metavar="ORG", help="Organization (for org-admin and user)"),
     generate: bool = typer.Option(False, "--generate-password",
-                                  help="Print a generated one-time password instead of prompting"),
+                                  help="Print a generated one-time password instead of prompting or reading stdin"),
 ) -> None:
-    """Create a console user (prompts for a password, or prints a generated one)."""
-    password = None if generate or not sys.stdin.isatty() else _prompt_password()
+    """Create a console user: prompts for a password on a terminal, reads one line from stdin
+    when it is piped, or prints a generated one-time password (--generate-password, or empty stdin)."""
+    password = _password_from_input(generate)
     view, generated = run(with_store(lambda store: user_service.add_user(
         store, email, role, org=org, password=password, actor=Actor.cli())))
     console.print(f"Added {view.role} {view.email}" + (f" ({view.org})" if view.org else ""), highlight=False)
@@ -131,8 +150,9 @@ def user_passwd(
     email: str = typer.Argument(..., show_default=False),
     generate: bool = typer.Option(False, "--generate-password", help="Print a generated password"),
 ) -> None:
-    """Set a user's password (also unlocks a locked account and ends its sessions)."""
-    password = None if generate or not sys.stdin.isatty() else _prompt_password()
+    """Set a user's password (also unlocks a locked account and ends its sessions); the password
+    is prompted for, read as one line from piped stdin, or generated as for ``user add``."""
+    password = _password_from_input(generate)
     generated = run(with_store(lambda store: user_service.set_password(store, email, password, actor=Actor.cli())))
     console.print(f"Password of {email} changed", highlight=False)
     if generated:

@@ -436,7 +436,7 @@ async def remove_domain(store: Store, name: str, *, actor: Actor = SYSTEM, force
             if queued:
                 raise Conflict(
                     f"{queued} message(s) for {domain} are still in the spool; deliver or delete them first, "
-                    "or remove the domain with force")
+                    "or remove the domain anyway with force (mxguard domain remove --force; API ?force=true)")
         view = _view(row)
         audit.record(session, actor, "domain.remove", domain, org_id=row.org_id, before=view.as_dict())
         await session.delete(row)

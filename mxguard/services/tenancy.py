@@ -71,6 +71,10 @@ async def check_user_address(store: Store, session, actor: Actor, email: str, ro
     if role == Role.USER and (not served or owner != org_id):
         reason = (f"{domain} is not a domain of organization {org_name!r}: a Message Center user's address must "
                   "be in one of the organization's domains")
+    elif role == Role.ORG_ADMIN and served and owner is None:
+        # Served for no organization: only global administrators manage it, so it is no org-admin's.
+        reason = (f"{domain} is served for no organization (only global administrators manage it); give it to "
+                  f"{org_name!r} first: mxguard domain set {domain} --org {org_name!r}")
     elif role == Role.ORG_ADMIN and served and owner != org_id:
         reason = f"{domain} is served for another organization, not {org_name!r}"
     if reason:

@@ -7,17 +7,19 @@ record survives power loss; PostgreSQL commits are durable by default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError as AlembicError
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from mxguard.errors import ConfigError
@@ -139,11 +141,52 @@ class Store:
         def upgrade(connection) -> None:
             command.upgrade(_alembic_config(connection), "head")
 
-        try:
+        async with self.connection_errors():
             async with self.engine.begin() as conn:
                 await conn.run_sync(upgrade)
+
+    @property
+    def display_name(self) -> str:
+        """The database for messages: an SQLite file's path, else the URL without its password."""
+        return self.describe_url(self.url)
+
+    @staticmethod
+    def describe_url(url: str) -> str:
+        """``url`` for messages: an SQLite file's path, else the URL without its password."""
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            return parsed.database or ":memory:"
+        return parsed.render_as_string(hide_password=True)
+
+    @contextlib.asynccontextmanager
+    async def connection_errors(self):
+        """Turn a database that cannot be reached or used into a one-line ConfigError.
+
+        Raises:
+            ConfigError: naming ``database_url``, the database and the cause (unreachable,
+                refused login, not a database at all, a schema revision this version does
+                not know).
+        """
+        try:
+            yield
         except (OperationalError, OSError, asyncio.TimeoutError) as exc:
-            raise ConfigError(f"database_url: cannot reach the database: {_short(exc)}") from None
+            raise ConfigError(f"database_url: cannot reach the database {self.display_name}: {_short(exc)}") from None
+        except (DBAPIError, AlembicError) as exc:
+            # e.g. "file is not a database" (a damaged or foreign SQLite file), a refused login
+            raise ConfigError(f"database_url: cannot use the database {self.display_name}: {_short(exc)}") from None
+
+    async def has_schema(self) -> bool:
+        """True when the database was initialised before (it has a schema revision).
+
+        Raises:
+            ConfigError: the database cannot be reached or used (see :meth:`connection_errors`).
+        """
+        def revision(connection) -> str | None:
+            return MigrationContext.configure(connection).get_current_revision()
+
+        async with self.connection_errors():
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(revision) is not None
 
     async def schema_is_current(self) -> bool:
         """True when the database is at the newest migration."""

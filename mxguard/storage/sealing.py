@@ -84,7 +84,9 @@ class Sealer:
         try:
             text = path.read_text(encoding="ascii")
         except FileNotFoundError:
-            raise ConfigError(f"sealing_key_file: {path} does not exist; run 'mxguard init'") from None
+            raise ConfigError(f"sealing_key_file: {path} does not exist; restore it from the backup of the data dir "
+                              "(or copy it from another node): the spool and quarantine are sealed with it. A new "
+                              "data dir gets one from 'mxguard init'") from None
         if os.name == "posix" and path.stat().st_mode & 0o077:
             raise ConfigError(f"sealing_key_file: {path} must not be readable by group or others (chmod 600)")
         keys: dict[str, bytes] = {}
