@@ -213,6 +213,8 @@ def run_workers(settings: Settings, workers: int, smtp_listen: list[str] | None,
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for index in range(workers):
+        if stopping:
+            break  # a stop signal came during the start: a worker forked after it would not get it
         spawn(index)
     status = 0
     while children:

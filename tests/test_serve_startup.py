@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,3 +152,26 @@ def test_serve_runs_one_process_per_cpu_by_default_and_they_end_with_it(tmp_path
     finally:
         if proc.poll() is None:
             stop_process(proc)
+
+
+def test_a_stop_signal_while_the_workers_start_stops_every_worker(tmp_path):
+    """SIGTERM as soon as serve says it listens lands while the supervisor is still forking
+    workers; each worker forked after it must be stopped too, not left to the 60 s kill."""
+    data = tmp_path / "data"
+    init_data_dir(data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MXGUARD_")}
+    for _ in range(5):
+        proc = subprocess.Popen([MXGUARD, "--data-dir", str(data), "serve", "--no-web", "--workers", "4",
+                                 "--smtp", f"127.0.0.1:{free_port()}"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                if "listening" in line:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            workers = _children(proc.pid) if proc.poll() is None else []
+            proc.wait(20)
+            wait_until(lambda: all(_gone(pid) for pid in workers), 10, "the workers to end")
+        finally:
+            if proc.poll() is None:
+                stop_process(proc)
