@@ -117,6 +117,21 @@ def bad_recipient(problem: str) -> Reply:
     return Reply(501, "5.1.3", f"Bad recipient address syntax: {problem}")
 
 
+def params_without_ehlo(verb: str) -> Reply:
+    """``555 5.5.4`` for MAIL/RCPT parameters after HELO, where no service extension is in force.
+
+    RFC 5321 3.3 allows parameters only for negotiated extensions (EHLO), and 4.1.1.11 answers
+    parameters the server does not recognize with 555; RFC 1869 4.2 gives the same code. RFC 3463
+    5.5.4: invalid command arguments.
+
+    Args:
+        verb: ``"MAIL"`` or ``"RCPT"``.
+    """
+    command = "MAIL FROM" if verb == "MAIL" else "RCPT TO"
+    return Reply(555, "5.5.4", f"{command} parameters not recognized or not implemented: "
+                               "no service extension is in force after HELO (use EHLO)")
+
+
 def bad_helo(problem: str) -> Reply:
     """``501 5.5.4`` (RFC 3463: invalid command arguments)."""
     return Reply(501, "5.5.4", f"Invalid HELO/EHLO name: {problem}")
