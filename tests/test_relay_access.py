@@ -660,3 +660,26 @@ async def test_old_rate_windows_are_forgotten(store):
         windows = sorted({r.window_start.replace(tzinfo=dt.timezone.utc) for r in
                           (await session.execute(select(RelayRateCounter))).scalars()})
     assert windows == [day + dt.timedelta(hours=30)], "windows that ended more than a day ago were removed"
+
+
+@pytest.mark.parametrize("listener", ["smtp", "submission"])
+def test_auth_login_prompts_are_username_and_password(relay_gw, listener):
+    """AUTH LOGIN prompts with the customary base64 "Username:" and "Password:" (no NUL byte),
+    with and without an initial response, and the right password then gets 235 2.7.0."""
+    port = relay_gw.port if listener == "smtp" else relay_gw.submission_port
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=_client_ctx())
+        c.ehlo("app.example.com")
+        assert c.docmd("AUTH", "LOGIN") == (334, b"VXNlcm5hbWU6")
+        assert base64.b64decode(b"VXNlcm5hbWU6") == b"Username:"
+        assert c.docmd(b64("relay@example.com")) == (334, b"UGFzc3dvcmQ6")
+        assert base64.b64decode(b"UGFzc3dvcmQ6") == b"Password:"
+        code, text = c.docmd(b64(PASSWORD))
+        assert (code, text[:6]) == (235, b"2.7.0 "), (code, text)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=_client_ctx())
+        c.ehlo("app.example.com")
+        assert c.docmd("AUTH", "LOGIN " + b64("relay@example.com")) == (334, b"UGFzc3dvcmQ6")
+        code, text = c.docmd(b64("wrong"))
+        assert (code, text[:6]) == (535, b"5.7.8 "), (code, text)

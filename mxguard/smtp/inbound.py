@@ -186,6 +186,10 @@ class InboundSMTP(SMTP):
         self.max_auth_failures = max_auth_failures
         self._credentials: tuple[str, object] | None = None
 
+    # RFC 4954 defines no LOGIN prompts; clients and servers by custom send "Username:" and
+    # "Password:" (aiosmtpd's own are "User Name" and "Password" with a NUL byte after them).
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     _dir_names: list[str] | None = None
 
