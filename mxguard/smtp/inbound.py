@@ -759,7 +759,7 @@ class InboundHandler:
                 return "550 5.1.1 Use postmaster@<domain>: this gateway serves several domains"
             return "501 5.1.3 Bad recipient address syntax: a domain is required"
         if syntax.source_routed(address):
-            return str(syntax.SOURCE_ROUTING)
+            return str(syntax.source_routing(address))
         server.working = True
         try:
             reply = await server.proxy.add_recipient(address)
