@@ -58,7 +58,8 @@ def list_(domain: str = typer.Option(None, "--domain", show_default=False, help=
     table = Table(title=f"Spool ({len(rows)} {'entries' if all_ else 'held'})")
     for col in ("id", "transaction", "created", "kind", "domain", "from", "pending", "size", "tries", "next attempt",
                 "status", "last reply"):
-        table.add_column(col, overflow="fold")
+        # IDs whole on one line, to be copied into the commands that take them.
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "transaction"))
     for r in rows:
         table.add_row(str(r.id), r.txn_id, f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.kind, r.domain, r.mail_from or "<>",
                       "\n".join(r.pending), str(r.size), str(r.attempts), f"{r.next_attempt_at:%H:%M:%S}", r.status,
