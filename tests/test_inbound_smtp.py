@@ -362,3 +362,18 @@ def test_mail_and_rcpt_parameters_after_helo_get_555(gateway, tls_sink, add_doma
         c.ehlo("client.test")
         assert c.docmd("MAIL", "FROM:<a@b.test> SIZE=100 BODY=8BITMIME")[0] == 250
         assert c.docmd("RCPT", "TO:<alice@example.com> FOO=bar")[0] == 555
+
+
+def test_requiretls_after_helo_inside_tls_is_not_in_force(gateway, tls_sink, add_domain):
+    """REQUIRETLS is a service extension (RFC 8689): after STARTTLS and HELO (not EHLO) it is a
+    parameter like any other, 555 5.5.4, not a message quietly marked REQUIRETLS."""
+    add_domain("example.com", [tls_sink.address])
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        c.starttls(context=ctx)
+        assert c.helo("client.test")[0] == 250
+        code, text = c.docmd("MAIL", "FROM:<a@b.test> REQUIRETLS")
+        assert code == 555 and b"after HELO" in text, text
+        c.ehlo("client.test")
+        assert c.docmd("MAIL", "FROM:<a@b.test> REQUIRETLS")[0] == 250
