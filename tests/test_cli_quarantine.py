@@ -93,3 +93,37 @@ def test_domain_add_without_org_says_the_message_center_needs_one(tmp_path):
     assert link.returncode == 0 and "/mc/link/" in link.stdout
     with_org = mx(data, "domain", "add", "org.example", "--server", "127.0.0.1:2525", "--org", "Example Corp")
     assert with_org.returncode == 0 and "no organization" not in with_org.stderr
+
+
+def test_the_transaction_id_the_sender_was_given_names_the_quarantined_copy(gateway, tls_sink, held, data_dir):
+    """``accepted as TXN`` works with quarantine release/delete when the transaction left one copy;
+    with one copy per recipient it is refused and the copies are listed; quarantine list shows it."""
+    one = held  # bob@example.com alone: one copy
+    out = send(gateway.port, ["alice@example.com", "carol@example.com"], mail.gtube())
+    m = re.fullmatch(r"2\.0\.0 Ok: accepted as ([0-9A-F]{16})", out.data[1])
+    assert out.data[0] == 250 and m, out.data
+    two = m.group(1)
+    copies = sorted((r.recipient, r.id) for r in gateway.run(list_quarantine(gateway.store)) if r.txn_id == two)
+    assert [rcpt for rcpt, _ in copies] == ["alice@example.com", "carol@example.com"]
+
+    listed = mx(data_dir, "quarantine", "list")
+    assert listed.returncode == 0 and "transaction" in listed.stdout
+    assert one.txn_id in listed.stdout and two in listed.stdout, listed.stdout
+    for command in ("release", "delete"):
+        refused = mx(data_dir, "quarantine", command, two)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"ID: transaction {two} has 2 quarantined copies:" in refused.stderr
+        assert all(f"{qid} ({rcpt}; held)" in refused.stderr for rcpt, qid in copies), refused.stderr
+        assert "give one of their quarantine IDs" in refused.stderr
+    assert tls_sink.messages == [], "nothing was released"
+
+    released = mx(data_dir, "quarantine", "release", one.txn_id.lower())
+    assert released.returncode == 0, released.stderr
+    assert f"Delivered {one.id} to bob@example.com" in released.stdout
+    assert tls_sink.wait_for(1) and tls_sink.messages[0].rcpt_tos == ["bob@example.com"]
+    again = mx(data_dir, "quarantine", "release", one.txn_id)
+    assert again.returncode == 1 and "not sent again" in again.stderr
+    deleted = mx(data_dir, "quarantine", "delete", copies[0][1])
+    assert deleted.returncode == 0 and f"Deleted {copies[0][1]}" in deleted.stdout
+    unknown = mx(data_dir, "quarantine", "delete", "0123456789ABCDEF")
+    assert unknown.returncode == 1 and "no quarantined message has the ID or transaction ID" in unknown.stderr

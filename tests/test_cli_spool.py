@@ -6,6 +6,8 @@ import asyncio
 import getpass
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from mxguard.services.access import SYSTEM
 from mxguard.spool import queue
 from mxguard.storage.db import Store
 from mxguard.storage.sealing import KeyRing
-from tests.support.smtp import message
+from tests.support.smtp import message, send
 
 
 def _cli(data_dir, *args):
@@ -86,3 +88,53 @@ def test_spool_commands_list_show_retry_delete_stats(data_dir, plain_sink):
     assert [e.action for e in spool_entries] == ["spool.delete", "spool.retry"]
     assert {e.actor for e in spool_entries} == {f"cli:{getpass.getuser()}"}
     assert spool_entries[1].changes["status"] == ("queued", "delivered")
+
+
+def _dead_server() -> str:
+    """A loopback address where nothing listens (connection refused): the route is unreachable."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_the_transaction_id_the_sender_was_given_names_the_spool_entry(gateway, add_domain, data_dir):
+    """``queued as TXN`` works with spool show/retry/delete, spool list shows it, and a transaction
+    with several entries (one per route) is refused with the entries listed."""
+    add_domain("example.com", [_dead_server()])
+    add_domain("example.net", [_dead_server()])
+    out = send(gateway.port, ["alice@example.com"])
+    m = re.fullmatch(r"2\.0\.0 Ok: queued as ([0-9A-F]{16}) \(held for delivery\)", out.data[1])
+    assert out.data[0] == 250 and m, out.data
+    txn = m.group(1)
+
+    code, text = _cli(data_dir, "spool", "list")
+    assert code == 0 and txn in text and "transaction" in text, text
+    code, text = _cli(data_dir, "spool", "list", "--json")
+    (entry,) = [r for r in json.loads(text) if r["txn_id"] == txn]
+    for ref in (txn, txn.lower()):
+        code, text = _cli(data_dir, "spool", "show", ref)
+        assert code == 0 and f"{entry['id']}" in text and txn in text and "alice@example.com" in text, text
+    code, text = _cli(data_dir, "spool", "show", str(entry["id"]))
+    assert code == 0 and txn in text
+    code, text = _cli(data_dir, "spool", "retry", txn)
+    assert code == 0 and f"#{entry['id']} still held" in text, text
+    code, text = _cli(data_dir, "spool", "show", "0123456789ABCDEF")
+    assert code == 1 and "no spool entry has the ID or transaction ID '0123456789ABCDEF'" in text, text
+    assert "Traceback" not in text
+
+    # One transaction, two routes: two entries under one transaction ID.
+    out = send(gateway.port, ["bob@example.com", "carol@example.net"])
+    two = re.search(r"queued as ([0-9A-F]{16})", out.data[1]).group(1)
+    ids = sorted(r["id"] for r in json.loads(_cli(data_dir, "spool", "list", "--json")[1]) if r["txn_id"] == two)
+    assert len(ids) == 2
+    for command in ("show", "retry", "delete"):
+        code, text = _cli(data_dir, "spool", command, two)
+        assert code == 2 and "Traceback" not in text, (command, text)
+        assert f"ID: transaction {two} has 2 spool entries: #{ids[0]} (example.com: bob@example.com; queued)" in text
+        assert f"#{ids[1]} (example.net: carol@example.net; queued); give one of their numeric IDs" in text
+    code, text = _cli(data_dir, "spool", "delete", str(ids[0]))
+    assert code == 0, text
+    code, text = _cli(data_dir, "spool", "delete", two)
+    assert code == 0 and f"Deleted spool entry #{ids[1]} (a@sender.test → example.net)" in text, text
+    code, text = _cli(data_dir, "spool", "delete", txn)
+    assert code == 0 and f"Deleted spool entry #{entry['id']}" in text, text

@@ -37,9 +37,9 @@ bare-lf-command            mxguard refuses a command line ended by a bare LF wit
 postfix-stale-size         after a MAIL refused for its SIZE=, Postfix 3.7 refuses every later
                            MAIL (even without SIZE=) with 552 until RSET; SIZE= belongs to that
                            one MAIL command (RFC 1870 6), mxguard judges each MAIL on its own.
-esmtp-params-after-helo    after HELO no service extension is in force, so mxguard (as stock
-                           aiosmtpd) refuses MAIL parameters (BODY=, SIZE=) with 501 (RFC 5321
-                           3.2, 4.1.1.2); Postfix accepts them after HELO as well.
+esmtp-params-after-helo    after HELO no service extension is in force, so mxguard refuses MAIL
+                           parameters (BODY=, SIZE=) as not recognized, 555 5.5.4 (RFC 5321 3.3,
+                           4.1.1.11; RFC 1869 4.2); Postfix accepts them after HELO as well.
 leading-space              a command line that starts with a space is outside the RFC 5321
                            4.1.1 grammar (verb first): mxguard (as stock aiosmtpd) answers 500;
                            Postfix strips the space.
@@ -259,10 +259,11 @@ DELIBERATE: dict[str, tuple] = {
                            "RSET (it keeps the old SIZE); SIZE is a parameter of that one MAIL (RFC 1870 6), "
                            "mxguard answers the new MAIL on its own"),
     "esmtp-params-after-helo": (lambda label, mc, pc, mt, pt: _verb(label) == "MAIL" and mc == "5" and pc == "2"
-                                and mt.rstrip().endswith("Syntax: MAIL FROM: <address>"),
+                                and mt.startswith("555 5.5.4 MAIL FROM parameters not recognized")
+                                and "after HELO" in mt,
                                 "after HELO (not EHLO) no service extension is in force, so MAIL parameters "
-                                "such as BODY= or SIZE= are refused with 501 (RFC 5321 3.2, 4.1.1.2; RFC 1869); "
-                                "Postfix accepts them after HELO too"),
+                                "such as BODY= or SIZE= are refused with 555 5.5.4 (RFC 5321 3.3, 4.1.1.11; "
+                                "RFC 1869 4.2); Postfix accepts them after HELO too"),
     "leading-space": (lambda label, mc, pc, mt, pt: label.startswith(" ") and mt.startswith("500"),
                       "a command line starting with a space is not in the RFC 5321 4.1.1 grammar (verb first): "
                       "mxguard (like stock aiosmtpd) answers 500; Postfix strips the space"),

@@ -16,6 +16,8 @@ import re
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mxguard.config import load_settings
 from mxguard.quarantine.store import get_quarantined, list_quarantine
@@ -369,3 +371,41 @@ async def test_message_log_stores_hostile_strings_and_drops_only_a_refused_recor
     assert sorted(rows) == ["AFTER", "NUL", "OK"]
     assert rows["NUL"].subject == "a\ufffdb" and rows["NUL"].helo == "h\ufffd"
     assert rows["NUL"].verdict["attachments"][0]["filename"] == "\ufffd\ufffd.exe"
+
+
+_ATOM = st.text(alphabet="abcxyz019.-", min_size=1, max_size=6).filter(lambda a: a[0] not in ".-" and ".." not in a
+                                                                      and not a.endswith("."))
+_FORM_WORDS = {"@": '"user@host"@domain', "%": "user%host@domain", "!": "host!user@domain"}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(atoms=st.lists(_ATOM, min_size=2, max_size=4), chars=st.lists(st.sampled_from("%!@"), min_size=1, max_size=3))
+def test_source_routing_reply_names_the_form_that_was_refused(gateway, atoms, chars):
+    """Each routing form in a local part (percent hack, bang path, an @ in a quoted local part) is
+    refused with 550 5.7.1 (before any relay check), and the reply names exactly the forms the
+    address holds."""
+    local = atoms[0] + "".join(c + a for c, a in zip(chars, atoms[1:]))
+    used = {c for c in chars[:len(atoms) - 1]}
+    rcpt = (f'"{local}"' if "@" in used else local) + "@example.com"
+    raw = Raw(gateway.port)
+    try:
+        raw.cmd("EHLO c.test")
+        raw.cmd("MAIL FROM:<a@sender.test>")
+        reply = raw.cmd(f"RCPT TO:<{rcpt}>")
+    finally:
+        raw.close()
+    assert reply.startswith("550 5.7.1 Sender-specified routing is not accepted: "), (rcpt, reply)
+    for ch, words in _FORM_WORDS.items():
+        assert (words in reply) == (ch in used), (rcpt, reply)
+
+
+@pytest.mark.parametrize("rcpt, named", [("u%h@example.org", "the percent hack (user%host@domain)"),
+                                         ("h!u@example.org", "a bang path (host!user@domain)")])
+def test_percent_hack_and_bang_path_replies_name_them(gateway, rcpt, named):
+    raw = Raw(gateway.port)
+    raw.cmd("EHLO c.test")
+    raw.cmd("MAIL FROM:<a@sender.test>")
+    reply = raw.cmd(f"RCPT TO:<{rcpt}>")
+    raw.close()
+    assert reply == f"550 5.7.1 Sender-specified routing is not accepted: {named} (RFC 5321 3.6.1)", reply
+    assert "user@elsewhere@domain" not in reply

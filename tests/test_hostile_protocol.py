@@ -6,6 +6,8 @@ downstream server as a second message.
 
 from __future__ import annotations
 
+import re
+import smtplib
 import socket
 import ssl
 import tempfile
@@ -14,8 +16,11 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mxguard.sink import ThreadedSink, _SinkHandler
+from mxguard.smtp.replies import Reply, valid_code
 from tests.support.postfix import PostfixInstance
 from tests.support.smtp import ENHANCED, Raw, message, send
 
@@ -270,3 +275,56 @@ def test_header_limits_and_loop_detection(gateway, tls_sink, add_domain, headers
     assert ENHANCED.match(out.data[1])
     time.sleep(0.2)
     assert tls_sink.messages == []
+
+
+# -- downstream reply codes of the wrong form (RFC 5321 4.2.1, RFC 3463 2) --------------------
+
+_WIRE_LINE = re.compile(r"^([2-5][0-5]\d)[ -]([245])\.\d{1,3}\.\d{1,3}( |$)")
+
+
+@settings(max_examples=400, deadline=None)
+@given(code=st.integers(100, 999), klass=st.integers(0, 9), subject=st.integers(0, 999),
+       detail=st.integers(0, 999), with_enhanced=st.booleans(),
+       text=st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=40))
+def test_downstream_reply_codes_and_enhanced_codes_are_made_valid(code, klass, subject, detail, with_enhanced, text):
+    """Whatever code and enhanced code a downstream server sends, the sender gets a valid pair:
+    2yz-5yz with y 0-5, an enhanced code of the same class; a valid code passes unchanged, an
+    invalid one becomes its class's usual code with the text kept; 3yz, never a final reply to
+    MAIL, RCPT or the end of DATA, and other classes become 451 4.3.0."""
+    text = text.strip() or "x"
+    message = (f"{klass}.{subject}.{detail} " if with_enhanced else "") + text
+    reply = Reply.from_downstream(code, message)
+    lines = str(reply).split("\r\n")
+    for line in lines:
+        m = _WIRE_LINE.match(line)
+        assert m, (code, message, line)
+        assert m.group(1) == str(reply.code) and m.group(2) == str(reply.code)[0], line
+    if valid_code(code) and code // 100 != 3:
+        assert reply.code == code
+    if code // 100 in (2, 4, 5):
+        assert reply.code // 100 == code // 100 and text in reply.text
+        if with_enhanced:
+            assert reply.enhanced == f"{code // 100}.{subject}.{detail}"
+        if not valid_code(code):
+            assert reply.code == {2: 250, 4: 451, 5: 554}[code // 100]
+            assert with_enhanced or reply.enhanced == f"{code // 100}.0.0"
+    else:
+        assert reply.code == 451 and reply.enhanced == "4.3.0"
+
+
+@pytest.mark.parametrize("downstream, expected", [
+    ("599 weird code", "554 5.0.0 weird code"),
+    ("499 4.2.2 mailbox full", "451 4.2.2 mailbox full"),
+    ("550 4.1.1 no such user", "550 5.1.1 no such user"),
+    ("450 5.2.1 mailbox disabled", "450 4.2.1 mailbox disabled"),
+    ("570 5.7.1 denied", "554 5.7.1 denied"),
+])
+def test_invalid_downstream_reply_codes_reach_the_sender_valid(gateway, tls_sink, add_domain, downstream, expected):
+    add_domain("example.com", [tls_sink.address])
+    tls_sink.rcpt_replies["x@example.com"] = downstream
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.mail("a@sender.test")[0] == 250
+        code, text = client.rcpt("x@example.com")
+        assert f"{code} {text.decode()}" == expected
+        assert client.noop()[0] == 250, "the dialogue is still in step"

@@ -11,6 +11,8 @@ import ssl
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support.smtp import ENHANCED, message, send
 
@@ -326,3 +328,52 @@ def test_non_ascii_address_without_smtputf8_is_refused(gateway, tls_sink, add_do
     answer = _dialogue(gateway.port, ["EHLO c\r\nMAIL FROM:<jörg@sender.test>\r\nQUIT\r\n".encode()])
     lines = [ln for ln in answer.decode().split("\r\n") if ln and not ln.startswith("250-")]
     assert lines[1].startswith("553 5.6.7"), lines
+
+
+# -- parameters after HELO (RFC 5321 3.3, 4.1.1.11; RFC 1869 4.2) ------------------------------
+
+_MAIL_PARAMS = st.lists(st.sampled_from(["SIZE=100", "BODY=8BITMIME", "BODY=7BIT", "SMTPUTF8", "REQUIRETLS",
+                                         "FOO=bar", "SIZE=abc", "RET=HDRS", "ENVID=x"]), min_size=1, max_size=3)
+_RCPT_PARAMS = st.lists(st.sampled_from(["NOTIFY=NEVER", "ORCPT=rfc822;a@example.com", "FOO=bar", "X"]),
+                        min_size=1, max_size=3)
+
+
+def test_mail_and_rcpt_parameters_after_helo_get_555(gateway, tls_sink, add_domain):
+    """After HELO no service extension is in force: any MAIL or RCPT parameter is not recognized
+    (555 5.5.4), the same command without parameters is taken, and after EHLO the known ones are."""
+    add_domain("example.com", [tls_sink.address])
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        assert c.helo("client.test")[0] == 250
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(mail=_MAIL_PARAMS, rcpt=_RCPT_PARAMS)
+        def check(mail, rcpt):
+            code, text = c.docmd("MAIL", "FROM:<a@b.test> " + " ".join(mail))
+            assert code == 555 and text.decode().startswith("5.5.4 MAIL FROM parameters not recognized"), text
+            assert c.docmd("MAIL", "FROM:<a@b.test>")[0] == 250
+            code, text = c.docmd("RCPT", "TO:<alice@example.com> " + " ".join(rcpt))
+            assert code == 555 and text.decode().startswith("5.5.4 RCPT TO parameters not recognized"), text
+            assert c.rset()[0] == 250
+
+        check()
+        # A bad path is still a bad path, whatever follows it.
+        assert c.docmd("MAIL", "FROM:<a b@b.test> SIZE=100")[0] == 501
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        c.ehlo("client.test")
+        assert c.docmd("MAIL", "FROM:<a@b.test> SIZE=100 BODY=8BITMIME")[0] == 250
+        assert c.docmd("RCPT", "TO:<alice@example.com> FOO=bar")[0] == 555
+
+
+def test_requiretls_after_helo_inside_tls_is_not_in_force(gateway, tls_sink, add_domain):
+    """REQUIRETLS is a service extension (RFC 8689): after STARTTLS and HELO (not EHLO) it is a
+    parameter like any other, 555 5.5.4, not a message quietly marked REQUIRETLS."""
+    add_domain("example.com", [tls_sink.address])
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as c:
+        c.starttls(context=ctx)
+        assert c.helo("client.test")[0] == 250
+        code, text = c.docmd("MAIL", "FROM:<a@b.test> REQUIRETLS")
+        assert code == 555 and b"after HELO" in text, text
+        c.ehlo("client.test")
+        assert c.docmd("MAIL", "FROM:<a@b.test> REQUIRETLS")[0] == 250

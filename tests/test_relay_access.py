@@ -660,3 +660,59 @@ async def test_old_rate_windows_are_forgotten(store):
         windows = sorted({r.window_start.replace(tzinfo=dt.timezone.utc) for r in
                           (await session.execute(select(RelayRateCounter))).scalars()})
     assert windows == [day + dt.timedelta(hours=30)], "windows that ended more than a day ago were removed"
+
+
+@pytest.mark.parametrize("listener", ["smtp", "submission"])
+def test_auth_login_prompts_are_username_and_password(relay_gw, listener):
+    """AUTH LOGIN prompts with the customary base64 "Username:" and "Password:" (no NUL byte),
+    with and without an initial response, and the right password then gets 235 2.7.0."""
+    port = relay_gw.port if listener == "smtp" else relay_gw.submission_port
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=_client_ctx())
+        c.ehlo("app.example.com")
+        assert c.docmd("AUTH", "LOGIN") == (334, b"VXNlcm5hbWU6")
+        assert base64.b64decode(b"VXNlcm5hbWU6") == b"Username:"
+        assert c.docmd(b64("relay@example.com")) == (334, b"UGFzc3dvcmQ6")
+        assert base64.b64decode(b"UGFzc3dvcmQ6") == b"Password:"
+        code, text = c.docmd(b64(PASSWORD))
+        assert (code, text[:6]) == (235, b"2.7.0 "), (code, text)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.starttls(context=_client_ctx())
+        c.ehlo("app.example.com")
+        assert c.docmd("AUTH", "LOGIN " + b64("relay@example.com")) == (334, b"UGFzc3dvcmQ6")
+        code, text = c.docmd(b64("wrong"))
+        assert (code, text[:6]) == (535, b"5.7.8 "), (code, text)
+
+
+def test_relay_release_takes_the_transaction_id_the_sender_was_given(relay_gw, data_dir):
+    """``accepted as TXN (held: over the outbound rate limit)``: relay held shows TXN, and relay
+    release takes it (as well as the spool ID); a transaction for two destinations is refused with
+    both entries listed."""
+    import re
+
+    from tests.test_cli import mx
+    relay_gw.settings.relay.sender_rate = 1
+    txns = []
+    with _authed(relay_gw.submission_port) as c:
+        for rcpts in (["r0@elsewhere.test"], ["r1@elsewhere.test"], ["r2@elsewhere.test", "r3@other.test"]):
+            c.mail("alice@example.com")
+            for rcpt in rcpts:
+                assert c.rcpt(rcpt)[0] == 250
+            code, text = c.data(crlf(message(subject="burst", sender="alice@example.com")))
+            assert code == 250, text
+            txns.append(re.search(r"(?:accepted|queued) as ([0-9A-F]{16})", text.decode()).group(1))
+    assert b"held" in text
+    held = {e.txn_id: e for e in _spool(relay_gw) if e.status == "held"}
+    assert txns[1] in held and txns[2] in held
+    shown = mx("relay", "held", data_dir=data_dir).stdout
+    assert "transaction" in shown and txns[1] in shown and txns[2] in shown, shown
+    out = mx("relay", "release", txns[1], data_dir=data_dir)
+    assert f"Released spool entry {held[txns[1]].id} (alice@example.com to elsewhere.test)" in out.stdout, out.stdout
+    both = sorted(e.id for e in _spool(relay_gw) if e.txn_id == txns[2])
+    refused = mx("relay", "release", txns[2], data_dir=data_dir, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"has 2 spool entries: #{both[0]} (elsewhere.test: r2@elsewhere.test; held)" in refused.stderr, refused.stderr
+    assert f"#{both[1]} (other.test: r3@other.test; held)" in refused.stderr
+    assert mx("relay", "release", str(both[1]), data_dir=data_dir).returncode == 0
+    assert [e.status for e in _spool(relay_gw) if e.txn_id in txns[1:]] == ["queued", "held", "queued"]

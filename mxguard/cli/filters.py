@@ -162,7 +162,8 @@ def quarantine_list(
     all_: bool = typer.Option(False, "--all", help="Include released and deleted messages"),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per message, one per line"),
 ) -> None:
-    """List held messages: id, time, recipient, sender, subject, reason."""
+    """List held messages: id, transaction ID (the sender's "accepted as"), time, recipient, sender, subject,
+    reason."""
     from mxguard.quarantine.store import list_quarantine, row_as_dict
 
     settings()  # fails with a clear message when the data dir is not initialised
@@ -176,11 +177,12 @@ def quarantine_list(
         console.print("The quarantine is empty." if not recipient else f"Nothing held for {recipient}.")
         return
     table = Table(title=f"Quarantine ({len(rows)} shown, newest first)")
-    for col in ("id", "time", "recipient", "sender", "subject", "reason"):
-        table.add_column(col, overflow="fold")
+    for col in ("id", "transaction", "time", "recipient", "sender", "subject", "reason"):
+        # IDs whole on one line, to be copied into the commands that take them.
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "transaction"))
     for r in rows:
-        table.add_row(r.id, r.created.strftime("%Y-%m-%d %H:%M:%S"), r.recipient, r.sender or "<>", r.subject,
-                      r.reason)
+        table.add_row(r.id, r.txn_id, r.created.strftime("%Y-%m-%d %H:%M:%S"), r.recipient, r.sender or "<>",
+                      r.subject, r.reason)
     console.print(table)
 
 
@@ -248,30 +250,45 @@ def quarantine_purge() -> None:
     console.print(f"Purged {count} expired message(s).", highlight=False)
 
 
+_QID_HELP = "Quarantine ID (mxguard quarantine list), or the transaction ID the sender was given (accepted as ...)"
+
+
 @quarantine_app.command("release")
 @handle_errors
-def quarantine_release(qid: str = typer.Argument(..., show_default=False, metavar="ID", help="Quarantine id (mxguard quarantine list)")) -> None:
+def quarantine_release(ref: str = typer.Argument(..., show_default=False, metavar="ID", help=_QID_HELP)) -> None:
     """Deliver a held message to its recipient through the delivery path (domain TLS policy applies)."""
-    from mxguard.quarantine.service import release
+    from mxguard.quarantine.service import release, resolve_id
     from mxguard.services.access import Actor
     from mxguard.storage.sealing import KeyRing
 
     s = settings()
-    result = run(with_store(lambda store: release(store, KeyRing(s.path(s.sealing_key_file)).get(), s, qid,
-                                                  actor=Actor.cli(), via="cli")))
+    qid = ref
+
+    async def go(store):
+        nonlocal qid
+        qid = await resolve_id(store, Actor.cli(), ref)
+        return await release(store, KeyRing(s.path(s.sealing_key_file)).get(), s, qid, actor=Actor.cli(), via="cli")
+
+    result = run(with_store(go))
     tls = result.connection.describe_tls() if result.connection else "-"
     console.print(f"Delivered {qid} to {result.recipient} (TLS: {tls}): {result.reply.one_line()}", highlight=False)
 
 
 @quarantine_app.command("delete")
 @handle_errors
-def quarantine_delete(qid: str = typer.Argument(..., show_default=False, metavar="ID")) -> None:
+def quarantine_delete(ref: str = typer.Argument(..., show_default=False, metavar="ID", help=_QID_HELP)) -> None:
     """Delete a held message (its sealed copy is erased)."""
-    from mxguard.quarantine.service import delete_message
+    from mxguard.quarantine.service import delete_message, resolve_id
     from mxguard.services.access import Actor
 
     settings()
-    run(with_store(lambda store: delete_message(store, Actor.cli(), qid)))
+
+    async def go(store):
+        qid = await resolve_id(store, Actor.cli(), ref)
+        await delete_message(store, Actor.cli(), qid)
+        return qid
+
+    qid = run(with_store(go))
     console.print(f"Deleted {qid}", highlight=False)
 
 

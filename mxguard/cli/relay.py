@@ -156,16 +156,24 @@ def held(as_json: bool = typer.Option(False, "--json")) -> None:
         return _json([{"id": v.id, "txn_id": v.txn_id, "mail_from": v.mail_from, "domain": v.domain,
                        "recipients": list(v.recipients), "subject": v.subject, "created_at": v.created_at}
                       for v in views])
-    table = Table("id", "created (UTC)", "from", "to", "subject")
+    table = Table("id", "transaction", "created (UTC)", "from", "to", "subject")
     for v in views:
-        table.add_row(str(v.id), f"{v.created_at:%Y-%m-%d %H:%M}", v.mail_from or "<>", " ".join(v.recipients),
-                      v.subject)
+        table.add_row(str(v.id), v.txn_id, f"{v.created_at:%Y-%m-%d %H:%M}", v.mail_from or "<>",
+                      " ".join(v.recipients), v.subject)
     console.print(table)
 
 
 @relay_app.command("release")
 @handle_errors
-def release(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) -> None:
+def release(ref: str = typer.Argument(..., show_default=False, metavar="ID",
+                                      help="Spool ID (mxguard relay held), or the transaction ID the sender was "
+                                           "given (accepted as ...)")) -> None:
     """Send a held outbound message (its spool entry is queued for delivery now)."""
-    view = run(with_store(lambda store: svc.release_held(store, entry_id, actor=Actor.cli())))
+    from mxguard.services.spool import resolve_entry_id
+
+    async def go(store):
+        entry_id = await resolve_entry_id(store, Actor.cli(), ref)
+        return await svc.release_held(store, entry_id, actor=Actor.cli())
+
+    view = run(with_store(go))
     console.print(f"Released spool entry {view.id} ({view.mail_from or '<>'} to {view.domain})", highlight=False)

@@ -44,7 +44,8 @@ def _age(seconds: float | None) -> str:
 def list_(domain: str = typer.Option(None, "--domain", show_default=False, help="Only this domain"),
           all_: bool = typer.Option(False, "--all", help="Also delivered, failed and expired entries"),
           as_json: bool = typer.Option(False, "--json")) -> None:
-    """Held messages: id, age, domain, sender, pending recipients, attempts, next attempt, last reply."""
+    """Held messages: id, transaction ID (the sender's "queued as"), age, domain, sender, pending recipients,
+    attempts, next attempt, last reply."""
     rows = run(_with(lambda store, s: spool_service.list_entries(store, Actor.cli(), domain=domain,
                                                                  status=None if all_ else "queued")))
     if as_json:
@@ -55,21 +56,32 @@ def list_(domain: str = typer.Option(None, "--domain", show_default=False, help=
             "next_attempt_at": r.next_attempt_at.isoformat(), "last_reply": r.last_reply} for r in rows], indent=2))
         return
     table = Table(title=f"Spool ({len(rows)} {'entries' if all_ else 'held'})")
-    for col in ("id", "created", "kind", "domain", "from", "pending", "size", "tries", "next attempt", "status",
-                "last reply"):
-        table.add_column(col, overflow="fold")
+    for col in ("id", "transaction", "created", "kind", "domain", "from", "pending", "size", "tries", "next attempt",
+                "status", "last reply"):
+        # IDs whole on one line, to be copied into the commands that take them.
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "transaction"))
     for r in rows:
-        table.add_row(str(r.id), f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.kind, r.domain, r.mail_from or "<>",
+        table.add_row(str(r.id), r.txn_id, f"{r.created_at:%Y-%m-%d %H:%M:%S}", r.kind, r.domain, r.mail_from or "<>",
                       "\n".join(r.pending), str(r.size), str(r.attempts), f"{r.next_attempt_at:%H:%M:%S}", r.status,
                       r.last_reply[:80])
     console.print(table)
 
 
+_ID_HELP = "Spool ID (mxguard spool list), or the transaction ID the sender was given (queued as ...)"
+
+
+async def _entry_id(store, ref: str) -> int:
+    return await spool_service.resolve_entry_id(store, Actor.cli(), ref)
+
+
 @spool_app.command("show")
 @handle_errors
-def show(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) -> None:
+def show(ref: str = typer.Argument(..., show_default=False, metavar="ID", help=_ID_HELP)) -> None:
     """One held message and every delivery attempt (time, server, TLS, reply)."""
-    entry, attempts = run(_with(lambda store, s: spool_service.get_entry(store, Actor.cli(), entry_id)))
+    async def go(store, s):
+        return await spool_service.get_entry(store, Actor.cli(), await _entry_id(store, ref))
+
+    entry, attempts = run(_with(go))
     for key in ("id", "kind", "txn_id", "status", "domain", "mail_from", "subject", "size", "attempts",
                 "created_at", "next_attempt_at", "expires_at", "key_id"):
         console.print(f"[bold]{key:>16}[/bold]  {escape(str(getattr(entry, key)))}", highlight=False)
@@ -87,10 +99,14 @@ def show(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) 
 
 @spool_app.command("retry")
 @handle_errors
-def retry(entry_id: int = typer.Argument(None, show_default=False, metavar="[ID]"),
+def retry(ref: str = typer.Argument(None, show_default=False, metavar="[ID]", help=_ID_HELP),
           domain: str = typer.Option(None, "--domain", show_default=False, help="Every held message of this domain")) -> None:
     """Deliver held messages now (one, a domain's, or with no argument every held message)."""
-    done = run(_with(lambda store, s: spool_service.retry(store, s, Actor.cli(), entry_id=entry_id, domain=domain)))
+    async def go(store, s):
+        entry_id = await _entry_id(store, ref) if ref is not None else None
+        return await spool_service.retry(store, s, Actor.cli(), entry_id=entry_id, domain=domain)
+
+    done = run(_with(go))
     if not done:
         console.print("Nothing to retry: no message is held.")
     for outcome in done:
@@ -106,9 +122,12 @@ def retry(entry_id: int = typer.Argument(None, show_default=False, metavar="[ID]
 
 @spool_app.command("delete")
 @handle_errors
-def delete(entry_id: int = typer.Argument(..., show_default=False, metavar="ID")) -> None:
+def delete(ref: str = typer.Argument(..., show_default=False, metavar="ID", help=_ID_HELP)) -> None:
     """Remove a held message for good (it is never delivered; no DSN is sent)."""
-    entry = run(_with(lambda store, s: spool_service.delete_entry(store, Actor.cli(), entry_id)))
+    async def go(store, s):
+        return await spool_service.delete_entry(store, Actor.cli(), await _entry_id(store, ref))
+
+    entry = run(_with(go))
     console.print(f"Deleted spool entry #{entry.id} ({entry.mail_from or '<>'} → {entry.domain})", highlight=False)
 
 

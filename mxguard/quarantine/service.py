@@ -168,6 +168,44 @@ async def get_visible(store: Store, actor: Actor, qid: str) -> QuarantinedMessag
     return row
 
 
+async def resolve_id(store: Store, actor: Actor, ref: str) -> str:
+    """The quarantine ID ``ref`` names: a quarantine ID (``Q...``), or the transaction ID the sender
+    was given (``250 2.0.0 Ok: accepted as 188F5B7225FC60D3``) when that transaction left exactly one
+    quarantined copy the actor may see.
+
+    Args:
+        ref: a quarantine ID, or a transaction ID (case-insensitive).
+
+    Raises:
+        NotFound: nothing the actor may see has that ID or transaction ID.
+        ValidationFailed: (field ``ID``) the transaction left several copies (one per recipient);
+            the message lists them, and one of their quarantine IDs must be given.
+    """
+    ref = (ref or "").strip()[:40]
+    scope = await _scope_clause(store, actor)
+    q = select(QuarantinedMessage).where(or_(QuarantinedMessage.id == ref,
+                                             QuarantinedMessage.txn_id.in_({ref, ref.upper()})))
+    if scope is not None:
+        q = q.where(scope)
+    async with store.session() as session:
+        rows = list((await session.execute(q.order_by(QuarantinedMessage.created, QuarantinedMessage.id)))
+                    .scalars().all())
+    exact = [r for r in rows if r.id == ref]
+    if exact:
+        return exact[0].id
+    if not rows:
+        raise NotFound(f"no quarantined message has the ID or transaction ID {ref!r}")
+    if len(rows) > 1:
+        listed = ", ".join(f"{r.id} ({r.recipient}; {_state(r)})" for r in rows)
+        raise ValidationFailed("ID", f"transaction {rows[0].txn_id} has {len(rows)} quarantined copies: {listed}; "
+                                     "give one of their quarantine IDs")
+    return rows[0].id
+
+
+def _state(row: QuarantinedMessage) -> str:
+    return "released" if row.released_at else "deleted" if row.deleted_at else "held"
+
+
 async def open_visible(store: Store, sealer: Sealer, actor: Actor, qid: str) -> tuple[QuarantinedMessage, bytes]:
     """A held message's row and opened bytes (deleted ones are gone).
 

@@ -261,6 +261,39 @@ async def list_entries(store: Store, actor: Actor, *, domain: str | None = None,
     return [entry_view(r, now) for r in rows]
 
 
+#: Transaction IDs are 16 hex digits (``mxguard.smtp.proxy.new_txn_id``); a shorter number is a spool ID.
+_TXN_ID_LENGTH = 16
+
+
+async def resolve_entry_id(store: Store, actor: Actor, ref: str) -> int:
+    """The spool entry ``ref`` names: its numeric ID, or the transaction ID the sender was given
+    (``250 2.0.0 Ok: queued as 188F5B7225FC60D3``) when that transaction has exactly one entry.
+
+    Args:
+        ref: digits (fewer than 16) for a spool ID; anything else is a transaction ID
+            (case-insensitive).
+
+    Raises:
+        NotFound: no entry the actor may see has that ID or transaction ID.
+        ValidationFailed: (field ``ID``) the transaction has several entries (one per route);
+            the message lists them, and one of their numeric IDs must be given.
+        PermissionDenied: a plain user.
+    """
+    ref = (ref or "").strip()
+    if ref.isascii() and ref.isdigit() and len(ref) < _TXN_ID_LENGTH:
+        return int(ref)
+    scope = await _scope(store, actor)
+    rows = await queue.entries_of_transaction(store, ref, domains=scope) if ref else []
+    if not rows:
+        raise NotFound(f"no spool entry has the ID or transaction ID {ref!r}")
+    if len(rows) > 1:
+        listed = ", ".join(f"#{r.id} ({r.domain}: {', '.join(x.rcpt for x in entry_view(r).recipients)}; {r.status})"
+                           for r in rows)
+        raise ValidationFailed("ID", f"transaction {rows[0].txn_id} has {len(rows)} spool entries: {listed}; "
+                                     "give one of their numeric IDs")
+    return rows[0].id
+
+
 async def get_entry(store: Store, actor: Actor, entry_id: int) -> tuple[EntryView, list[AttemptView]]:
     """One entry (any status) and every delivery attempt, oldest first.
 

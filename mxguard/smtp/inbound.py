@@ -174,6 +174,8 @@ class InboundSMTP(SMTP):
         #: The MAIL/RCPT being handled, and why its path was refused (see ``_getaddr``).
         self._path_verb: str | None = None
         self._path_problem: str | None = None
+        #: Its path was followed by parameters, after HELO rather than EHLO (see ``push``).
+        self._params_after_helo = False
         #: The client certificate of this TLS session, parsed once: ``(ssl object, certificate)``.
         self._peer_cert: tuple[object, PeerCertificate | None] | None = None
         #: This connection came to a submission listener (RFC 6409): relaying needs AUTH or a certificate.
@@ -183,6 +185,11 @@ class InboundSMTP(SMTP):
         self.auth_failures = 0
         self.max_auth_failures = max_auth_failures
         self._credentials: tuple[str, object] | None = None
+
+    # RFC 4954 defines no LOGIN prompts; clients and servers by custom send "Username:" and
+    # "Password:" (aiosmtpd's own are "User Name" and "Password" with a NUL byte after them).
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     _dir_names: list[str] | None = None
 
@@ -215,6 +222,8 @@ class InboundSMTP(SMTP):
         addr, rest = parse_path(arg)
         if addr is None or (self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit):
             return None, None
+        # aiosmtpd answers parameters after HELO with its syntax error; push() words it 555.
+        self._params_after_helo = bool(rest and rest.strip()) and not (self.session and self.session.extended_smtp)
         return addr, rest
 
     async def push(self, status) -> None:  # noqa: D401 - aiosmtpd API
@@ -222,7 +231,12 @@ class InboundSMTP(SMTP):
             return  # the connection is going away: nobody would read it
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
-        if self._path_verb is not None and status.startswith("553 5.1.3 Error: malformed address"):
+        if self._path_verb is not None and self._params_after_helo and status.startswith("501 Syntax: "):
+            # The path was good and parameters followed it after HELO: no service extension is
+            # in force, so they are not recognized (RFC 5321 3.3, 4.1.1.11; RFC 1869 4.2).
+            self._params_after_helo = False
+            status = str(syntax.params_without_ehlo(self._path_verb))
+        elif self._path_verb is not None and status.startswith("553 5.1.3 Error: malformed address"):
             # RFC 5321 4.1.2 path syntax: 501 with the sender's or the recipient's code (RFC 3463).
             problem, self._path_problem = self._path_problem, None
             if self._path_verb == "MAIL":
@@ -291,11 +305,13 @@ class InboundSMTP(SMTP):
 
     @command_syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        self._path_verb, self._path_problem = "MAIL", None
+        self._path_verb, self._path_problem, self._params_after_helo = "MAIL", None, False
         self.requiretls = False
         # Only among the parameters after the path: a quoted local part may hold the word too.
         path, closing, params = (arg or "").rpartition(">")
-        if closing and _REQUIRETLS_PARAM.search(params):
+        extended = self.session is not None and self.session.extended_smtp
+        # After HELO, REQUIRETLS is a parameter like any other: not in force, so 555 (see push).
+        if closing and extended and _REQUIRETLS_PARAM.search(params):
             # RFC 8689 4.1: REQUIRETLS is offered only after STARTTLS; aiosmtpd would not know it.
             if self._tls_protocol is None:
                 await self.push(str(REQUIRETLS_WITHOUT_TLS))
@@ -306,14 +322,16 @@ class InboundSMTP(SMTP):
             await super().smtp_MAIL(arg)
         finally:
             self._path_verb = self._path_problem = None
+            self._params_after_helo = False
 
     @command_syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        self._path_verb, self._path_problem = "RCPT", None
+        self._path_verb, self._path_problem, self._params_after_helo = "RCPT", None, False
         try:
             await super().smtp_RCPT(arg)
         finally:
             self._path_verb = self._path_problem = None
+            self._params_after_helo = False
 
     @command_syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:
@@ -741,7 +759,7 @@ class InboundHandler:
                 return "550 5.1.1 Use postmaster@<domain>: this gateway serves several domains"
             return "501 5.1.3 Bad recipient address syntax: a domain is required"
         if syntax.source_routed(address):
-            return str(syntax.SOURCE_ROUTING)
+            return str(syntax.source_routing(address))
         server.working = True
         try:
             reply = await server.proxy.add_recipient(address)

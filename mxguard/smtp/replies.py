@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+#: What a downstream server may have meant as an enhanced code, whatever its class digit (then fixed).
+_DOWNSTREAM_ENHANCED_RE = re.compile(r"^(\d)\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 #: Default enhanced code by basic reply code (RFC 3463 classes; RFC 5248 registry).
 DEFAULT_ENHANCED: dict[int, str] = {
@@ -32,9 +34,19 @@ def clean_text(text: str, limit: int = 400) -> str:
     return text.encode("ascii", "replace").decode("ascii")[:limit].strip()
 
 
+def valid_code(code: int) -> bool:
+    """True for a reply code RFC 5321 defines the form of: ``2yz``-``5yz`` with ``y`` 0-5
+    (4.2.1: the second digit is a category, 0 to 5; 4.3.2 lists no other)."""
+    return 200 <= code <= 599 and (code // 10) % 10 <= 5
+
+
 def default_enhanced(code: int) -> str:
     """The enhanced status code to use when a reply has none."""
     return DEFAULT_ENHANCED.get(code) or f"{code // 100}.0.0"
+
+
+#: The code a downstream reply code of the wrong form becomes, by its class (first digit).
+_INVALID_CODE_CLASS = {2: 250, 4: 451, 5: 554}
 
 
 @dataclass(frozen=True)
@@ -59,23 +71,43 @@ class Reply:
     def from_downstream(cls, code: int, message: str) -> "Reply":
         """Build from a downstream server's reply (aiosmtplib's code and message).
 
+        Args:
+            code: the reply code as the server sent it (any three digits).
+            message: its text, lines separated by ``\\n``, each perhaps starting with an
+                enhanced status code.
+
         Each line's leading enhanced code is lifted out; lines are cleaned.
-        A code outside 200-599 (a broken or hostile server) becomes 451 4.3.0.
+        What the sender gets is always well formed:
+
+        * a code outside the RFC 5321 4.2.1 form (second digit 6-9, e.g. ``599``, ``460``)
+          becomes the usual code of its class: ``554``, ``451`` or ``250`` (the text is
+          kept, the enhanced code defaults to ``x.0.0``);
+        * a code of no usable class becomes ``451 4.3.0`` (a broken or hostile server):
+          ``1yz``, ``6yz`` and above, and ``3yz``, which is never the answer to the commands
+          this is used for (MAIL, RCPT, RSET, the end of DATA; RFC 5321 4.3.2), and has no
+          enhanced code (RFC 3463 defines the classes 2, 4 and 5 only);
+        * an enhanced code whose class disagrees with the reply code's (``550 4.1.1``;
+          RFC 3463 2: the class digit must match the reply's) takes the reply's class and
+          keeps its subject and detail (``550 5.1.1``).
         """
-        if not 200 <= code <= 599:
-            return cls(451, "4.3.0", "Downstream server sent an invalid reply")
+        fallback = None
+        if not valid_code(code) or code // 100 == 3:
+            fallback = _INVALID_CODE_CLASS.get(code // 100)
+            if fallback is None:
+                return cls(451, "4.3.0", "Downstream server sent an invalid reply")
+            code = fallback
+        klass = str(code)[0]
         lines = []
         enhanced = None
         for line in (message or "").split("\n"):
             line = line.strip()
-            m = ENHANCED_RE.match(line)
+            m = _DOWNSTREAM_ENHANCED_RE.match(line)
             if m:
-                if m.group(1) == str(code)[0]:
-                    enhanced = enhanced or m.group(0)
+                enhanced = enhanced or f"{klass}.{int(m.group(2))}.{int(m.group(3))}"
                 line = line[m.end():].strip()
             lines.append(clean_text(line))
         text = "\n".join(line for line in lines if line) or "(no text)"
-        return cls(code, enhanced or default_enhanced(code), text)
+        return cls(code, enhanced or (f"{klass}.0.0" if fallback else default_enhanced(code)), text)
 
     @property
     def is_positive(self) -> bool:

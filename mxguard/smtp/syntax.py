@@ -117,9 +117,44 @@ def bad_recipient(problem: str) -> Reply:
     return Reply(501, "5.1.3", f"Bad recipient address syntax: {problem}")
 
 
+def params_without_ehlo(verb: str) -> Reply:
+    """``555 5.5.4`` for MAIL/RCPT parameters after HELO, where no service extension is in force.
+
+    RFC 5321 3.3 allows parameters only for negotiated extensions (EHLO), and 4.1.1.11 answers
+    parameters the server does not recognize with 555; RFC 1869 4.2 gives the same code. RFC 3463
+    5.5.4: invalid command arguments.
+
+    Args:
+        verb: ``"MAIL"`` or ``"RCPT"``.
+    """
+    command = "MAIL FROM" if verb == "MAIL" else "RCPT TO"
+    return Reply(555, "5.5.4", f"{command} parameters not recognized or not implemented: "
+                               "no service extension is in force after HELO (use EHLO)")
+
+
 def bad_helo(problem: str) -> Reply:
     """``501 5.5.4`` (RFC 3463: invalid command arguments)."""
     return Reply(501, "5.5.4", f"Invalid HELO/EHLO name: {problem}")
 
 
-SOURCE_ROUTING = Reply(550, "5.7.1", "Sender-specified routing (user@elsewhere@domain) is not accepted")
+#: The routing forms a local part can hold, by the character that makes them, as the reply names them.
+_ROUTING_FORMS = {
+    "@": 'an address in the local part ("user@host"@domain)',
+    "%": "the percent hack (user%host@domain)",
+    "!": "a bang path (host!user@domain)",
+}
+
+
+def source_routing(address: str) -> Reply:
+    """``550 5.7.1`` for sender-specified routing, naming the forms ``address`` holds.
+
+    RFC 5321 3.6.1 lets a server refuse relaying through a local part (the
+    percent hack, bang paths); RFC 3463 5.7.1: delivery not authorized. The
+    reply says which form was found, so a sender can tell what to change.
+
+    Args:
+        address: the recipient, for which :func:`source_routed` is true.
+    """
+    local = address.rpartition("@")[0]
+    forms = [text for ch, text in _ROUTING_FORMS.items() if ch in local] or [_ROUTING_FORMS["@"]]
+    return Reply(550, "5.7.1", f"Sender-specified routing is not accepted: {' and '.join(forms)} (RFC 5321 3.6.1)")

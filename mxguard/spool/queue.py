@@ -294,6 +294,21 @@ async def get_entries(store: Store, ids: Collection[int]) -> list[SpoolEntry]:
                                            .order_by(SpoolEntry.id))).scalars().all())
 
 
+async def entries_of_transaction(store: Store, txn_id: str, *,
+                                 domains: Collection[str] | Scope | None = None) -> list[SpoolEntry]:
+    """The entries (any status) of the SMTP transaction ``txn_id``, by id: one per route, so a
+    transaction for several domains (or several outbound destinations) has several.
+
+    Args:
+        txn_id: the transaction ID the sender was given (``queued as ...``); case-insensitive.
+        domains: only entries of these domains (``None``: any).
+    """
+    q = _scoped(select(SpoolEntry).where(SpoolEntry.txn_id.in_({txn_id, txn_id.upper()}))
+                .order_by(SpoolEntry.id), domains)
+    async with store.session() as session:
+        return list((await session.execute(q)).scalars().all())
+
+
 async def delete_entry(store: Store, entry_id: int, *, domains: Collection[str] | Scope | None = None,
                        before_commit: Callable[[AsyncSession, SpoolEntry], Awaitable[None]] | None = None,
                        now: dt.datetime | None = None) -> SpoolEntry:
