@@ -43,6 +43,10 @@ esmtp-params-after-helo    after HELO no service extension is in force, so mxgua
 leading-space              a command line that starts with a space is outside the RFC 5321
                            4.1.1 grammar (verb first): mxguard (as stock aiosmtpd) answers 500;
                            Postfix strips the space.
+unrecognized-limit         mxguard closes the session with 421 after 5 unrecognized commands
+                           (aiosmtpd's limit, README ``unrecognized_commands``); Postfix counts
+                           them toward ``smtpd_hard_error_limit`` (20). Reached, for example, by
+                           NOOPs with a leading space: 500 for mxguard, taken by Postfix.
 =========================  =====================================================================
 
 Postfix is configured as close to mxguard's policy as its settings allow, so that the rest is
@@ -267,6 +271,10 @@ DELIBERATE: dict[str, tuple] = {
     "leading-space": (lambda label, mc, pc, mt, pt: label.startswith(" ") and mt.startswith("500"),
                       "a command line starting with a space is not in the RFC 5321 4.1.1 grammar (verb first): "
                       "mxguard (like stock aiosmtpd) answers 500; Postfix strips the space"),
+    "unrecognized-limit": (lambda label, mc, pc, mt, pt: mt.startswith("421") and "unrecognized" in mt.lower()
+                           and pc != "4",
+                           "mxguard closes with 421 after 5 unrecognized commands (aiosmtpd's limit); Postfix "
+                           "counts them toward smtpd_hard_error_limit (20)"),
 }
 
 
