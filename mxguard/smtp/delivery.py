@@ -523,13 +523,16 @@ class DownstreamConnection:
             raise DownstreamLost("not connected")
         try:
             response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
-        except smtperr.SMTPResponseException as exc:  # malformed reply
-            await self._discard()
-            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            await self._discard()
-            raise DownstreamLost(_reason(exc)) from None
+            raise await self._lost(exc) from None
         return Reply.from_downstream(response.code, response.message)
+
+    async def _lost(self, exc: BaseException) -> DownstreamLost:
+        """Drop the connection after ``exc`` and say why: a malformed reply or a broken connection."""
+        await self._discard()
+        if isinstance(exc, smtperr.SMTPResponseException):
+            return DownstreamLost(f"bad reply: {exc.message[:80]}")
+        return DownstreamLost(_reason(exc))
 
     def requiretls_refusal(self) -> Reply | None:
         """Why a REQUIRETLS message may not go on this connection (RFC 8689 4.2.1), or ``None``."""
@@ -621,12 +624,8 @@ class DownstreamConnection:
         lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in sent]
         try:
             responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
-        except smtperr.SMTPResponseException as exc:  # malformed reply
-            await self._discard()
-            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            await self._discard()
-            raise DownstreamLost(_reason(exc)) from None
+            raise await self._lost(exc) from None
         mail = Reply.from_downstream(responses[0].code, responses[0].message)
         self.in_transaction = mail.is_positive
         if not mail.is_positive:
@@ -691,12 +690,8 @@ class DownstreamConnection:
             reply = Reply.from_downstream(response.code, response.message)
         except smtperr.SMTPDataError as exc:
             reply = Reply.from_downstream(exc.code, exc.message)
-        except smtperr.SMTPResponseException as exc:
-            await self._discard()
-            raise DownstreamLost(f"bad reply: {exc.message[:80]}") from None
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            await self._discard()
-            raise DownstreamLost(_reason(exc)) from None
+            raise await self._lost(exc) from None
         finally:
             self.in_transaction = False
         self.used += 1
