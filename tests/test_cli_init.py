@@ -4,7 +4,6 @@ piped password, and the README's first steps in order."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -19,8 +18,8 @@ from mxguard.config import load_settings
 from mxguard.services import setup
 from mxguard.services.users import authenticate
 from mxguard.spool import queue
-from mxguard.storage.db import Store
 from mxguard.storage.sealing import KeyRing
+from tests.support.gateway import in_store
 from tests.support.smtp import message
 
 MXGUARD = [str(Path(sys.executable).with_name("mxguard"))]
@@ -45,16 +44,6 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
     return errors[-1]
 
 
-def _in_store(data_dir: Path, func):
-    async def go():
-        settings = load_settings(data_dir, environ={})
-        store = Store(settings.effective_database_url)
-        try:
-            return await func(store, settings)
-        finally:
-            await store.close()
-    return asyncio.run(go())
-
 
 def _hold_one(data_dir: Path) -> None:
     """A sealed spool entry, as a route that was down leaves behind."""
@@ -63,7 +52,7 @@ def _hold_one(data_dir: Path) -> None:
                                     recipients=["bob@example.com"], message=message(subject="held"),
                                     subject="held", first_reply="451 4.4.1 connect failed")
         await queue.enqueue(store, [entry], KeyRing(settings.path(settings.sealing_key_file)).get(), settings.spool)
-    _in_store(data_dir, enqueue)
+    in_store(data_dir, enqueue)
 
 
 # -- 1. a restore without keys/sealing.keys -------------------------------------------------------
@@ -197,14 +186,14 @@ def test_user_add_reads_a_piped_password(tmp_path):
     _ok(mx("init", "--hostname", "mx1.example.com", data_dir=d))
     out = _ok(mx("user", "add", "a3@example.org", "--role", "admin", data_dir=d, stdin="averylongpassword123\n"))
     assert "One-time password" not in out.stdout
-    user = _in_store(d, lambda store, s: authenticate(store, "a3@example.org", "averylongpassword123", "127.0.0.1"))
+    user = in_store(d, lambda store, s: authenticate(store, "a3@example.org", "averylongpassword123", "127.0.0.1"))
     assert user.email == "a3@example.org" and not user.must_change_password
 
     short = mx("user", "add", "a4@example.org", "--role", "admin", data_dir=d, stdin="short\n")
     assert "12 characters" in _one_line_error(short)
 
     _ok(mx("user", "passwd", "a3@example.org", data_dir=d, stdin="anotherlongpassword9\r\n"))
-    _in_store(d, lambda store, s: authenticate(store, "a3@example.org", "anotherlongpassword9", "127.0.0.1"))
+    in_store(d, lambda store, s: authenticate(store, "a3@example.org", "anotherlongpassword9", "127.0.0.1"))
 
     # Nothing piped (</dev/null): a generated one-time password, as before.
     gen = _ok(mx("user", "add", "a5@example.org", "--role", "admin", data_dir=d))

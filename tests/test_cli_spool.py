@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import os
@@ -11,12 +10,11 @@ import socket
 import subprocess
 import sys
 
-from mxguard.config import load_settings
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM
 from mxguard.spool import queue
-from mxguard.storage.db import Store
 from mxguard.storage.sealing import KeyRing
+from tests.support.gateway import in_store
 from tests.support.smtp import message, send
 
 
@@ -27,16 +25,6 @@ def _cli(data_dir, *args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _in_store(data_dir, func):
-    async def go():
-        settings = load_settings(data_dir, environ={})
-        store = Store(settings.effective_database_url)
-        try:
-            return await func(store, settings)
-        finally:
-            await store.close()
-    return asyncio.run(go())
-
 
 def _hold(data_dir, rcpts: list[str], subject: str) -> list[int]:
     async def enqueue(store, settings):
@@ -46,7 +34,7 @@ def _hold(data_dir, rcpts: list[str], subject: str) -> list[int]:
                    for i, rcpt in enumerate(rcpts)]
         return await queue.enqueue(store, entries, KeyRing(settings.path(settings.sealing_key_file)).get(),
                                    settings.spool)
-    return _in_store(data_dir, enqueue)
+    return in_store(data_dir, enqueue)
 
 
 def test_spool_commands_list_show_retry_delete_stats(data_dir, plain_sink):
@@ -83,7 +71,7 @@ def test_spool_commands_list_show_retry_delete_stats(data_dir, plain_sink):
     code, out = _cli(data_dir, "spool", "list", "--domain", "not a domain")
     assert code == 2 and "domain: " in out and "Traceback" not in out
 
-    entries = _in_store(data_dir, lambda store, s: audit.list_entries(store, SYSTEM))
+    entries = in_store(data_dir, lambda store, s: audit.list_entries(store, SYSTEM))
     spool_entries = [e for e in entries if e.action.startswith("spool.")]
     assert [e.action for e in spool_entries] == ["spool.delete", "spool.retry"]
     assert {e.actor for e in spool_entries} == {f"cli:{getpass.getuser()}"}

@@ -13,7 +13,6 @@ import pytest
 
 from mxguard.config import load_settings
 from mxguard.quarantine.store import get_quarantined, list_quarantine
-from mxguard.services import domains as domain_service
 from tests.conftest import gateway_environ
 from tests.support import mail
 from tests.support.gateway import ThreadedGateway
@@ -199,14 +198,9 @@ def engine_gateway(tmp_path, loopback_dns, clamd, rspamd):
     gw.stop()
 
 
-def _add(gw, name, servers, **fields):
-    gw.run(domain_service.add_domain(gw.store, name, servers, **fields))
-    gw.reload()
-
-
 @pytest.mark.parametrize("variant", list(mail.eicar_variants()))
 def test_clamd_refuses_eicar_in_every_encoding(engine_gateway, tls_sink, variant):
-    _add(engine_gateway, "example.com", [tls_sink.address])
+    engine_gateway.add_domain("example.com", [tls_sink.address])
     out = send(engine_gateway.port, ["bob@example.com"], mail.eicar_variants()[variant])
     code, text = out.data
     assert code == 554 and text.startswith("5.7.1") and "Eicar" in text, (variant, out.data)
@@ -215,13 +209,13 @@ def test_clamd_refuses_eicar_in_every_encoding(engine_gateway, tls_sink, variant
 
 
 def test_clamd_refuses_the_clamav_test_mail(engine_gateway, tls_sink, corpus_dir):
-    _add(engine_gateway, "example.com", [tls_sink.address])
+    engine_gateway.add_domain("example.com", [tls_sink.address])
     out = send(engine_gateway.port, ["bob@example.com"], (corpus_dir / "clamav" / "clam.exe.mbox.base64.eml").read_bytes())
     assert out.data[0] == 554 and "ClamAV-Test-File" in out.data[1]
 
 
 def test_rspamd_verdicts_through_the_gateway(engine_gateway, tls_sink, corpus_dir):
-    _add(engine_gateway, "example.com", [tls_sink.address])
+    engine_gateway.add_domain("example.com", [tls_sink.address])
     out = send(engine_gateway.port, ["bob@example.com"], mail.gtube())
     assert out.data[0] == 250
     out = send(engine_gateway.port, ["bob@example.com"], (corpus_dir / "spamassassin" / "sample-spam.eml").read_bytes())
@@ -239,7 +233,7 @@ def test_rspamd_verdicts_through_the_gateway(engine_gateway, tls_sink, corpus_di
 
 
 def test_engine_down_defers_and_the_retry_after_it_is_back_is_delivered(engine_gateway, tls_sink, clamd):
-    _add(engine_gateway, "example.com", [tls_sink.address])
+    engine_gateway.add_domain("example.com", [tls_sink.address])
     body = mail.plain(subject="Retry me")
     clamd.stop()
     try:
@@ -258,7 +252,7 @@ def test_engine_down_defers_and_the_retry_after_it_is_back_is_delivered(engine_g
 
 
 def test_engine_down_with_tag_delivers_marked_unscanned(engine_gateway, tls_sink, clamd):
-    _add(engine_gateway, "example.com", [tls_sink.address], engine_failure="tag")
+    engine_gateway.add_domain("example.com", [tls_sink.address], engine_failure="tag")
     clamd.stop()
     try:
         out = send(engine_gateway.port, ["bob@example.com"], mail.plain())
@@ -276,7 +270,7 @@ def test_spamd_quarantines_the_sample_spam(tmp_path, loopback_dns, spamd, tls_si
                           MXGUARD_FILTERS__SPAMD_ADDRESS=spamd.address)
     gw = ThreadedGateway(load_settings(tmp_path / "data", environ=env)).start()
     try:
-        _add(gw, "example.com", [tls_sink.address])
+        gw.add_domain("example.com", [tls_sink.address])
         assert send(gw.port, ["bob@example.com"], (corpus_dir / "spamassassin" / "sample-spam.eml").read_bytes()
                     ).data[0] == 250
         ham = (corpus_dir / "spamassassin" / "sample-nonspam.eml").read_bytes()

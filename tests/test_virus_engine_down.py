@@ -13,16 +13,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import given, settings as hsettings
 from hypothesis import strategies as st
 
 from mxguard.config import load_settings
 from mxguard.filtering.disposition import DomainFilterPolicy, decide
 from mxguard.filtering.policy_content import DEFAULT_ATTACHMENT_RULES
-from mxguard.filtering.verdict import VIRUS_ENGINES, EngineError, JunkResult, PolicyHit, Verdict, VirusHit
+from mxguard.filtering.verdict import EngineError, JunkResult, PolicyHit, Verdict, VirusHit
 from mxguard.quarantine.service import ReleaseFailed, release
 from mxguard.quarantine.store import get_quarantined, list_quarantine, quarantine_message
-from mxguard.services import domains as domain_service
 from mxguard.services.access import SYSTEM
 from mxguard.services.domains import DomainView
 from mxguard.smtp.dispositions import plan
@@ -158,26 +157,21 @@ def clamd_down_gateway(tmp_path, loopback_dns):
     gw.stop()
 
 
-def _add(gw, name, servers, **fields):
-    gw.run(domain_service.add_domain(gw.store, name, servers, **fields))
-    gw.reload()
-
-
 @pytest.mark.parametrize("case", ["clean", "gtube", "policy-quarantine", "tag", "split"])
 def test_clamd_down_defers_every_disposition(clamd_down_gateway, tls_sink, case):
     gw = clamd_down_gateway
-    _add(gw, "example.com", [tls_sink.address])
+    gw.add_domain("example.com", [tls_sink.address])
     body, rcpts = mail.gtube(), ["bob@example.com"]
     if case == "clean":
         body = mail.plain()
     elif case == "policy-quarantine":
         body = mail.with_attachment(b"PK\x03\x04" + b"\0" * 40, "secret.zip", "application", "zip")
     elif case == "tag":
-        _add(gw, "tag.test", [tls_sink.address], junk_tag="1", junk_quarantine="5000")
+        gw.add_domain("tag.test", [tls_sink.address], junk_tag="1", junk_quarantine="5000")
         rcpts = ["bob@tag.test"]
     elif case == "split":
         # Same downstream server, one domain tags GTUBE and the other quarantines it.
-        _add(gw, "tag.test", [tls_sink.address], junk_tag="1", junk_quarantine="5000")
+        gw.add_domain("tag.test", [tls_sink.address], junk_tag="1", junk_quarantine="5000")
         rcpts = ["bob@example.com", "carol@tag.test"]
     out = send(gw.port, rcpts, body)
     assert all(code == 250 for code, _ in out.rcpt.values()), out.rcpt
@@ -190,14 +184,14 @@ def test_clamd_down_defers_every_disposition(clamd_down_gateway, tls_sink, case)
 
 
 def test_eicar_found_by_yara_is_still_refused_with_clamd_down(clamd_down_gateway, tls_sink):
-    _add(clamd_down_gateway, "example.com", [tls_sink.address])
+    clamd_down_gateway.add_domain("example.com", [tls_sink.address])
     out = send(clamd_down_gateway.port, ["bob@example.com"], mail.eicar_variants()["base64"])
     assert out.data[0] == 554 and out.data[1].startswith("5.7.1"), out.data
 
 
 def test_tag_domain_still_gets_the_unscanned_copy(clamd_down_gateway, tls_sink):
     """``engine_failure = tag`` is the domain's explicit choice to take mail unscanned."""
-    _add(clamd_down_gateway, "example.com", [tls_sink.address], engine_failure="tag")
+    clamd_down_gateway.add_domain("example.com", [tls_sink.address], engine_failure="tag")
     out = send(clamd_down_gateway.port, ["bob@example.com"], mail.plain())
     assert out.data[0] == 250 and tls_sink.wait_for(1)
     assert b"unscanned=clamd" in tls_sink.messages[0].data
@@ -213,7 +207,7 @@ def _hold_unscanned(gw, body: bytes) -> str:
 
 def test_release_of_an_unscanned_copy_rescans_and_refuses_while_clamd_is_down(clamd_down_gateway, tls_sink):
     gw = clamd_down_gateway
-    _add(gw, "example.com", [tls_sink.address])
+    gw.add_domain("example.com", [tls_sink.address])
     qid = _hold_unscanned(gw, mail.gtube())
     with pytest.raises(ReleaseFailed) as failed:
         gw.run(release(gw.store, gw.gateway.keyring.get(), gw.settings, qid, actor=SYSTEM, via="cli"))
@@ -231,7 +225,7 @@ def test_release_rescans_a_clean_copy_then_delivers_and_finds_a_virus(tmp_path, 
     init_data_dir(tmp_path / "data")
     gw = ThreadedGateway(load_settings(tmp_path / "data", environ=gateway_environ(loopback_dns))).start()
     try:
-        _add(gw, "example.com", [tls_sink.address])
+        gw.add_domain("example.com", [tls_sink.address])
         clean = _hold_unscanned(gw, mail.gtube())
         result = gw.run(release(gw.store, gw.gateway.keyring.get(), gw.settings, clean, actor=SYSTEM, via="cli"))
         assert result.reply.is_positive and tls_sink.wait_for(1)

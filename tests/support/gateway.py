@@ -33,6 +33,20 @@ class LoopThread:
         self.loop.close()
 
 
+def in_store(data_dir: Path, func: Any) -> Any:
+    """Run ``await func(store, settings)`` on the data dir's database (its own loop), close it, return the result."""
+    from mxguard.storage.db import Store
+
+    async def go():
+        settings = load_settings(data_dir, environ={})
+        store = Store(settings.effective_database_url)
+        try:
+            return await func(store, settings)
+        finally:
+            await store.close()
+    return asyncio.run(go())
+
+
 def init_data_dir(path: Path, hostname: str = "mx.gw.test", database_url: str | None = None) -> Settings:
     """An initialised data dir listening on a free loopback port."""
     asyncio.run(initialize(path, hostname=hostname, database_url=database_url, smtp_listen=["127.0.0.1:0"]))
@@ -58,6 +72,13 @@ class ThreadedGateway:
         self.gateway = Gateway(settings, smtp_listen=["127.0.0.1:0"], observers=[self.records.append],
                                web_listen=web_listen, web_plain_http=web_plain_http,
                                submission_listen=submission_listen, spool_worker=spool_worker)
+
+    def add_domain(self, name: str, servers: list[str], **fields: Any) -> Any:
+        """Add a served domain and apply it at once; returns its view."""
+        from mxguard.services import domains as domain_service
+        view = self.run(domain_service.add_domain(self.store, name, servers, **fields))
+        self.reload()
+        return view
 
     def start(self) -> "ThreadedGateway":
         self.loop.run(self.gateway.start())
