@@ -77,6 +77,18 @@ def cpu_seconds(roots: list[int]) -> float:
     return sum(sum(tree(r).values()) for r in roots)
 
 
+def _field(path: str, name: str) -> int:
+    """The first number after ``name`` at the start of a line of a /proc file; 0 if gone or absent."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def wakeups(roots: list[int]) -> int:
     """Voluntary context switches of every live thread in the trees under ``roots`` (proc(5)).
 
@@ -93,14 +105,7 @@ def wakeups(roots: list[int]) -> int:
             except OSError:
                 continue
             for tid in tasks:
-                try:
-                    with open(f"/proc/{pid}/task/{tid}/status") as fh:
-                        for line in fh:
-                            if line.startswith("voluntary_ctxt_switches:"):
-                                total += int(line.split()[1])
-                                break
-                except (OSError, ValueError):
-                    continue
+                total += _field(f"/proc/{pid}/task/{tid}/status", "voluntary_ctxt_switches:")
     return total
 
 
@@ -109,14 +114,7 @@ def pss_mb(roots: list[int]) -> float:
     total_kb = 0
     for root in roots:
         for pid in tree(root):
-            try:
-                with open(f"/proc/{pid}/smaps_rollup") as fh:
-                    for line in fh:
-                        if line.startswith("Pss:"):
-                            total_kb += int(line.split()[1])
-                            break
-            except OSError:
-                continue
+            total_kb += _field(f"/proc/{pid}/smaps_rollup", "Pss:")
     return total_kb / 1024
 
 
