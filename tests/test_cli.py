@@ -132,7 +132,7 @@ def test_serve_relays_and_log_shows_the_transaction(tmp_path, tls_sink):
         assert send(port, ["bob@example.org"]).data[0] == 250
     finally:
         proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=20)[0]
+        output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, output
     assert "Traceback" not in output
     rows = [json.loads(line) for line in mx("log", "--last", "5", "--json", data_dir=d).stdout.splitlines()]
