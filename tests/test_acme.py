@@ -360,7 +360,7 @@ def responder():
     store = Store(f"sqlite+aiosqlite:///{base / 'db.sqlite'}")
     loop.run(store.migrate())
     loop.run(acme_store.publish_token(store, KNOWN_TOKEN, KNOWN_HOST, KEY_AUTHORIZATION))
-    loop.run(acme_store.publish_token(store, "other-token-for-another-host", "other.acme.test", "x.y"))
+    loop.run(acme_store.publish_token(store, OTHER_TOKEN, OTHER_HOST, OTHER_KEY_AUTHORIZATION))
     server = responder_server(store, "127.0.0.1:0")
     loop.run(server.start())
     client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10, trust_env=False)
@@ -371,9 +371,18 @@ def responder():
     loop.close()
 
 
-def _ok(method: str, path: str, host: str) -> bool:
+#: A second published token: it is served for its own host only, never for KNOWN_HOST.
+OTHER_TOKEN, OTHER_HOST, OTHER_KEY_AUTHORIZATION = "other-token-for-another-host", "other.acme.test", "x.y"
+
+
+def _answer(method: str, path: str, host: str) -> str | None:
+    """The key authorization the responder must serve for this request, or ``None`` for a 404."""
     name = host.lower().rsplit(":", 1)[0] if ":" in host else host.lower()
-    return method in ("GET", "HEAD") and path == PREFIX + KNOWN_TOKEN and name.rstrip(".") == KNOWN_HOST
+    if method not in ("GET", "HEAD"):
+        return None
+    published = {(PREFIX + KNOWN_TOKEN, KNOWN_HOST): KEY_AUTHORIZATION,
+                 (PREFIX + OTHER_TOKEN, OTHER_HOST): OTHER_KEY_AUTHORIZATION}
+    return published.get((path, name.rstrip(".")))
 
 
 PATHS = st.one_of(
@@ -397,10 +406,11 @@ def test_the_responder_answers_only_a_known_token_for_its_host(responder, path, 
     url = responder.base_url.copy_with(raw_path=quote(path, safe="/:@!$&'()*+,;=-._~").encode("ascii"))
     sent = unquote(url.raw_path.decode("ascii"))  # httpx removes dot segments: judge what is on the wire
     reply = responder.request(method, url, headers={"Host": host})
-    if _ok(method, sent, host):
+    expected = _answer(method, sent, host)
+    if expected is not None:
         assert reply.status_code == 200
         assert reply.headers["content-type"] == "application/octet-stream"
-        assert method == "HEAD" or reply.content == KEY_AUTHORIZATION.encode()
+        assert method == "HEAD" or reply.content == expected.encode()
     else:
         assert reply.status_code == 404, (method, path, host, reply.status_code)
         assert KEY_AUTHORIZATION.encode() not in reply.content
