@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import httpx
 import structlog
 
 from mxguard.config import Settings
@@ -149,6 +148,8 @@ async def responder_answers(store: Store, listen: str) -> bool:
     token = secrets.token_urlsafe(24)
     await acme_store.publish_token(store, token, PROBE_HOST, f"{token}.probe")
     url_host = f"[{host}]" if ":" in host else host
+    import httpx  # here: the console imports this module, and most consoles never probe (memory)
+
     try:
         async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
             reply = await http.get(f"http://{url_host}:{port}/.well-known/acme-challenge/{token}",

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
-import httpx
 
 #: RFC 8461 section 3.3: "the policy body MUST NOT be larger than 64 KiB".
 MAX_POLICY_BYTES = 64 * 1024
@@ -176,6 +175,8 @@ class StsFetcher:
         return answer[0].address
 
     async def _fetch(self, domain: str, policy_id: str) -> StsPolicy:
+        import httpx  # here, not at the top: most gateways never fetch a policy (memory per process)
+
         host = f"mta-sts.{domain}"
         address = await self._address(host) if self.nameservers is not None else host
         url = f"https://{address}:{self.https_port}/.well-known/mta-sts.txt"

@@ -36,7 +36,6 @@ from email.utils import format_datetime, make_msgid
 
 import dns.exception
 import dns.resolver
-import httpx
 import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -285,6 +284,8 @@ async def send_reports(store: Store, settings: Settings, day: dt.date, *, https_
                 result = await send_own_message(store, settings, rcpt, raw, kind="tls-report")
                 out.append(Sent(domain, target, result.reply.is_positive, result.reply.one_line()))
             else:
+                import httpx  # here: only a report to an https: address needs it (memory per process)
+
                 try:
                     async with httpx.AsyncClient(verify=verify, timeout=30, follow_redirects=False) as client:
                         resp = await client.post(target, content=gzip.compress(json.dumps(report).encode()),
