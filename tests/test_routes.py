@@ -5,7 +5,11 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.support.smtp import message, send
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mxguard.errors import AlreadyExists
+from tests.support.smtp import Raw, message, send
 
 
 def _dead_port() -> int:
@@ -139,3 +143,40 @@ def test_a_policy_change_never_reuses_a_connection_made_under_the_old_one(gatewa
     assert send(gateway.port, ["alice@example.com"]).data[0] == 250
     assert tls_sink.wait_for(2) and tls_sink.connections == 2
     assert gateway.wait_records(2)[-1].downstream_verified is True
+
+
+_ACCEPTED, _REFUSED = "alice@example.com", "mallory@elsewhere.test"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rcpts=st.lists(st.sampled_from([_ACCEPTED, _REFUSED]), min_size=1, max_size=5),
+       ending=st.sampled_from(["QUIT", "RSET", "disconnect"]))
+def test_a_transaction_ended_before_data_is_never_logged_as_partly_delivered(gateway, tls_sink, add_domain,
+                                                                             rcpts, ending):
+    """Accepted and refused recipients, then QUIT, RSET or a dropped connection before DATA: nothing
+    was delivered, so the transaction is ``aborted`` when any recipient was accepted (never
+    ``partial``, which reads as partly delivered), and each recipient keeps its own outcome."""
+    try:
+        add_domain("example.com", [tls_sink.address])
+    except AlreadyExists:  # an earlier example of this test added it
+        pass
+    before = len(gateway.records)
+    raw = Raw(gateway.port)
+    try:
+        raw.cmd("EHLO client.sender.test")
+        assert raw.cmd("MAIL FROM:<a@sender.test>").startswith("250")
+        codes = [raw.cmd(f"RCPT TO:<{rcpt}>")[:3] for rcpt in rcpts]
+        assert codes == ["250" if rcpt == _ACCEPTED else "550" for rcpt in rcpts]
+        if ending != "disconnect":
+            raw.cmd(ending)
+    finally:
+        raw.sock.close()
+    rec = gateway.wait_records(before + 1)[before]
+    outcomes = {r["rcpt"]: r["disposition"] for r in rec.results}
+    if _ACCEPTED in rcpts:
+        assert rec.disposition == "aborted", (rcpts, ending, rec.results)
+        assert outcomes[_ACCEPTED] == "aborted"
+    else:
+        assert rec.disposition not in ("aborted", "partial", "delivered")
+    if _REFUSED in rcpts:
+        assert outcomes[_REFUSED] != "aborted"

@@ -893,8 +893,10 @@ class ProxySession:
             if leg.relaxed:
                 item["tls_required_no"] = True  # RFC 8689 section 5: the published policy was relaxed
             infos.append(item)
-        disposition = disposition or ("aborted" if abort_reason and not any(
-            r.disposition != "aborted" for r in tx.results) else overall_disposition(tx.results))
+        # Ended before the data: nothing was delivered, so an accepted recipient makes the
+        # transaction "aborted" even beside refused ones ("partial" reads as partly delivered).
+        disposition = disposition or ("aborted" if abort_reason and any(
+            r.disposition == "aborted" for r in tx.results) else overall_disposition(tx.results))
         client = tx.client
         record = LogRecord(
             txn_id=tx.txn_id, ts=tx.started_wall, node=self.ctx.hostname, client_ip=client.ip,
