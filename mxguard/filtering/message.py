@@ -402,6 +402,10 @@ def all_names(part: EmailMessage) -> tuple[str, ...]:
             continue
         try:
             text = " ".join(str(raw).split())
+            if "name" not in text.lower():
+                # A name parameter's key holds these letters (case aside) in every reading
+                # below: without them the field names no file, and parsing it is wasted.
+                continue
             pieces = [p for p in email.message._parseparam(text)[1:] if "=" in p]
         except Exception:  # noqa: BLE001 - an unreadable field gives no name, never a crash
             continue
