@@ -40,6 +40,7 @@ from mxguard.spool.worker import SpoolWorker
 from mxguard.storage.messagelog import MessageLogWriter
 from mxguard.storage.sealing import KeyRing
 from mxguard.tls.acme_renewal import AcmeRenewal
+from mxguard.tls.buffers import small_tls_read_buffers
 from mxguard.tls.certs import load_chain
 from mxguard.tls.reporting import DailyTlsReports
 from mxguard.smtp.partners import PartnerRules
@@ -109,6 +110,7 @@ class Gateway:
             ConfigError: a setting, the certificate or the database is unusable.
         """
         s = self.settings
+        small_tls_read_buffers()  # idle-session memory (issue 17)
         load_chain(s.path(s.tls.cert_file), s.path(s.tls.key_file))
         extra = None
         if s.tls.extra_cert_file or s.tls.extra_key_file:
