@@ -570,6 +570,34 @@ class InboundSMTP(SMTP):
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 
+    #: The idle deadline (loop time, seconds) and the deadline the pending timer was set for.
+    _idle_deadline = 0.0
+    _idle_armed_for: float | None = None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd moves its idle timer at every command: a new TimerHandle and heap entry each
+        # time, a few per cent of a busy gateway's CPU. Here one timer runs per session and,
+        # when it fires before a deadline a later command moved, sets itself again: the same
+        # deadlines, without a timer per command.
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        handle = self._timeout_handle
+        armed = self._idle_armed_for
+        if armed is not None and armed <= deadline and handle is not None and not handle.cancelled():
+            return
+        if handle is not None:
+            handle.cancel()
+        self._idle_armed_for = deadline
+        self._timeout_handle = self.loop.call_at(deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        armed, self._idle_armed_for = self._idle_armed_for, None
+        if armed is not None and self._idle_deadline > armed:  # a command came after it was set
+            self._idle_armed_for = self._idle_deadline
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         # aiosmtpd closes silently; RFC 5321 4.5.3.2 and 3.8 ask for a 421 first, and the log names the limit.
         if self.working:
