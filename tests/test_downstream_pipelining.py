@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -36,6 +37,9 @@ class Script:
     close_after: int | None = None                       # close after this many bytes of replies
     pause: bool = True                                   # pause between pieces (else: back to back,
                                                          # which over TLS puts several records in one read)
+    turns: int | None = None                             # instead of the pause: this many loop turns, so
+                                                         # a piece lands while the client's task is between
+                                                         # a parsed reply and picking it up (same loop)
 
 
 class ScriptedServer:
@@ -113,7 +117,11 @@ class ScriptedServer:
         start = 0
         for cut in sorted(set(c for c in script.cuts if 0 < c < len(stream))) + [len(stream)]:
             writer.write(stream[start:cut])
-            if script.pause:
+            if script.turns is not None:
+                await writer.drain()
+                for _ in range(script.turns):
+                    await asyncio.sleep(0)
+            elif script.pause:
                 await writer.drain()
                 await asyncio.sleep(0.002)  # a separate segment
             start = cut
@@ -161,13 +169,14 @@ async def _envelope(port: int, recipients: list[str], tls: DownstreamTls):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(group=_group, cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=8), pause=st.booleans())
-def test_replies_to_a_group_are_matched_to_their_commands_however_they_arrive(scripted, group, cuts, pause):
+@given(group=_group, cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=8), pause=st.booleans(),
+       turns=st.one_of(st.none(), st.integers(min_value=0, max_value=4)))
+def test_replies_to_a_group_are_matched_to_their_commands_however_they_arrive(scripted, group, cuts, pause, turns):
     loop, server, tls = scripted
     (mail_code, mail_multi), rcpt_codes = group
     recipients = [f"user{i}@example.com" for i in range(len(rcpt_codes))]
     server.script = Script(replies=[_reply(mail_code, mail_multi)] + [_reply(c, m) for c, m in rcpt_codes],
-                           cuts=cuts, pause=pause)
+                           cuts=cuts, pause=pause, turns=turns)
     mail, replies = loop.run_until_complete(_envelope(server.port, recipients, tls))
     assert server.script.grouped is True, "MAIL and the RCPTs were not sent as one group"
     assert server.script.received[0].startswith(b"MAIL FROM:<alice@sender.test> SIZE=1234")
@@ -224,3 +233,91 @@ def test_a_whole_transaction_on_a_pipelining_server_delivers(scripted):
     assert server.script.grouped is True
     assert results["a@example.com"].code == 250 and "queued" in results["a@example.com"].text
     assert results["b@example.com"].code == 550
+
+
+def _first_reply_end(data: bytes) -> int | None:
+    """Bytes up to and including the last line of the first complete reply in ``data``, or None."""
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        offset += len(line)
+        if not line.endswith(b"\n"):
+            return None
+        if line[3:4] == b" ":
+            return offset
+    return None
+
+
+def _deliver_later_replies_late(loop, protocol, sizes: list[int], turns: list[int]) -> None:
+    """Hand the protocol the first reply of the group's reply stream at once and the rest in
+    pieces of ``sizes`` bytes, each some event-loop turns after the one before.
+
+    What a downstream server in another process does when its second reply lands in the read
+    after the first: one turn later, while the client's task has not yet picked up the first
+    reply. Only the order of events in this loop is changed, never the bytes.
+    """
+    real = protocol.data_received
+    pending: deque[bytes] = deque()
+    state = {"split": False, "pumping": False}
+    waits = list(turns)
+
+    def wait(n: int) -> None:
+        if n <= 0:
+            pump()
+        else:
+            loop.call_soon(wait, n - 1)
+
+    def pump() -> None:
+        if not pending:
+            state["pumping"] = False
+            return
+        real(pending.popleft())
+        wait(waits.pop(0) if waits else 1)
+
+    def data_received(data: bytes) -> None:
+        if state["split"]:
+            pending.append(data)
+            if not state["pumping"]:
+                state["pumping"] = True
+                wait(1)
+            return
+        end = _first_reply_end(data)
+        if end is None:
+            real(data)
+            return
+        state["split"] = True
+        real(data[:end])
+        rest, start = data[end:], 0
+        for size in sizes + [len(data)]:
+            if rest[start:start + size]:
+                pending.append(rest[start:start + size])
+            start += size
+        state["pumping"] = True
+        wait(max(1, waits.pop(0) if waits else 1))
+
+    protocol.data_received = data_received
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rcpt_codes=st.lists(_codes, min_size=1, max_size=5),
+       sizes=st.lists(st.integers(min_value=1, max_value=120), max_size=6),
+       turns=st.lists(st.integers(min_value=0, max_value=3), max_size=7))
+def test_a_reply_that_arrives_before_the_previous_one_was_picked_up_is_kept(scripted, rcpt_codes, sizes, turns):
+    """The bench's hang: a group's next reply read one loop turn after the first, before the task
+    resumed. The library drops such data; the connection must keep it, or the transaction waits
+    for a reply it already received until the command timeout."""
+    loop, server, tls = scripted
+    recipients = [f"user{i}@example.com" for i in range(len(rcpt_codes))]
+    server.script = Script(replies=[_reply(250, False)] + [_reply(c, m) for c, m in rcpt_codes], pause=False)
+
+    async def run():
+        conn = _connection(server.port, tls)
+        await conn.open()
+        _deliver_later_replies_late(loop, conn.client.protocol, sizes, turns)
+        try:
+            return await asyncio.wait_for(conn.envelope("alice@sender.test", recipients, size=10), 5)
+        finally:
+            await conn.close()
+
+    mail, replies = loop.run_until_complete(run())
+    assert mail.code == 250
+    assert [replies[r].code for r in recipients] == [code for code, _ in rcpt_codes]

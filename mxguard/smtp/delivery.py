@@ -37,7 +37,7 @@ from typing import Any
 import aiosmtplib
 import structlog
 from aiosmtplib import errors as smtperr
-from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from mxguard.config import DownstreamSettings
 from mxguard.smtp.limits import has_bare_line_ends, normalize_line_ends
@@ -212,7 +212,8 @@ def data_stream(message: bytes) -> bytes:
 
 
 # The library's private members the subclass below relies on; without any of them it is not installed.
-_PROTOCOL_MEMBERS = ("_command_lock", "_response_pending", "_read_response_from_buffer")
+_PROTOCOL_MEMBERS = ("_command_lock", "_response_pending", "_read_response_from_buffer", "_response_waiter",
+                     "_buffer")
 
 
 class _DataStreamProtocol(SMTPProtocol):
@@ -250,9 +251,8 @@ class _DataStreamProtocol(SMTPProtocol):
         group to a server that offers PIPELINING, and read the replies in
         order afterwards. One write and, usually, one read instead of one
         round trip per command. Replies that came in the same read as an
-        earlier one wait in the protocol's buffer and are parsed from there;
-        the event loop runs this task between two reads of one socket, so the
-        library never sees a reply arrive while another waits to be picked up.
+        earlier one, or in reads before this task resumed (:meth:`data_received`),
+        wait in the protocol's buffer and are parsed from there.
 
         Raises:
             SMTPServerDisconnected, SMTPReadTimeoutError, SMTPResponseException:
@@ -264,14 +264,33 @@ class _DataStreamProtocol(SMTPProtocol):
         async with self._command_lock:
             self._response_pending = True
             self.write(b"".join(lines))
-            for _ in lines:
-                # Replies that came in one read: the library parsed the first; the rest wait in the buffer.
-                response = self._read_response_from_buffer() if responses else None
-                if response is None:
-                    self._response_pending = True
-                    response = await self.read_response(timeout=timeout)
-                responses.append(response)
+            try:
+                for index in range(len(lines)):
+                    self._group_replies_due = len(lines) - index - 1
+                    # Replies that came before this task ran again wait in the buffer (data_received).
+                    response = self._read_response_from_buffer() if responses else None
+                    if response is None:
+                        self._response_pending = True
+                        response = await self.read_response(timeout=timeout)
+                    responses.append(response)
+            finally:
+                self._group_replies_due = 0
         return responses
+
+    #: Replies of the current command group still due after the one being awaited.
+    _group_replies_due = 0
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if self._group_replies_due and waiter is not None and waiter.done():
+            # A later reply of the group came before this task picked up the parsed one: between
+            # the reply's future completing and the task resuming the loop turns twice, and a read
+            # in between (a TLS record or a segment of its own) is one the library would drop,
+            # leaving the task to wait for a reply already received. Keep it for the next read.
+            if len(self._buffer) + len(data) <= MAX_RESPONSE_LENGTH * (self._group_replies_due + 1):
+                self._buffer.extend(data)
+            return  # beyond that bound it is dropped: the next read times out (a hostile server)
+        super().data_received(data)
 
 
 def _header_section(message: bytes) -> bytes:
