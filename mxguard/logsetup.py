@@ -82,7 +82,10 @@ def configure(level: str = "info", fmt: str = "console", stream=None, *, file: P
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (the line and its newline together): several worker processes share
+        # stderr, and with unbuffered streams (PYTHONUNBUFFERED, common in containers) print()'s
+        # two writes let another process's line in between.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
     stdlib_handler.setFormatter(_Formatter())

@@ -94,3 +94,42 @@ def test_unwritable_log_file_stops_start_up_naming_the_key(tmp_path):
                          env=environ, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.startswith("error: log.file: cannot write ") and "Traceback" not in out.stderr
+
+
+_WRITER = """
+import sys
+import structlog
+from mxguard.logsetup import configure
+configure("info", sys.argv[1])
+log = structlog.get_logger()
+for i in range(int(sys.argv[2])):
+    log.info("transaction", worker=sys.argv[3], n=i, reply="250 2.0.0 Ok: queued", padding="x" * (i % 300))
+"""
+
+
+def test_processes_sharing_stderr_never_mix_their_lines(tmp_path):
+    """``serve`` workers share one stderr (a file, a pipe to journald): each line must reach it in
+    one write, so no line holds two records and none is empty, buffered or not."""
+    lines = 3000
+    out = tmp_path / "shared.log"
+    for fmt in ("console", "json"):
+        with open(out, "wb") as shared:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            procs = [subprocess.Popen([sys.executable, "-c", _WRITER, fmt, str(lines), str(w)], stderr=shared,
+                                      stdout=subprocess.DEVNULL, env=env) for w in range(3)]
+            for proc in procs:
+                assert proc.wait(timeout=120) == 0
+        got = out.read_text(encoding="utf-8").split("\n")
+        assert got[-1] == ""
+        got = got[:-1]
+        assert len(got) == 3 * lines, (fmt, len(got))
+        seen = set()
+        for line in got:
+            if fmt == "json":
+                record = json.loads(line)
+                seen.add((record["worker"], record["n"]))
+            else:
+                assert line.count("[info") == 1 and line.count("transaction") == 1, line[:300]
+                fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+                seen.add((fields["worker"], int(fields["n"])))
+        assert seen == {(str(w), n) for w in range(3) for n in range(lines)}
