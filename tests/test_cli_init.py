@@ -4,6 +4,7 @@ piped password, and the README's first steps in order."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mxguard.config import load_settings
+from mxguard.errors import ConfigError
 from mxguard.services import setup
 from mxguard.services.users import authenticate
 from mxguard.spool import queue
@@ -296,3 +300,52 @@ def test_a_new_node_on_a_shared_database_with_sealed_data_needs_the_key_first(tm
     (third / "keys" / "sealing.keys").write_bytes((first / "keys" / "sealing.keys").read_bytes())
     (third / "keys" / "sealing.keys").chmod(0o600)
     _ok(mx("init", "--hostname", "mx3.example.com", "--database-url", shared, data_dir=third))
+
+
+# -- init again on an existing data dir, and errors no command expected ---------------------------
+
+def test_init_again_with_a_bad_host_name_names_the_setting_in_one_line(tmp_path):
+    d = tmp_path / "data"
+    _ok(mx("init", "--hostname", "mx1.example.com", data_dir=d))
+    line = _one_line_error(mx("init", "--hostname", "bad_host", data_dir=d))
+    assert "hostname" in line and "bad_host" in line, line
+    assert load_settings(d, environ={}).hostname == "mx1.example.com"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.one_of(st.text(max_size=80), st.from_regex(r"[A-Za-z0-9_.\- ]{0,70}", fullmatch=True)))
+def test_init_on_an_existing_data_dir_gives_a_config_error_or_succeeds_for_any_host_name(tmp_path_factory, name):
+    d = _existing_data_dir(tmp_path_factory)
+    try:
+        settings_, created = asyncio.run(setup.initialize(d, hostname=name))
+    except ConfigError as exc:
+        assert str(exc).startswith(("hostname:", f"{d / 'mxguard.toml'} exists with hostname")), exc
+    else:
+        assert not created and settings_.hostname == "mx1.example.com"
+        assert name.lower().rstrip(".") == "mx1.example.com" or not name
+
+
+_EXISTING: dict[str, Path] = {}
+
+
+def _existing_data_dir(factory) -> Path:
+    if "d" not in _EXISTING:
+        d = factory.mktemp("existing") / "data"
+        _ok(mx("init", "--hostname", "mx1.example.com", data_dir=d))
+        _EXISTING["d"] = d
+    return _EXISTING["d"]
+
+
+def test_an_unexpected_error_in_any_command_is_one_line_without_a_stack_trace(monkeypatch, capsys):
+    import mxguard.cli as cli
+
+    def broken() -> None:
+        raise RuntimeError("the thing that broke")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: unexpected RuntimeError: the thing that broke"), err

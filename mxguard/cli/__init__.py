@@ -68,3 +68,8 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - no stack trace reaches a user, whatever the command hit
+        # Known errors were turned into messages by each command; this is a defect, named in one line.
+        print(f"error: unexpected {type(exc).__name__}: {exc} (a defect in mxguard: please report it "
+              "with the command you ran)", file=sys.stderr)
+        sys.exit(1)

@@ -185,7 +185,11 @@ async def _initialize(data_dir: Path, made: list[Path], *, hostname: str | None,
         settings.data_dir = data_dir
     else:
         settings = load_settings(data_dir)
-        if hostname and check_host_name(hostname) != settings.hostname:
+        try:
+            wanted = check_host_name(hostname) if hostname else None
+        except ValueError as exc:
+            raise ConfigError(f"hostname: {exc}") from None
+        if wanted and wanted != settings.hostname:
             raise ConfigError(f"{config_path} exists with hostname {settings.hostname}; edit the file to change it")
         if database_url and database_url != settings.database_url:
             raise ConfigError(f"{config_path} exists with another database_url; edit the file to change it")
