@@ -893,6 +893,8 @@ mta_sts_port = {s.downstream.mta_sts_port}
 # are DKIM-signed when all three are set: selector, signing domain, PEM private key file (RSA of
 # 1024+ bits or Ed25519); publish the public key at <selector>._domainkey.<domain> TXT.
 tls_reports = {str(s.downstream.tls_reports).lower()}
+# Seconds between checks whether the previous day's reports are due.
+tls_report_check_interval = {s.downstream.tls_report_check_interval}
 tls_report_dkim_selector = "{s.downstream.tls_report_dkim_selector}"
 tls_report_dkim_domain = "{s.downstream.tls_report_dkim_domain}"
 tls_report_dkim_key_file = "{s.downstream.tls_report_dkim_key_file}"
@@ -940,6 +942,11 @@ level = "{s.log.level}"
 format = "{s.log.format}"
 # Message-log batch interval in seconds.
 flush_interval = {s.log.flush_interval}
+# Process log to this file (relative to the data dir) instead of stderr; rotated at max_bytes
+# (bytes), keeping backup_count old files. Empty: stderr (journald under systemd).
+file = "{s.log.file}"
+max_bytes = {s.log.max_bytes}
+backup_count = {s.log.backup_count}
 
 [web]
 # Administration Console and REST API, inside 'mxguard serve' (--web, --no-web).
@@ -969,6 +976,11 @@ junk_engines = {toml_list(f.junk_engines)}
 content_policy = {str(f.content_policy).lower()}
 # SPF (RFC 7208), DKIM (RFC 6376), DMARC (RFC 7489) checks -> Authentication-Results (RFC 8601).
 sender_auth = {str(f.sender_auth).lower()}
+# A DKIM signature with a body length l= shorter than the body: "fail" or "allow" (counts as pass).
+dkim_body_length = "{f.dkim_body_length}"
+# A part whose file names disagree (filename, filename*, name): "quarantine", "reject" or
+# "deliver" (logged only); every name is checked against the attachment rules anyway.
+conflicting_names = "{f.conflicting_names}"
 # clamd: "HOST:PORT" or "unix:/run/clamav/clamd.ctl".
 clamd_address = "{f.clamd_address}"
 # Rspamd normal worker (not the controller).
@@ -989,6 +1001,11 @@ builtin_threshold = {f.builtin_threshold}
 # MIME limits: more parts or deeper nesting is refused (550 5.7.1).
 max_mime_parts = {f.max_mime_parts}
 max_mime_depth = {f.max_mime_depth}
+# A MIME structure two parsers read two ways (a parameter given twice, an RFC 2231 boundary...):
+# "deliver" (recorded only), "quarantine" or "reject"; every reading is scanned whatever this
+# says. Findings in ambiguous_structure_ignore are recorded only.
+ambiguous_structure = "{f.ambiguous_structure}"
+ambiguous_structure_ignore = {toml_list(f.ambiguous_structure_ignore)}
 # Largest zip member (bytes) whose content is scanned; larger ones: names only.
 max_archive_member = {f.max_archive_member}
 # Days a quarantined message is kept.

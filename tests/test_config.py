@@ -96,3 +96,30 @@ def test_a_bracketed_ipv6_listener_first_is_an_item_not_json(data_dir, value, ex
     """``[::1]:2536`` starts like a JSON array; an IPv6-only listener given in the environment
     (systemd ``Environment=``) was refused as malformed JSON."""
     assert load_settings(data_dir, environ={"MXGUARD_SMTP__LISTEN": value}).smtp.listen == expected
+
+
+def test_the_file_init_writes_holds_every_setting_with_its_default():
+    """README: ``init`` writes every key with its default and meaning. A setting added to the
+    model but not to the file would be one an administrator cannot find."""
+    import tomllib
+
+    from pydantic import BaseModel
+
+    from mxguard.config import Settings, render_settings_file
+
+    defaults = Settings(hostname="mx1.example.com")
+    written = tomllib.loads(render_settings_file(defaults))
+    missing = []
+    for name, field in Settings.model_fields.items():
+        if field.exclude:
+            continue
+        value = getattr(defaults, name)
+        if isinstance(value, BaseModel):
+            section = written.get(name, {})
+            missing += [f"{name}.{key}" for key in type(value).model_fields if key not in section]
+            for key in type(value).model_fields:
+                if key in section:
+                    assert section[key] == getattr(value, key), f"{name}.{key}"
+        elif name not in written:
+            missing.append(name)
+    assert not missing, f"settings init does not write: {missing}"
