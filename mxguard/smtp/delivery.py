@@ -524,9 +524,19 @@ class DownstreamConnection:
         await self._ehlo()  # RFC 3207 4.2: forget what was learnt in clear
 
     async def _discard(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
+
+    def _abandoned(self) -> None:
+        """A command's reply was still due when the task waiting for it was cancelled (the
+        sender left, a session limit closed it, shut-down): the reply may still come and would
+        be read as the answer to the next command sent here, so the connection is never reused."""
+        self._drop()
+        self.in_transaction = False
 
     # -- the dialogue ---------------------------------------------------------------
 
@@ -544,6 +554,9 @@ class DownstreamConnection:
             response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
+        except asyncio.CancelledError:
+            self._abandoned()
+            raise
         return Reply.from_downstream(response.code, response.message)
 
     async def _lost(self, exc: BaseException) -> DownstreamLost:
@@ -645,6 +658,9 @@ class DownstreamConnection:
             responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
+        except asyncio.CancelledError:
+            self._abandoned()
+            raise
         mail = Reply.from_downstream(responses[0].code, responses[0].message)
         self.in_transaction = mail.is_positive
         if not mail.is_positive:
@@ -711,6 +727,9 @@ class DownstreamConnection:
             reply = Reply.from_downstream(exc.code, exc.message)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
+        except asyncio.CancelledError:
+            self._abandoned()
+            raise
         finally:
             self.in_transaction = False
         self.used += 1

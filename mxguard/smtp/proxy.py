@@ -19,6 +19,7 @@ the spool's job (and the quarantine's), reached through :class:`ProxyContext` ho
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import secrets
 import time
@@ -171,6 +172,9 @@ class Transaction:
     outbound: list[str] = field(default_factory=list)
     #: The outbound filter decision for the message log (when the relayed part was filtered).
     outbound_verdict: dict[str, Any] | None = None
+    #: ``(recipient, route)`` whose RCPT the downstream server has not answered yet: a transaction
+    #: that ends meanwhile (the sender left) still logs it.
+    rcpt_in_flight: tuple[str, Route] | None = None
 
 
 #: The message-log disposition of a TLS-RPT report the gateway took for itself.
@@ -276,6 +280,19 @@ class ProxySession:
         if tx.report_rcpts:
             log.info("recipient mixed with a TLS-RPT address", txn=tx.txn_id, rcpt=address)
             return self._refused(address, MIXED_WITH_REPORTS, route)
+        tx.rcpt_in_flight = (address, route)
+        try:
+            reply = await self._rcpt_on_route(tx, address, domain, route)
+        except asyncio.CancelledError:
+            raise  # left set: the abort that follows (the sender left) logs this recipient
+        except BaseException:
+            tx.rcpt_in_flight = None
+            raise
+        tx.rcpt_in_flight = None
+        return reply
+
+    async def _rcpt_on_route(self, tx: Transaction, address: str, domain: Any, route: Route) -> Reply:
+        """The downstream server's answer to one recipient of a served domain (MAIL first on a new leg)."""
         leg = tx.legs.get(route)
         first_reply: Reply | None = None
         if leg is None:
@@ -855,6 +872,11 @@ class ProxySession:
                 await leg.conn.rset()
                 if not leg.conn.is_connected:
                     self.conns.pop(leg.route, None)
+        pending = tx.rcpt_in_flight
+        if pending is not None:
+            tx.rcpt_in_flight = None
+            tx.results.append(RecipientResult(pending[0], 0, "", f"transaction ended by {reason} before the "
+                                              "downstream server answered RCPT", "aborted", pending[1].describe()))
         if tx.results or tx.report_rcpts or tx.outbound or any(leg.accepted for leg in tx.legs.values()):
             for leg in tx.legs.values():
                 for rcpt in leg.accepted:
