@@ -349,3 +349,15 @@ def test_an_unexpected_error_in_any_command_is_one_line_without_a_stack_trace(mo
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: unexpected RuntimeError: the thing that broke"), err
+
+
+def test_an_unreadable_rules_file_and_a_bad_server_name_the_option(tmp_path):
+    d = tmp_path / "data"
+    _ok(mx("init", "--hostname", "mx1.example.com", data_dir=d))
+    missing = tmp_path / "no-such-rules.json"
+    line = _one_line_error(mx("domain", "add", "example.com", "--server", "127.0.0.1:2525",
+                              "--attachment-rules", f"@{missing}", data_dir=d))
+    assert "attachment_rules" in line and str(missing) in line, line
+    line = _one_line_error(mx("domain", "add", "example.com", "--server", "host_with_underscore:25", data_dir=d))
+    assert "servers" in line and "host_with_underscore" in line, line
+    assert "example.com" not in _ok(mx("domain", "list", data_dir=d)).stdout

@@ -39,8 +39,12 @@ RULES_HELP = "Attachment rules as a JSON list, or @FILE holding one (see the REA
 def _rules_arg(value: str | None) -> str | None:
     """``@FILE`` reads the rules from a file; anything else is the JSON itself."""
     if value and value.startswith("@"):
-        with open(value[1:], encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(value[1:], encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValidationFailed("attachment_rules", f"cannot read {value[1:]}: {reason}") from None
     return value
 
 
