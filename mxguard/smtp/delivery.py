@@ -289,7 +289,12 @@ class _DataStreamProtocol(SMTPProtocol):
             # leaving the task to wait for a reply already received. Keep it for the next read.
             if len(self._buffer) + len(data) <= MAX_RESPONSE_LENGTH * (self._group_replies_due + 1):
                 self._buffer.extend(data)
-            return  # beyond that bound it is dropped: the next read times out (a hostile server)
+            elif self.transport is not None:
+                # Beyond that bound (a hostile server): close rather than frame later bytes wrongly;
+                # the next read then finds the connection lost.
+                self._buffer.clear()
+                self.transport.close()
+            return
         super().data_received(data)
 
 
@@ -334,6 +339,7 @@ class DownstreamConnection:
         self.info: ConnectionInfo | None = None
         self.in_transaction = False
         self.used = 0  # transactions completed on this connection
+        self._exchanges = 0  # commands sent whose replies are still due (see busy)
         self.opened_at = 0.0  # monotonic seconds, set when open() succeeds
         self._decided_source: str | None = None  # policy source of the server being tried
         #: The open transaction asked for SMTPUTF8 but goes without it (RFC 6531 3.4): the
@@ -356,7 +362,11 @@ class DownstreamConnection:
         targets = self.route.addresses or tuple((host, port, None) for host, port in self.route.servers)
         for host, port, address in targets:
             try:
-                self.info = await self._open_one(host, port, address)
+                try:
+                    self.info = await self._open_one(host, port, address)
+                except asyncio.CancelledError:
+                    self._drop()  # nobody holds this half-open connection yet: close it, never leak it
+                    raise
                 self.opened_at = time.monotonic()
                 if attempts:
                     log.info("downstream failover", route=self.route.describe(), used=f"{host}:{port}", skipped=attempts)
@@ -531,12 +541,18 @@ class DownstreamConnection:
             self.client.close()
             self.client = None
 
-    def _abandoned(self) -> None:
-        """A command's reply was still due when the task waiting for it was cancelled (the
-        sender left, a session limit closed it, shut-down): the reply may still come and would
-        be read as the answer to the next command sent here, so the connection is never reused."""
+    def abandon(self) -> None:
+        """Close at once: a command's reply is or was still due to a task that stopped waiting
+        (the sender left, a session limit closed it, shut-down). The reply may still come and
+        would be read as the answer to the next command sent here, so the connection is never
+        reused (:class:`mxguard.smtp.pool.ConnectionPool` calls this for a :attr:`busy` one)."""
         self._drop()
         self.in_transaction = False
+
+    @property
+    def busy(self) -> bool:
+        """True while a command sent here waits for its reply."""
+        return self._exchanges > 0
 
     # -- the dialogue ---------------------------------------------------------------
 
@@ -550,13 +566,16 @@ class DownstreamConnection:
     async def _command(self, *args: bytes, timeout: float | None = None) -> Reply:
         if self.client is None:
             raise DownstreamLost("not connected")
+        self._exchanges += 1
         try:
             response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
         except asyncio.CancelledError:
-            self._abandoned()
+            self.abandon()
             raise
+        finally:
+            self._exchanges -= 1
         return Reply.from_downstream(response.code, response.message)
 
     async def _lost(self, exc: BaseException) -> DownstreamLost:
@@ -654,13 +673,16 @@ class DownstreamConnection:
         lines = [b" ".join([b"MAIL", *self._mail_args(sender, size, body, smtputf8 and not self.utf8_downgraded,
                                                          requiretls)]) + b"\r\n"]
         lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in sent]
+        self._exchanges += 1
         try:
             responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
         except asyncio.CancelledError:
-            self._abandoned()
+            self.abandon()
             raise
+        finally:
+            self._exchanges -= 1
         mail = Reply.from_downstream(responses[0].code, responses[0].message)
         self.in_transaction = mail.is_positive
         if not mail.is_positive:
@@ -720,6 +742,7 @@ class DownstreamConnection:
             await self.rset()
             return Reply(550, "5.6.7", "The message header needs SMTPUTF8 (RFC 6531, 6532), which the downstream "
                                        "server does not support")
+        self._exchanges += 1
         try:
             response = await self.client.data(message, timeout=self.settings.data_timeout)
             reply = Reply.from_downstream(response.code, response.message)
@@ -728,9 +751,10 @@ class DownstreamConnection:
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
         except asyncio.CancelledError:
-            self._abandoned()
+            self.abandon()
             raise
         finally:
+            self._exchanges -= 1
             self.in_transaction = False
         self.used += 1
         return reply

@@ -50,7 +50,10 @@ class ConnectionPool:
         now = time.monotonic()
         while queue:
             parked_at, conn = queue.pop()  # newest first: the least likely to have timed out
-            if (conn.is_connected and now - parked_at < self.idle_timeout
+            if conn.busy:  # still some task's (see release): never handed to another
+                conn.abandon()
+                continue
+            if (conn.is_connected and not conn.in_transaction and now - parked_at < self.idle_timeout
                     and now - conn.opened_at < self.max_age):
                 self.hits += 1
                 return conn
@@ -60,6 +63,11 @@ class ConnectionPool:
 
     def release(self, conn: DownstreamConnection) -> None:
         """Park a connection that is between transactions, or close it."""
+        if conn.busy:
+            # A reply is still due to a task that was not stopped (asyncio.wait_for can swallow a
+            # cancel): the connection is that task's, and a late reply would reach the next user.
+            conn.abandon()
+            return
         queue = self._idle[conn.route]
         if (not conn.is_connected or conn.in_transaction or len(queue) >= self.max_idle_per_route
                 or time.monotonic() - conn.opened_at >= self.max_age):

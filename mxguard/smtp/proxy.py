@@ -872,16 +872,18 @@ class ProxySession:
                 await leg.conn.rset()
                 if not leg.conn.is_connected:
                     self.conns.pop(leg.route, None)
-        pending = tx.rcpt_in_flight
-        if pending is not None:
-            tx.rcpt_in_flight = None
-            tx.results.append(RecipientResult(pending[0], 0, "", f"transaction ended by {reason} before the "
-                                              "downstream server answered RCPT", "aborted", pending[1].describe()))
-        if tx.results or tx.report_rcpts or tx.outbound or any(leg.accepted for leg in tx.legs.values()):
+        pending, tx.rcpt_in_flight = tx.rcpt_in_flight, None
+        if pending is not None and any(pending[0] in leg.accepted for leg in tx.legs.values()):
+            pending = None  # a repeated RCPT of an accepted recipient: logged once, below
+        if pending or tx.results or tx.report_rcpts or tx.outbound or any(leg.accepted for leg in tx.legs.values()):
             for leg in tx.legs.values():
                 for rcpt in leg.accepted:
                     tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
                                                       "aborted", leg.route.describe()))
+            if pending is not None:
+                tx.results.append(RecipientResult(pending[0], 0, "", f"transaction ended by {reason} before "
+                                                  "the downstream server answered RCPT", "aborted",
+                                                  pending[1].describe()))
             for rcpt in tx.report_rcpts + tx.outbound:
                 tx.results.append(RecipientResult(rcpt, 0, "", f"transaction ended by {reason} before DATA",
                                                   "aborted", None))
@@ -905,6 +907,8 @@ class ProxySession:
         infos: list[dict[str, Any]] = []
         first: ConnectionInfo | None = None
         for leg in tx.legs.values():
+            if leg.conn is None and leg.failure is None:
+                continue  # the connection was still being opened when the transaction ended: no attempt to count
             info = leg.conn.info if leg.conn is not None else None
             item: dict[str, Any] = {"route": leg.route.describe(), "reused": leg.reused,
                                     **attempt_item(leg.domain.name, info, leg.failure)}  # TLS-RPT counts these
