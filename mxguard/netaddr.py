@@ -57,6 +57,15 @@ def has_port(text: str) -> bool:
     return text.count(":") == 1
 
 
+def is_ip_address(host: str) -> bool:
+    """Whether ``host`` (no brackets, no port) is an IPv4 or IPv6 address rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def format_host_port(host: str, port: int) -> str:
     """Inverse of :func:`parse_host_port`, bracketing IPv6 hosts."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -146,14 +146,11 @@ def set_(
 def _warn_undeliverable(view) -> None:
     """``dane-only`` needs TLSA records, which only host names have (RFC 7672 2.2): a route of
     addresses only can never deliver (every message ``451 4.7.5``). Allowed, but said."""
-    import ipaddress
-
-    from mxguard.netaddr import parse_host_port
+    from mxguard.netaddr import is_ip_address, parse_host_port
 
     def is_address(server: str) -> bool:
         try:
-            ipaddress.ip_address(parse_host_port(server, default_port=25)[0])
-            return True
+            return is_ip_address(parse_host_port(server, default_port=25)[0])
         except ValueError:
             return False
 

@@ -10,7 +10,6 @@ running gateways apply it to the next SMTP transaction.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -22,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from mxguard.config import check_host_name
 from mxguard.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, ValidationCollector, ValidationFailed
 from mxguard.filtering.policy_content import DEFAULT_ATTACHMENT_RULES, validate_rules
-from mxguard.netaddr import format_host_port, parse_host_port
+from mxguard.netaddr import format_host_port, is_ip_address, parse_host_port
 from mxguard.services import audit
 from mxguard.services.access import SYSTEM, Actor
 from mxguard.services.orgs import org_id_for
@@ -131,14 +130,6 @@ def normalize_domain_name(name: str) -> str:
     return value
 
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def normalize_servers(servers: list[str] | tuple[str, ...]) -> list[str]:
     """Validate ``host[:port]`` entries; return them as ``host:port`` in the given order.
 
@@ -151,7 +142,7 @@ def normalize_servers(servers: list[str] | tuple[str, ...]) -> list[str]:
     for item in servers:
         try:
             host, port = parse_host_port(item, default_port=25)
-            if not _is_ip_address(host):
+            if not is_ip_address(host):
                 host = check_host_name(host)  # RFC 1123 2.1: an MX or server name, not any string
         except ValueError as exc:
             raise ValidationFailed("servers", f"{item!r} is not HOST[:PORT]: {exc}") from None

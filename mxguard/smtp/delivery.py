@@ -28,6 +28,7 @@ the spool worker (one connection per attempt). The rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import time
@@ -554,6 +555,19 @@ class DownstreamConnection:
         """True while a command sent here waits for its reply."""
         return self._exchanges > 0
 
+    @contextlib.contextmanager
+    def _reply_due(self):
+        """Around sending a command and awaiting its reply: :attr:`busy` meanwhile, and a cancel
+        (the waiting task stopped) abandons the connection, since the reply may still come."""
+        self._exchanges += 1
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
+        finally:
+            self._exchanges -= 1
+
     # -- the dialogue ---------------------------------------------------------------
 
     @property
@@ -566,16 +580,11 @@ class DownstreamConnection:
     async def _command(self, *args: bytes, timeout: float | None = None) -> Reply:
         if self.client is None:
             raise DownstreamLost("not connected")
-        self._exchanges += 1
-        try:
-            response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
-        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise await self._lost(exc) from None
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
-        finally:
-            self._exchanges -= 1
+        with self._reply_due():
+            try:
+                response = await self.client.execute_command(*args, timeout=timeout or self.settings.command_timeout)
+            except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                raise await self._lost(exc) from None
         return Reply.from_downstream(response.code, response.message)
 
     async def _lost(self, exc: BaseException) -> DownstreamLost:
@@ -673,16 +682,11 @@ class DownstreamConnection:
         lines = [b" ".join([b"MAIL", *self._mail_args(sender, size, body, smtputf8 and not self.utf8_downgraded,
                                                          requiretls)]) + b"\r\n"]
         lines += [b"RCPT TO:<" + rcpt.encode("utf-8", "surrogateescape") + b">\r\n" for rcpt in sent]
-        self._exchanges += 1
-        try:
-            responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
-        except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise await self._lost(exc) from None
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
-        finally:
-            self._exchanges -= 1
+        with self._reply_due():
+            try:
+                responses = await self.client.protocol.execute_group(lines, timeout=self.settings.command_timeout)
+            except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                raise await self._lost(exc) from None
         mail = Reply.from_downstream(responses[0].code, responses[0].message)
         self.in_transaction = mail.is_positive
         if not mail.is_positive:
@@ -742,19 +746,15 @@ class DownstreamConnection:
             await self.rset()
             return Reply(550, "5.6.7", "The message header needs SMTPUTF8 (RFC 6531, 6532), which the downstream "
                                        "server does not support")
-        self._exchanges += 1
         try:
-            response = await self.client.data(message, timeout=self.settings.data_timeout)
+            with self._reply_due():
+                response = await self.client.data(message, timeout=self.settings.data_timeout)
             reply = Reply.from_downstream(response.code, response.message)
         except smtperr.SMTPDataError as exc:
             reply = Reply.from_downstream(exc.code, exc.message)
         except (smtperr.SMTPException, OSError, asyncio.TimeoutError) as exc:
             raise await self._lost(exc) from None
-        except asyncio.CancelledError:
-            self.abandon()
-            raise
         finally:
-            self._exchanges -= 1
             self.in_transaction = False
         self.used += 1
         return reply

@@ -19,7 +19,6 @@ Sources, in the order they can decide:
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import dns.flags
 import dns.resolver
 import structlog
 
-from mxguard.netaddr import parse_host_port
+from mxguard.netaddr import is_ip_address, parse_host_port
 from mxguard.tls.dane import (DANE_TA, DaneLookup, DnssecStatus, TrustAnchorMismatch, lookup_tlsa,
                               matching_record, verify_ta_chain)
 from mxguard.tls.mta_sts import PolicyError, StsFetcher
@@ -112,14 +111,6 @@ class ServerPolicy:
             except TrustAnchorMismatch as exc:
                 raise PolicyRefusal(str(exc), "validation-failure") from None
         return record.describe()
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def dns_resolver(dns_servers: list[str], timeout: float) -> dns.asyncresolver.Resolver:
@@ -276,7 +267,7 @@ async def _mta_sts_policy(host: str, port: int, policy_domain: str | None, dns_s
     nameservers, ns_port = _resolver(dns_servers, timeout)
     if address is None:
         address = host
-        if nameservers and not _is_address(host):
+        if nameservers and not is_ip_address(host):
             address = await _address(host, nameservers, ns_port, timeout, secure=False)
     if not policy_domain:
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", address)
@@ -343,11 +334,11 @@ async def resolve_server_policy(mode: DownstreamTls, host: str, port: int, *, dn
         nameservers, ns_port = _resolver(dns_servers, timeout)
         if address is None:
             address = (await _address(host, nameservers, ns_port, timeout, secure=False)
-                       if nameservers and not _is_address(host) else host)
+                       if nameservers and not is_ip_address(host) else host)
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "tls-required-no", address)
     if not mode.uses_dane:
         return ServerPolicy(mode, "setting", address or host)
-    if _is_address(host):
+    if is_ip_address(host):
         if mode is DownstreamTls.DANE_ONLY:
             raise PolicyRefusal(f"{host} is an address: DANE needs a host name with TLSA records", "tlsa-invalid")
         return ServerPolicy(DownstreamTls.OPPORTUNISTIC, "setting", host)
